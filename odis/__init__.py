@@ -1,0 +1,6 @@
+"""odis: object-level self-distillation (ODIS) for vision-transformer pretraining with bounding boxes.
+
+The library holds the paper's concepts (boxes, manifests, views, masking, model, heads, losses, evaluation).
+It never imports `pipelines/`, `trainer/` or `cli.py`.
+"""
+__version__ = "0.1.0"
