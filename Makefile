@@ -2,7 +2,7 @@
 PY ?= python3
 # ultralytics pulls opencv-python; the contrib wheel (selective search) installs the same cv2 module, so it must
 # be installed last, every time, for cv2.ximgproc to exist.
-OPENCV_CONTRIB = opencv-contrib-python-headless==4.12.0.88
+OPENCV_CONTRIB = opencv-contrib-python-headless==5.0.0.93
 
 .PHONY: install test demo bench
 install:
