@@ -114,8 +114,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if args and type(None) in args:  # Optional[X] / X | None
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(value, inner, key)
-    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if typ is float and not isinstance(value, bool):
+        try:  # YAML reads "1e-3" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key!r} expects a number, got {value!r}") from None
     if typ in (int, str, bool) and not isinstance(value, typ):
         raise ValueError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
     if typ is int and isinstance(value, bool):
