@@ -1,0 +1,207 @@
+"""The ODIS backbone: a timm VisionTransformer whose `[CLS]` slot serves as `[OBJ]`.
+
+The OBJ token's attention is masked, in every block, to the patches inside one object box; patch tokens keep full
+attention (paper §3). iBOT's learnable mask token replaces masked patch embeddings before the position embeddings
+are added. The wrapped timm model keeps timm's own parameter names, so the exported backbone loads into
+`timm.create_model(arch, num_classes=0)` with `strict=True`.
+
+Two implementations of the masked attention give the same outputs (tested):
+- `mask`:  one boolean `attn_mask [B,1,N,N]` built once per batch and passed to every timm block (SDPA with a mask);
+- `split`: every row runs unmasked SDPA (so flash attention stays available) and only the OBJ query row is
+           recomputed with its `[B,1,1,N]` mask; chosen where it is faster (benchmarks/step.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN_IMPLS = ("mask", "split")
+
+
+def obj_attn_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """Boolean attention mask [B,1,N,N]: True everywhere except the OBJ query row (row 0), which is True for the
+    prefix tokens (OBJ itself, so an empty box never gives an all-False row) and for patches inside the box.
+
+    obj_mask: bool [B, gh, gw] or [B, gh*gw], True for patches inside the box.
+    """
+    b = obj_mask.shape[0]
+    inside = obj_mask.reshape(b, -1).bool()
+    n = num_prefix + inside.shape[1]
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool, device=obj_mask.device)
+    mask[:, 0, 0, num_prefix:] = inside
+    return mask
+
+
+def _obj_row_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """The OBJ query row alone: bool [B,1,1,N]."""
+    b = obj_mask.shape[0]
+    prefix = torch.ones(b, num_prefix, dtype=torch.bool, device=obj_mask.device)
+    return torch.cat([prefix, obj_mask.reshape(b, -1).bool()], dim=1)[:, None, None, :]
+
+
+class OdisViT(nn.Module):
+    """timm ViT + iBOT mask token + [OBJ] masked attention. Outputs (OBJ [B,D], patches [B,N,D]) after the norm."""
+
+    def __init__(self, arch: str = "vit_small_patch16_224", img_size: int = 224, patch_size: int | None = None,
+                 drop_path_rate: float = 0.0, attn_impl: str = "mask"):
+        super().__init__()
+        kwargs = dict(img_size=img_size, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
+        if patch_size is not None:
+            kwargs["patch_size"] = patch_size
+        self.vit = timm.create_model(arch, pretrained=False, **kwargs)
+        if getattr(self.vit, "cls_token", None) is None:
+            raise ValueError(f"{arch}: ODIS needs a ViT with a [CLS] token (it becomes [OBJ])")
+        self.arch, self.img_size = arch, img_size
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.embed_dim = self.vit.embed_dim
+        self.num_heads = self.vit.blocks[0].attn.num_heads
+        self.num_prefix = self.vit.num_prefix_tokens
+        self.attn_impl = attn_impl
+        # iBOT initialises its masked embedding to zeros.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
+
+    @property
+    def attn_impl(self) -> str:
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, value: str) -> None:
+        if value not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {value!r}")
+        self._attn_impl = value
+
+    def config(self) -> dict:
+        return {"arch": self.arch, "img_size": self.img_size, "patch_size": self.patch_size,
+                "embed_dim": self.embed_dim}
+
+    # ---- the forward pass ------------------------------------------------------------------------------------
+
+    def embed(self, x: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding, mask token on masked patches, then OBJ token and position embeddings."""
+        t = self.vit.patch_embed(x)  # [B, gh, gw, D] (dynamic image size keeps the grid)
+        if patch_mask is not None:
+            t = torch.where(patch_mask[..., None].bool(), self.mask_token.to(t.dtype), t)
+        t = self.vit._pos_embed(t)
+        return self.vit.norm_pre(self.vit.patch_drop(t))
+
+    def blocks(self, x: torch.Tensor, obj_mask: torch.Tensor | None, upto: int | None = None):
+        """Run the blocks (all, or the first `upto`), yielding the tokens after each one."""
+        blocks = self.vit.blocks if upto is None else self.vit.blocks[:upto]
+        if obj_mask is None:
+            for blk in blocks:
+                x = blk(x)
+                yield x
+        elif self.attn_impl == "mask":
+            mask = obj_attn_mask(obj_mask, self.num_prefix)  # built once, used by every block
+            for blk in blocks:
+                x = blk(x, attn_mask=mask)
+                yield x
+        else:
+            row = _obj_row_mask(obj_mask, self.num_prefix)
+            for blk in blocks:
+                x = x + blk.drop_path1(blk.ls1(_split_attention(blk.attn, blk.norm1(x), row)))
+                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+                yield x
+
+    def forward(self, x: torch.Tensor, obj_mask: torch.Tensor | None = None,
+                patch_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: normalised images [B,3,H,W]; obj_mask: bool [B,gh,gw] (None: OBJ unmasked, i.e. a plain [CLS]);
+        patch_mask: bool [B,gh,gw] masked-image-modelling mask. Returns (OBJ [B,D], patches [B,gh*gw,D])."""
+        t = self.embed(x, patch_mask)
+        for t in self.blocks(t, obj_mask):
+            pass
+        t = self.vit.norm(t)
+        return t[:, 0], t[:, self.num_prefix:]
+
+    @torch.no_grad()
+    def intermediate_obj(self, x: torch.Tensor, n: int, obj_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """OBJ/CLS token after the final norm from each of the last n blocks (the linear probe's features)."""
+        outs = [t[:, 0] for t in self.blocks(self.embed(x), obj_mask)]
+        return [self.vit.norm(t) for t in outs[-n:]]
+
+    @torch.no_grad()
+    def obj_attention(self, x: torch.Tensor, obj_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Last block's attention of the OBJ query over the patches: [B, heads, gh, gw] (paper Fig. 10/11)."""
+        depth = len(self.vit.blocks)
+        t = self.embed(x)
+        for t in self.blocks(t, obj_mask, upto=depth - 1):
+            pass
+        attn = self.vit.blocks[-1].attn
+        y = self.vit.blocks[-1].norm1(t)
+        b, n, d = y.shape
+        qkv = attn.qkv(y).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, h, 1, N]
+        if obj_mask is not None:
+            logits = logits.masked_fill(~_obj_row_mask(obj_mask, self.num_prefix), float("-inf"))
+        probs = logits.softmax(-1)[:, :, 0, self.num_prefix:]
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return probs.reshape(b, attn.num_heads, gh, gw)
+
+
+def _split_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """timm `Attention` with only the OBJ query row masked: unmasked SDPA for every row, then row 0 again."""
+    b, n, c = x.shape
+    h = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out0 = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask)
+    out = torch.cat([out0, out[:, :, 1:]], dim=2).transpose(1, 2).reshape(b, n, c)
+    return attn.proj_drop(attn.proj(attn.norm(out)))
+
+
+# ---- export and loading --------------------------------------------------------------------------------------
+
+def export_backbone(model: OdisViT, path: str | Path) -> None:
+    """Save the ViT with timm's parameter names (no mask token) as safetensors, with its config as metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.vit.state_dict().items()}
+    save_file(state, str(path), metadata={"odis": json.dumps(model.config())})
+
+
+def load_backbone(path: str | Path, arch: str | None = None, img_size: int | None = None,
+                  patch_size: int | None = None) -> OdisViT:
+    """An OdisViT from a run folder, backbone.safetensors, checkpoint.pt, or any timm ViT checkpoint file
+    (.safetensors / .pth / .bin with timm names; `arch` is then required)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "backbone.safetensors", path / "checkpoint.pt"]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no backbone.safetensors or checkpoint.pt in this folder")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone not found: {path}")
+    meta: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("odis", "{}"))
+        state = load_file(str(path))
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "teacher_backbone" in obj:  # an odis checkpoint.pt
+            meta, state = obj["backbone_config"], obj["teacher_backbone"]
+        else:
+            state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
+    arch = arch or meta.get("arch")
+    if arch is None:
+        raise ValueError(f"{path}: no odis metadata in this file; pass the timm architecture (--arch)")
+    model = OdisViT(arch, img_size=img_size or meta.get("img_size", 224),
+                    patch_size=patch_size or meta.get("patch_size"))
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier is not a backbone
+    missing, unexpected = model.vit.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        # Loud, unlike DINO's eval loaders that load with strict=False and carry on with random weights.
+        raise ValueError(f"{path}: does not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
