@@ -1,0 +1,153 @@
+"""The meta-architecture: student and EMA teacher (backbone + shared DINO head), centers, and the loss for
+`method = odis | ibot | dino`.
+
+Which network sees what (iBOT main_ibot.py:407-413, ODIS §3):
+- teacher: the 2 global views, unmasked; odis: its OBJ row masked to the box of each view.
+- student: the 2 global views with iBOT's block masks (ibot/odis) + the local views; odis: OBJ masked on the
+  globals, unmasked on the locals (a local crop's OBJ is the crop itself).
+- loss: odis = L_OBJ + L_PATCH, ibot = L_CLS + L_PATCH, dino = L_CLS.
+
+Compute goes only where the loss reads (as DINOv2, unlike iBOT's head on every token of every view): the student
+head runs on the OBJ/CLS tokens and on the masked global patches; the teacher head on its OBJ/CLS tokens and on all
+of its global patches (the patch center averages over all of them, as the reference's does).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from odis.heads import DINOHead
+from odis.losses import Centers, loss_obj, loss_patch, teacher_probs
+from odis.model import OdisViT
+
+METHODS = ("odis", "ibot", "dino")
+
+
+@dataclass
+class Views:
+    """One batch of views, view-major: tensors [V, B, ...] flattened as [V*B, ...] where noted."""
+
+    globals_: torch.Tensor  # float [2*B, 3, Hg, Wg], normalised
+    locals_: torch.Tensor | None  # float [L*B, 3, Hl, Wl] or None
+    obj_mask: torch.Tensor | None  # bool [2, B, gh, gw] (odis) or None
+    obj_valid: torch.Tensor | None  # bool [2, B] (odis) or None
+    mim_mask: torch.Tensor | None  # bool [2, B, gh, gw] (ibot/odis) or None
+
+
+class Student(nn.Module):
+    def __init__(self, backbone: OdisViT, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+
+class Distiller(nn.Module):
+    def __init__(self, method: str, arch: str, img_size: int, patch_size: int | None = None,
+                 drop_path_rate: float = 0.1, out_dim: int = 8192, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, norm_last_layer: bool = False, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, lambda_obj: float = 1.0, lambda_patch: float = 1.0,
+                 attn_impl: str = "mask"):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl)
+        head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
+        self.student = Student(backbone, head)
+        # The teacher has no drop-path; it starts as a copy of the student and only follows it by EMA.
+        t_backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=0.0, attn_impl=attn_impl)
+        t_backbone.load_state_dict(backbone.state_dict())
+        self.teacher = Student(t_backbone, copy.deepcopy(head))
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if method == "dino":  # no masked image modelling: the mask token would be an unused parameter under DDP
+            backbone.mask_token.requires_grad_(False)
+        self.centers = Centers(out_dim, center_momentum)
+        self.student_temp = student_temp
+        self.lambda_obj, self.lambda_patch = lambda_obj, lambda_patch
+
+    @property
+    def uses_patch_loss(self) -> bool:
+        return self.method in ("odis", "ibot")
+
+    def forward(self, views: Views, teacher_temp: float) -> dict[str, torch.Tensor]:
+        """Loss and its parts. `teacher_temp` comes from the schedule (same for OBJ/CLS and patches)."""
+        two_b = views.globals_.shape[0]
+        b = two_b // 2
+        obj_mask = views.obj_mask.flatten(0, 1) if self.method == "odis" else None
+        mim = views.mim_mask.flatten(0, 1) if self.uses_patch_loss else None
+
+        with torch.no_grad():
+            t_obj, t_patch = self.teacher.backbone(views.globals_, obj_mask=obj_mask)
+            if self.uses_patch_loss:
+                n = t_patch.shape[1]
+                t_logits = self.teacher.head(torch.cat([t_obj, t_patch.flatten(0, 1)]))
+                t_obj_logits, t_patch_logits = t_logits[:two_b], t_logits[two_b:].reshape(two_b, n, -1)
+            else:
+                t_obj_logits, t_patch_logits = self.teacher.head(t_obj), None
+
+        s_obj, s_patch = self.student.backbone(views.globals_, obj_mask=obj_mask, patch_mask=mim)
+        s_tokens = [s_obj]
+        if views.locals_ is not None and views.locals_.shape[0]:
+            s_tokens.append(self.student.backbone(views.locals_)[0])
+        s_tokens = torch.cat(s_tokens)
+        n_obj = s_tokens.shape[0]
+        masked = None
+        if self.uses_patch_loss:
+            masked = mim.flatten(1)  # [2B, N]
+            s_tokens = torch.cat([s_tokens, s_patch[masked]])  # one head call: OBJ/CLS + masked patches only
+        s_logits = self.student.head(s_tokens)
+        s_obj_logits = s_logits[:n_obj].reshape(-1, b, s_logits.shape[-1])  # [2+L, B, K]
+
+        valid_t = valid_s = None
+        if self.method == "odis":
+            valid_t = views.obj_valid
+            n_local = s_obj_logits.shape[0] - 2  # locals always see "their object": the whole crop
+            valid_s = torch.cat([views.obj_valid, views.obj_valid.new_ones(n_local, b)])
+        tp = teacher_probs(t_obj_logits, self.centers.obj, teacher_temp).reshape(2, b, -1)
+        l_obj = loss_obj(s_obj_logits, tp, self.student_temp, valid_s, valid_t)
+        out = {"loss_obj": l_obj}
+        loss = self.lambda_obj * l_obj
+        if self.uses_patch_loss:
+            tpp = teacher_probs(t_patch_logits[masked], self.centers.patch, teacher_temp)
+            l_patch = loss_patch(s_logits[n_obj:], tpp, masked.reshape(2, b, -1), self.student_temp)
+            out["loss_patch"] = l_patch
+            loss = loss + self.lambda_patch * l_patch
+        self.centers.update(t_obj_logits, t_patch_logits)
+        out["loss"] = loss
+        return out
+
+    # ---- optimisation helpers ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """θ_t ← m θ_t + (1 − m) θ_s, parameter by parameter."""
+        s = [p.detach() for p in self.student.parameters()]
+        t = list(self.teacher.parameters())
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1 - momentum)
+
+    def param_groups(self) -> list[dict]:
+        """iBOT's rule: no weight decay on biases and 1-D parameters (norms)."""
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+        return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+    def cancel_last_layer_grads(self) -> None:
+        """Epoch-1 freezing of the head's last layer (iBOT `cancel_gradients_last_layer`)."""
+        for name, p in self.student.head.named_parameters():
+            if name.startswith("last_layer"):
+                p.grad = None
+
+
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """Per-parameter-tensor norm clipping, as iBOT/DINO's `clip_gradients` (not a global norm)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))

@@ -1,0 +1,79 @@
+"""ODIS / iBOT / DINO losses, with the reference code's normalisation (iBOT main_ibot.py:514-572).
+
+- `loss_obj`: cross-entropy between the teacher's centred, sharpened OBJ (or CLS) distribution on global view q and
+  the student's on every view v != q (globals and locals), over all such pairs. With a validity mask (the object is
+  missing from a view after a crop fallback) each valid (pair, sample) term weighs the same; with every sample valid
+  this is exactly iBOT's "batch mean per pair, averaged over the 2*(2+L)-2 pairs".
+- `loss_patch`: same-view masked-patch cross-entropy: per image, the sum over its masked patches divided by
+  max(#masked, 1); mean over all images (unmasked images contribute 0); averaged over the global views.
+- Centers: EMA (0.9) of the batch mean of the teacher's logits, all-reduced across processes. The OBJ center sees
+  every teacher OBJ token (valid or not), the patch center every teacher patch token (not only masked ones), as
+  the reference's centers do.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def teacher_probs(t: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    return F.softmax((t.float() - center) / temp, dim=-1)
+
+
+def loss_obj(student: torch.Tensor, teacher_p: torch.Tensor, student_temp: float,
+             valid_student: torch.Tensor | None = None, valid_teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """student: logits [Vs, B, K] (the first views are the globals, in the teacher's order);
+    teacher_p: probabilities [Vt, B, K]; valid_*: bool [V, B] (None: all valid)."""
+    vs, b, _ = student.shape
+    vt = teacher_p.shape[0]
+    logp = F.log_softmax(student.float() / student_temp, dim=-1)
+    vsd = torch.ones(vs, b, dtype=torch.bool, device=student.device) if valid_student is None else valid_student
+    vtd = torch.ones(vt, b, dtype=torch.bool, device=student.device) if valid_teacher is None else valid_teacher
+    # ce[q, v, b] = -sum_k p_t[q,b,k] log p_s[v,b,k]
+    ce = -torch.einsum("qbk,vbk->qvb", teacher_p, logp)
+    weight = (vtd[:, None, :] & vsd[None, :, :]).float()
+    weight = weight * (1 - torch.eye(vt, vs, device=student.device))[:, :, None]  # v != q
+    return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def loss_patch(student: torch.Tensor, teacher_p: torch.Tensor, mask: torch.Tensor, student_temp: float,
+               ) -> torch.Tensor:
+    """student: logits of the MASKED patches only [M, K]; teacher_p: probabilities of the same patches [M, K];
+    mask: bool [V, B, N] (which patches those M rows are, in row-major order). Returns the mean over V and B of
+    sum_masked CE / max(#masked, 1)."""
+    v, b, n = mask.shape
+    ce = -(teacher_p * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)  # [M]
+    per_image = torch.zeros(v * b, device=ce.device, dtype=ce.dtype)
+    image_of_row = mask.reshape(v * b, n).nonzero()[:, 0]
+    per_image.index_add_(0, image_of_row, ce)
+    count = mask.reshape(v * b, n).sum(-1).clamp(min=1)
+    return (per_image / count).mean()
+
+
+class Centers(nn.Module):
+    """EMA centers of the teacher's OBJ/CLS and patch logits (momentum 0.9), all-reduced under DDP."""
+
+    def __init__(self, out_dim: int, momentum: float = 0.9):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("obj", torch.zeros(1, out_dim))
+        self.register_buffer("patch", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def update(self, obj_logits: torch.Tensor | None, patch_logits: torch.Tensor | None) -> None:
+        for name, logits in (("obj", obj_logits), ("patch", patch_logits)):
+            if logits is None:
+                continue
+            batch = _all_reduce_mean(logits.float().reshape(-1, logits.shape[-1]).mean(0, keepdim=True))
+            buf = getattr(self, name)
+            buf.mul_(self.momentum).add_(batch, alpha=1 - self.momentum)
