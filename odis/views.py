@@ -1,0 +1,176 @@
+"""Object-aware multi-crop (ODIS) and the plain multi-crop of iBOT/DINO, per sample, on uint8 numpy images.
+
+Geometry only: crops, resizes, flips, the object mask on each global view's patch grid and the iBOT block masks.
+Photometric augmentation runs later, batched on the training device (odis/augment.py), because the reference
+per-image PIL pipeline is the loader's bottleneck.
+
+The box follows the pixels exactly: a view is `Crop(top, left, height, width, out, out, flip)` of the source image;
+the pixels are cut with integer bounds, resized with cv2 (whose pixel-centre convention maps source x to
+`(x - left) * out / width`, the same map as `Crop.apply`) and flipped; the box goes through `Crop.apply`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from odis.boxes import Crop, box_area, box_to_patch_mask, is_empty, sample_box
+from odis.masking import BlockMasker
+
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision default, used by DINO/iBOT)
+
+cv2.setNumThreads(1)  # loader workers are the parallelism; cv2's own threads would oversubscribe the cores
+
+
+def random_resized_crop(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], out_size: int,
+                        rng: np.random.Generator, flip_p: float = 0.5) -> Crop:
+    """torchvision's `RandomResizedCrop.get_params` (10 tries, then a centre crop) plus a horizontal flip."""
+    area = h * w
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return Crop(top, left, ch, cw, out_size, out_size, bool(rng.random() < flip_p))
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        cw, ch = w, h
+    return Crop((h - ch) // 2, (w - cw) // 2, ch, cw, out_size, out_size, bool(rng.random() < flip_p))
+
+
+def contains_object(crop: Crop, box: np.ndarray, min_visible: float) -> bool:
+    """The view holds the object: >= min_visible of the box lies in the crop, or the object fills >= min_visible
+    of the crop. The second clause matters for boxes larger than any crop can hold (the whole-image box of an
+    image without boxes, a large object with a small crop scale): there the crop lies inside the object."""
+    frac = crop.visible_fraction(box)
+    if frac >= min_visible:
+        return True
+    inside = frac * float(box_area(box))
+    return inside >= min_visible * crop.height * crop.width
+
+
+def object_aware_crop(h: int, w: int, box: np.ndarray, scale: tuple[float, float], ratio: tuple[float, float],
+                      out_size: int, max_tries: int, min_visible: float,
+                      rng: np.random.Generator) -> tuple[Crop, bool]:
+    """Redraw RandomResizedCrop up to `max_tries` times until the crop contains the box (ODIS).
+
+    Returns (crop, found). On failure the last draw is returned with found=False: the caller marks the view's
+    object as invalid (empty OBJ mask, excluded from L_OBJ) and counts the fallback.
+    """
+    box = np.asarray(box, np.float64)
+    crop = None
+    for _ in range(max(1, max_tries)):
+        crop = random_resized_crop(h, w, scale, ratio, out_size, rng)
+        if not is_empty(box) and contains_object(crop, box, min_visible):
+            return crop, True
+    return crop, False
+
+
+def render(image: np.ndarray, crop: Crop) -> np.ndarray:
+    """Cut `crop` out of an HWC uint8 image, resize to (out_h, out_w), flip; -> CHW uint8 (contiguous).
+
+    INTER_AREA when shrinking (anti-aliased, like PIL's resampling in the reference), INTER_LINEAR when enlarging.
+    """
+    t, l, ch, cw = int(crop.top), int(crop.left), int(crop.height), int(crop.width)
+    patch = image[t:t + ch, l:l + cw]
+    shrink = crop.out_h * crop.out_w < ch * cw
+    out = cv2.resize(patch, (crop.out_w, crop.out_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if out.ndim == 2:
+        out = out[:, :, None]
+    if crop.flip:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+@dataclass
+class ViewMaker:
+    """Per-sample views for `method` odis | ibot | dino (2 global + n_local local crops, masks).
+
+    `__call__(image HWC uint8, boxes [K,4] image pixels, rng)` returns a dict:
+      global [2,3,G,G] uint8, local [n_local,3,L,L] uint8, obj_mask [2,gh,gw] bool, obj_valid [2] bool,
+      mim_mask [2,gh,gw] bool, obj_box [2,4] float32 (the box in each global view's pixels), fallbacks int,
+      crops list[Crop] (the 2 global crops; not collated).
+    """
+
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    patch_size: int = 16
+    method: str = "odis"
+    box_sampling: str = "uniform"
+    max_tries: int = 20
+    min_visible: float = 0.5
+    mask_prob: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    masker: BlockMasker = field(init=False)
+
+    def __post_init__(self):
+        if self.method not in ("odis", "ibot", "dino"):
+            raise ValueError(f"method must be odis|ibot|dino, got {self.method!r}")
+        self.masker = BlockMasker(self.grid, self.grid, self.mask_prob, tuple(self.mask_ratio))
+
+    @classmethod
+    def from_config(cls, data, patch_size: int, method: str) -> "ViewMaker":
+        """From trainer.config.DataConfig (duck-typed: odis/ does not import trainer/)."""
+        return cls(data.global_size, data.local_size, data.n_local, tuple(data.global_scale),
+                   tuple(data.local_scale), patch_size, method, data.box_sampling, data.max_crop_tries,
+                   data.min_visible, data.mask_prob, tuple(data.mask_ratio))
+
+    @property
+    def grid(self) -> int:
+        return self.global_size // self.patch_size
+
+    def min_source_side(self) -> float:
+        """Smallest crop side any view can draw, as a share of sqrt(image area): for JPEG draft decoding."""
+        lo = min(self.global_scale[0], self.local_scale[0] if self.n_local else 1.0)
+        return math.sqrt(lo / max(RATIO))
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> dict:
+        h, w = image.shape[:2]
+        g, gh = self.global_size, self.grid
+        views, crops = [], []
+        obj_mask = np.zeros((2, gh, gh), bool)
+        obj_valid = np.zeros(2, bool)
+        obj_box = np.zeros((2, 4), np.float32)
+        fallbacks = 0
+        if self.method == "odis":
+            boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+            box = boxes[sample_box(boxes, self.box_sampling, rng)] if len(boxes) else np.array([0, 0, w, h], float)
+            for v in range(2):
+                crop, found = object_aware_crop(h, w, box, self.global_scale, RATIO, g, self.max_tries,
+                                                self.min_visible, rng)
+                fallbacks += not found
+                vb = crop.apply(box)
+                mask = box_to_patch_mask(vb, g, g, self.patch_size)
+                obj_valid[v] = found and bool(mask.any())
+                obj_mask[v] = mask if obj_valid[v] else False
+                obj_box[v] = vb
+                crops.append(crop)
+        else:
+            for v in range(2):
+                crops.append(random_resized_crop(h, w, self.global_scale, RATIO, g, rng))
+            obj_mask[:] = True  # unused by ibot/dino: the CLS row is not masked
+            obj_valid[:] = True
+            obj_box[:] = (0, 0, g, g)
+        views = np.stack([render(image, c) for c in crops])
+        local = np.zeros((self.n_local, 3, self.local_size, self.local_size), np.uint8)
+        for i in range(self.n_local):
+            local[i] = render(image, random_resized_crop(h, w, self.local_scale, RATIO, self.local_size, rng))
+        if self.method == "dino":
+            mim = np.zeros((2, gh, gh), bool)
+        else:
+            mim = np.stack([self.masker(rng), self.masker(rng)])
+        return {"global": views, "local": local, "obj_mask": obj_mask, "obj_valid": obj_valid, "mim_mask": mim,
+                "obj_box": obj_box, "fallbacks": fallbacks, "crops": crops}
