@@ -1,0 +1,359 @@
+"""Ground-truth box importers: COCO JSON, ILSVRC (ImageNet) XML, YOLO txt labels, Tiny-ImageNet txt.
+
+Each importer returns an `Imported` (the manifest table, its metadata, and counts of what was kept, dropped and
+why). Images listed by the annotations but absent on disk become `error` rows; images without any box become
+no-box rows (the trainer then uses the whole image, as the paper does for IN1K images without a box).
+Malformed annotation files raise `AnnotationError` naming the file and line.
+
+Pixel conventions (boxes are half-open, 0 <= x0 < x1 <= width):
+- COCO `bbox` [x, y, w, h] is already continuous: (x, y, x + w, y + h).
+- ILSVRC/PASCAL-VOC XML are 1-based inclusive pixel indices: (xmin - 1, ymin - 1, xmax, ymax).
+- Tiny-ImageNet are 0-based inclusive: (x0, y0, x1 + 1, y1 + 1).
+All boxes are clipped to the image; boxes that are empty after clipping are dropped and counted.
+"""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from odis.boxes import clip_boxes
+from odis.imageio import ImageDecodeError, image_size, list_images
+from odis.manifest import add_row, empty_columns, image_id_for, make_metadata, table_from_columns
+
+FORMATS = ("coco", "imagenet", "yolo", "tiny-imagenet")
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed; the message names the file (and line or key)."""
+
+
+@dataclass
+class Imported:
+    table: pa.Table
+    metadata: dict
+    counts: Counter = field(default_factory=Counter)
+
+
+def _clip(box, width: int, height: int):
+    """The box clipped to the image, or None when it is empty after clipping."""
+    b = clip_boxes(np.asarray([box], dtype=np.float64), width, height)[0]
+    return b if b[2] > b[0] and b[3] > b[1] else None
+
+
+def _size_or_error(path: Path, rel: str):
+    """(width, height, None) from the header, or (0, 0, error message)."""
+    try:
+        w, h = image_size(path, name=rel)
+        return w, h, None
+    except ImageDecodeError as e:
+        return 0, 0, str(e)
+
+
+# ---- COCO ----------------------------------------------------------------------------------------------------
+
+def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_segmentation: bool = False,
+                keep_crowd: bool = False, check_files: bool = True) -> Imported:
+    """COCO instances JSON through pycocotools. Boxes from `bbox`, or from the masks with `from_segmentation`
+    (the paper converts COCO masks to boxes); crowd annotations dropped unless `keep_crowd`; category ids kept.
+    Ids: the 12-digit COCO image id."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    import contextlib
+    import io
+
+    ann_path, root = Path(annotations), Path(images)
+    if not ann_path.is_file():
+        raise AnnotationError(f"{ann_path}: annotation file not found")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO(str(ann_path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnnotationError(f"{ann_path}: not a COCO instances file ({e})") from None
+    cols, counts = empty_columns(), Counter()
+    for img_id in sorted(coco.imgs):
+        info = coco.imgs[img_id]
+        try:
+            rel, w, h = info["file_name"], int(info["width"]), int(info["height"])
+        except KeyError as e:
+            raise AnnotationError(f"{ann_path}: images[id={img_id}]: missing key {e}") from None
+        iid = f"{int(img_id):012d}"
+        if check_files and not (root / rel).is_file():
+            add_row(cols, iid, rel, w, h, "coco-gt", error=f"{rel}: file not found under {root}")
+            counts["missing_files"] += 1
+            continue
+        n = 0
+        for ann in coco.imgToAnns.get(img_id, []):
+            if ann.get("iscrowd", 0) and not keep_crowd:
+                counts["dropped_crowd"] += 1
+                continue
+            if from_segmentation:
+                if not ann.get("segmentation"):
+                    counts["dropped_no_segmentation"] += 1
+                    continue
+                x, y, bw, bh = mask_utils.toBbox(coco.annToRLE(ann)).tolist()
+            else:
+                x, y, bw, bh = ann["bbox"]
+            box = _clip((x, y, x + bw, y + bh), w, h)
+            if box is None:
+                counts["dropped_empty"] += 1
+                continue
+            add_row(cols, iid, rel, w, h, "coco-gt", box, 1.0, ann["category_id"])
+            n += 1
+        if n == 0:
+            add_row(cols, iid, rel, w, h, "coco-gt")
+            counts["no_box_images"] += 1
+        counts["boxes"] += n
+        counts["images"] += 1
+    meta = make_metadata("coco-gt", root, "coco", annotations=str(ann_path.resolve()),
+                         from_segmentation=from_segmentation, keep_crowd=keep_crowd,
+                         categories={c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())})
+    return Imported(table_from_columns(cols), meta, counts)
+
+
+# ---- ILSVRC / ImageNet-1k ------------------------------------------------------------------------------------
+
+def _xml_index(annotations: Path) -> dict[str, Path]:
+    """stem -> XML path for every XML under the annotations folder (any of the official layouts)."""
+    index: dict[str, Path] = {}
+    for dirpath, _, files in os.walk(annotations):
+        for f in files:
+            if f.endswith(".xml"):
+                stem = f[:-4]
+                if stem in index:
+                    raise AnnotationError(f"{Path(dirpath) / f}: duplicate annotation for {stem} "
+                                          f"(also {index[stem]})")
+                index[stem] = Path(dirpath) / f
+    return index
+
+
+def parse_voc_xml(xml_path: Path) -> tuple[int, int, list[tuple[str, tuple[float, float, float, float]]]]:
+    """(width, height, [(name, (x0, y0, x1, y1)), ...]) from one PASCAL-VOC/ILSVRC XML file."""
+    try:
+        root = ET.parse(xml_path).getroot()  # stdlib parser: no external entities are fetched
+    except ET.ParseError as e:
+        raise AnnotationError(f"{xml_path}: not valid XML ({e})") from None
+
+    def num(node, key, where):
+        text = node.findtext(key)
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            raise AnnotationError(f"{xml_path}: {where}/{key}: expected a number, got {text!r}") from None
+
+    size = root.find("size")
+    if size is None:
+        raise AnnotationError(f"{xml_path}: missing <size>")
+    w, h = int(num(size, "width", "size")), int(num(size, "height", "size"))
+    objects = []
+    for k, obj in enumerate(root.findall("object")):
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise AnnotationError(f"{xml_path}: object[{k}]: missing <bndbox>")
+        where = f"object[{k}]/bndbox"
+        box = (num(bb, "xmin", where) - 1, num(bb, "ymin", where) - 1, num(bb, "xmax", where), num(bb, "ymax", where))
+        objects.append(((obj.findtext("name") or "").strip(), box))
+    return w, h, objects
+
+
+def import_imagenet(images: str | os.PathLike, annotations: str | os.PathLike) -> Imported:
+    """ILSVRC layout: images `train/<wnid>/<wnid>_<n>.JPEG`, `val/*.JPEG` under `images`; one VOC XML per
+    annotated image anywhere under `annotations` (matched by file stem). Several objects -> several rows; an
+    image without XML -> one no-box row. Category = index of the wnid in the sorted class list (ImageFolder
+    order; the list is `odis.classes`); train images take the wnid of their folder. Ids: the file stem."""
+    root, ann_root = Path(images), Path(annotations)
+    if not ann_root.is_dir():
+        raise AnnotationError(f"{ann_root}: annotations folder not found")
+    xmls = _xml_index(ann_root)
+    rels, _ = list_images(root)
+    parsed = {stem: parse_voc_xml(p) for stem, p in xmls.items()}
+    wnids = {r.split("/")[-2] for r in rels if r.startswith("train/") and r.count("/") >= 2}
+    wnids |= {name for _, _, objs in parsed.values() for name, _ in objs if name}
+    classes = sorted(wnids)
+    cls_index = {w: i for i, w in enumerate(classes)}
+    cols, counts = empty_columns(), Counter()
+    for rel in rels:
+        stem = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        iid = image_id_for(rel, "stem")
+        folder_wnid = rel.split("/")[-2] if rel.startswith("train/") and rel.count("/") >= 2 else None
+        if stem not in parsed:
+            w, h, err = _size_or_error(root / rel, rel)
+            add_row(cols, iid, rel, w, h, "imagenet-gt", error=err)
+            counts["error_images" if err else "no_box_images"] += 1
+            counts["images"] += 1
+            continue
+        w, h, objects = parsed[stem]
+        n = 0
+        for name, box in objects:
+            b = _clip(box, w, h)
+            if b is None:
+                counts["dropped_empty"] += 1
+                continue
+            wnid = folder_wnid or name
+            add_row(cols, iid, rel, w, h, "imagenet-gt", b, 1.0, cls_index.get(wnid))
+            n += 1
+        if n == 0:
+            add_row(cols, iid, rel, w, h, "imagenet-gt")
+            counts["no_box_images"] += 1
+        counts["boxes"] += n
+        counts["images"] += 1
+    counts["unused_xml"] = len(set(parsed) - {r.rsplit("/", 1)[-1].rsplit(".", 1)[0] for r in rels})
+    meta = make_metadata("imagenet-gt", root, "stem", annotations=str(ann_root.resolve()), classes=classes)
+    return Imported(table_from_columns(cols), meta, counts)
+
+
+# ---- YOLO txt labels -----------------------------------------------------------------------------------------
+
+def _yolo_label_path(root: Path, rel: str, labels: Path | None) -> Path:
+    if labels is not None:
+        return (labels / rel).with_suffix(".txt")
+    full = (root / rel).as_posix()
+    # ultralytics' rule: the last /images/ in the path becomes /labels/
+    if "/images/" in full:
+        head, tail = full.rsplit("/images/", 1)
+        return Path(f"{head}/labels/{tail}").with_suffix(".txt")
+    return Path(full).with_suffix(".txt")
+
+
+def parse_yolo_line(line: str, where: str) -> tuple[int, tuple[float, float, float, float]]:
+    """(class, normalised x0, y0, x1, y1) from `class cx cy w h` or a polygon line `class x1 y1 x2 y2 ...`."""
+    parts = line.split()
+    try:
+        cls, vals = int(float(parts[0])), [float(v) for v in parts[1:]]
+    except (ValueError, IndexError):
+        raise AnnotationError(f"{where}: expected 'class cx cy w h', got {line.strip()!r}") from None
+    if len(vals) == 4:
+        cx, cy, bw, bh = vals
+        return cls, (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+    if len(vals) >= 6 and len(vals) % 2 == 0:
+        xs, ys = vals[0::2], vals[1::2]
+        return cls, (min(xs), min(ys), max(xs), max(ys))
+    raise AnnotationError(f"{where}: expected 4 numbers (box) or an even number >= 6 (polygon), got {len(vals)}")
+
+
+def import_yolo(images: str | os.PathLike, labels: str | os.PathLike | None = None) -> Imported:
+    """YOLO txt labels (`class cx cy w h`, normalised to the image). The label of `images/.../x.jpg` is
+    `labels/.../x.txt` (ultralytics' rule), or `LABELS/<relpath>.txt` when `labels` is given. An image without
+    a label file is a no-box image. Ids: the "path" scheme of `image_id_for`."""
+    root = Path(images)
+    lab = Path(labels) if labels else None
+    if lab is not None and not lab.is_dir():
+        raise AnnotationError(f"{lab}: labels folder not found")
+    rels, _ = list_images(root)
+    cols, counts = empty_columns(), Counter()
+    for rel in rels:
+        iid = image_id_for(rel, "path")
+        w, h, err = _size_or_error(root / rel, rel)
+        counts["images"] += 1
+        if err:
+            add_row(cols, iid, rel, 0, 0, "yolo-labels", error=err)
+            counts["error_images"] += 1
+            continue
+        txt = _yolo_label_path(root, rel, lab)
+        lines = txt.read_text().splitlines() if txt.is_file() else []
+        n = 0
+        for k, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            cls, (x0, y0, x1, y1) = parse_yolo_line(line, f"{txt}:{k}")
+            b = _clip((x0 * w, y0 * h, x1 * w, y1 * h), w, h)
+            if b is None:
+                counts["dropped_empty"] += 1
+                continue
+            add_row(cols, iid, rel, w, h, "yolo-labels", b, 1.0, cls)
+            n += 1
+        if n == 0:
+            add_row(cols, iid, rel, w, h, "yolo-labels")
+            counts["no_box_images"] += 1
+            counts["missing_label_files"] += 0 if txt.is_file() else 1
+        counts["boxes"] += n
+    meta = make_metadata("yolo-labels", root, "path", annotations=None if lab is None else str(lab.resolve()))
+    return Imported(table_from_columns(cols), meta, counts)
+
+
+# ---- Tiny-ImageNet -------------------------------------------------------------------------------------------
+
+def _read_tsv(path: Path, ncols: int) -> list[list[str]]:
+    rows = []
+    for k, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != ncols:
+            raise AnnotationError(f"{path}:{k}: expected {ncols} fields, got {len(parts)}: {line!r}")
+        rows.append(parts)
+    return rows
+
+
+def import_tiny_imagenet(images: str | os.PathLike) -> Imported:
+    """Tiny-ImageNet-200: `train/<wnid>/images/*.JPEG` with `train/<wnid>/<wnid>_boxes.txt`, and `val/images`
+    with `val/val_annotations.txt` (0-based inclusive boxes). Category = index in sorted(wnids.txt), listed in
+    `odis.classes`. Ids: the file stem (`n01443537_0`, `val_0`)."""
+    root = Path(images)
+    wnids_file = root / "wnids.txt"
+    if not wnids_file.is_file():
+        raise AnnotationError(f"{wnids_file}: not found (is {root} a tiny-imagenet-200 folder?)")
+    classes = sorted(w.strip() for w in wnids_file.read_text().split() if w.strip())
+    cls_index = {w: i for i, w in enumerate(classes)}
+    boxes: dict[str, tuple[str, list[str]]] = {}  # relpath -> (wnid, [x0, y0, x1, y1])
+    for wnid in classes:
+        f = root / "train" / wnid / f"{wnid}_boxes.txt"
+        if f.is_file():
+            for fname, *b in _read_tsv(f, 5):
+                boxes[f"train/{wnid}/images/{fname}"] = (wnid, b)
+    val = root / "val" / "val_annotations.txt"
+    if val.is_file():
+        for k, (fname, wnid, *b) in enumerate(_read_tsv(val, 6), start=1):
+            if wnid not in cls_index:
+                raise AnnotationError(f"{val}:{k}: class {wnid!r} not in {wnids_file}")
+            boxes[f"val/images/{fname}"] = (wnid, b)
+    rels = [r for r in list_images(root)[0] if r.split("/")[0] in ("train", "val", "test")]
+    cols, counts = empty_columns(), Counter()
+    for rel in rels:
+        iid = image_id_for(rel, "stem")
+        w, h, err = _size_or_error(root / rel, rel)
+        counts["images"] += 1
+        if err:
+            add_row(cols, iid, rel, 0, 0, "tiny-imagenet-gt", error=err)
+            counts["error_images"] += 1
+            continue
+        wnid, b = boxes.get(rel, (rel.split("/")[1] if rel.startswith("train/") else None, None))
+        box = None
+        if b is not None:
+            try:
+                x0, y0, x1, y1 = (float(v) for v in b)
+            except ValueError:
+                raise AnnotationError(f"box of {rel}: expected 4 numbers, got {b}") from None
+            box = _clip((x0, y0, x1 + 1, y1 + 1), w, h)
+        cat = cls_index.get(wnid) if wnid else None
+        if box is None:
+            counts["no_box_images"] += 1
+        else:
+            counts["boxes"] += 1
+        add_row(cols, iid, rel, w, h, "tiny-imagenet-gt", box, 1.0, cat)
+    meta = make_metadata("tiny-imagenet-gt", root, "stem", classes=classes)
+    return Imported(table_from_columns(cols), meta, counts)
+
+
+def import_boxes(fmt: str, images: str | os.PathLike, annotations: str | os.PathLike | None = None,
+                 from_segmentation: bool = False, keep_crowd: bool = False) -> Imported:
+    """Dispatch on `fmt` (one of FORMATS)."""
+    if fmt == "coco":
+        if annotations is None:
+            raise AnnotationError("--format coco needs --annotations instances_*.json")
+        return import_coco(images, annotations, from_segmentation=from_segmentation, keep_crowd=keep_crowd)
+    if fmt == "imagenet":
+        if annotations is None:
+            raise AnnotationError("--format imagenet needs --annotations (the folder of ILSVRC XML files)")
+        return import_imagenet(images, annotations)
+    if fmt == "yolo":
+        return import_yolo(images, annotations)
+    if fmt == "tiny-imagenet":
+        return import_tiny_imagenet(images)
+    raise AnnotationError(f"unknown format {fmt!r}, expected one of {FORMATS}")
