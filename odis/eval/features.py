@@ -1,0 +1,342 @@
+"""Frozen features from shards with box-conditioned inference (paper App. D.1).
+
+The evaluation view is DINO's: Resize(shorter side to round(size * 256 / 224), bicubic) then CenterCrop(size)
+(256 / 224 for the ViT recipes). The box rides through the same transform as a `boxes.Crop` of the source image.
+Box modes (one box per image; the largest unless `box_select` says otherwise):
+
+- `none`     the whole image, plain CLS (the OBJ row unmasked);
+- `mask`     the OBJ token with its attention masked to the patches the box touches, in every block (as trained);
+- `crop`     the box cut out of the source image and resized to size x size (aspect not kept: the whole box shows);
+- `blackout` pixels outside the box set to black (RGB 0, i.e. before normalisation), the OBJ row unmasked.
+
+An image without a box, or whose box the centre crop cuts away, falls back to `none`; both are counted.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from odis.boxes import Crop, box_area, box_to_patch_mask, clip_boxes, is_empty, scale_boxes
+
+BOX_MODES = ("none", "mask", "crop", "blackout")
+BOX_SELECT = ("largest", "score", "union")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit, made explicit so a refusal names the file
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+# ---- the transform ------------------------------------------------------------------------------------------
+
+def eval_crop(width: int, height: int, size: int = 224, resize: int | None = None) -> Crop:
+    """Resize(shorter side -> resize) + CenterCrop(size) as one `Crop` of the source image (torchvision rounding)."""
+    resize = resize or round(size * 256 / 224)
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_w, new_h = int(resize * width / height), resize
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    sx, sy = new_w / width, new_h / height
+    return Crop(top=top / sy, left=left / sx, height=size / sy, width=size / sx, out_h=size, out_w=size)
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 HWC PIL -> float [3,H,W] in [0,1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_view(img: Image.Image, size: int = 224, resize: int | None = None) -> Image.Image:
+    """The DINO evaluation view (torchvision's own Resize + CenterCrop, so numbers match the reference)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    resize = resize or round(size * 256 / 224)
+    return TF.center_crop(TF.resize(img, resize, interpolation=InterpolationMode.BICUBIC), [size, size])
+
+
+def select_box(boxes: np.ndarray, scores: np.ndarray | None = None, how: str = "largest") -> np.ndarray | None:
+    """One box out of several: `largest` area, highest `score`, or the `union` (enclosing box) of all."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    boxes = boxes[~is_empty(boxes)] if len(boxes) else boxes
+    if len(boxes) == 0:
+        return None
+    if how == "largest":
+        return boxes[int(np.argmax(box_area(boxes)))]
+    if how == "score":
+        if scores is None or len(scores) != len(boxes):
+            return boxes[int(np.argmax(box_area(boxes)))]
+        return boxes[int(np.argmax(scores))]
+    if how == "union":
+        return np.concatenate([boxes[:, :2].min(0), boxes[:, 2:].max(0)])
+    raise ValueError(f"box_select must be one of {BOX_SELECT}, got {how!r}")
+
+
+@dataclass
+class BoxView:
+    """One image made ready for the backbone: a normalised view, its OBJ patch mask, and what happened."""
+
+    image: torch.Tensor                 # [3, size, size], normalised
+    obj_mask: torch.Tensor | None       # bool [gh, gw] for mode `mask`, else None
+    fallback: str | None = None         # "no_box" | "box_cropped_away" when the mode fell back to `none`
+
+
+def box_view(img: Image.Image, box: np.ndarray | None, mode: str, size: int = 224, resize: int | None = None,
+             patch: int = 16) -> BoxView:
+    """Apply one box mode to a PIL image; `box` is in the image's pixels (None: no box)."""
+    if mode not in BOX_MODES:
+        raise ValueError(f"box mode must be one of {BOX_MODES}, got {mode!r}")
+    img = img.convert("RGB")
+    w, h = img.size
+    if box is not None:
+        box = clip_boxes(np.asarray(box, np.float64), w, h)
+        if is_empty(box):
+            box = None
+    fallback = None
+    if mode != "none" and box is None:
+        mode, fallback = "none", "no_box"
+    if mode == "crop":
+        # PIL resamples the float region directly: the same region `boxes.Crop` describes.
+        view = img.resize((size, size), Image.BICUBIC, box=tuple(float(v) for v in box))
+        return BoxView(normalize(_to_tensor(view)), None)
+    view = _to_tensor(eval_view(img, size, resize))
+    if mode == "none":
+        return BoxView(normalize(view), None, fallback)
+    vbox = eval_crop(w, h, size, resize).apply(box)
+    if is_empty(vbox):
+        return BoxView(normalize(view), None, "box_cropped_away")
+    if mode == "blackout":
+        # A pixel stays when it overlaps the box: the patch rule at patch size 1.
+        keep = torch.from_numpy(box_to_patch_mask(vbox, size, size, 1))
+        return BoxView(normalize(view * keep), None)
+    return BoxView(normalize(view), torch.from_numpy(box_to_patch_mask(vbox, size, size, patch)))
+
+
+# ---- shards -------------------------------------------------------------------------------------------------
+
+def list_shard_urls(spec: str) -> list[str]:
+    """Shard files from a folder (its index.json or *.tar), a glob, a brace pattern, or a comma-separated list."""
+    try:  # the shards module owns the canonical spec rules when present
+        from odis.shards import list_shards  # type: ignore
+
+        return [str(p) for p in list_shards(spec)]
+    except ImportError:
+        pass
+    import glob
+
+    import braceexpand
+
+    out: list[str] = []
+    for part in str(spec).split(","):
+        p = Path(part)
+        if p.is_dir():
+            index = p / "index.json"
+            if index.is_file():
+                entries = json.loads(index.read_text()).get("shards", [])
+                names = [e["name"] if isinstance(e, dict) else str(e) for e in entries]
+                out += [str(p / n) for n in names]
+            else:
+                out += sorted(str(x) for x in p.glob("*.tar"))
+        else:
+            for expanded in braceexpand.braceexpand(part):
+                out += sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+    missing = [u for u in out if "://" not in u and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard file(s) not found: {', '.join(missing[:3])}")
+    if not out:
+        raise FileNotFoundError(f"no shards found for {spec!r}")
+    return out
+
+
+def read_classes(spec: str) -> list[str] | None:
+    """The class list from the index.json next to the shards, if any."""
+    for part in str(spec).split(","):
+        p = Path(part)
+        index = (p if p.is_dir() else p.parent) / "index.json"
+        if index.is_file():
+            return json.loads(index.read_text()).get("classes")
+    return None
+
+
+def decode_sample(sample: dict) -> tuple[str, Image.Image, dict]:
+    """(image_id, PIL image, meta json) from a raw webdataset sample; errors name the key and shard."""
+    key = sample.get("__key__", "?")
+    where = f"sample {key!r} in {sample.get('__url__', '?')}"
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"{where}: no image (expected one of {IMAGE_EXTS}, found {sorted(sample)})")
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    img = Image.open(io.BytesIO(sample[ext]))
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{where}: image of {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS} cap")
+    img.load()
+    return str(meta.get("image_id", key)), img, meta
+
+
+# ---- manifests as a box source ------------------------------------------------------------------------------
+
+def manifest_boxes(path: str | Path) -> dict[str, tuple[float, float, np.ndarray, np.ndarray]]:
+    """image_id -> (width, height, boxes [n,4] in original pixels, scores [n]) from a box manifest."""
+    try:
+        from odis.manifest import read_manifest  # type: ignore
+
+        table = read_manifest(path)
+    except ImportError:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    cols = table.to_pydict()
+    for c in ("image_id", "width", "height", "x0", "y0", "x1", "y1"):
+        if c not in cols:
+            raise ValueError(f"{path}: manifest has no column {c!r}")
+    rows: dict[str, list] = {}
+    scores = cols.get("score", [1.0] * len(cols["image_id"]))
+    for i, iid in enumerate(cols["image_id"]):
+        entry = rows.setdefault(iid, [cols["width"][i], cols["height"][i], [], []])
+        b = [cols[c][i] for c in ("x0", "y0", "x1", "y1")]
+        if all(v is not None for v in b):
+            entry[2].append(b)
+            entry[3].append(scores[i] if scores[i] is not None else 1.0)
+    return {k: (float(w), float(h), np.asarray(b, np.float64).reshape(-1, 4), np.asarray(s, np.float64))
+            for k, (w, h, b, s) in rows.items()}
+
+
+def box_for_sample(img: Image.Image, meta: dict, image_id: str, manifest: dict | None, how: str):
+    """The box for one sample: from the manifest (scaled to the stored image) when given, else the shard json."""
+    if manifest is not None:
+        if image_id not in manifest:
+            return None
+        mw, mh, boxes, scores = manifest[image_id]
+        boxes = scale_boxes(boxes, img.width / mw, img.height / mh) if len(boxes) else boxes
+    else:
+        boxes = np.asarray(meta.get("boxes") or [], np.float64).reshape(-1, 4)
+        scores = np.asarray(meta.get("scores") or [1.0] * len(boxes), np.float64)
+    return select_box(boxes, scores, how)
+
+
+# ---- the dataset and the extraction loop --------------------------------------------------------------------
+
+@dataclass
+class ViewConfig:
+    mode: str = "none"
+    size: int = 224
+    resize: int | None = None
+    patch: int = 16
+    box_select: str = "largest"
+
+
+class _MakeView:
+    """Picklable map function for the webdataset pipeline: raw sample -> dict (or an error record)."""
+
+    def __init__(self, cfg: ViewConfig, manifest: dict | None):
+        self.cfg, self.manifest = cfg, manifest
+
+    def __call__(self, sample: dict) -> dict:
+        try:
+            image_id, img, meta = decode_sample(sample)
+            box = box_for_sample(img, meta, image_id, self.manifest, self.cfg.box_select)
+            v = box_view(img, box, self.cfg.mode, self.cfg.size, self.cfg.resize, self.cfg.patch)
+        except Exception as e:  # counted and reported, never silently dropped
+            return {"error": f"{sample.get('__key__', '?')}: {e}"}
+        label = meta.get("label")
+        return {"image_id": image_id, "image": v.image, "obj_mask": v.obj_mask, "fallback": v.fallback,
+                "label": -1 if label is None else int(label)}
+
+
+def _collate(batch: list[dict]) -> dict:
+    good = [b for b in batch if "error" not in b]
+    out = {"errors": [b["error"] for b in batch if "error" in b], "n": len(good)}
+    if good:
+        out["image"] = torch.stack([b["image"] for b in good])
+        masks = [b["obj_mask"] for b in good]
+        if any(m is not None for m in masks):
+            shape = next(m for m in masks if m is not None).shape
+            out["obj_mask"] = torch.stack([m if m is not None else torch.ones(shape, dtype=torch.bool)
+                                           for m in masks])
+        else:
+            out["obj_mask"] = None
+        out["label"] = torch.tensor([b["label"] for b in good])
+        out["image_id"] = [b["image_id"] for b in good]
+        out["fallback"] = [b["fallback"] for b in good]
+    return out
+
+
+def shard_loader(spec: str, cfg: ViewConfig, manifest: dict | None = None, batch_size: int = 64,
+                 num_workers: int = 0):
+    import webdataset as wds
+
+    urls = list_shard_urls(spec)
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).map(_MakeView(cfg, manifest))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(urls)),
+                                       collate_fn=_collate)
+
+
+@dataclass
+class Features:
+    feats: torch.Tensor                  # [N, D] (or [N, n_blocks * D])
+    labels: torch.Tensor                 # [N], -1 = no label
+    image_ids: list[str]
+    counts: dict = field(default_factory=dict)   # no_box / box_cropped_away / errors
+    errors: list[str] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1, desc: str = "features",
+                     progress: bool = True) -> Features:
+    """OBJ/CLS features (after the final norm) of every image; `n_last_blocks > 1` concatenates the last blocks'."""
+    from tqdm import tqdm
+
+    model.eval().to(device)
+    feats, labels, ids, errors = [], [], [], []
+    counts = {"no_box": 0, "box_cropped_away": 0, "errors": 0}
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        errors += batch["errors"]
+        if batch["n"] == 0:
+            continue
+        x = batch["image"].to(device)
+        m = batch["obj_mask"].to(device) if batch["obj_mask"] is not None else None
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            if n_last_blocks == 1:
+                f = model(x, obj_mask=m)[0]
+            else:
+                f = torch.cat(model.intermediate_obj(x, n_last_blocks, obj_mask=m), dim=-1)
+        feats.append(f.float().cpu())
+        labels.append(batch["label"])
+        ids += batch["image_id"]
+        for fb in batch["fallback"]:
+            if fb:
+                counts[fb] += 1
+    counts["errors"] = len(errors)
+    if not feats:
+        raise ValueError(f"no image could be read ({len(errors)} errors; first: {errors[:1]})")
+    return Features(torch.cat(feats), torch.cat(labels), ids, counts, errors)
+
+
+def save_features(f: Features, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"feats": f.feats.contiguous(), "labels": f.labels.contiguous()}, str(path),
+              metadata={"image_ids": json.dumps(f.image_ids), "counts": json.dumps(f.counts)})
+
+
+def load_features(path: str | Path) -> Features:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+        return Features(fh.get_tensor("feats"), fh.get_tensor("labels"), json.loads(meta.get("image_ids", "[]")),
+                        json.loads(meta.get("counts", "{}")))
