@@ -1,0 +1,452 @@
+"""Synthetic multi-object scenes with exact boxes: the paper's claim in miniature.
+
+ODIS claims that object-level distillation beats image-level distillation on *objects* in multi-object scenes.
+This module makes such scenes on a small budget: objects (MNIST digits, or ten procedurally drawn shapes so that
+no download is needed) composited onto textured backgrounds, with controllable count, scale, overlap and clutter.
+
+Design (what a scene is):
+- One object per scene is the **target**. Its class is the image-level label (the class folder on disk), so the
+  image label is ambiguous whenever distractors are present. By default the distractors' classes all differ from
+  the target's (`distractors="other"`): the image holds several classes and only a box says which one is meant —
+  the case where box-conditioned features (the OBJ token masked to the target's box) should help.
+- The target is the **largest** object by box area (strictly; distractors are shrunk until smaller), is placed fully
+  inside the image and drawn **last**, on top, so it is never occluded. Evaluators that pick "the largest box"
+  (odis eval's default) therefore pick the target; the COCO JSON also marks it (`"target": 1`) and lists it first.
+- Boxes are exact: the tight box of the object's ink/alpha mask (> 0) after placement, clipped to the image.
+  Boxes and masks are amodal: a distractor partly covered by a later object keeps its full box and mask.
+- Overlap: the IoU of every pair of object boxes is at most `max_iou` (rejection sampling; a distractor that fits
+  nowhere after shrinking is dropped and counted, never placed against the rule).
+- Clutter in [0, 1]: 0 is a plain uniform background; more adds low-frequency colour texture, pixel noise and
+  unannotated strokes (all drawn *under* the objects so boxes stay exact).
+- Target classes cycle through the classes (balanced); MNIST train and val scenes draw digits from disjoint pools
+  (a seed-fixed 80/20 split of the MNIST file), so val objects are unseen instances.
+- Deterministic: scene i of a split uses `np.random.default_rng([seed, split_code, i])`, independent of order.
+
+Output of `write_dataset` (what `odis synth` writes):
+
+    OUT/train/<class>/<id:012d>.png     image folder; parent folder = image label (`odis shard --labels folder`)
+    OUT/val/<class>/<id:012d>.png
+    OUT/annotations/instances_train.json   COCO: images (file_name relative to OUT/<split>), annotations
+    OUT/annotations/instances_val.json     (bbox [x,y,w,h], area, iscrowd 0, category_id, RLE segmentation, target)
+    OUT/synth.json                         settings, classes, per-split counts (written last: the run is complete)
+
+Image ids are ints, unique across splits (train 1..N, val N+1..N+M), file names as COCO's (12 digits).
+Category ids are 0-based class indices in sorted class-name order, so they equal the folder labels' indices.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from odis.boxes import box_iou, clip_boxes
+
+SHAPES = ("arrow", "circle", "cross", "diamond", "hexagon", "moon", "ring", "square", "star", "triangle")
+DIGITS = tuple(str(d) for d in range(10))
+SPLITS = {"train": 1, "val": 2}
+ALPHA_FLOOR = 1 / 32      # alpha below this is set to 0, so every mask pixel is visibly different from background
+MIN_CONTRAST = 96         # an object's colour differs from the background's mean by this much in some channel
+SUPERSAMPLE = 4           # shapes are drawn at 4x and area-downsampled: anti-aliased edges
+MNIST_VAL_FRACTION = 0.2
+IDX_DTYPES = {0x08: np.uint8}
+
+
+# ---- configuration and result --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SynthConfig:
+    size: int = 64                                # image side in pixels (square images)
+    objects: tuple[int, int] = (1, 3)             # inclusive range of objects per image (target + distractors)
+    scale: tuple[float, float] = (0.25, 0.5)      # object's longer side as a fraction of the image side
+    max_iou: float = 0.2                          # maximum IoU between any two object boxes
+    clutter: float = 0.5                          # 0 plain background ... 1 strong texture, noise and strokes
+    distractors: str = "other"                    # "other": distractor classes differ from the target's; "any"
+    seed: int = 0
+
+    def validate(self) -> None:
+        lo, hi = self.objects
+        if not 1 <= lo <= hi:
+            raise ValueError(f"objects must be a range 1 <= lo <= hi, got {lo}-{hi}")
+        s0, s1 = self.scale
+        if not 0 < s0 <= s1 <= 1:
+            raise ValueError(f"scale must be a range 0 < lo <= hi <= 1, got {s0}-{s1}")
+        if self.size < 16:
+            raise ValueError(f"size must be at least 16 pixels, got {self.size}")
+        if round(s0 * self.size) < 4:
+            raise ValueError(f"scale {s0} of size {self.size} gives objects under 4 pixels; raise --scale or --size")
+        if not 0 <= self.max_iou <= 1:
+            raise ValueError(f"max_iou must be in [0, 1], got {self.max_iou}")
+        if not 0 <= self.clutter <= 1:
+            raise ValueError(f"clutter must be in [0, 1], got {self.clutter}")
+        if self.distractors not in ("other", "any"):
+            raise ValueError(f"distractors must be 'other' or 'any', got {self.distractors!r}")
+
+
+@dataclass
+class Scene:
+    """One generated image. Object 0 is the target (image label = labels[0]); objects are drawn in reverse order."""
+
+    image: np.ndarray        # [H, W, 3] uint8 RGB
+    background: np.ndarray   # [H, W, 3] uint8: the image before any object was drawn
+    boxes: np.ndarray        # [n, 4] float64 x0, y0, x1, y1 (integers: tight box of the mask)
+    labels: np.ndarray       # [n] int64 class index
+    masks: np.ndarray        # [n, H, W] bool: the object's own (amodal) mask, alpha > 0
+    dropped: int = 0         # distractors that found no place under the overlap rule
+
+    @property
+    def label(self) -> int:
+        return int(self.labels[0])
+
+
+# ---- MNIST (IDX files) ---------------------------------------------------------------------------------------
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzip or plain) into a uint8 array, validating the magic number and the sizes."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot read as {'gzip ' if opener is gzip.open else ''}IDX file ({e})") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (magic {data[:4].hex() or 'empty'}; expected 0000 08 NN)")
+    dtype, ndim = data[2], data[3]
+    if dtype not in IDX_DTYPES or ndim == 0:
+        raise ValueError(f"{path}: IDX type 0x{dtype:02x} with {ndim} dims; expected unsigned bytes (0x08)")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) - header != int(np.prod(shape)):
+        raise ValueError(f"{path}: IDX header says shape {shape} ({int(np.prod(shape))} bytes) "
+                         f"but {len(data) - header} bytes follow")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_mnist(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """All MNIST digits under `root` (t10k and/or train IDX files, .gz or plain): images [N,28,28], labels [N]."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"MNIST folder not found: {root}")
+    images, labels = [], []
+    for prefix in ("t10k", "train"):
+        found = [_find(root, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
+        if found[0] is None and found[1] is None:
+            continue
+        if None in found:
+            raise ValueError(f"{root}: {prefix} images and labels must both be present (found {found})")
+        x, y = read_idx(found[0]), read_idx(found[1])
+        if x.ndim != 3 or y.ndim != 1:
+            raise ValueError(f"{found[0]} / {found[1]}: expected images [N,H,W] and labels [N], "
+                             f"got {x.shape} and {y.shape}")
+        if len(x) != len(y):
+            raise ValueError(f"{found[0]} has {len(x)} images but {found[1]} has {len(y)} labels")
+        if y.max(initial=0) > 9:
+            raise ValueError(f"{found[1]}: labels must be digits 0-9, found {int(y.max())}")
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise ValueError(f"{root}: no MNIST IDX files (expected t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz)")
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+# ---- object sprites: alpha in [0, 1], cropped to the tight box of alpha > 0 -----------------------------------
+
+def _tight(alpha: np.ndarray) -> np.ndarray:
+    alpha = np.where(alpha >= ALPHA_FLOOR, alpha, 0).astype(np.float32)
+    ys, xs = np.nonzero(alpha)
+    if len(ys) == 0:  # an object too small to leave any pixel above the floor: one solid pixel
+        return np.ones((1, 1), np.float32)
+    return alpha[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+
+
+def _polygon(name: str) -> list[tuple[np.ndarray, bool]]:
+    """(polygon, is_hole) in [-1, 1] coordinates; holes are filled black after the shape. Circles are 64-gons."""
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    circle = np.stack([np.cos(t), np.sin(t)], 1)
+
+    def reg(n, r=1.0, phase=-np.pi / 2):
+        a = phase + np.arange(n) * 2 * np.pi / n
+        return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+
+    star = np.empty((10, 2))
+    star[0::2], star[1::2] = reg(5), reg(5, 0.45, -np.pi / 2 + np.pi / 5)
+    w = 0.33
+    shapes = {
+        "arrow": [np.array([[-1, -w], [0.1, -w], [0.1, -0.8], [1, 0], [0.1, 0.8], [0.1, w], [-1, w]])],
+        "circle": [circle],
+        "cross": [np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w],
+                            [-1, w], [-1, -w], [-w, -w]])],
+        "diamond": [np.array([[0, -1], [0.7, 0], [0, 1], [-0.7, 0]])],
+        "hexagon": [reg(6, 1.0, 0)],
+        "moon": [circle, _Hole(circle * 0.85 + [0.45, -0.2])],
+        "ring": [circle, _Hole(circle * 0.55)],
+        "square": [np.array([[-0.85, -0.85], [0.85, -0.85], [0.85, 0.85], [-0.85, 0.85]])],
+        "star": [star],
+        "triangle": [reg(3, 1.0) + [0, 0.2]],
+    }
+    return [(p.pts, True) if isinstance(p, _Hole) else (p, False) for p in shapes[name]]
+
+
+class _Hole:
+    """Marks a polygon of `_polygon` as a hole."""
+
+    def __init__(self, pts):
+        self.pts = np.asarray(pts)
+
+
+def shape_sprite(name: str, side: int, rng: np.random.Generator) -> np.ndarray:
+    """A shape drawn on a `side` x `side` canvas (small rotation and aspect jitter), as a tight alpha sprite."""
+    big = side * SUPERSAMPLE
+    canvas = np.zeros((big, big), np.uint8)
+    angle = rng.uniform(-0.26, 0.26)   # +-15 degrees: a rotated square must not become a diamond
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    aspect = rng.uniform(0.8, 1.0)
+    stretch = np.array([1.0, aspect]) if rng.random() < 0.5 else np.array([aspect, 1.0])
+    for poly, hole in _polygon(name):
+        pts = (poly * stretch) @ rot.T
+        pix = np.round((pts * 0.5 / 1.05 + 0.5) * big * 16).astype(np.int32)  # 4 fractional bits for fillPoly
+        cv2.fillPoly(canvas, [pix], 0 if hole else 255, lineType=cv2.LINE_8, shift=4)
+    alpha = cv2.resize(canvas, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    return _tight(alpha)
+
+
+def digit_sprite(digit: np.ndarray, side: int) -> np.ndarray:
+    """An MNIST digit cropped to its ink and resized so that its longer side is `side`, as a tight alpha sprite."""
+    ink = _tight(digit.astype(np.float32) / 255)
+    h, w = ink.shape
+    f = side / max(h, w)
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return _tight(np.clip(cv2.resize(ink, size, interpolation=cv2.INTER_LINEAR), 0, 1))
+
+
+class ShapeSource:
+    """Ten procedurally drawn shape classes, no data needed."""
+
+    kind = "shape"
+    classes = SHAPES
+
+    def sprite(self, cls: int, side: int, rng: np.random.Generator) -> np.ndarray:
+        return shape_sprite(SHAPES[cls], side, rng)
+
+
+class MnistSource:
+    """MNIST digits; `split` picks the disjoint pool (seed-fixed 80/20 split of the given digits)."""
+
+    kind = "digit"
+    classes = DIGITS
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, split: str, seed: int = 0):
+        order = np.random.default_rng([seed, 1234]).permutation(len(labels))
+        n_val = int(round(len(order) * MNIST_VAL_FRACTION))
+        pool = order[n_val:] if split == "train" else order[:n_val]
+        self.images = images
+        self.by_class = [np.sort(pool[labels[pool] == c]) for c in range(10)]
+        missing = [c for c in range(10) if len(self.by_class[c]) == 0]
+        if missing:
+            raise ValueError(f"MNIST {split} pool has no digit of class {missing}")
+
+    def sprite(self, cls: int, side: int, rng: np.random.Generator) -> np.ndarray:
+        idx = self.by_class[cls][rng.integers(len(self.by_class[cls]))]
+        return digit_sprite(self.images[idx], side)
+
+
+# ---- scene composition -------------------------------------------------------------------------------------
+
+def make_background(size: int, clutter: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Background [H,W,3] float32 in [0,255] and its base colour: plain at clutter 0, then texture/noise/strokes."""
+    base = rng.uniform(40, 215, 3).astype(np.float32)
+    bg = np.broadcast_to(base, (size, size, 3)).copy()
+    if clutter <= 0:
+        return bg, base
+    g = int(rng.integers(2, 7))
+    low = rng.normal(0, 60 * clutter, (g, g, 3)).astype(np.float32)
+    bg += cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
+    bg += rng.normal(0, 12 * clutter, (size, size, 3)).astype(np.float32)
+    thick = max(1, size // 48)
+    for _ in range(int(rng.binomial(round(8 * clutter), 0.75))):  # distractor strokes: not objects, unannotated
+        pts = rng.uniform(0, size, (int(rng.integers(2, 5)), 2)).astype(np.int32)
+        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        cv2.polylines(bg, [pts], False, colour, thickness=int(rng.integers(1, thick + 1)), lineType=cv2.LINE_AA)
+    return np.clip(bg, 0, 255), base
+
+
+def object_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A colour that differs from the background's base colour by >= MIN_CONTRAST in some channel."""
+    for _ in range(20):
+        c = rng.uniform(0, 255, 3)
+        if np.abs(c - base).max() >= MIN_CONTRAST:
+            return c.astype(np.float32)
+    return np.where(base < 128, 255.0, 0.0).astype(np.float32)
+
+
+def _place(shape: tuple[int, int], size: int, placed: list[np.ndarray], max_iou: float,
+           rng: np.random.Generator, tries: int = 30) -> np.ndarray | None:
+    h, w = shape
+    for _ in range(tries):
+        x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+        box = np.array([x, y, x + w, y + h], np.float64)
+        if not placed or box_iou(box, np.stack(placed)).max() <= max_iou:
+            return box
+    return None
+
+
+def render_scene(cfg: SynthConfig, source, target_class: int, rng: np.random.Generator) -> Scene:
+    """One scene: the target of `target_class` (largest, on top) plus distractors, on a cluttered background."""
+    size = cfg.size
+    n = int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))
+    sides = np.sort(rng.uniform(*cfg.scale, n))[::-1] * size
+    k = len(source.classes)
+    others = [c for c in range(k) if c != target_class] if cfg.distractors == "other" else list(range(k))
+    classes = [target_class] + [int(c) for c in rng.choice(others, n - 1)]
+
+    sprites, boxes, labels = [], [], []
+    for i, (cls, side) in enumerate(zip(classes, sides)):
+        side = max(4, round(side))
+        sprite = source.sprite(cls, side, rng)
+        box = None
+        for _ in range(6):  # distractors: shrink until strictly smaller than the target and placeable
+            small = i == 0 or sprite.size < sprites[0].size
+            if small:
+                box = _place(sprite.shape, size, boxes, cfg.max_iou, rng)
+                if box is not None:
+                    break
+            side = max(4, int(side * 0.8))
+            sprite = source.sprite(cls, side, rng)
+        if box is None:
+            continue
+        sprites.append(sprite)
+        boxes.append(box)
+        labels.append(cls)
+
+    bg, base = make_background(size, cfg.clutter, rng)
+    image = bg.copy()
+    masks = np.zeros((len(sprites), size, size), bool)
+    for i in reversed(range(len(sprites))):  # target (index 0) last, on top
+        a = sprites[i][..., None]
+        x0, y0, x1, y1 = boxes[i].astype(int)
+        region = image[y0:y1, x0:x1]
+        region *= 1 - a
+        region += a * object_colour(base, rng)
+        masks[i, y0:y1, x0:x1] = sprites[i] > 0
+    to_u8 = lambda f: np.clip(np.round(f), 0, 255).astype(np.uint8)  # noqa: E731
+    return Scene(image=to_u8(image), background=to_u8(bg), boxes=clip_boxes(np.stack(boxes), size, size),
+                 labels=np.array(labels, np.int64), masks=masks, dropped=n - len(sprites))
+
+
+def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def tight_box(mask: np.ndarray) -> np.ndarray:
+    """[x0, y0, x1, y1] of the pixels where mask is True (pixel (i, j) covers [j, j+1) x [i, i+1))."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+
+
+# ---- writing a dataset ---------------------------------------------------------------------------------------
+
+@dataclass
+class SplitStats:
+    next_ann_id: int = 1     # annotation ids run on across splits, like image ids
+    images: int = 0
+    objects: int = 0
+    dropped: int = 0
+    objects_per_image: dict = field(default_factory=dict)
+
+
+def _coco_annotations(scene: Scene, image_id: int, next_ann: int) -> list[dict]:
+    from pycocotools import mask as mask_utils
+
+    anns = []
+    for j, (box, label, m) in enumerate(zip(scene.boxes, scene.labels, scene.masks)):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        anns.append({"id": next_ann + j, "image_id": image_id, "category_id": int(label),
+                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(m.sum()), "iscrowd": 0,
+                     "segmentation": rle, "target": int(j == 0)})
+    return anns
+
+
+def write_split(out: Path, split: str, count: int, first_id: int, cfg: SynthConfig, source,
+                fmt: str = "png", progress: bool = True, first_ann_id: int = 1) -> SplitStats:
+    """Render `count` scenes into OUT/<split>/<class>/<id>.<fmt> and OUT/annotations/instances_<split>.json."""
+    from tqdm import tqdm
+
+    img_dir = out / split
+    for name in source.classes:
+        (img_dir / name).mkdir(parents=True, exist_ok=True)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    images, anns, stats = [], [], SplitStats(next_ann_id=first_ann_id)
+    k = len(source.classes)
+    for i in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
+        scene = render_scene(cfg, source, i % k, scene_rng(cfg.seed, split, i))
+        image_id = first_id + i
+        file_name = f"{source.classes[scene.label]}/{image_id:012d}.{fmt}"
+        ok, buf = cv2.imencode("." + fmt, np.ascontiguousarray(scene.image[..., ::-1]), params)
+        if not ok:
+            raise RuntimeError(f"could not encode {file_name}")
+        (img_dir / file_name).write_bytes(buf.tobytes())
+        images.append({"id": image_id, "file_name": file_name, "width": cfg.size, "height": cfg.size,
+                       "label": scene.label})
+        anns += _coco_annotations(scene, image_id, stats.next_ann_id)
+        stats.next_ann_id += len(scene.labels)
+        n = len(scene.labels)
+        stats.images += 1
+        stats.objects += n
+        stats.dropped += scene.dropped
+        stats.objects_per_image[n] = stats.objects_per_image.get(n, 0) + 1
+    categories = [{"id": c, "name": name, "supercategory": source.kind} for c, name in enumerate(source.classes)]
+    coco = {"info": {"description": f"odis synth {split}", "settings": _settings(cfg, source, fmt)},
+            "licenses": [], "images": images, "annotations": anns, "categories": categories}
+    (out / "annotations").mkdir(exist_ok=True)
+    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+    stats.objects_per_image = dict(sorted(stats.objects_per_image.items()))
+    return stats
+
+
+def _settings(cfg: SynthConfig, source, fmt: str) -> dict:
+    return {**asdict(cfg), "objects_source": source.kind, "format": fmt, "classes": list(source.classes)}
+
+
+def write_dataset(out: str | Path, cfg: SynthConfig, train: int, val: int, mnist: str | Path | None = None,
+                  fmt: str = "png", overwrite: bool = False, progress: bool = True) -> dict:
+    """Write a train and a val split (layout in the module docstring); return the summary also saved as synth.json."""
+    cfg.validate()
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"format must be png or jpg, got {fmt!r}")
+    if train < 0 or val < 0:
+        raise ValueError("train and val counts must be >= 0")
+    out = Path(out)
+    ours = [out / "train", out / "val", out / "annotations", out / "synth.json"]
+    if any(p.exists() for p in ours):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a synth dataset; pass --overwrite to replace it")
+        for p in ours:  # remove only what synth writes, never anything else in OUT
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    digits = load_mnist(mnist) if mnist is not None else None
+    summary = {"settings": None, "splits": {}}
+    first_id, first_ann = 1, 1
+    for split, count in (("train", train), ("val", val)):
+        source = MnistSource(*digits, split, cfg.seed) if digits is not None else ShapeSource()
+        summary["settings"] = _settings(cfg, source, fmt)
+        stats = write_split(out, split, count, first_id, cfg, source, fmt, progress, first_ann)
+        summary["splits"][split] = {k: v for k, v in asdict(stats).items() if k != "next_ann_id"}
+        first_id, first_ann = first_id + count, stats.next_ann_id
+    (out / "synth.json").write_text(json.dumps(summary, indent=2))
+    return summary
