@@ -1,0 +1,188 @@
+"""Class-agnostic box detectors for `odis extract-boxes`: YOLO (ultralytics), MAVL-style (OWL-ViT/OWLv2 from
+transformers), selective search (OpenCV contrib).
+
+A detector is built once per Ray actor and called on a list of RGB PIL images; it returns, per image, boxes
+`[n, 4]` (x0, y0, x1, y1 in the pixels of that image) and scores `[n]`, best first, at most `max_boxes`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from odis.boxes import box_area, clip_boxes
+
+DETECTORS = ("yolo", "mavl", "selective-search")
+# The MAVL recipe's class-agnostic text queries (Maaz et al. 2022).
+MAVL_QUERIES = ("all objects", "all entities", "all visible entities and objects", "all obscure entities and objects")
+
+
+@dataclass
+class DetectorConfig:
+    name: str
+    weights: str | None = None
+    conf: float = 0.25
+    iou: float = 0.7
+    max_boxes: int = 100
+    min_area: float = 0.0  # fraction of the image area
+    imgsz: int | None = None
+    device: str = "cpu"
+
+
+# Per-detector defaults for options the user leaves unset.
+DEFAULTS = {
+    "yolo": dict(conf=0.25, iou=0.7, imgsz=640),
+    "mavl": dict(conf=0.1, iou=0.5, imgsz=None),  # None: the processor's own input size
+    "selective-search": dict(conf=0.0, iou=1.0, imgsz=500),  # imgsz: longest side the image is shrunk to
+}
+
+
+def default_yolo_weights(shared: Path | None = None) -> str | None:
+    """../shared/weights/yolo11n_int8_openvino_model when present (offline default)."""
+    here = Path(__file__).resolve().parents[1]
+    candidates = [Path(os.environ["ODIS_SHARED"]) if "ODIS_SHARED" in os.environ else None, shared,
+                  here.parent / "shared"]
+    for base in candidates:
+        if base is not None and (base / "weights" / "yolo11n_int8_openvino_model").is_dir():
+            return str(base / "weights" / "yolo11n_int8_openvino_model")
+    return None
+
+
+def finalize(boxes: np.ndarray, scores: np.ndarray, width: int, height: int, min_area: float,
+             max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clip to the image, drop empty and too small boxes (`min_area` = fraction of the image), keep the
+    `max_boxes` best (scores descending)."""
+    boxes = clip_boxes(np.asarray(boxes, np.float64).reshape(-1, 4), width, height)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    area = box_area(boxes)
+    keep = (area > 0) & (area >= min_area * width * height)
+    boxes, scores = boxes[keep], scores[keep]
+    order = np.argsort(-scores, kind="stable")[:max_boxes]
+    return boxes[order].astype(np.float32), scores[order].astype(np.float32)
+
+
+class YoloDetector:
+    """ultralytics YOLO, class-agnostic NMS, offline: `weights` is a local file or export folder."""
+
+    def __init__(self, cfg: DetectorConfig):
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+        os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="odis-yolo-"))
+        from ultralytics import YOLO
+
+        if not cfg.weights:
+            raise ValueError("--detector yolo needs --weights (a local .pt file or an exported model folder)")
+        self.cfg = cfg
+        self.model = YOLO(cfg.weights, task="detect")
+
+    def __call__(self, images: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        c = self.cfg
+        # ultralytics wants BGR numpy (PIL input is converted the same way internally).
+        arrays = [np.ascontiguousarray(np.asarray(im)[:, :, ::-1]) for im in images]
+        results = self.model.predict(arrays, imgsz=c.imgsz, conf=c.conf, iou=c.iou, agnostic_nms=True,
+                                     max_det=c.max_boxes, device=c.device, verbose=False)
+        out = []
+        for im, r in zip(images, results):
+            b = r.boxes
+            out.append(finalize(b.xyxy.cpu().numpy(), b.conf.cpu().numpy(), im.width, im.height,
+                                c.min_area, c.max_boxes))
+        return out
+
+
+class MavlDetector:
+    """The MAVL recipe over an OWL-ViT / OWLv2 model from `transformers`, loaded from a local folder: the four
+    class-agnostic text queries, a box's objectness = its best sigmoid score over the queries, class-agnostic
+    NMS at `iou` (0.5 in MAVL)."""
+
+    def __init__(self, cfg: DetectorConfig):
+        import torch
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        if not cfg.weights or not Path(cfg.weights).is_dir():
+            raise ValueError("--detector mavl needs --weights FOLDER: a local OWL-ViT/OWLv2 model saved with "
+                             f"save_pretrained (got {cfg.weights!r}); weights are never downloaded")
+        self.cfg = cfg
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(cfg.weights, local_files_only=True)
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(cfg.weights, local_files_only=True)
+        self.model.eval().to(cfg.device)
+        self.owlv2 = self.model.config.model_type == "owlv2"  # OWLv2 pads to a square before resizing
+        text = self.processor(text=[list(MAVL_QUERIES)], return_tensors="pt")
+        self.text = {k: v.to(cfg.device) for k, v in text.items()}
+
+    def __call__(self, images: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        import torchvision
+
+        torch, c = self.torch, self.cfg
+        kwargs = {"size": {"height": c.imgsz, "width": c.imgsz}} if c.imgsz else {}
+        pixels = self.processor(images=images, return_tensors="pt", **kwargs)["pixel_values"].to(c.device)
+        n = len(images)
+        text = {k: v.repeat(n, 1) for k, v in self.text.items()}
+        with torch.inference_mode():
+            outputs = self.model(pixel_values=pixels, **text)
+        # logits [n, patches, queries]; pred_boxes [n, patches, 4] normalised (cx, cy, w, h)
+        scores = outputs.logits.sigmoid().amax(dim=-1).float().cpu()
+        cxcywh = outputs.pred_boxes.float().cpu()
+        out = []
+        for i, im in enumerate(images):
+            sx, sy = (max(im.width, im.height),) * 2 if self.owlv2 else (im.width, im.height)
+            b = torchvision.ops.box_convert(cxcywh[i], "cxcywh", "xyxy") * torch.tensor([sx, sy, sx, sy])
+            s = scores[i]
+            keep = s >= c.conf
+            b, s = b[keep], s[keep]
+            keep = torchvision.ops.nms(b, s, c.iou)
+            out.append(finalize(b[keep].numpy(), s[keep].numpy(), im.width, im.height, c.min_area, c.max_boxes))
+        return out
+
+
+def _ximgproc():
+    import cv2
+
+    if not hasattr(cv2, "ximgproc"):
+        raise RuntimeError(
+            "selective search needs OpenCV contrib (cv2.ximgproc), but the installed cv2 has none: ultralytics "
+            "pulled opencv-python over it. Fix: pip install --force-reinstall --no-deps "
+            "opencv-contrib-python-headless==<the opencv version installed>  (or `make install`)")
+    return cv2
+
+
+class SelectiveSearchDetector:
+    """OpenCV contrib selective search ("fast" mode), weight-free class-agnostic proposals as in SoCo. The image
+    is shrunk so its longest side is `imgsz`; proposals keep their order (score = 1 - rank / n)."""
+
+    def __init__(self, cfg: DetectorConfig):
+        self.cv2 = _ximgproc()
+        self.cfg = cfg
+        self.cv2.setNumThreads(1)
+
+    def _one(self, im) -> tuple[np.ndarray, np.ndarray]:
+        cv2, c = self.cv2, self.cfg
+        scale = min(1.0, (c.imgsz or max(im.size)) / max(im.size))
+        small = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale)))) if scale < 1 else im
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(np.ascontiguousarray(np.asarray(small)[:, :, ::-1]))
+        ss.switchToSelectiveSearchFast()
+        rects = ss.process()
+        if len(rects) == 0:
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        r = np.asarray(rects, np.float64)
+        boxes = np.stack([r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]], 1) / scale
+        scores = 1.0 - np.arange(len(r)) / len(r)
+        return finalize(boxes, scores, im.width, im.height, c.min_area, c.max_boxes)
+
+    def __call__(self, images: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self._one(im) for im in images]
+
+
+def build_detector(cfg: DetectorConfig):
+    """The detector for `cfg.name` (one of DETECTORS)."""
+    if cfg.name == "yolo":
+        return YoloDetector(cfg)
+    if cfg.name == "mavl":
+        return MavlDetector(cfg)
+    if cfg.name == "selective-search":
+        return SelectiveSearchDetector(cfg)
+    raise ValueError(f"unknown detector {cfg.name!r}, expected one of {DETECTORS}")

@@ -1,0 +1,305 @@
+"""`odis extract-boxes`: a Ray Data job that runs a class-agnostic detector over a folder of images and writes a
+box manifest (a directory of parquet parts).
+
+Flow: the driver lists image paths (the job's input, not `read_images`) -> `map_batches` with a callable class
+(`BoxExtractor`: the detector is loaded once per actor; decoding happens inside the batch function, each row's
+failure becomes an `error` value) -> the driver streams the per-image results back, explodes them to one row per
+box and writes parquet parts into a staging folder next to the output (`.NAME.partial/`), each part atomically
+(temporary name, then rename). When the job succeeds the parts move into OUT and the staging folder goes.
+
+Resume: images whose id is already in OUT or in a complete staged part are skipped, so a killed run keeps its
+finished parts and never leaves half-written or duplicated rows. `overwrite=True` starts over.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
+from odis.manifest import (ManifestError, add_row, empty_columns, image_id_for, image_ids_in, make_metadata,
+                           manifest_files, manifest_metadata, read_manifest, sha256_of, table_from_columns,
+                           write_manifest)
+from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector
+
+# Metadata that must agree for a resumed run to add rows to an existing manifest.
+_RESUME_KEYS = ("source", "images_root", "weights_sha256", "conf", "iou", "max_boxes", "min_area", "imgsz")
+
+RESULT_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("boxes", pa.list_(pa.float32())), ("scores", pa.list_(pa.float32())), ("error", pa.string()),
+])
+
+
+@dataclass
+class ExtractConfig:
+    detector: DetectorConfig
+    images: str
+    out: str
+    batch_size: int = 16
+    num_workers: int | None = None  # None: 1 on CPU, one per GPU with --device cuda
+    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared out among the workers
+    ray_address: str | None = None
+    overwrite: bool = False
+    limit: int | None = None  # only the first N images (sorted by path)
+    part_size: int = 1000  # images per parquet part
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    images: int = 0  # images in the manifest after this run
+    processed: int = 0  # images processed by this run
+    skipped_done: int = 0  # images already in the manifest (resume)
+    boxes: int = 0
+    no_box_images: int = 0
+    error_images: int = 0
+    not_images: int = 0  # files under the root without an image extension (listed, not processed)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    out: str = ""
+    errors: Counter = field(default_factory=Counter)
+
+
+class BoxExtractor:
+    """The batch function: decode each path (errors captured per row), detect, one result row per image."""
+
+    def __init__(self, detector: dict, images: str, max_pixels: int):
+        self.detector = build_detector(DetectorConfig(**detector))
+        self.root = Path(images)
+        self.max_pixels = max_pixels
+
+    def _detect(self, images: list) -> list:
+        """Detector on the batch; if the batch fails, image by image so the failure is pinned to its row."""
+        try:
+            return self.detector(images)
+        except Exception:  # noqa: BLE001 - any detector failure becomes a per-image result below
+            out = []
+            for im in images:
+                try:
+                    out.append(self.detector([im])[0])
+                except Exception as e:  # noqa: BLE001
+                    out.append(e)
+            return out
+
+    def __call__(self, batch: dict) -> pa.Table:
+        rows = {k: [] for k in RESULT_SCHEMA.names}
+        decoded, where = [], []
+        for image_id, rel in zip(batch["image_id"], batch["path"]):
+            image_id, rel = str(image_id), str(rel)
+            try:
+                im = load_image(self.root / rel, max_pixels=self.max_pixels, name=rel)
+                decoded.append(im)
+                where.append(len(rows["image_id"]))
+                w, h, err = im.width, im.height, None
+            except ImageDecodeError as e:
+                w, h, err = 0, 0, str(e)
+            except Exception as e:  # noqa: BLE001 - never let one file abort the job
+                w, h, err = 0, 0, f"{rel}: cannot read ({type(e).__name__}: {e})"
+            for k, v in (("image_id", image_id), ("path", rel), ("width", w), ("height", h),
+                         ("boxes", []), ("scores", []), ("error", err)):
+                rows[k].append(v)
+        if decoded:
+            for i, res in zip(where, self._detect(decoded)):
+                if isinstance(res, Exception):
+                    rows["error"][i] = f"{rows['path'][i]}: detector failed ({type(res).__name__}: {res})"
+                else:
+                    rows["boxes"][i] = res[0].reshape(-1).tolist()
+                    rows["scores"][i] = res[1].tolist()
+        return pa.table(rows, schema=RESULT_SCHEMA)
+
+
+def results_to_manifest(results: pa.Table, source: str, counts: Counter, errors: Counter) -> pa.Table:
+    """Explode per-image results to manifest rows: one per box, one no-box row, or one error row."""
+    cols = empty_columns()
+    r = results.to_pydict()
+    for image_id, rel, w, h, boxes, scores, err in zip(*(r[k] for k in RESULT_SCHEMA.names)):
+        if err is not None:
+            add_row(cols, image_id, rel, w, h, source, error=err)
+            counts["error_images"] += 1
+            errors[err.split(": ", 1)[-1].split(" (", 1)[0]] += 1
+            continue
+        b = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if len(b) == 0:
+            add_row(cols, image_id, rel, w, h, source)
+            counts["no_box_images"] += 1
+        for box, s in zip(b, scores):
+            add_row(cols, image_id, rel, w, h, source, box, s, None)
+        counts["boxes"] += len(b)
+    return table_from_columns(cols)
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _check_resumable(out: Path, staging: Path, meta: dict) -> None:
+    if out.is_file():
+        raise ManifestError(f"{out} exists and is a single file; extract-boxes writes a directory of parts "
+                            "(use another --out, or --overwrite)")
+    for where in (out, staging):
+        if where.is_dir() and manifest_files(where):
+            old = manifest_metadata(where)
+            diff = {k: (old.get(k), meta.get(k)) for k in _RESUME_KEYS if old.get(k) != meta.get(k)}
+            if diff:
+                raise ManifestError(f"{where} was made with other settings {diff} (old, new); "
+                                    "use --overwrite to start over or another --out")
+
+
+def _ray_init(address: str | None):
+    """Reuse an initialised Ray; else connect to `address`/RAY_ADDRESS, else start a private local instance
+    ("local": never attach to someone else's cluster by accident). Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=False,
+             configure_logging=True, logging_level="ERROR")
+    return True
+
+
+def _resources(cfg: ExtractConfig) -> tuple[int, dict]:
+    """(number of detector actors, Ray resources per actor): one actor per GPU with cuda; on CPU the cluster's
+    CPUs are shared out so the actors use every core without oversubscribing."""
+    import ray
+
+    total = ray.cluster_resources()
+    if cfg.detector.device.startswith("cuda"):
+        n = cfg.num_workers or max(1, int(total.get("GPU", 0)))
+        if total.get("GPU", 0) < 1:
+            raise RuntimeError("--device cuda but the Ray cluster has no GPU")
+        return n, {"num_gpus": 1, "num_cpus": cfg.cpus_per_worker or 1}
+    n = cfg.num_workers or 1
+    node_cpus = [nd["Resources"].get("CPU", 0) for nd in ray.nodes() if nd.get("Alive")]
+    per = cfg.cpus_per_worker or max(1, min(max(node_cpus, default=1), int(total.get("CPU", 1) // n)))
+    return n, {"num_cpus": per}
+
+
+def build_metadata(cfg: ExtractConfig) -> dict:
+    d = cfg.detector
+    return make_metadata(d.name, cfg.images, "path", detector=d.name,
+                         weights=None if not d.weights else str(Path(d.weights).resolve()),
+                         weights_sha256=None if not d.weights else sha256_of(d.weights),
+                         conf=d.conf, iou=d.iou, max_boxes=d.max_boxes, min_area=d.min_area, imgsz=d.imgsz,
+                         device=d.device)
+
+
+def resolve_detector(name: str, **options) -> DetectorConfig:
+    """A DetectorConfig with the detector's defaults for every option left as None."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    return DetectorConfig(name=name, **{**DEFAULTS.get(name, {}), **opts})
+
+
+def _plan(cfg: ExtractConfig, out: Path, staging: Path) -> tuple[list[dict], int, int]:
+    rels, others = list_images(cfg.images)
+    if cfg.limit is not None:
+        rels = rels[: cfg.limit]
+    done = image_ids_in(out) | image_ids_in(staging)
+    todo = []
+    for rel in rels:
+        iid = image_id_for(rel, "path")
+        if iid not in done:
+            todo.append({"image_id": iid, "path": rel})
+    return todo, len(rels) - len(todo), len(others)
+
+
+def _promote(staging: Path, out: Path) -> None:
+    """Move the complete parts from the staging folder into OUT (each rename is atomic), then drop staging."""
+    out.mkdir(parents=True, exist_ok=True)
+    for part in manifest_files(staging):
+        os.replace(part, out / part.name)
+    shutil.rmtree(staging)
+
+
+def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
+    """Run the job (see the module doc). Uses an already initialised Ray if there is one."""
+    import ray
+
+    out, root = Path(cfg.out), Path(cfg.images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root}: not a folder")
+    staging = staging_dir(out)
+    if cfg.overwrite:
+        for p in (out, staging):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    meta = build_metadata(cfg)
+    _check_resumable(out, staging, meta)
+    todo, skipped, not_images = _plan(cfg, out, staging)
+    summary = ExtractSummary(skipped_done=skipped, not_images=not_images, out=str(out))
+    started = _ray_init(cfg.ray_address)
+    t0 = time.perf_counter()
+    try:
+        if todo:
+            _run(cfg, todo, staging, meta, summary)
+        if staging.is_dir():
+            _promote(staging, out)
+        elif not out.exists():  # nothing to do and nothing yet: an empty but valid manifest
+            out.mkdir(parents=True)
+            write_manifest(table_from_columns(empty_columns()), out / "part-empty.parquet", meta)
+    finally:
+        if started:
+            ray.shutdown()
+    summary.seconds = time.perf_counter() - t0
+    summary.images_per_s = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
+    summary.images = len(image_ids_in(out))
+    return summary
+
+
+def _run(cfg: ExtractConfig, todo: list[dict], staging: Path, meta: dict, summary: ExtractSummary) -> None:
+    import ray
+    from tqdm import tqdm
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar below counts images
+    ctx.print_on_execution_start = False
+    n_actors, resources = _resources(cfg)
+    bs = max(1, cfg.batch_size)
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // bs, 10_000)))
+    ds = ds.map_batches(BoxExtractor, batch_size=bs, batch_format="numpy",
+                        fn_constructor_kwargs=dict(detector=asdict(cfg.detector), images=str(Path(cfg.images)
+                                                   .resolve()), max_pixels=cfg.max_pixels),
+                        compute=ray.data.ActorPoolStrategy(size=n_actors), **resources)
+    staging.mkdir(parents=True, exist_ok=True)
+    run_id, seq, pending, pending_n = uuid.uuid4().hex[:8], 0, [], 0
+    counts = Counter()
+
+    def flush():
+        nonlocal seq, pending, pending_n
+        if pending:
+            write_manifest(pa.concat_tables(pending), staging / f"part-{run_id}-{seq:05d}.parquet", meta)
+            seq, pending, pending_n = seq + 1, [], 0
+
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract-boxes [{cfg.detector.name}]", disable=not cfg.progress,
+               dynamic_ncols=True, smoothing=0.1)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pending.append(results_to_manifest(batch, cfg.detector.name, counts, summary.errors))
+            pending_n += batch.num_rows
+            summary.processed += batch.num_rows
+            bar.update(batch.num_rows)
+            bar.set_postfix(boxes=counts["boxes"], errors=counts["error_images"], refresh=False)
+            if pending_n >= cfg.part_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+    summary.boxes, summary.no_box_images = counts["boxes"], counts["no_box_images"]
+    summary.error_images = counts["error_images"]
+
+
+def summarize_manifest(out: str | os.PathLike) -> dict:
+    """Images, boxes, no-box and error counts of a whole manifest (all runs together)."""
+    t = read_manifest(out, columns=["image_id", "x0", "error"]).to_pandas()
+    return {"images": int(t.image_id.nunique()), "boxes": int(t.x0.notna().sum()),
+            "no_box_images": int(t.groupby("image_id").x0.count().eq(0).sum()
+                                 - t.loc[t.error.notna(), "image_id"].nunique()),
+            "error_images": int(t.loc[t.error.notna(), "image_id"].nunique())}
