@@ -26,8 +26,13 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Losses run in float32 (or float64 in tests) even under bf16 autocast."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def teacher_probs(t: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
-    return F.softmax((t.float() - center) / temp, dim=-1)
+    return F.softmax((_full(t) - center) / temp, dim=-1)
 
 
 def loss_obj(student: torch.Tensor, teacher_p: torch.Tensor, student_temp: float,
@@ -36,13 +41,13 @@ def loss_obj(student: torch.Tensor, teacher_p: torch.Tensor, student_temp: float
     teacher_p: probabilities [Vt, B, K]; valid_*: bool [V, B] (None: all valid)."""
     vs, b, _ = student.shape
     vt = teacher_p.shape[0]
-    logp = F.log_softmax(student.float() / student_temp, dim=-1)
+    logp = F.log_softmax(_full(student) / student_temp, dim=-1)
     vsd = torch.ones(vs, b, dtype=torch.bool, device=student.device) if valid_student is None else valid_student
     vtd = torch.ones(vt, b, dtype=torch.bool, device=student.device) if valid_teacher is None else valid_teacher
     # ce[q, v, b] = -sum_k p_t[q,b,k] log p_s[v,b,k]
     ce = -torch.einsum("qbk,vbk->qvb", teacher_p, logp)
-    weight = (vtd[:, None, :] & vsd[None, :, :]).float()
-    weight = weight * (1 - torch.eye(vt, vs, device=student.device))[:, :, None]  # v != q
+    weight = (vtd[:, None, :] & vsd[None, :, :]).to(ce.dtype)
+    weight = weight * (1 - torch.eye(vt, vs, device=student.device, dtype=ce.dtype))[:, :, None]  # v != q
     return (ce * weight).sum() / weight.sum().clamp(min=1.0)
 
 
@@ -52,7 +57,7 @@ def loss_patch(student: torch.Tensor, teacher_p: torch.Tensor, mask: torch.Tenso
     mask: bool [V, B, N] (which patches those M rows are, in row-major order). Returns the mean over V and B of
     sum_masked CE / max(#masked, 1)."""
     v, b, n = mask.shape
-    ce = -(teacher_p * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)  # [M]
+    ce = -(teacher_p * F.log_softmax(_full(student) / student_temp, dim=-1)).sum(-1)  # [M]
     per_image = torch.zeros(v * b, device=ce.device, dtype=ce.dtype)
     image_of_row = mask.reshape(v * b, n).nonzero()[:, 0]
     per_image.index_add_(0, image_of_row, ce)

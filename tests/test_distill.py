@@ -1,0 +1,111 @@
+"""The meta-architecture: what each network sees, where gradients go, EMA, freezing, schedules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from odis.distill import Distiller, Views, clip_gradients
+from odis import schedules
+
+torch.set_num_threads(2)
+B = 4
+
+
+def _views(seed=0, n_local=2, valid=None):
+    g = torch.Generator().manual_seed(seed)
+    obj = torch.rand(2, B, 4, 4, generator=g) > 0.3
+    return Views(torch.randn(2 * B, 3, 32, 32, generator=g), torch.randn(n_local * B, 3, 16, 16, generator=g),
+                 obj, torch.ones(2, B, dtype=torch.bool) if valid is None else valid,
+                 torch.rand(2, B, 4, 4, generator=g) > 0.5)
+
+
+def _distiller(method, **kw):
+    torch.manual_seed(0)
+    return Distiller(method, "vit_tiny_patch16_224", 32, patch_size=8, out_dim=64, hidden_dim=32,
+                     bottleneck_dim=16, **kw)
+
+
+@pytest.mark.parametrize("method", ["odis", "ibot", "dino"])
+def test_gradients_reach_only_the_student(method):
+    d = _distiller(method)
+    out = d(_views(), teacher_temp=0.04)
+    assert set(out) == ({"loss", "loss_obj", "loss_patch"} if method != "dino" else {"loss", "loss_obj"})
+    out["loss"].backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in d.student.parameters() if p.requires_grad)
+
+
+def test_methods_differ_only_where_they_should():
+    v = _views()
+    o, i = _distiller("odis"), _distiller("ibot")
+    lo, li = o(v, 0.04), i(v, 0.04)
+    assert not torch.isclose(lo["loss_obj"], li["loss_obj"])  # the OBJ row is masked
+    torch.testing.assert_close(lo["loss_patch"], li["loss_patch"], rtol=0.2, atol=0.5)  # same MIM task, shifted tokens
+    v.obj_mask[:] = True  # whole-view boxes: ODIS == iBOT exactly
+    torch.testing.assert_close(_distiller("odis")(v, 0.04)["loss"], _distiller("ibot")(v, 0.04)["loss"])
+
+
+def test_empty_box_sample_is_excluded_and_finite():
+    valid = torch.ones(2, B, dtype=torch.bool)
+    valid[:, 1] = False
+    v = _views(valid=valid)
+    v.obj_mask[:, 1] = False  # the fallback view: no box
+    d = _distiller("odis")
+    out = d(v, 0.04)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(torch.isfinite(p.grad).all() for p in d.student.parameters() if p.grad is not None)
+
+
+def test_ema_update_is_exact():
+    d = _distiller("odis")
+    with torch.no_grad():
+        for p in d.student.parameters():
+            p.add_(torch.randn_like(p))
+    before_t = [p.clone() for p in d.teacher.parameters()]
+    s = [p.clone() for p in d.student.parameters()]
+    d.update_teacher(0.9)
+    for t0, s0, t1 in zip(before_t, s, d.teacher.parameters()):
+        torch.testing.assert_close(t1, 0.9 * t0 + (1 - 0.9) * s0, rtol=1e-6, atol=1e-7)  # float32 rounding only
+
+
+def test_frozen_last_layer_gets_no_update_and_others_do():
+    d = _distiller("odis")
+    opt = torch.optim.AdamW(d.param_groups(), lr=1e-2)
+    last = d.student.head.last_layer_v.clone()
+    first = d.student.head.mlp[0].weight.clone()
+    d(_views(), 0.04)["loss"].backward()
+    d.cancel_last_layer_grads()
+    opt.step()
+    assert torch.equal(d.student.head.last_layer_v, last)
+    assert not torch.equal(d.student.head.mlp[0].weight, first)
+
+
+def test_param_groups_no_decay_on_bias_and_norm():
+    d = _distiller("ibot")
+    decay, no_decay = d.param_groups()
+    names = {id(p): n for n, p in d.student.named_parameters()}
+    assert all(names[id(p)].endswith(".bias") or p.ndim == 1 for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+    assert all(p.ndim > 1 for p in decay["params"])
+
+
+def test_clip_gradients_per_tensor():
+    lin = torch.nn.Linear(3, 3)
+    lin.weight.grad = torch.full((3, 3), 10.0)
+    lin.bias.grad = torch.full((3,), 0.01)
+    clip_gradients(lin, 3.0)
+    assert abs(lin.weight.grad.norm().item() - 3.0) < 1e-4
+    torch.testing.assert_close(lin.bias.grad, torch.full((3,), 0.01))
+
+
+def test_schedules_endpoints():
+    assert schedules.teacher_temp(0, 10, 0.04, 0.07, 30) == 0.04
+    assert schedules.teacher_temp(29 * 10, 10, 0.04, 0.07, 30) == pytest.approx(0.07)
+    assert schedules.teacher_temp(500, 10, 0.04, 0.07, 30) == 0.07
+    assert schedules.lr(0, 10, 100, 5e-4, 1e-6, 10, 512) == 0.0
+    assert schedules.lr(100, 10, 100, 5e-4, 1e-6, 10, 512) == pytest.approx(1e-3)
+    assert schedules.lr(999, 10, 100, 5e-4, 1e-6, 10, 512) == pytest.approx(1e-6, abs=1e-8)
+    assert schedules.teacher_momentum(0, 100, 0.996) == 0.996
+    assert schedules.teacher_momentum(100, 100, 0.996) == 1.0

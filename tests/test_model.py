@@ -1,0 +1,140 @@
+"""Invariants of the [OBJ] masked attention on a real timm ViT (paper §3, issue 4)."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from odis.model import OdisViT, export_backbone, load_backbone, obj_attn_mask
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return OdisViT("vit_tiny_patch16_224", img_size=64, patch_size=8).eval()
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 64, 64, generator=g)
+
+
+def test_obj_attn_mask_rows():
+    om = torch.zeros(2, 2, 2, dtype=torch.bool)
+    om[0, 0, 1] = True
+    m = obj_attn_mask(om)
+    assert m.shape == (2, 1, 5, 5)
+    assert m[:, :, 1:].all()  # patch rows: full attention
+    assert m[0, 0, 0].tolist() == [True, False, True, False, False]  # OBJ: itself + patch (0,1)
+    assert m[1, 0, 0].tolist() == [True, False, False, False, False]  # empty box: OBJ sees only itself
+
+
+@pytest.mark.parametrize("impl", ["mask", "split"])
+def test_full_box_equals_unmasked_vit(vit, images, impl):
+    vit.attn_impl = impl
+    full = torch.ones(4, 8, 8, dtype=torch.bool)
+    with torch.no_grad():
+        obj_full, patches_full = vit(images, obj_mask=full)
+        cls, patches = vit(images)
+        # the same ViT without any mask: plain timm, same weights
+        plain = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, num_classes=0).eval()
+        plain.load_state_dict(vit.vit.state_dict())
+        ref = plain.forward_features(images)
+    torch.testing.assert_close(obj_full, cls, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(obj_full, ref[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(patches_full, ref[:, 1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["mask", "split"])
+def test_first_block_obj_ignores_pixels_outside_box(vit, images, impl):
+    vit.attn_impl = impl
+    box = torch.zeros(4, 8, 8, dtype=torch.bool)
+    box[:, 2:5, 3:7] = True  # patches rows 2..4, cols 3..6 -> pixels [16,40) x [24,56)
+    changed = images.clone()
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[16:40, 24:56] = False
+    changed[:, :, outside] += 3.0
+    with torch.no_grad():
+        a = next(vit.blocks(vit.embed(images), box))
+        b = next(vit.blocks(vit.embed(changed), box))
+    torch.testing.assert_close(a[:, 0], b[:, 0], rtol=1e-5, atol=1e-5)  # OBJ unchanged
+    assert (a[:, 1:] - b[:, 1:]).abs().max() > 1e-2  # patch tokens changed
+    # and without the mask the CLS token does see those pixels
+    with torch.no_grad():
+        c = next(vit.blocks(vit.embed(images), None))
+        d = next(vit.blocks(vit.embed(changed), None))
+    assert (c[:, 0] - d[:, 0]).abs().max() > 1e-3
+
+
+def test_mask_and_split_agree(vit, images):
+    om = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.5
+    om[1] = False
+    outs = {}
+    for impl in ("mask", "split"):
+        vit.attn_impl = impl
+        with torch.no_grad():
+            outs[impl] = vit(images, obj_mask=om)
+    for a, b in zip(outs["mask"], outs["split"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["mask", "split"])
+def test_empty_box_is_finite_forward_and_backward(impl):
+    torch.manual_seed(0)
+    m = OdisViT("vit_tiny_patch16_224", img_size=32, patch_size=8, attn_impl=impl)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    om = torch.zeros(2, 4, 4, dtype=torch.bool)
+    obj, patches = m(x, obj_mask=om, patch_mask=torch.rand(2, 4, 4) > 0.5)
+    (obj.sum() + patches.sum()).backward()
+    assert torch.isfinite(obj).all() and torch.isfinite(patches).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_mask_token_replaces_masked_patches(vit, images):
+    mim = torch.zeros(4, 8, 8, dtype=torch.bool)
+    mim[:, 0, 0] = True
+    with torch.no_grad():
+        vit.mask_token.fill_(0.5)
+        t = vit.embed(images, mim)
+        ref = vit.embed(images)
+        vit.mask_token.zero_()
+    pos = vit.vit.pos_embed[0, 1]
+    torch.testing.assert_close(t[:, 1], (0.5 + pos).expand(4, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t[:, 2:], ref[:, 2:])
+
+
+def test_export_loads_into_timm_strict_with_identical_features(vit, images, tmp_path):
+    path = tmp_path / "backbone.safetensors"
+    export_backbone(vit, path)
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, num_classes=0).eval()
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    again = load_backbone(path)
+    assert again.patch_size == 8 and again.arch == "vit_tiny_patch16_224"
+    vit.attn_impl = "mask"
+    with torch.no_grad():
+        ref = vit(images)[0]
+        torch.testing.assert_close(plain.forward_features(images)[:, 0], ref)
+        torch.testing.assert_close(again(images)[0], ref)
+
+
+def test_load_backbone_errors_name_the_file(tmp_path):
+    bad = tmp_path / "weights.pth"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="weights.pth"):
+        load_backbone(bad)
+    with pytest.raises(ValueError, match="does not match"):
+        load_backbone(bad, arch="vit_tiny_patch16_224")
+
+
+def test_obj_attention_respects_box(vit, images):
+    om = torch.zeros(4, 8, 8, dtype=torch.bool)
+    om[:, :4, :4] = True
+    att = vit.obj_attention(images, om)
+    assert att.shape == (4, vit.num_heads, 8, 8)
+    assert float(att[..., 4:, :].sum()) == 0.0 and float(att[..., :, 4:].sum()) == 0.0
+    assert (att.sum((-1, -2)) <= 1.0 + 1e-5).all() and (att.sum((-1, -2)) > 0.5).all()
