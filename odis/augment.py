@@ -1,0 +1,194 @@
+"""Photometric augmentation + normalisation, batched on the training device (torch; CPU or CUDA).
+
+The reference DINO/iBOT pipeline applies ColorJitter, RandomGrayscale, GaussianBlur and Solarize per image in PIL;
+it is the loader's wall (43 img/s per core). Here each op runs once per batch with per-image random parameters,
+with the same distributions and order:
+
+    ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, its four ops in a random order per image (as torchvision)
+    -> Grayscale p=0.2 -> GaussianBlur sigma ~ U(0.1, 2.0) with the view's p -> Solarize (threshold 128) with the
+    view's p -> Normalize (ImageNet mean/std).
+
+Per-view probabilities are DINO's: global view 1 blur 1.0; global view 2 blur 0.1 + solarize 0.2; locals blur 0.5.
+(DINOv2's data/transforms.py passes keep_p = 1 - p to RandomApply, so there global view 1 is never blurred and
+global view 2 is blurred 90% of the time: a known bug, dinov2 PR #411. We follow DINO/iBOT, not that.)
+
+Ops work on float images in [0, 1] and match torchvision.transforms.functional on float tensors. The reference
+PIL pipeline rounds to uint8 between ops; we do not (differences below 1/255 per op).
+Random parameters are drawn on the CPU from a `torch.Generator`, so a seed gives the same augmentation on any
+device; only the parameter vectors (a few numbers per image) move to the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2, as PIL's "L")
+SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128): values >= 128 are inverted
+
+
+@dataclass(frozen=True)
+class ViewAug:
+    blur_p: float
+    solarize_p: float = 0.0
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    sigma: tuple[float, float] = (0.1, 2.0)
+
+
+GLOBAL1 = ViewAug(blur_p=1.0)
+GLOBAL2 = ViewAug(blur_p=0.1, solarize_p=0.2)
+LOCAL = ViewAug(blur_p=0.5)
+
+# Kernel size for sigma <= 2: radius 3 sigma = 6 px each side. One size for every image so that the per-image
+# kernels run as one grouped convolution.
+BLUR_KERNEL = 13
+
+
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[N,3,H,W] -> [N,1,H,W] luma."""
+    return GRAY[0] * x[:, 0:1] + GRAY[1] * x[:, 1:2] + GRAY[2] * x[:, 2:3]
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * _per_image(f)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_image(f)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    f = _per_image(f)
+    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by f (in turns), as torchvision's RGB -> HSV -> RGB, with the closed-form HSV -> RGB."""
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    r, g, b = x.unbind(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    h = (h + f.view(-1, 1, 1)) % 1.0
+    # HSV -> RGB: channel n in (5, 3, 1) -> v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    h6 = (h * 6.0).unsqueeze(1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + h6) % 6.0
+    vs = (maxc * s).unsqueeze(1)
+    return (maxc.unsqueeze(1) - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)).clamp_(0, 1)
+
+
+def to_grayscale3(x: torch.Tensor) -> torch.Tensor:
+    return grayscale(x).expand(-1, 3, -1, -1).contiguous()
+
+
+def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int = BLUR_KERNEL) -> torch.Tensor:
+    """[N] sigmas -> [N, size] normalised 1-D kernels (torchvision's _get_gaussian_kernel1d, per image)."""
+    half = (size - 1) * 0.5
+    t = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
+    pdf = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    return pdf / pdf.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int = BLUR_KERNEL) -> torch.Tensor:
+    """Per-image Gaussian blur: separable, one grouped conv per axis, reflect padding (as torchvision)."""
+    n, c, h, w = x.shape
+    k = gaussian_kernels(sigma.to(x.dtype), size).repeat_interleave(c, dim=0)  # [N*C, size]
+    pad = size // 2
+    y = x.reshape(1, n * c, h, w)
+    mode = "reflect" if min(h, w) > pad else "replicate"
+    y = F.pad(y, (pad, pad, pad, pad), mode=mode)
+    y = F.conv2d(y, k.view(n * c, 1, 1, size), groups=n * c)
+    y = F.conv2d(y, k.view(n * c, 1, size, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def draw_params(n: int, aug: ViewAug, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """All random numbers for n images, on the CPU (a fixed number of draws per call: reproducible)."""
+    def u(lo, hi):
+        return torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo
+
+    return {
+        "jitter": torch.rand(n, generator=generator) < aug.jitter_p,
+        "order": torch.argsort(torch.rand(n, 4, generator=generator), dim=1),  # a random permutation per image
+        "brightness": u(max(0.0, 1 - aug.brightness), 1 + aug.brightness),
+        "contrast": u(max(0.0, 1 - aug.contrast), 1 + aug.contrast),
+        "saturation": u(max(0.0, 1 - aug.saturation), 1 + aug.saturation),
+        "hue": u(-aug.hue, aug.hue),
+        "gray": torch.rand(n, generator=generator) < aug.gray_p,
+        "blur": torch.rand(n, generator=generator) < aug.blur_p,
+        "sigma": u(*aug.sigma),
+        "solarize": torch.rand(n, generator=generator) < aug.solarize_p,
+    }
+
+
+_JITTER_OPS = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
+               ("saturation", adjust_saturation), ("hue", adjust_hue))
+
+
+def apply_params(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Float [N,3,H,W] in [0,1] -> augmented float in [0,1] (not normalised). Ops run on the selected subsets."""
+    dev = x.device
+    p = {k: v.to(dev, non_blocking=True) for k, v in p.items()}
+    for step in range(4):  # torchvision ColorJitter: fn_idx = randperm(4), per image here
+        for op_id, (name, fn) in enumerate(_JITTER_OPS):
+            sel = torch.nonzero(p["jitter"] & (p["order"][:, step] == op_id)).flatten()
+            if sel.numel():
+                x[sel] = fn(x[sel], p[name][sel].to(x.dtype))
+    x = _where_apply(x, p["gray"], to_grayscale3)
+    sel = torch.nonzero(p["blur"]).flatten()
+    if sel.numel():
+        x[sel] = gaussian_blur(x[sel], p["sigma"][sel])
+    return _where_apply(x, p["solarize"], solarize)
+
+
+def _where_apply(x: torch.Tensor, which: torch.Tensor, fn) -> torch.Tensor:
+    sel = torch.nonzero(which).flatten()
+    if sel.numel():
+        x[sel] = fn(x[sel])
+    return x
+
+
+def photometric(images: torch.Tensor, aug: ViewAug, generator: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N,3,H,W] (any device) -> augmented, ImageNet-normalised float [N,3,H,W] on the same device."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"photometric expects uint8 [N,3,H,W], got {images.dtype} {tuple(images.shape)}")
+    n = images.shape[0]
+    params = draw_params(n, aug, generator)
+    if n == 0:
+        return images.to(dtype)
+    x = images.to(dtype).div_(255.0)
+    return normalize(apply_params(x, params))
+
