@@ -209,6 +209,7 @@ def shard_cmd(
     images: Path = typer.Option(..., "--images", help="Images root (ImageNet: train/ with one folder per class; "
                                 "COCO: train2017/). Searched recursively; hidden files are ignored."),
     out: Path = typer.Option(..., "--out", help="Output folder shards/NAME: NAME-000000.tar ... + index.json."),
+    prefix: str = typer.Option("", "--prefix", help="Shard name prefix (default: the --out folder's name)."),
     labels: str = typer.Option("none", "--labels", help="folder: the first folder under --images is the class "
                                "(ImageNet, Tiny-ImageNet); coco: category of the image's largest box in the COCO "
                                "JSON; none: label null."),
@@ -267,7 +268,7 @@ def shard_cmd(
 
     try:
         settings = ShardSettings(
-            images=str(images), out=str(out), labels=labels, manifest=str(manifest) if manifest else None,
+            images=str(images), out=str(out), prefix=prefix, labels=labels, manifest=str(manifest) if manifest else None,
             coco_json=str(coco_json) if coco_json else None, id_scheme=id_scheme, max_samples=max_samples,
             max_size=parse_size(max_size), resize_short=resize_short, quality=quality, seed=seed, check=check,
             max_pixels=max_pixels)

@@ -1,0 +1,386 @@
+"""Webdataset shards (DESIGN.md §2): the format, the reader API and `verify_shards`.
+
+A shard set is a folder `NAME/` holding `PREFIX-000000.tar …` and `index.json` (written last). Each sample is
+`KEY.jpg|png|webp` (the image bytes) + `KEY.json` = {"image_id", "label", "width", "height", "boxes", "scores"},
+with `KEY == image_id`, dot-free and unique across the set; boxes are `[x0, y0, x1, y1]` in pixels of the stored
+image, whose pixels are exactly what a plain decoder returns (no EXIF rotation left to apply).
+
+Reader API (used by the trainer and the evaluators):
+    list_shards(spec) -> list[str]          a folder, an index.json (path or http(s) URL), a brace pattern,
+                                            any URL webdataset opens (pipe:, https:, gs:, …), or a list of these
+    read_index(folder_or_index) -> dict      the parsed, checked index.json
+    iter_samples(spec) -> Iterator[Sample]   every sample in order, for evaluators and tools
+    verify_shards(spec, decode=False) -> VerifyReport
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "odis-shards"
+INDEX_VERSION = 1
+IMAGE_EXTS = ("jpg", "png", "webp")
+META_KEYS = ("image_id", "label", "width", "height", "boxes", "scores")
+# Tolerance (pixels) for boxes touching the image border after float scaling.
+BOX_EPS = 1e-6
+
+Spec = "str | os.PathLike | Sequence[str | os.PathLike]"
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def _is_remote(s: str) -> bool:
+    """True for URLs webdataset opens with a helper (pipe:, https:, gs:, …); a bare path or file: is local."""
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", s)
+    return bool(m) and m.group(1).lower() != "file" and len(m.group(1)) > 1  # "C:" is a drive, not a scheme
+
+
+def _local_path(s: str) -> Path:
+    return Path(s[len("file://"):] if s.startswith("file://") else s[len("file:"):] if s.startswith("file:") else s)
+
+
+# ---- the reader API ----------------------------------------------------------------------------------------
+
+def list_shards(spec) -> list[str]:
+    """Shard URLs/paths, in order, from a folder, an index.json, a brace pattern or any webdataset URL.
+
+    - folder: the shards its index.json lists (only complete shards are ever listed), else its `*.tar` files
+      (temporary `.NAME.tar.partial` files of a running or killed `odis shard` are never listed);
+    - `…/index.json` (a path or an http(s) URL): the shards it lists, resolved next to it;
+    - `shards/in1k-{000000..000127}.tar`, `pipe:aws s3 cp s3://b/in1k-{000000..000127}.tar -`, `https://…`:
+      brace-expanded as webdataset does; local paths must exist;
+    - a list of any of these, or several joined with `::`.
+    Raises FileNotFoundError / ValueError naming the spec when nothing usable is found.
+    """
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in list_shards(s)]
+    s = os.fspath(spec)
+    if "::" in s:
+        return [u for part in s.split("::") if part for u in list_shards(part)]
+    if _is_remote(s):
+        if s.endswith(".json") and s.startswith(("http://", "https://")):
+            index = _load_index_json(_fetch_url(s), s)
+            return [urllib.parse.urljoin(s, sh["name"]) for sh in index["shards"]]
+        return _braceexpand(s)
+    p = _local_path(s)
+    if p.is_dir():
+        if (p / INDEX_NAME).is_file():
+            return [str(p / sh["name"]) for sh in read_index(p)["shards"]]
+        tars = sorted(x for x in p.glob("*.tar") if not x.name.startswith("."))
+        if not tars:
+            raise FileNotFoundError(f"{p}: no {INDEX_NAME} and no *.tar shards in this folder")
+        return [str(x) for x in tars]
+    if p.suffix == ".json":
+        return [str(p.parent / sh["name"]) for sh in read_index(p)["shards"]]
+    paths = _braceexpand(str(p))
+    missing = [x for x in paths if not Path(x).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{s}: {len(missing)} of {len(paths)} shard(s) not found, e.g. {missing[0]}")
+    return paths
+
+
+def _braceexpand(s: str) -> list[str]:
+    import braceexpand  # a webdataset dependency
+
+    return list(braceexpand.braceexpand(s))
+
+
+def _fetch_url(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 (http/https only, checked by the caller)
+        return r.read()
+
+
+def read_index(folder_or_index) -> dict:
+    """The index.json of a shard set (a folder or the file itself), checked for the fields readers rely on.
+
+    Keys: format, version, prefix, shards [{name, count, sha256, bytes}], num_samples, classes (list or null),
+    labels, source {images_root, manifest, manifest_sha256, coco_json}, settings, skipped [{path, reason}],
+    warnings [{path, reason}], fingerprint, created_at, odis_version.
+    """
+    p = _local_path(os.fspath(folder_or_index))
+    if p.is_dir():
+        p = p / INDEX_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no shard index here (is this an `odis shard` output folder?)")
+    return _load_index_json(p.read_bytes(), str(p))
+
+
+def _load_index_json(data: bytes, where: str) -> dict:
+    try:
+        index = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{where}: not an odis shard index (expected format={INDEX_FORMAT!r})")
+    if index.get("version") != INDEX_VERSION:
+        raise ValueError(f"{where}: index version {index.get('version')!r}, this odis reads {INDEX_VERSION}")
+    for i, sh in enumerate(index.get("shards", [])):
+        name = sh.get("name", "")
+        # The names come from a file others made: never let one point outside the folder.
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"{where}: shards[{i}].name {name!r} is not a plain file name")
+        for k, t in (("count", int), ("sha256", str)):
+            if not isinstance(sh.get(k), t):
+                raise ValueError(f"{where}: shards[{i}] ({name}) lacks {k!r}")
+    return index
+
+
+@dataclass
+class Sample:
+    key: str
+    ext: str          # jpg | png | webp
+    image: bytes      # the stored bytes, undecoded
+    meta: dict        # the parsed json
+    shard: str
+
+
+def iter_samples(spec) -> Iterator[Sample]:
+    """Every sample of the shards `spec` names, in shard order (no shuffling, no decoding)."""
+    for url in list_shards(spec):
+        for key, files in _iter_tar_samples(url):
+            ext = next((e for e in IMAGE_EXTS if e in files), None)
+            if ext is None or "json" not in files:
+                raise ValueError(f"{url}: sample {key!r} lacks an image or its json (has {sorted(files)})")
+            yield Sample(key, ext, files[ext], json.loads(files["json"]), url)
+
+
+def _open_shard(url: str):
+    if _is_remote(url):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    return open(_local_path(url), "rb")
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.nbytes += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """(key, extension) the way webdataset splits a member name: key up to the first dot of the base name."""
+    d, _, base = name.rpartition("/")
+    key, dot, ext = base.partition(".")
+    return (f"{d}/{key}" if d else key), ext if dot else ""
+
+
+def _iter_tar_samples(url: str, reader: _HashingReader | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample, grouping consecutive members with the same key as webdataset does.
+
+    A key that repeats an extension inside one group starts a new group, so a duplicate shows up as a repeat."""
+    f = reader if reader is not None else _open_shard(url)
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            key, files = None, {}
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _split_member(m.name)
+                data = tar.extractfile(m).read()
+                if k != key or ext in files:
+                    if key is not None:
+                        yield key, files
+                    key, files = k, {}
+                files[ext] = data
+            if key is not None:
+                yield key, files
+    finally:
+        if reader is None:
+            f.close()
+
+
+# ---- verify ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    kind: str        # missing | sha256 | count | unreadable | duplicate-key | bad-sample | bad-json | bad-box | decode
+    shard: str
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.shard}" + (f" [{self.key}]" if self.key else "")
+        return f"{self.kind}: {where}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    folder: str
+    shards_listed: int = 0
+    shards_ok: int = 0
+    samples: int = 0
+    decoded: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.problems:
+            out[p.kind] = out.get(p.kind, 0) + 1
+        return out
+
+    def summary(self, max_lines: int = 50) -> str:
+        head = (f"{self.folder}: {self.shards_ok}/{self.shards_listed} shards ok, {self.samples} samples read"
+                + (f", {self.decoded} decoded" if self.decoded else ""))
+        if self.ok:
+            return head + ": OK"
+        lines = [head + f": {len(self.problems)} problem(s) " + json.dumps(self.counts())]
+        lines += [f"  {p}" for p in self.problems[:max_lines]]
+        if len(self.problems) > max_lines:
+            lines.append(f"  … and {len(self.problems) - max_lines} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"folder": self.folder, "ok": self.ok, "shards_listed": self.shards_listed,
+                "shards_ok": self.shards_ok, "samples": self.samples, "decoded": self.decoded,
+                "problems": [vars(p) for p in self.problems]}
+
+
+def verify_shards(folder_or_index, decode: bool = False, max_pixels: int = 178_956_970,
+                  progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check a shard set against its index: every listed shard exists with its sha256 and sample count, no key
+    repeats across the set, every sample has one image + a json that parses, matches the contract and whose boxes
+    lie inside the image; `decode=True` also decodes every image and checks its size against the json.
+    Never raises for a bad shard set: every finding is a `Problem` in the report. `progress(samples, bytes)`
+    is called after each shard."""
+    index = read_index(folder_or_index)
+    p = _local_path(os.fspath(folder_or_index))
+    folder = p if p.is_dir() else p.parent
+    report = VerifyReport(str(folder), shards_listed=len(index["shards"]))
+    n_classes = len(index["classes"]) if index.get("classes") else None
+    seen: dict[str, str] = {}
+    for sh in index["shards"]:
+        path = folder / sh["name"]
+        n_before = len(report.problems)
+        if not path.is_file():
+            report.problems.append(Problem("missing", sh["name"], None, f"listed in the index but {path} is absent"))
+            continue
+        count, nbytes = _verify_one(path, sh, seen, report, decode, n_classes, max_pixels)
+        if progress:
+            progress(count, nbytes)
+        if len(report.problems) == n_before:
+            report.shards_ok += 1
+    return report
+
+
+def _verify_one(path: Path, entry: dict, seen: dict, report: VerifyReport, decode: bool,
+                n_classes: int | None, max_pixels: int) -> tuple[int, int]:
+    name, count = entry["name"], 0
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            for key, files in _iter_tar_samples(str(path), reader):
+                count += 1
+                if key in seen:
+                    where = "earlier in this shard" if seen[key] == name else f"in {seen[key]}"
+                    report.problems.append(Problem("duplicate-key", name, key, f"key already seen {where}"))
+                seen.setdefault(key, name)
+                for prob in check_sample(key, files, n_classes, decode, max_pixels):
+                    report.problems.append(Problem(prob[0], name, key, prob[1]))
+                report.decoded += int(decode and any(e in files for e in IMAGE_EXTS))
+            reader.drain()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            report.problems.append(Problem("unreadable", name, None, f"tar stream broken after {count} "
+                                           f"sample(s): {type(e).__name__}: {e}"))
+            reader.drain()
+    report.samples += count
+    digest = reader.sha.hexdigest()
+    if digest != entry["sha256"]:
+        report.problems.append(Problem("sha256", name, None, f"sha256 {digest[:16]}… differs from the index's "
+                                       f"{entry['sha256'][:16]}… ({reader.nbytes} bytes on disk)"))
+    if count != entry["count"]:
+        report.problems.append(Problem("count", name, None, f"{count} samples, the index says {entry['count']}"))
+    return count, reader.nbytes
+
+
+def check_sample(key: str, files: dict[str, bytes], n_classes: int | None = None, decode: bool = False,
+                 max_pixels: int = 178_956_970) -> list[tuple[str, str]]:
+    """(kind, message) for every way one sample breaks the contract; empty when it is good."""
+    if "." in key or not key:
+        return [("bad-sample", "key is empty or contains a dot (webdataset splits keys at the first dot)")]
+    imgs = [e for e in files if e in IMAGE_EXTS]
+    extra = sorted(set(files) - set(IMAGE_EXTS) - {"json"})
+    if len(imgs) != 1 or "json" not in files or extra:
+        return [("bad-sample", f"expected one image (jpg/png/webp) and a json, found {sorted(files)}")]
+    try:
+        meta = json.loads(files["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [("bad-json", f"json does not parse: {e}")]
+    probs = check_meta(key, meta, n_classes)
+    if decode and not probs:
+        probs += _check_decode(files[imgs[0]], meta, max_pixels)
+    return probs
+
+
+def check_meta(key: str, meta, n_classes: int | None = None) -> list[tuple[str, str]]:
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        return [("bad-json", f"json must hold {list(META_KEYS)}, has {have}")]
+    if meta["image_id"] != key:
+        return [("bad-json", f"image_id {meta['image_id']!r} differs from the key")]
+    w, h, label = meta["width"], meta["height"], meta["label"]
+    if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+        return [("bad-json", f"width/height must be positive ints, got {w!r}x{h!r}")]
+    if label is not None and not (isinstance(label, int) and 0 <= label < (n_classes or 1 << 62)):
+        return [("bad-json", f"label {label!r} is not null or a class index < {n_classes}")]
+    boxes, scores = meta["boxes"], meta["scores"]
+    if not isinstance(boxes, list) or not isinstance(scores, list) or len(boxes) != len(scores):
+        return [("bad-json", "boxes and scores must be lists of the same length")]
+    probs = []
+    for i, b in enumerate(boxes):
+        ok = isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+        if not ok or not (-BOX_EPS <= b[0] < b[2] <= w + BOX_EPS and -BOX_EPS <= b[1] < b[3] <= h + BOX_EPS):
+            probs.append(("bad-box", f"boxes[{i}] = {b} is not inside the {w}x{h} image (0 <= x0 < x1 <= w)"))
+    return probs
+
+
+def _check_decode(data: bytes, meta: dict, max_pixels: int) -> list[tuple[str, str]]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                return [("decode", f"{im.width}x{im.height} exceeds the {max_pixels}-pixel cap; not decoded")]
+            im.load()
+            size = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:  # noqa: BLE001 (any decoder failure is a finding, not a crash)
+        return [("decode", f"image does not decode: {type(e).__name__}: {e}")]
+    probs = []
+    if size != (meta["width"], meta["height"]):
+        probs.append(("decode", f"decoded size {size[0]}x{size[1]} differs from json {meta['width']}x{meta['height']}"))
+    if orientation not in (1, None):
+        probs.append(("decode", f"EXIF orientation {orientation} left in a stored image (decoders disagree on it)"))
+    return probs

@@ -1,0 +1,256 @@
+"""`odis shard` / `odis verify` on the real data in ../shared, read back with plain webdataset (no odis reader)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from odis.importers import import_coco
+from odis.manifest import image_id_for, read_manifest, write_manifest
+
+runner = CliRunner()
+TIN_CLASSES = ["n01443537", "n01629819", "n01641577", "n01644900"]  # 4 of 200 classes: 200 images
+
+
+def odis(*args: str, code: int = 0):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, f"odis {' '.join(map(str, args))} -> {r.exit_code}\n{r.output}\n{r.exception!r}"
+    return r
+
+
+def read_plain(folder: Path) -> dict[str, dict]:
+    """Every sample of a shard folder through webdataset alone: key -> {ext: bytes, "json": dict}."""
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    out = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert s["__key__"] not in out, f"duplicate key {s['__key__']}"
+        out[s["__key__"]] = {**s, "json": json.loads(s["json"])}
+    return out
+
+
+def index_of(folder: Path) -> dict:
+    return json.loads((folder / "index.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def coco_manifest(coco_tiny, tmp_path_factory) -> Path:
+    """coco_tiny train2017 boxes, imported with the project's COCO importer (pycocotools)."""
+    imp = import_coco(coco_tiny / "train2017", coco_tiny / "annotations" / "instances_train2017.json")
+    return write_manifest(imp.table, tmp_path_factory.mktemp("man") / "coco.parquet", imp.metadata)
+
+
+@pytest.fixture(scope="module")
+def tin_root(tiny_imagenet, tmp_path_factory) -> Path:
+    """A Tiny-ImageNet train folder with 4 classes (copies: list_images does not follow symlinked folders)."""
+    root = tmp_path_factory.mktemp("tin") / "train"
+    for c in TIN_CLASSES:
+        shutil.copytree(tiny_imagenet / "train" / c, root / c)
+    return root
+
+
+def manifest_boxes(path: Path) -> dict[str, list]:
+    t = read_manifest(path).to_pydict()
+    out: dict[str, list] = {}
+    for i, iid in enumerate(t["image_id"]):
+        out.setdefault(iid, [])
+        if t["x0"][i] is not None:
+            out[iid].append(([t[c][i] for c in ("x0", "y0", "x1", "y1")], t["score"][i], t["width"][i]))
+    return out
+
+
+def coco_largest_category(coco_tiny: Path) -> tuple[dict[str, str], list[str]]:
+    """file stem -> name of the category of its largest non-crowd box (what --labels coco promises)."""
+    d = json.loads((coco_tiny / "annotations" / "instances_train2017.json").read_text())
+    names = {c["id"]: c["name"] for c in d["categories"]}
+    best = {}
+    for a in d["annotations"]:
+        area = a["bbox"][2] * a["bbox"][3]
+        if not a["iscrowd"] and area > best.get(a["image_id"], (-1, None))[0]:
+            best[a["image_id"]] = (area, names[a["category_id"]])
+    return {f"{k:012d}": v[1] for k, v in best.items()}, [names[k] for k in sorted(names)]
+
+
+# ---- round trips -------------------------------------------------------------------------------------------
+
+def test_coco_with_manifest_roundtrip(coco_tiny, coco_manifest, tmp_path):
+    out = tmp_path / "coco"
+    images = coco_tiny / "train2017"
+    r = odis("shard", "--images", images, "--out", out, "--labels", "coco", "--manifest", coco_manifest,
+             "--max-samples", 30, "--num-workers", 2)
+    assert "3 shard(s)" in r.output and "80 samples" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["coco-000000.tar", "coco-000001.tar", "coco-000002.tar",
+                                                     "index.json"]
+    got = read_plain(out)
+    files = {p.stem: p for p in images.glob("*.jpg")}
+    assert set(got) == set(files)  # COCO keys: the 12-digit id == the file stem
+    boxes = manifest_boxes(coco_manifest)
+    largest, names = coco_largest_category(coco_tiny)
+    index = index_of(out)
+    assert index["classes"] == names and index["id_scheme"] == "coco"
+    for key, s in got.items():
+        assert s["jpg"] == files[key].read_bytes()  # bytes copied unchanged
+        meta = s["json"]
+        assert meta["image_id"] == key
+        assert (meta["width"], meta["height"]) == Image.open(files[key]).size
+        assert meta["boxes"] == [b for b, _, _ in boxes[key]]  # exactly the manifest's values
+        assert meta["scores"] == [sc for _, sc, _ in boxes[key]]
+        assert index["classes"][meta["label"]] == largest[key]
+    assert [sh["count"] for sh in index["shards"]] == [30, 30, 20]
+    assert sum(len(m["json"]["boxes"]) for m in got.values()) == sum(map(len, boxes.values())) > 500
+    # Shuffled with the seed, not in file order.
+    keys_in_order = [s["__key__"] for s in wds.WebDataset(str(out / "coco-000000.tar"), shardshuffle=False)]
+    assert keys_in_order != sorted(keys_in_order)
+    assert "OK" in odis("verify", out, "--decode").output
+
+
+def test_coco_resize_scales_boxes_exactly(coco_tiny, coco_manifest, tmp_path):
+    out = tmp_path / "small"
+    odis("shard", "--images", coco_tiny / "train2017", "--out", out, "--manifest", coco_manifest,
+         "--resize-short", 128, "--num-workers", 1)
+    got = read_plain(out)
+    boxes = manifest_boxes(coco_manifest)
+    assert len(got) == 80
+    for key, s in got.items():
+        meta = s["json"]
+        src = Image.open(coco_tiny / "train2017" / f"{key}.jpg")
+        im = Image.open(__import__("io").BytesIO(s["jpg"]))
+        assert im.size == (meta["width"], meta["height"]) and min(im.size) == 128
+        assert abs(im.width / im.height - src.width / src.height) < 0.02
+        sx, sy = im.width / src.width, im.height / src.height
+        want = np.array([b for b, _, _ in boxes[key]]).reshape(-1, 4) * [sx, sy, sx, sy]
+        np.testing.assert_allclose(np.array(meta["boxes"]).reshape(-1, 4), want, rtol=1e-12, atol=1e-9)
+        assert meta["label"] is None
+    odis("verify", out, "--decode")
+
+
+def test_tiny_imagenet_folder_labels(tin_root, tmp_path):
+    out = tmp_path / "tin"
+    odis("shard", "--images", tin_root, "--out", out, "--labels", "folder", "--max-size", "100KB",
+         "--num-workers", 2)
+    index = index_of(out)
+    assert index["classes"] == TIN_CLASSES and index["num_samples"] == 200 and index["num_shards"] > 3
+    assert index["ignored_files"]["count"] == 4  # the *_boxes.txt files, counted, not silently dropped
+    got = read_plain(out)
+    sources = {image_id_for(p.relative_to(tin_root).as_posix()): p for p in tin_root.rglob("*.JPEG")}
+    assert set(got) == set(sources)
+    for key, s in got.items():
+        assert s["jpg"] == sources[key].read_bytes()
+        assert index["classes"][s["json"]["label"]] == sources[key].relative_to(tin_root).parts[0]
+        assert s["json"]["boxes"] == [] and (s["json"]["width"], s["json"]["height"]) == (64, 64)
+
+
+def _odd_folder(root: Path, coco_tiny: Path) -> dict[str, str]:
+    """Names with dots, spaces and non-ASCII; an EXIF-rotated JPEG; a BMP; broken files. relpath -> what it is."""
+    jpgs = sorted((coco_tiny / "train2017").glob("*.jpg"))
+    (root / "class a").mkdir(parents=True)
+    (root / "kläss.b").mkdir()
+    (root / "日本").mkdir()
+    shutil.copy(jpgs[0], root / "class a" / "my.photo v2.jpg")
+    shutil.copy(jpgs[1], root / "kläss.b" / "ñandú. .jpg")
+    Image.open(jpgs[2]).convert("RGB").save(root / "日本" / "写真 1.png")
+    Image.open(jpgs[3]).resize((40, 30)).save(root / "日本" / "tiny.bmp")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    Image.open(jpgs[4]).save(root / "class a" / "rotated.jpg", exif=exif, quality=95)
+    data = jpgs[5].read_bytes()
+    (root / "class a" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "kläss.b" / "not an image.jpg").write_text("hello")
+    (root / "kläss.b" / "notes.txt").write_text("not an image, ignored and counted")
+    return {"class a/my.photo v2.jpg": "copy", "kläss.b/ñandú. .jpg": "copy", "日本/写真 1.png": "copy",
+            "日本/tiny.bmp": "png", "class a/rotated.jpg": "rotated", "class a/truncated.jpg": "bad",
+            "kläss.b/not an image.jpg": "bad"}
+
+
+def test_odd_names_exif_and_unreadable_files(coco_tiny, tmp_path):
+    root = tmp_path / "odd images"
+    kinds = _odd_folder(root, coco_tiny)
+    out = tmp_path / "odd"
+    r = odis("shard", "--images", root, "--out", out, "--labels", "folder", "--num-workers", 1)
+    assert "2 left out (unreadable)" in r.output and "truncated.jpg" in r.output
+    index = index_of(out)
+    assert {s["path"] for s in index["skipped"]} == {k for k, v in kinds.items() if v == "bad"}
+    assert all(s["reason"] for s in index["skipped"])
+    assert index["ignored_files"] == {"count": 1, "examples": ["kläss.b/notes.txt"]}
+    assert index["classes"] == ["class a", "kläss.b", "日本"]
+    got = read_plain(out)
+    ids = {image_id_for(rel): rel for rel, kind in kinds.items() if kind != "bad"}
+    assert set(got) == set(ids) and all("." not in k for k in got)
+    for key, s in got.items():
+        rel, meta = ids[key], s["json"]
+        src = root / rel
+        ext = next(e for e in ("jpg", "png", "webp") if e in s)
+        stored = Image.open(__import__("io").BytesIO(s[ext]))
+        assert stored.size == (meta["width"], meta["height"])
+        assert index["classes"][meta["label"]] == rel.split("/")[0]
+        if kinds[rel] == "copy":
+            assert s[ext] == src.read_bytes()
+        elif kinds[rel] == "png":
+            assert ext == "png" and np.array_equal(np.asarray(stored), np.asarray(Image.open(src).convert("RGB")))
+        else:  # rotated: stored upright, no orientation tag left, pixels as displayed
+            from PIL import ImageOps
+
+            upright = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
+            assert stored.size == upright.size == Image.open(src).size[::-1]
+            assert stored.getexif().get(0x0112) is None
+            diff = np.abs(np.asarray(stored, float) - np.asarray(upright, float)).mean()
+            assert diff < 4.0, diff  # JPEG re-encoding noise; a wrong turn gives > 30
+    odis("verify", out, "--decode")
+
+
+# ---- resume after a kill -----------------------------------------------------------------------------------
+
+def test_kill_then_rerun_equals_uninterrupted(tin_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, ref = tmp_path / "killed" / "tin", tmp_path / "uninterrupted" / "tin"
+    args = ["--images", str(tin_root), "--labels", "folder", "--max-samples", "20", "--seed", "7",
+            "--num-workers", "1"]
+    env = {**os.environ, "ODIS_SHARD_TEST_SLEEP": "0.02"}  # 0.4 s per shard of 20
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "shard", "--out", str(out), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:  # kill while shard 3 is being written
+            if len(list(out.glob("*.tar"))) >= 3 and list(out.glob(".*.partial")):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the sharding run never reached its third shard")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    complete = sorted(out.glob("*.tar"))
+    assert 3 <= len(complete) < 10 and list(out.glob(".*.partial")) and not (out / "index.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in complete}
+    for p in complete:  # what a kill leaves under a final name is whole
+        assert len(list(wds.WebDataset(str(p), shardshuffle=False))) == 20
+
+    odis("shard", "--out", out, *args)  # rerun: only the missing shards
+    index = index_of(out)
+    assert index["last_run"]["shards_written"] == 10 - len(complete)
+    assert {p.name: p.stat().st_mtime_ns for p in complete} == before
+    assert not list(out.glob(".*")) and len(index["shards"]) == 10
+    odis("verify", out)
+
+    odis("shard", "--out", ref, *args)  # uninterrupted, same seed
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("created_at", "last_run")}  # noqa: E731
+    assert strip(index_of(ref)) == strip(index)
+    for p in ref.glob("*.tar"):
+        assert p.read_bytes() == (out / p.name).read_bytes()
+
+    # A rerun with other settings refuses to mix shard sets; --overwrite starts over.
+    r = odis("shard", "--out", out, *args[:-4], "--seed", "8", "--num-workers", "1", code=2)
+    assert "--overwrite" in r.output
+    odis("shard", "--out", out, *args[:-4], "--seed", "8", "--num-workers", "1", "--overwrite")
+    assert index_of(out)["settings"]["seed"] == 8 and index_of(out)["last_run"]["shards_written"] == 10
