@@ -1,0 +1,179 @@
+"""Training-step time: `--method odis` against `--method ibot` (same model, batch, views), odis's ibot step against
+the same step written the reference way (8192-way head on every token of every view), and on a GPU the SDPA
+backends for the masked attention, checked against the math backend.
+
+    python benchmarks/step.py                       # CPU size: vit_tiny/8, 64-px globals, 6 x 32-px locals, K=1024, batch 64
+    python benchmarks/step.py --preset gpu          # ViT-S/16, 2x224 + 10x96, K=8192, batch 64, bf16
+
+Appends a row to BENCHMARKS.md and prints the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from odis.distill import Distiller, Views  # noqa: E402
+from odis.losses import loss_obj, loss_patch, teacher_probs  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(arch="vit_tiny_patch16_224", patch=8, gsize=64, lsize=32, n_local=6, out_dim=1024, batch=64),
+    "gpu": dict(arch="vit_small_patch16_224", patch=16, gsize=224, lsize=96, n_local=10, out_dim=8192, batch=64),
+}
+
+
+def make_views(p: dict, device: str, seed: int = 0) -> Views:
+    g = torch.Generator().manual_seed(seed)
+    b, gh = p["batch"], p["gsize"] // p["patch"]
+    obj = torch.zeros(2, b, gh, gh, dtype=torch.bool)
+    for i in range(b):  # a random box per sample and view
+        y0, x0 = torch.randint(0, gh // 2, (2,), generator=g).tolist()
+        obj[:, i, y0:y0 + gh // 2, x0:x0 + gh // 2] = True
+    mim = torch.rand(2, b, gh, gh, generator=g) < 0.3
+    mim[:, : b // 2] = False  # half the images unmasked, as iBOT
+    v = Views(torch.randn(2 * b, 3, p["gsize"], p["gsize"], generator=g),
+              torch.randn(p["n_local"] * b, 3, p["lsize"], p["lsize"], generator=g), obj,
+              torch.ones(2, b, dtype=torch.bool), mim)
+    return Views(*(t.to(device) if t is not None else None for t in (v.globals_, v.locals_, v.obj_mask,
+                                                                   v.obj_valid, v.mim_mask)))
+
+
+def reference_ibot_loss(d: Distiller, v: Views, temp: float) -> torch.Tensor:
+    """iBOT's official way: the head on every token (CLS + all patches) of every view, globals and locals,
+    for student and teacher; the loss then reads only CLS and masked global patches."""
+    b = v.globals_.shape[0] // 2
+    mim = v.mim_mask.flatten(0, 1)
+    with torch.no_grad():
+        t_cls, t_patch = d.teacher.backbone(v.globals_)
+        t_all = d.teacher.head(torch.cat([t_cls[:, None], t_patch], 1))
+    s_cls, s_patch = d.student.backbone(v.globals_, patch_mask=mim)
+    s_all = d.student.head(torch.cat([s_cls[:, None], s_patch], 1))
+    l_cls, l_patch = d.student.backbone(v.locals_)
+    l_all = d.student.head(torch.cat([l_cls[:, None], l_patch], 1))  # patch outputs of locals: computed, unused
+    s_obj = torch.cat([s_all[:, 0], l_all[:, 0]]).reshape(-1, b, s_all.shape[-1])
+    tp = teacher_probs(t_all[:, 0], d.centers.obj, temp).reshape(2, b, -1)
+    masked = mim.flatten(1)
+    tpp = teacher_probs(t_all[:, 1:][masked], d.centers.patch, temp)
+    return loss_obj(s_obj, tp, d.student_temp) + loss_patch(s_all[:, 1:][masked], tpp, masked.reshape(2, b, -1),
+                                                           d.student_temp)
+
+
+def time_step(fn, device: str, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int) -> dict:
+    views = make_views(p, device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    results = {}
+    for name in ("ibot", "odis", "ibot-reference"):
+        torch.manual_seed(0)
+        method = "ibot" if name.startswith("ibot") else name
+        d = Distiller(method, p["arch"], p["gsize"], p["patch"], out_dim=p["out_dim"], attn_impl=attn_impl)
+        d.to(device)
+        opt = torch.optim.AdamW(d.param_groups(), lr=1e-4)
+
+        def step(d=d, opt=opt, name=name):
+            with amp:
+                loss = reference_ibot_loss(d, views, 0.04) if name == "ibot-reference" else d(views, 0.04)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        results[name] = time_step(step, device, warmup, iters)
+        del d, opt
+    return results
+
+
+def check_sdpa_backends(p: dict) -> dict:
+    """The masked forward under each SDPA backend (and the split OBJ row), compared with the math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from odis.model import OdisViT
+
+    views = make_views(p, "cuda")
+    model = OdisViT(p["arch"], p["gsize"], p["patch"]).cuda().eval()
+    x, om = views.globals_, views.obj_mask.flatten(0, 1)
+    out = {}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = model(x, obj_mask=om)[0].float()
+        cases = [("mask", b) for b in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")] + [("split", None)]
+        for impl, backend in cases:
+            model.attn_impl = impl
+            name = f"{impl}:{backend or 'default'}"
+            ctx = sdpa_kernel([getattr(SDPBackend, backend)]) if backend else torch.autocast("cuda", torch.bfloat16)
+            try:
+                with ctx:
+                    got = model(x, obj_mask=om)[0].float()
+                    sec = time_step(lambda: model(x, obj_mask=om), "cuda", 3, 10)
+                err = (got - ref).abs().max().item()
+                out[name] = {"ms": round(sec * 1e3, 3), "max_abs_err_vs_math": err, "ok": err < 5e-2}
+            except RuntimeError as e:  # a backend that refuses this mask/shape
+                out[name] = {"error": str(e).splitlines()[0][:160]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--attn-impl", default="mask", choices=["mask", "split"])
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--machine", default=None, help="machine description for BENCHMARKS.md")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = ap.parse_args()
+    preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
+    p = dict(PRESETS[preset])
+    if args.batch:
+        p["batch"] = args.batch
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    res = bench_methods(p, args.device, args.attn_impl, args.warmup, args.iters)
+    ratio_mask = res["odis"] / res["ibot"]
+    speedup = res["ibot-reference"] / res["ibot"]
+    summary = {"preset": preset, "params": p, "attn_impl": args.attn_impl, "device": args.device,
+               "step_s": {k: round(v, 4) for k, v in res.items()},
+               "odis_over_ibot": round(ratio_mask, 3), "reference_over_ours": round(speedup, 2),
+               "img_per_s_odis": round(p["batch"] / res["odis"], 1)}
+    if args.device == "cuda":
+        summary["sdpa"] = check_sdpa_backends(p)
+    print(json.dumps(summary, indent=1))
+    machine = args.machine or (torch.cuda.get_device_name() if args.device == "cuda"
+                               else f"{torch.get_num_threads()}-thread CPU ({platform.machine()})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    if not args.no_record:
+        row = (f"| {date.today()} | {machine} | `python benchmarks/step.py --preset {preset} --attn-impl "
+               f"{args.attn_impl}` | odis {res['odis']*1e3:.0f} ms vs ibot {res['ibot']*1e3:.0f} ms per step "
+               f"(ratio {ratio_mask:.3f}); reference-way ibot {res['ibot-reference']*1e3:.0f} ms "
+               f"({speedup:.2f}x slower than ours); batch {p['batch']}, {p['arch']}/{p['patch']}, "
+               f"{p['gsize']}px x2 + {p['lsize']}px x{p['n_local']}, K={p['out_dim']} |\n")
+        with open(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", "a") as f:
+            f.write(row)
+
+
+if __name__ == "__main__":
+    main()
