@@ -110,7 +110,7 @@ class MavlDetector:
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(cfg.weights, local_files_only=True)
         self.model.eval().to(cfg.device)
         self.owlv2 = self.model.config.model_type == "owlv2"  # OWLv2 pads to a square before resizing
-        text = self.processor(text=[list(MAVL_QUERIES)], return_tensors="pt")
+        text = self.processor(text=[list(MAVL_QUERIES)], padding=True, truncation=True, return_tensors="pt")
         self.text = {k: v.to(cfg.device) for k, v in text.items()}
 
     def __call__(self, images: list) -> list[tuple[np.ndarray, np.ndarray]]:

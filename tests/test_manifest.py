@@ -1,0 +1,154 @@
+"""Box manifest: ids, schema, write/read (file and parts), validation messages, merge, statistics."""
+from __future__ import annotations
+
+import unicodedata
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from odis.manifest import (SCHEMA, ManifestError, add_row, empty_columns, image_id_for, image_ids_in,
+                           make_metadata, manifest_files, manifest_metadata, merge_manifests, plot_stats,
+                           read_manifest, summary_stats, table_from_columns, validate_manifest, write_manifest)
+
+path_part = st.text(alphabet=st.characters(blacklist_characters="/\\\x00", blacklist_categories=("Cs",)),
+                    min_size=1, max_size=12).filter(lambda s: s.strip(".") != "")
+relpaths = st.lists(path_part, min_size=1, max_size=4).map("/".join)
+
+
+@given(relpaths)
+def test_image_id_is_dot_free_and_stable(rel):
+    iid = image_id_for(rel)
+    assert "." not in iid and "/" not in iid and "\\" not in iid and iid
+    assert image_id_for(rel) == iid
+
+
+@settings(max_examples=300)
+@given(relpaths, relpaths)
+def test_image_id_distinguishes_paths_that_sanitise_alike(a, b):
+    if unicodedata.normalize("NFC", a) != unicodedata.normalize("NFC", b):  # NFC-equal names are one file name
+        assert image_id_for(a) != image_id_for(b)
+
+
+def test_image_id_schemes_and_collision_cases():
+    # the classic collisions of plain replacement get different ids
+    assert len({image_id_for(p) for p in ["a/b.jpg", "a_b.jpg", "a/b_jpg", "a.b/jpg", "a/b.png"]}) == 5
+    assert image_id_for("train2017/000000000139.jpg", "coco") == "000000000139"
+    assert image_id_for("train/n01440764/n01440764_10026.JPEG", "stem") == "n01440764_10026"
+    assert image_id_for("val/ILSVRC2012_val_00000001.JPEG", "stem") == "ILSVRC2012_val_00000001"
+    assert image_id_for("dir/photo 1.jpg").startswith("dir_photo_1_jpg-")
+    with pytest.raises(ValueError, match="unknown scheme"):
+        image_id_for("a.jpg", "nope")
+
+
+def _table(n_images=3):
+    cols = empty_columns()
+    for i in range(n_images):
+        add_row(cols, f"img{i}", f"d/img{i}.jpg", 100, 50, "yolo", (10, 5, 60, 45), 0.9)
+        add_row(cols, f"img{i}", f"d/img{i}.jpg", 100, 50, "yolo", (0, 0, 100, 50), 0.4)
+    add_row(cols, "nobox", "d/nobox.jpg", 80, 80, "yolo")
+    add_row(cols, "bad", "d/bad.jpg", 0, 0, "yolo", error="d/bad.jpg: empty file (0 bytes)")
+    return table_from_columns(cols)
+
+
+def test_write_read_roundtrip_file_and_parts(tmp_path):
+    t = _table()
+    meta = make_metadata("yolo", tmp_path, "path", conf=0.25, weights_sha256="ab")
+    f = write_manifest(t, tmp_path / "m.parquet", meta)
+    back = read_manifest(f)
+    assert back.schema.equals(SCHEMA, check_metadata=False) and back.num_rows == t.num_rows
+    assert back.column("x0").null_count == 2 and back.column("category").null_count == t.num_rows
+    m = manifest_metadata(f)
+    assert m["conf"] == 0.25 and m["source"] == "yolo" and m["manifest_version"] == 1 and m["id_scheme"] == "path"
+    # a directory of parts (plus a hidden temporary file, which readers must ignore)
+    d = tmp_path / "parts.parquet"
+    write_manifest(t.slice(0, 4), d / "part-0.parquet", meta)
+    write_manifest(t.slice(4), d / "part-1.parquet", meta)
+    (d / ".part-2.parquet.tmp-1").write_bytes(b"half written")
+    assert [p.name for p in manifest_files(d)] == ["part-0.parquet", "part-1.parquet"]
+    assert read_manifest(d).to_pylist() == back.to_pylist()
+    assert image_ids_in(d) == {"img0", "img1", "img2", "nobox", "bad"}
+    assert validate_manifest(d) == []
+    assert summary_stats(back)["images"] == 5
+
+
+def test_validation_names_file_row_and_column(tmp_path):
+    cols = _table().to_pydict()
+    cols["x1"][2] = 140.0  # beyond width 100
+    cols["y0"][3] = None  # partly null box
+    cols["image_id"][4] = "img.2"  # dotted id
+    cols["score"][0] = 1.5
+    f = tmp_path / "bad.parquet"
+    pq.write_table(pa.table(cols, schema=SCHEMA), f)
+    problems = validate_manifest(f)
+    assert any(p.startswith(f"{f}: row 2: column x1:") and "width=100" in p for p in problems), problems
+    assert any(p.startswith(f"{f}: row 3: column x0:") and "partly null" in p for p in problems)
+    assert any(p.startswith(f"{f}: row 4: column image_id:") for p in problems)
+    assert any(p.startswith(f"{f}: row 0: column score:") for p in problems)
+
+
+def test_validation_of_types_and_missing_columns(tmp_path):
+    f = tmp_path / "types.parquet"
+    t = _table()
+    pq.write_table(t.set_column(2, "width", t.column("width").cast(pa.float64())), f)
+    assert any("column width: type double, expected int32" in p for p in validate_manifest(f))
+    g = tmp_path / "missing.parquet"
+    pq.write_table(t.drop(["error"]), g)
+    assert f"{g}: column error: missing" in validate_manifest(g)
+    with pytest.raises(ManifestError, match="missing column"):
+        read_manifest(g)
+    with pytest.raises(ManifestError, match="no such manifest"):
+        read_manifest(tmp_path / "absent.parquet")
+
+
+def test_validation_across_parts_finds_conflicting_paths(tmp_path):
+    meta = make_metadata("yolo", tmp_path, "path")
+    cols = empty_columns()
+    add_row(cols, "x", "a/x.jpg", 10, 10, "yolo", (0, 0, 5, 5), 0.5)
+    write_manifest(table_from_columns(cols), tmp_path / "d" / "part-0.parquet", meta)
+    cols = empty_columns()
+    add_row(cols, "x", "b/x.jpg", 10, 10, "yolo", (0, 0, 5, 5), 0.5)
+    write_manifest(table_from_columns(cols), tmp_path / "d" / "part-1.parquet", meta)
+    problems = validate_manifest(tmp_path / "d")
+    assert len(problems) == 1 and "part-1.parquet: column image_id: 'x'" in problems[0] and "part-0" in problems[0]
+
+
+def test_merge_keeps_rows_and_provenance_and_refuses_conflicts(tmp_path):
+    a = write_manifest(_table(2), tmp_path / "a.parquet", make_metadata("yolo", tmp_path, "path"))
+    cols = empty_columns()
+    add_row(cols, "other", "d/other.jpg", 10, 10, "coco-gt", (1, 1, 4, 4), 1.0, 3)
+    b = write_manifest(table_from_columns(cols), tmp_path / "b.parquet", make_metadata("coco-gt", tmp_path, "coco"))
+    m = merge_manifests([a, b], tmp_path / "m.parquet")
+    assert read_manifest(m).num_rows == read_manifest(a).num_rows + 1
+    meta = manifest_metadata(m)
+    assert meta["source"] == "merged" and [x["source"] for x in meta["inputs"]] == ["yolo", "coco-gt"]
+    assert validate_manifest(m) == []
+    cols = empty_columns()
+    add_row(cols, "img0", "elsewhere/img0.jpg", 100, 50, "yolo", (1, 1, 4, 4), 0.5)
+    c = write_manifest(table_from_columns(cols), tmp_path / "c.parquet", make_metadata("yolo", tmp_path, "path"))
+    with pytest.raises(ManifestError, match="img0"):
+        merge_manifests([a, c], tmp_path / "bad.parquet")
+
+
+def test_summary_stats_counts_and_plot(tmp_path):
+    s = summary_stats(_table(3))
+    assert (s["images"], s["boxes"], s["no_box_images"], s["error_images"]) == (5, 6, 1, 1)
+    # boxes per image over readable images: 2, 2, 2, 0
+    assert s["boxes_per_image"]["max"] == 2 and s["boxes_per_image"]["min"] == 0
+    assert s["box_area_fraction"]["max"] == pytest.approx(1.0)
+    assert s["box_area_fraction"]["min"] == pytest.approx(50 * 40 / (100 * 50))
+    assert s["score"]["min"] == pytest.approx(0.4) and s["errors_by_reason"] == {"empty file": 1}
+    png = plot_stats(_table(3), tmp_path / "s.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_from_columns_types():
+    cols = empty_columns()
+    add_row(cols, "a", "a.jpg", 4, 4, "imagenet-gt", np.array([0, 0, 2, 2]), 1.0, 7)
+    t = table_from_columns(cols)
+    assert t.schema.field("category").type == pa.int32() and t.column("category")[0].as_py() == 7
+    with pytest.raises(ManifestError, match="missing columns"):
+        table_from_columns({"image_id": ["a"]})
