@@ -254,3 +254,76 @@ def test_kill_then_rerun_equals_uninterrupted(tin_root, tmp_path):
     assert "--overwrite" in r.output
     odis("shard", "--out", out, *args[:-4], "--seed", "8", "--num-workers", "1", "--overwrite")
     assert index_of(out)["settings"]["seed"] == 8 and index_of(out)["last_run"]["shards_written"] == 10
+
+
+def test_deleted_shard_is_rewritten_alone(tin_root, tmp_path):
+    out = tmp_path / "tin"
+    args = ["shard", "--images", tin_root, "--out", out, "--max-samples", 50, "--num-workers", 1]
+    odis(*args)
+    sha = {s["name"]: s["sha256"] for s in index_of(out)["shards"]}
+    (out / "tin-000002.tar").unlink()
+    odis(*args)
+    assert index_of(out)["last_run"]["shards_written"] == 1
+    assert {s["name"]: s["sha256"] for s in index_of(out)["shards"]} == sha
+    odis(*args)  # complete: nothing to do
+    assert index_of(out)["last_run"]["shards_written"] == 0
+
+
+def test_ray_job_writes_the_same_shards(tin_root, tmp_path, ray_local):
+    from pipelines.shard import ShardSettings, run_shard
+
+    s = ShardSettings(images=str(tin_root), out=str(tmp_path / "ray" / "tin"), labels="folder", max_samples=40)
+    by_ray = run_shard(s, use_ray=True)
+    local = run_shard(ShardSettings(**{**s.__dict__, "out": str(tmp_path / "local" / "tin")}), num_workers=1)
+    assert len(by_ray["shards"]) == 5
+    assert [x["sha256"] for x in by_ray["shards"]] == [x["sha256"] for x in local["shards"]]
+
+
+def test_bad_inputs_fail_clearly(tin_root, coco_tiny, tmp_path):
+    r = odis("shard", "--images", tmp_path / "nope", "--out", tmp_path / "o", code=2)
+    assert "not a folder" in r.output
+    r = odis("shard", "--images", coco_tiny / "train2017", "--out", tmp_path / "o", "--labels", "folder", code=2)
+    assert "not in a class folder" in r.output and ".jpg" in r.output
+    r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--max-size", "lots", code=2)
+    assert "--max-size 'lots'" in r.output
+    r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--labels", "coco", code=2)
+    assert "instances_train.json not found" in r.output
+    r = odis("verify", tmp_path, code=2)
+    assert "no shard index" in r.output
+
+
+# ---- planning math (property tests) -------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from pipelines.shard import Item, estimated_bytes, parse_size, split_items, target_size  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000), max_size=60), max_samples=st.one_of(st.none(), st.integers(1, 10)),
+       max_size=st.one_of(st.none(), st.integers(1, 30000)))
+def test_split_items_keeps_order_and_limits(sizes, max_samples, max_size):
+    items = [Item(f"f{i}.jpg", f"f{i}", n) for i, n in enumerate(sizes)]
+    shards = split_items(items, max_samples, max_size)
+    assert [it for sh in shards for it in sh] == items and all(shards)
+    for sh in shards:
+        assert max_samples is None or len(sh) <= max_samples
+        assert max_size is None or len(sh) == 1 or sum(map(estimated_bytes, sh)) <= max_size
+    for a, b in zip(shards, shards[1:]):  # greedy: a shard closes only when the next item would not fit
+        full = (max_samples and len(a) == max_samples) or (
+            max_size and sum(map(estimated_bytes, a)) + estimated_bytes(b[0]) > max_size)
+        assert full
+
+
+@given(w=st.integers(1, 20000), h=st.integers(1, 20000), n=st.integers(1, 2000))
+def test_target_size_short_side(w, h, n):
+    size = target_size(w, h, n)
+    if min(w, h) <= n:
+        assert size is None
+    else:
+        assert min(size) == n and abs(size[0] / size[1] - w / h) <= 1 / n * max(w, h) / min(w, h) + 1e-9
+
+
+def test_parse_size():
+    assert parse_size("1GB") == 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1.5 MB") == 1_500_000
+    assert parse_size("0") is None and parse_size("123") == 123
