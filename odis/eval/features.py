@@ -13,7 +13,6 @@ An image without a box, or whose box the centre crop cuts away, falls back to `n
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,7 @@ BOX_SELECT = ("largest", "score", "union")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit, made explicit so a refusal names the file
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+MAX_IMAGE_PIXELS = 64_000_000  # checked from the header before decoding (odis.imageio); the refusal names the file
 
 
 # ---- the transform ------------------------------------------------------------------------------------------
@@ -129,61 +127,34 @@ def box_view(img: Image.Image, box: np.ndarray | None, mode: str, size: int = 22
 # ---- shards -------------------------------------------------------------------------------------------------
 
 def list_shard_urls(spec: str) -> list[str]:
-    """Shard files from a folder (its index.json or *.tar), a glob, a brace pattern, or a comma-separated list."""
-    try:  # the shards module owns the canonical spec rules when present
-        from odis.shards import list_shards  # type: ignore
+    """Shard files of a spec (folder, index.json, brace pattern, URL; see odis.shards.list_shards)."""
+    from odis.shards import list_shards
 
-        return [str(p) for p in list_shards(spec)]
-    except ImportError:
-        pass
-    import glob
-
-    import braceexpand
-
-    out: list[str] = []
-    for part in str(spec).split(","):
-        p = Path(part)
-        if p.is_dir():
-            index = p / "index.json"
-            if index.is_file():
-                entries = json.loads(index.read_text()).get("shards", [])
-                names = [e["name"] if isinstance(e, dict) else str(e) for e in entries]
-                out += [str(p / n) for n in names]
-            else:
-                out += sorted(str(x) for x in p.glob("*.tar"))
-        else:
-            for expanded in braceexpand.braceexpand(part):
-                out += sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
-    missing = [u for u in out if "://" not in u and not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(f"shard file(s) not found: {', '.join(missing[:3])}")
-    if not out:
-        raise FileNotFoundError(f"no shards found for {spec!r}")
-    return out
+    return list_shards(spec)
 
 
 def read_classes(spec: str) -> list[str] | None:
-    """The class list from the index.json next to the shards, if any."""
-    for part in str(spec).split(","):
-        p = Path(part)
-        index = (p if p.is_dir() else p.parent) / "index.json"
-        if index.is_file():
-            return json.loads(index.read_text()).get("classes")
+    """The class list of a shard folder's index.json, if there is one."""
+    from odis.shards import read_index
+
+    p = Path(str(spec))
+    for cand in (p, p.parent):
+        if (cand / "index.json").is_file() or cand.suffix == ".json":
+            return read_index(cand).get("classes")
     return None
 
 
 def decode_sample(sample: dict) -> tuple[str, Image.Image, dict]:
-    """(image_id, PIL image, meta json) from a raw webdataset sample; errors name the key and shard."""
+    """(image_id, RGB image, meta json) from a raw webdataset sample; errors name the key and the shard."""
+    from odis.imageio import load_image
+
     key = sample.get("__key__", "?")
     where = f"sample {key!r} in {sample.get('__url__', '?')}"
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError(f"{where}: no image (expected one of {IMAGE_EXTS}, found {sorted(sample)})")
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    img = Image.open(io.BytesIO(sample[ext]))
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{where}: image of {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS} cap")
-    img.load()
+    img = load_image(sample[ext], max_pixels=MAX_IMAGE_PIXELS, name=where)
     return str(meta.get("image_id", key)), img, meta
 
 
@@ -191,20 +162,11 @@ def decode_sample(sample: dict) -> tuple[str, Image.Image, dict]:
 
 def manifest_boxes(path: str | Path) -> dict[str, tuple[float, float, np.ndarray, np.ndarray]]:
     """image_id -> (width, height, boxes [n,4] in original pixels, scores [n]) from a box manifest."""
-    try:
-        from odis.manifest import read_manifest  # type: ignore
+    from odis.manifest import read_manifest
 
-        table = read_manifest(path)
-    except ImportError:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-    cols = table.to_pydict()
-    for c in ("image_id", "width", "height", "x0", "y0", "x1", "y1"):
-        if c not in cols:
-            raise ValueError(f"{path}: manifest has no column {c!r}")
+    cols = read_manifest(path, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score"]).to_pydict()
     rows: dict[str, list] = {}
-    scores = cols.get("score", [1.0] * len(cols["image_id"]))
+    scores = cols["score"]
     for i, iid in enumerate(cols["image_id"]):
         entry = rows.setdefault(iid, [cols["width"][i], cols["height"][i], [], []])
         b = [cols[c][i] for c in ("x0", "y0", "x1", "y1")]

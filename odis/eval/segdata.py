@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from odis.eval.features import MAX_IMAGE_PIXELS
+from odis.imageio import load_image
 
 IGNORE = 255
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -27,7 +28,8 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "tvmonitor")
 
 
-def open_image(path: Path) -> Image.Image:
+def open_label_png(path: Path) -> Image.Image:
+    """A label PNG as stored (palette / grey), refused before decoding when over the pixel cap."""
     img = Image.open(path)
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise ValueError(f"{path}: image of {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS} cap")
@@ -53,7 +55,7 @@ class SegDataset:
 
     def __getitem__(self, i: int) -> tuple[str, Image.Image, np.ndarray]:
         image_id, path = self.items[i]
-        img = open_image(path).convert("RGB")
+        img = load_image(path, max_pixels=MAX_IMAGE_PIXELS)
         mask = self.make_mask(i)
         if mask.shape != (img.height, img.width):
             raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image {img.width}x{img.height}")
@@ -96,7 +98,7 @@ def coco_semantic(ann_file: str | Path, images_dir: str | Path) -> SegDataset:
 
 def _png_labels(path: Path) -> np.ndarray:
     """Label indices of an annotation PNG (palette indices for VOC, grey levels for ADE20K)."""
-    img = open_image(path)
+    img = open_label_png(path)
     if img.mode not in ("P", "L", "I", "I;16"):
         raise ValueError(f"{path}: expected a palette or greyscale label PNG, got mode {img.mode}")
     return np.asarray(img, dtype=np.int64)

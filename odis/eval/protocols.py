@@ -1,0 +1,201 @@
+"""The evaluation protocols end to end (backbone + data -> result dict), the text tables and `--compare`.
+
+What `odis eval knn|linear|dense-nn` calls; each returns a JSON-able dict with the settings it ran with.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from odis.eval.features import (Features, ViewConfig, extract_features, load_features, manifest_boxes,
+                                read_classes, save_features, shard_loader)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _fingerprint(*parts) -> str:
+    """Cache key of a feature extraction: the inputs' names, sizes and modification times and the settings."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+        for path in str(p).split("::") if isinstance(p, (str, Path)) else ():
+            if path and os.path.exists(path):
+                st = os.stat(path)
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path: str | None, manifest: dict | None,
+                 n_last_blocks: int, batch_size: int, workers: int, device: str, cache: str | None,
+                 split: str) -> Features:
+    """Extract (or reuse from `cache`) the features of one shard set."""
+    path = None
+    if cache:
+        key = _fingerprint(str(Path(backbone).resolve()), spec, manifest_path, asdict(cfg), n_last_blocks)
+        path = Path(cache) / f"{split}-{cfg.mode}-{key}.safetensors"
+        if path.is_file():
+            return load_features(path)
+    loader = shard_loader(spec, cfg, manifest, batch_size, workers)
+    f = extract_features(model, loader, device, n_last_blocks, desc=f"{split} features ({cfg.mode})")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_features(f, path)
+    return f
+
+
+def _labelled(f: Features, split: str, spec: str) -> Features:
+    missing = int((f.labels < 0).sum())
+    if missing:
+        first = f.image_ids[int((f.labels < 0).nonzero()[0])]
+        raise ValueError(f"{spec}: {missing} {split} sample(s) have no label (e.g. {first!r}); "
+                         "k-NN and linear probes need a class label per image")
+    return f
+
+
+def _setup(backbone, arch, size, mode, box_select, boxes, device):
+    from odis.model import load_backbone
+
+    model = load_backbone(backbone, arch=arch, img_size=size)
+    size = size or model.img_size
+    cfg = ViewConfig(mode=mode, size=size, patch=model.patch_size, box_select=box_select)
+    manifest = manifest_boxes(boxes) if boxes else None
+    return model, cfg, manifest, pick_device(device)
+
+
+def _common(backbone, train, val, cfg, boxes, tr: Features, va: Features) -> dict:
+    return {"backbone": str(backbone), "train": str(train), "val": str(val), "box_mode": cfg.mode,
+            "box_select": cfg.box_select, "boxes": str(boxes) if boxes else "shards", "size": cfg.size,
+            "resize": cfg.resize or round(cfg.size * 256 / 224), "n_train": len(tr.image_ids),
+            "n_val": len(va.image_ids), "counts": {"train": tr.counts, "val": va.counts},
+            "errors": (tr.errors + va.errors)[:20]}
+
+
+def run_knn(backbone, train, val, mode="none", boxes=None, box_select="largest", size=None, ks=(10, 20, 100, 200),
+            T=0.07, arch=None, batch_size=64, workers=2, device="auto", cache=None) -> dict:
+    """DINO's weighted k-NN on the teacher's last-block OBJ/CLS token, with the given box mode."""
+    from odis.eval.knn import knn_classify, results_to_dict
+
+    model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
+    args = (model, str(backbone))
+    tr = _labelled(features_for(*args, train, cfg, boxes, manifest, 1, batch_size, workers, device, cache, "train"),
+                   "train", train)
+    va = _labelled(features_for(*args, val, cfg, boxes, manifest, 1, batch_size, workers, device, cache, "val"),
+                   "val", val)
+    classes = read_classes(train)
+    num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
+    res = knn_classify(tr.feats.to(device), tr.labels, va.feats.to(device), va.labels, ks, T, num_classes)
+    return {"protocol": "knn", **_common(backbone, train, val, cfg, boxes, tr, va), "T": T,
+            "num_classes": num_classes, "results": results_to_dict(res)}
+
+
+def run_linear(backbone, train, val, mode="none", boxes=None, box_select="largest", size=None, n_last_blocks=4,
+               lrs=None, epochs=100, probe_batch=256, shots=(), fractions=(), seeds=(0, 1, 2), full=True, arch=None,
+               batch_size=64, workers=2, device="auto", cache=None) -> dict:
+    """Linear probes (lr sweep, few-shot settings averaged over seeds) on cached frozen features."""
+    from odis.eval.linear import DEFAULT_LRS, probe_settings
+
+    lrs = tuple(lrs or DEFAULT_LRS)
+    model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
+    args = (model, str(backbone))
+    tr = _labelled(features_for(*args, train, cfg, boxes, manifest, n_last_blocks, batch_size, workers, device,
+                                cache, "train"), "train", train)
+    va = _labelled(features_for(*args, val, cfg, boxes, manifest, n_last_blocks, batch_size, workers, device,
+                                cache, "val"), "val", val)
+    classes = read_classes(train)
+    num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
+    res = probe_settings(tr.feats, tr.labels, va.feats, va.labels, num_classes, shots=shots, fractions=fractions,
+                         seeds=tuple(seeds), full=full, lrs=lrs, epochs=epochs, batch_size=probe_batch,
+                         device=device)
+    return {"protocol": "linear", **_common(backbone, train, val, cfg, boxes, tr, va),
+            "n_last_blocks": n_last_blocks, "feature_dim": int(tr.feats.shape[1]), "lrs": list(lrs),
+            "epochs": epochs, "num_classes": num_classes, "results": res}
+
+
+def run_dense(backbone, dataset, root, train_split, val_split, size=512, factors=(1, 8, 64, 128), k=30, beta=0.02,
+              max_train=None, max_val=None, arch=None, batch_size=16, device="auto", seed=0) -> dict:
+    """Hummingbird dense NN retrieval mIoU for each memory subsampling factor."""
+    from odis.eval.dense import dense_nn_eval
+    from odis.eval.segdata import open_dataset
+    from odis.model import load_backbone
+
+    model = load_backbone(backbone, arch=arch)
+    if size % model.patch_size:
+        raise ValueError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
+    tr = open_dataset(dataset, root, train_split).subset(max_train)
+    va = open_dataset(dataset, root, val_split).subset(max_val)
+    res = dense_nn_eval(model, tr, va, size, factors, k, beta, batch_size, pick_device(device), seed)
+    return {"protocol": "dense-nn", "backbone": str(backbone), "dataset": dataset, "root": str(root),
+            "train_split": train_split, "val_split": val_split, "n_train": len(tr), "n_val": len(va), "size": size,
+            "k": k, "beta": beta, "num_classes": tr.num_classes, "class_names": tr.class_names, "results": res}
+
+
+# ---- tables and comparison ----------------------------------------------------------------------------------
+
+def metrics(result: dict) -> dict[str, float]:
+    """The headline numbers of a result, by a name shared across runs of the same protocol."""
+    p = result.get("protocol")
+    if p == "knn":
+        out = {}
+        for r in result["results"]:
+            k = f"k={r['k']}" + (f" (eff. {r['k_effective']})" if r["k_effective"] != r["k"] else "")
+            out[f"{k} top-1"] = r["top1"]
+            out[f"{k} top-5"] = r["top5"]
+        return out
+    if p == "linear":
+        return {f"{r['setting']} top-1": r["top1"] for r in result["results"]}
+    if p == "dense-nn":
+        return {f"mIoU memory 1/{r['factor']} ({r['memory_size']} patches)": r["mIoU"] for r in result["results"]}
+    raise ValueError(f"not an odis eval result (protocol {p!r})")
+
+
+def _label(result: dict) -> str:
+    extra = f" [{result['box_mode']}]" if "box_mode" in result else ""
+    return Path(result.get("backbone", "?")).name + extra
+
+
+def table(result: dict, other: dict | None = None, other_name: str = "other") -> str:
+    """A fixed-width text table of a result; with `other`, the two side by side and the difference."""
+    mine = metrics(result)
+    header = ["metric", _label(result)]
+    rows = []
+    if other is None:
+        rows = [[name, f"{v:.2f}"] for name, v in mine.items()]
+    else:
+        if other.get("protocol") != result.get("protocol"):
+            raise ValueError(f"cannot compare a {result.get('protocol')} result with a {other.get('protocol')} one")
+        theirs = metrics(other)
+        header += [f"{other_name}: {_label(other)}", "diff"]
+        for name in list(mine) + [n for n in theirs if n not in mine]:
+            a, b = mine.get(name), theirs.get(name)
+            diff = f"{a - b:+.2f}" if a is not None and b is not None else ""
+            rows.append([name, "" if a is None else f"{a:.2f}", "" if b is None else f"{b:.2f}", diff])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def load_result(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable odis eval JSON ({e})") from None
+
+
+def write_result(result: dict, path: str | Path) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2, default=clean))

@@ -1,0 +1,221 @@
+"""Box-conditioned inference on real Tiny-ImageNet shards (GT boxes), and `odis eval knn|linear` end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from odis.boxes import box_to_patch_mask
+from odis.eval.features import (IMAGENET_MEAN, IMAGENET_STD, ViewConfig, box_view, eval_crop, eval_view,
+                                extract_features, select_box, shard_loader)
+
+SIZE, PATCH = 64, 8  # Tiny-ImageNet's 64-px images; Resize 73 / CenterCrop 64, an 8 x 8 patch grid
+
+
+def _tiny_boxes(root: Path, wnid: str) -> dict[str, list[float]]:
+    """Tiny-ImageNet's inclusive pixel boxes -> [x0, y0, x1, y1) in continuous pixels."""
+    out = {}
+    for line in (root / "train" / wnid / f"{wnid}_boxes.txt").read_text().splitlines():
+        name, *v = line.split()
+        x0, y0, x1, y1 = map(float, v)
+        out[name] = [x0, y0, x1 + 1, y1 + 1]
+    return out
+
+
+def _write_shards(folder: Path, samples: list[tuple[str, bytes, dict]], maxcount: int) -> None:
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    with wds.ShardWriter(str(folder / f"{folder.name}-%06d.tar"), maxcount=maxcount, verbose=0) as w:
+        for key, data, meta in samples:
+            w.write({"__key__": key, "jpg": data, "json": json.dumps(meta).encode()})
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tiny_imagenet, tmp_path_factory):
+    """3 classes: 6 training images each (two shards) and 3 held-out images each, with their GT boxes."""
+    out = tmp_path_factory.mktemp("tiny-shards")
+    wnids = sorted(p.name for p in (tiny_imagenet / "train").iterdir() if p.is_dir())[:3]
+    train, val = [], []
+    for label, wnid in enumerate(wnids):
+        boxes = _tiny_boxes(tiny_imagenet, wnid)
+        names = sorted(boxes, key=lambda n: int(n.split("_")[1].split(".")[0]))[:9]
+        for i, name in enumerate(names):
+            key = name.split(".")[0]
+            meta = {"image_id": key, "label": label, "width": 64, "height": 64, "boxes": [boxes[name]],
+                    "scores": [1.0]}
+            data = (tiny_imagenet / "train" / wnid / "images" / name).read_bytes()
+            (train if i < 6 else val).append((key, data, meta))
+    _write_shards(out / "train", train, maxcount=10)
+    _write_shards(out / "val", val, maxcount=100)
+    (out / "ids.txt").write_text("\n".join(k for k, _, _ in train + val))
+    return out
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    from odis.model import OdisViT, export_backbone
+
+    torch.manual_seed(0)
+    model = OdisViT("vit_tiny_patch16_224", img_size=SIZE, patch_size=PATCH)
+    path = tmp_path_factory.mktemp("backbone") / "backbone.safetensors"
+    export_backbone(model, path)
+    return path
+
+
+# ---- the transform carries the box ----------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(w=st.integers(40, 300), h=st.integers(40, 300), data=st.data())
+def test_box_follows_resize_and_center_crop(w, h, data):
+    x0 = data.draw(st.integers(0, w - 12))
+    y0 = data.draw(st.integers(0, h - 12))
+    x1 = data.draw(st.integers(x0 + 12, w))
+    y1 = data.draw(st.integers(y0 + 12, h))
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[y0:y1, x0:x1] = 255
+    view = np.asarray(eval_view(Image.fromarray(arr), SIZE)).mean(-1) / 255.0
+    vb = eval_crop(w, h, SIZE).apply(np.array([x0, y0, x1, y1], float))
+    if vb[2] - vb[0] < 3 or vb[3] - vb[1] < 3:
+        return  # the crop cut the box (nearly) away: nothing to compare
+    rows, cols = np.nonzero(view > 0.5)
+    # the white pixels span the carried box, up to resampling blur (about a pixel)
+    assert abs(cols.min() - vb[0]) <= 1.5 and abs(cols.max() + 1 - vb[2]) <= 1.5
+    assert abs(rows.min() - vb[1]) <= 1.5 and abs(rows.max() + 1 - vb[3]) <= 1.5
+
+
+def test_box_view_modes_and_fallbacks():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 80, 3), np.uint8))
+    box = np.array([10.0, 30.0, 50.0, 70.0])
+    none = box_view(img, None, "none", SIZE, patch=PATCH)
+    assert none.obj_mask is None and none.fallback is None
+    # no box: every mode falls back to the whole image, counted
+    for mode in ("mask", "crop", "blackout"):
+        v = box_view(img, None, mode, SIZE, patch=PATCH)
+        assert v.fallback == "no_box" and torch.equal(v.image, none.image)
+    m = box_view(img, box, "mask", SIZE, patch=PATCH)
+    assert torch.equal(m.image, none.image)
+    vb = eval_crop(80, 100, SIZE).apply(box)
+    assert torch.equal(m.obj_mask, torch.from_numpy(box_to_patch_mask(vb, SIZE, SIZE, PATCH)))
+    # blackout: outside the box the pixels are black before normalisation, i.e. -mean/std after
+    b = box_view(img, box, "blackout", SIZE, patch=PATCH)
+    black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+    keep = torch.from_numpy(box_to_patch_mask(vb, SIZE, SIZE, 1))
+    assert torch.allclose(b.image[:, ~keep], black[:, None].expand(3, int((~keep).sum())))
+    assert torch.allclose(b.image[:, keep], none.image[:, keep])
+    c = box_view(img, box, "crop", SIZE, patch=PATCH)
+    ref = img.resize((SIZE, SIZE), Image.BICUBIC, box=(10, 30, 50, 70))
+    assert torch.allclose(c.image, box_view(ref, None, "none", SIZE, resize=SIZE, patch=PATCH).image, atol=1e-6)
+    # a box in the corner that the centre crop removes: whole image, counted
+    gone = box_view(img, np.array([0.0, 0.0, 5.0, 5.0]), "mask", SIZE, patch=PATCH)
+    assert gone.fallback == "box_cropped_away" and gone.obj_mask is None
+
+
+def test_select_box():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 30, 30], [40, 40, 41, 41]], float)
+    assert select_box(boxes, np.array([0.9, 0.1, 0.5]), "largest").tolist() == [5, 5, 30, 30]
+    assert select_box(boxes, np.array([0.9, 0.1, 0.5]), "score").tolist() == [0, 0, 10, 10]
+    assert select_box(boxes, None, "union").tolist() == [0, 0, 41, 41]
+    assert select_box(np.zeros((0, 4)), None, "largest") is None
+    with pytest.raises(ValueError, match="box_select"):
+        select_box(boxes, None, "biggest")
+
+
+# ---- the four modes on real shards ------------------------------------------------------------------------------
+
+def _features(backbone, spec, mode, manifest=None):
+    from odis.model import load_backbone
+
+    model = load_backbone(backbone)
+    loader = shard_loader(str(spec), ViewConfig(mode, SIZE, None, PATCH), manifest, batch_size=8)
+    return extract_features(model, loader, progress=False)
+
+
+def test_four_box_modes_differ_and_full_box_mask_equals_none(tiny_shards, backbone):
+    feats = {m: _features(backbone, tiny_shards / "train", m) for m in ("none", "mask", "crop", "blackout")}
+    ids = feats["none"].image_ids
+    assert len(ids) == 18 and all(f.image_ids == ids for f in feats.values())
+    assert all(f.counts == {"no_box": 0, "box_cropped_away": 0, "errors": 0} for f in feats.values())
+    # the GT boxes are not all full-image: at least one image's feature changes under every other mode
+    for a in feats:
+        for b in feats:
+            if a < b:
+                diff = (feats[a].feats - feats[b].feats).norm(dim=1)
+                assert (diff > 1e-3).sum() >= 3, (a, b)
+    # a full-image box: the masked OBJ row sees every patch, so `mask` is exactly the plain CLS
+    full = {iid: (64.0, 64.0, np.array([[0, 0, 64, 64]], float), np.array([1.0])) for iid in ids}
+    masked_full = _features(backbone, tiny_shards / "train", "mask", manifest=full)
+    assert torch.allclose(masked_full.feats, feats["none"].feats, atol=1e-5)
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+
+def _odis(*args):
+    from cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_knn_json_table_compare_and_manifest(tiny_shards, backbone, tmp_path):
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+
+    base = ["eval", "knn", "--backbone", backbone, "--train", tiny_shards / "train", "--val", tiny_shards / "val",
+            "--workers", "0", "--k", "1,5,20"]
+    r = _odis(*base, "--out", tmp_path / "none.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "none.json").read_text())
+    assert res["protocol"] == "knn" and res["n_train"] == 18 and res["n_val"] == 9 and res["size"] == SIZE
+    assert [x["k_effective"] for x in res["results"]] == [1, 5, 18]
+    assert all(0 <= x["top1"] <= x["top5"] <= 100 for x in res["results"])
+    assert "k=20 (eff. 18) top-1" in r.output
+    # boxes from a manifest (full-image boxes, stored at twice the size: scaled to the stored image)
+    cols = empty_columns()
+    for iid in (tiny_shards / "ids.txt").read_text().split():
+        add_row(cols, iid, f"{iid}.JPEG", 128, 128, "tiny-imagenet-gt", box=(0, 0, 128, 128))
+    man = write_manifest(table_from_columns(cols), tmp_path / "full.parquet",
+                         make_metadata("tiny-imagenet-gt", None, "stem"))
+    r = _odis(*base, "--boxes-mode", "mask", "--boxes", man, "--out", tmp_path / "mask.json",
+              "--compare", tmp_path / "none.json")
+    assert r.exit_code == 0, r.output
+    mask = json.loads((tmp_path / "mask.json").read_text())
+    assert [x["top1"] for x in mask["results"]] == [x["top1"] for x in res["results"]]
+    assert "none.json" in r.output and "+0.00" in r.output and "[mask]" in r.output
+    # wrong input: a clear message, exit 2
+    r = _odis(*base, "--boxes-mode", "cutout")
+    assert r.exit_code == 2 and "--boxes-mode must be one of" in r.output
+
+
+def test_cli_linear_few_shot(tiny_shards, backbone, tmp_path):
+    r = _odis("eval", "linear", "--backbone", backbone, "--train", tiny_shards / "train", "--val",
+              tiny_shards / "val", "--workers", "0", "--shots", "1,2", "--seeds", "2", "--epochs", "5",
+              "--lrs", "1e-2,1e-1", "--boxes-mode", "mask", "--out", tmp_path / "lin.json", "--cache", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "lin.json").read_text())
+    assert res["feature_dim"] == 4 * 192 and res["n_last_blocks"] == 4
+    assert [x["setting"] for x in res["results"]] == ["full", "1-shot", "2-shot"]
+    assert [x["runs"][0]["n_train"] for x in res["results"]] == [18, 3, 6]
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+    # the cached features are reused: same numbers again
+    r2 = _odis("eval", "linear", "--backbone", backbone, "--train", tiny_shards / "train", "--val",
+               tiny_shards / "val", "--workers", "0", "--shots", "1,2", "--seeds", "2", "--epochs", "5",
+               "--lrs", "1e-2,1e-1", "--boxes-mode", "mask", "--out", tmp_path / "lin2.json", "--cache",
+               tmp_path / "c")
+    assert r2.exit_code == 0, r2.output
+    assert json.loads((tmp_path / "lin2.json").read_text())["results"] == res["results"]
+
+
+def test_cli_knn_unlabelled_shards_fail_clearly(tiny_imagenet, backbone, tmp_path):
+    name = "n01443537_0.JPEG"
+    data = next((tiny_imagenet / "train").glob(f"*/images/{name}")).read_bytes()
+    _write_shards(tmp_path / "nolabel", [("n01443537_0", data, {"image_id": "n01443537_0", "label": None,
+                                                                 "width": 64, "height": 64, "boxes": []})], 10)
+    r = _odis("eval", "knn", "--backbone", backbone, "--train", tmp_path / "nolabel", "--val", tmp_path / "nolabel",
+              "--workers", "0")
+    assert r.exit_code == 2 and "have no label" in r.output and "n01443537_0" in r.output
