@@ -242,6 +242,26 @@ def test_real_mnist_reads_and_pools_are_disjoint(shared):
     assert sum(len(v) for v in val.by_class) == 2000
 
 
+@pytest.fixture(scope="module")
+def mnist_val(shared) -> MnistSource:
+    return MnistSource(*load_mnist(shared / "data" / "mnist"), "val")
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=configs, target=st.integers(0, 9), index=st.integers(0, 10**6))
+def test_mnist_scene_invariants(mnist_val, cfg, target, index):
+    scene = render_scene(cfg, mnist_val, target, scene_rng(cfg.seed, "val", index))
+    assert scene.label == target and (cfg.distractors == "any" or (scene.labels[1:] != target).all())
+    for box, mask in zip(scene.boxes, scene.masks):
+        np.testing.assert_array_equal(box, tight_box(mask))
+    differs = (scene.image != scene.background).any(-1)
+    assert not (differs & ~scene.masks.any(0)).any()
+    if cfg.clutter == 0:
+        assert not (exclusive(scene.masks) & ~differs[None]).any()
+    if len(scene.labels) > 1:
+        assert box_iou(scene.boxes, scene.boxes)[~np.eye(len(scene.labels), dtype=bool)].max() <= cfg.max_iou + 1e-9
+
+
 def test_mnist_scenes_via_cli(shared, tmp_path):
     from pycocotools.coco import COCO
 
