@@ -24,6 +24,7 @@ class ModelConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = False  # iBOT ViT-S recipe
+    attn_impl: str = "mask"  # mask | split: two equal implementations of the OBJ masked attention
 
 
 @dataclass

@@ -1,0 +1,270 @@
+"""The training loop: composes the loader (trainer/data.py), the augmentation on the device and the Distiller.
+
+One process per device; under `torchrun` it joins the process group (gloo on CPU, NCCL on GPU) and only rank 0
+writes. Everything needed to continue a run lives in checkpoint.pt, and the data stream is a function of
+(seed, step), so a killed run resumed with `--resume auto` continues with the same batches and the same losses.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from odis import schedules
+from odis.distill import Distiller, Views, clip_gradients
+from odis.model import export_backbone
+from trainer.config import Config, save_config
+from trainer.metrics import MetricsLog
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group that torchrun describes in the environment (a no-op for one process)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(requested: str, d: Dist) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but no CUDA device is visible")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def build_distiller(cfg: Config) -> Distiller:
+    m, lo = cfg.model, cfg.loss
+    return Distiller(cfg.method, m.arch, cfg.data.global_size, m.patch_size, drop_path_rate=m.drop_path_rate,
+                     out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
+                     norm_last_layer=m.norm_last_layer, student_temp=lo.student_temp,
+                     center_momentum=lo.center_momentum, lambda_obj=lo.lambda_obj, lambda_patch=lo.lambda_patch,
+                     attn_impl=m.attn_impl)
+
+
+@dataclass
+class State:
+    """What the loop carries between steps besides the modules (saved in the checkpoint)."""
+
+    step: int = 0
+    bad_steps: int = 0  # non-finite losses skipped, in total
+    bad_in_a_row: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, state: State, cfg: Config) -> None:
+    """Atomic: written to a temporary file, then renamed over the old checkpoint."""
+    payload = {
+        "step": state.step, "bad_steps": state.bad_steps, "bad_in_a_row": state.bad_in_a_row,
+        "distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+        "config": _plain(cfg), "method": cfg.method,
+        # what load_backbone reads: the teacher backbone under timm names
+        "backbone_config": distiller.teacher.backbone.config(),
+        "teacher_backbone": distiller.teacher.backbone.vit.state_dict(),
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _plain(cfg: Config) -> dict:
+    from trainer.config import to_dict
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return list(x) if isinstance(x, tuple) else x
+
+    return plain(to_dict(cfg))
+
+
+def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer) -> State:
+    # weights_only=True: a checkpoint from elsewhere cannot run code on load.
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    distiller.load_state_dict(ck["distiller"])  # strict: a mismatch is an error, never silently random weights
+    opt.load_state_dict(ck["optimizer"])
+    set_rng_state(ck["rng"])
+    return State(step=ck["step"], bad_steps=ck["bad_steps"], bad_in_a_row=ck["bad_in_a_row"])
+
+
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        p = out / CHECKPOINT
+        return p if p.is_file() else None
+    p = Path(resume)
+    p = p / CHECKPOINT if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {p}")
+    return p
+
+
+def set_schedules(opt, cfg: Config, it: int, spe: int, total: int, batch_total: int) -> dict:
+    o = cfg.optim
+    lr = schedules.lr(it, spe, o.epochs, o.lr, o.min_lr, o.warmup_epochs, batch_total)
+    wd = schedules.weight_decay(it, total, o.weight_decay, o.weight_decay_end)
+    for g in opt.param_groups:
+        g["lr"] = lr
+        if g.get("apply_wd"):
+            g["weight_decay"] = wd
+    lo = cfg.loss
+    return {"lr": lr, "wd": wd,
+            "teacher_temp": schedules.teacher_temp(it, spe, lo.warmup_teacher_temp, lo.teacher_temp,
+                                                   lo.warmup_teacher_temp_epochs),
+            "momentum": schedules.teacher_momentum(it, total, o.momentum_teacher)}
+
+
+def to_views(batch: dict, device: torch.device, method: str, step: int, seed: int, rank: int) -> Views:
+    from trainer.data import augment_batch
+
+    # The photometric randomness is a function of (seed, step, rank): resuming needs no generator state.
+    gen = torch.Generator(device=device.type).manual_seed(seed * 1_000_003 + step * 1009 + rank)
+    g, loc = augment_batch(batch, device, gen)
+    obj = batch["obj_mask"].to(device, non_blocking=True) if method == "odis" else None
+    valid = batch["obj_valid"].to(device, non_blocking=True) if method == "odis" else None
+    mim = batch["mim_mask"].to(device, non_blocking=True) if method != "dino" else None
+    return Views(g, loc if loc is not None and loc.shape[0] else None, obj, valid, mim)
+
+
+def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
+    """Run (or continue) a training run into cfg.out. Returns the final metrics of rank 0."""
+    from trainer.data import make_train_loader
+
+    dd = setup_distributed(cfg.device)
+    device = pick_device(cfg.device, dd)
+    out = Path(cfg.out)
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    distiller = build_distiller(cfg).to(device)
+    opt = torch.optim.AdamW(distiller.param_groups(), lr=0.0)
+    ck = resolve_resume(resume, out)
+    state = load_checkpoint(ck, distiller, opt) if ck else State()
+    if not ck:  # a different stream of randomness (drop-path) per rank
+        torch.manual_seed(cfg.seed * 7919 + dd.rank)
+    model = distiller
+    if dd.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    loader = make_train_loader(cfg, distiller.student.backbone.patch_size, dd.rank, dd.world,
+                               start_step=state.step)
+    spe = loader.steps_per_epoch
+    total = cfg.optim.epochs * spe
+    stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    batch_total = cfg.data.batch_size * dd.world
+    log = MetricsLog(out, enabled=dd.main, start_step=state.step, total=stop, progress=progress)
+    if dd.main:
+        log.info(f"{cfg.method}: {stop - state.step} steps to go (epoch = {spe} steps of {batch_total} images), "
+                 f"device {device}, {dd.world} process(es)" + (f", resumed from {ck}" if ck else ""))
+        for line in getattr(loader, "report", lambda: [])():
+            log.info(line)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    distiller.train()
+    t_wait = t_last = time.perf_counter()
+    wait = 0.0
+    it = iter(loader)
+    while state.step < stop:
+        batch = next(it)
+        now = time.perf_counter()
+        wait += now - t_wait
+        sched = set_schedules(opt, cfg, state.step, spe, total, batch_total)
+        views = to_views(batch, device, cfg.method, state.step, cfg.seed, dd.rank)
+        with amp:
+            parts = model(views, teacher_temp=sched["teacher_temp"])
+        loss = parts["loss"]
+        if not _all_finite(loss, dd):
+            state.bad_steps += 1
+            state.bad_in_a_row += 1
+            opt.zero_grad(set_to_none=True)
+            if state.bad_in_a_row >= cfg.max_bad_steps:
+                raise FloatingPointError(
+                    f"{state.bad_in_a_row} non-finite losses in a row at step {state.step}: stopping. Lower "
+                    f"optim.lr, check the data, or resume from the last checkpoint in {out}")
+            state.step += 1
+            t_wait = time.perf_counter()
+            continue
+        state.bad_in_a_row = 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad:
+            clip_gradients(distiller.student, cfg.optim.clip_grad)
+        if state.step // spe < cfg.optim.freeze_last_layer_epochs:
+            distiller.cancel_last_layer_grads()
+        opt.step()
+        distiller.update_teacher(sched["momentum"])
+        state.step += 1
+        if state.step % cfg.log_every == 0 or state.step == stop:
+            now = time.perf_counter()
+            row = {"step": state.step, "epoch": round(state.step / spe, 4),
+                   **{k: v.detach().float() for k, v in parts.items()}, **sched}
+            row = log.reduce(row, dd)
+            n_steps = cfg.log_every if state.step % cfg.log_every == 0 else max(1, state.step % cfg.log_every)
+            row.update({"img_per_s": n_steps * batch_total / max(now - t_last, 1e-9),
+                        "data_wait": wait / max(now - t_last, 1e-9),
+                        "fallbacks": float(batch["fallbacks"].float().mean()) if "fallbacks" in batch else 0.0,
+                        "bad_steps": state.bad_steps})
+            log.write(row)
+            t_last, wait = now, 0.0
+        if dd.main and (state.step % cfg.checkpoint_every == 0 or state.step == stop):
+            save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg)
+        t_wait = time.perf_counter()
+    if dd.main:
+        export_backbone(distiller.teacher.backbone, out / "backbone.safetensors")
+        log.plot()
+        log.info(f"done: {out / 'backbone.safetensors'} (teacher backbone, timm names)")
+    final = log.last
+    log.close()
+    if dd.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def _all_finite(loss: torch.Tensor, dd: Dist) -> bool:
+    """Every rank must agree to skip a step, or DDP's gradient all-reduce would hang."""
+    ok = torch.isfinite(loss.detach()).float()
+    if dd.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0) and not math.isnan(float(loss.detach()))
