@@ -320,6 +320,51 @@ def verify_cmd(
 
 # ---- training: train ---------------------------------------------------------------------------------------
 
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    shards: str = typer.Option(None, help="Training shards: a folder with index.json, an index.json, a brace "
+                               "pattern (shards/in1k-{000000..000127}.tar) or URLs (s3/gs/http via pipe:)."),
+    boxes: str = typer.Option(None, help="Box manifest (parquet) joined by image_id; else the shards' own boxes; "
+                              "else the whole image."),
+    config: str = typer.Option(None, "--config", "-c", help="YAML recipe from configs/ (or your own)."),
+    method: str = typer.Option(None, help="odis | ibot | dino (overrides the recipe)."),
+    out: str = typer.Option(None, help="Run folder (default: the recipe's `out`)."),
+    resume: str = typer.Option(None, help="'auto' (continue from OUT/checkpoint.pt if present) or a checkpoint."),
+    max_steps: int = typer.Option(None, help="Stop after this many steps (the schedules still span the epochs)."),
+    device: str = typer.Option(None, help="auto | cpu | cuda"),
+    box_sampling: str = typer.Option(None, help="uniform | area: how one box per image is drawn each step."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Pretrain a ViT with ODIS (or the iBOT / DINO baselines, same code).
+
+    Extra arguments are dotted config overrides, e.g. `optim.epochs=10 data.batch_size=32 model.arch=vit_tiny_patch16_224`.
+    Under torchrun (`torchrun --nproc_per_node 8 -m cli train ...`) each process trains on its own device and
+    only rank 0 writes OUT: config.yaml, checkpoint.pt, backbone.safetensors, metrics.csv, tb/, plots/.
+    """
+    from trainer.config import load_config
+    from trainer.train import train as run_training
+
+    overrides = list(ctx.args)
+    for key, value in (("data.shards", shards), ("data.boxes", boxes), ("method", method), ("out", out),
+                       ("max_steps", max_steps), ("device", device), ("data.box_sampling", box_sampling)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        cfg = load_config(config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if not cfg.data.shards:
+        fail("no training data: give --shards (or data.shards in the config)")
+    try:
+        final = run_training(cfg, resume=resume, progress=not quiet)
+    except (FileNotFoundError, FloatingPointError, ValueError) as e:
+        fail(str(e))
+    if final:
+        typer.echo(f"step {final['step']}: loss {final['loss']:.4f} -> {cfg.out}")
+
+
 # ---- evaluation: eval knn | linear | dense-nn ----------------------------------------------------------------
 
 def _eval_ints(text: str, name: str) -> tuple[int, ...]:
