@@ -132,10 +132,14 @@ class ViewMaker:
     def grid(self) -> int:
         return self.global_size // self.patch_size
 
-    def min_source_side(self) -> float:
-        """Smallest crop side any view can draw, as a share of sqrt(image area): for JPEG draft decoding."""
-        lo = min(self.global_scale[0], self.local_scale[0] if self.n_local else 1.0)
-        return math.sqrt(lo / max(RATIO))
+    def max_reduction(self, width: int, height: int) -> float:
+        """The largest factor a width x height source can be shrunk by (e.g. JPEG draft decoding) while every crop
+        any view can draw still has at least one source pixel per output pixel (is shrunk, never enlarged)."""
+        area = width * height
+        r = math.sqrt(self.global_scale[0] * area / max(RATIO)) / self.global_size
+        if self.n_local:
+            r = min(r, math.sqrt(self.local_scale[0] * area / max(RATIO)) / self.local_size)
+        return r
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> dict:
         h, w = image.shape[:2]

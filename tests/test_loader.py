@@ -1,0 +1,284 @@
+"""The streaming training loader on real shards (Tiny-ImageNet subset, coco_tiny) written with plain webdataset."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+from trainer.config import Config
+from trainer.data import BoxTable, TrainStream, augment_batch, make_train_loader
+
+N_CLASSES = 4
+PER_CLASS = 30  # 120 Tiny-ImageNet images
+
+
+def write_shards(out: Path, samples: list[dict], per_shard: int, classes: list[str]) -> Path:
+    """Plain webdataset ShardWriter + an odis index.json (counts, sha256, classes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for s in samples:
+            sink.write(s)
+    shards = []
+    for p in sorted(out.glob("train-*.tar")):
+        import tarfile
+
+        with tarfile.open(p) as t:
+            count = len({m.name.split(".")[0] for m in t if m.isfile()})
+        shards.append({"name": p.name, "count": count, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                       "bytes": p.stat().st_size})
+    index = {"format": "odis-shards", "version": 1, "prefix": "train", "shards": shards,
+             "num_samples": sum(s["count"] for s in shards), "classes": classes}
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+def meta(key, label, w, h, boxes):
+    return json.dumps({"image_id": key, "label": label, "width": w, "height": h, "boxes": boxes,
+                       "scores": [1.0] * len(boxes)}).encode()
+
+
+@pytest.fixture(scope="module")
+def tin_shards(tiny_imagenet, tmp_path_factory) -> Path:
+    """120 Tiny-ImageNet images with their GT boxes (+2 bad samples: a corrupt JPEG and broken json)."""
+    root = tiny_imagenet / "train"
+    wnids = sorted(p.name for p in root.iterdir())[:N_CLASSES]
+    samples = []
+    for label, wnid in enumerate(wnids):
+        lines = (root / wnid / f"{wnid}_boxes.txt").read_text().split("\n")
+        boxes = {l.split()[0]: [float(v) for v in l.split()[1:5]] for l in lines if l.strip()}
+        for name in sorted(boxes)[:PER_CLASS]:
+            x0, y0, x1, y1 = boxes[name]
+            key = name.split(".")[0]
+            data = (root / wnid / "images" / name).read_bytes()
+            samples.append({"__key__": key, "jpg": data,
+                            "json": meta(key, label, 64, 64, [[x0, y0, min(x1 + 1, 64), min(y1 + 1, 64)]])})
+    good = samples[0]["jpg"]
+    bad = [("corrupt_jpeg", b"\xff\xd8\xff\xe0 not really a jpeg", meta("corrupt_jpeg", 0, 64, 64, [])),
+           ("truncated_jpeg", good[: len(good) // 2], meta("truncated_jpeg", 0, 64, 64, [])),
+           ("empty_image", b"", meta("empty_image", 0, 64, 64, [])),
+           ("bad_json", good, b"{not json"),
+           ("json_list", good, b"[1, 2]"),
+           ("bad_boxes", good, meta("bad_boxes", 0, 64, 64, [[1, 2, 3]])),
+           ("wrong_size", good, meta("wrong_size", 0, 64, 200, [])),
+           ("no_json", good, None)]
+    for i, (key, img, js) in enumerate(bad * 2):  # 16 bad samples among 120 good ones
+        s = {"__key__": f"{key}_{i}", "jpg": img}
+        if js is not None:
+            s["json"] = js
+        samples.insert(7 * i + 3, s)
+    return write_shards(tmp_path_factory.mktemp("tin") / "shards", samples, 25, wnids)
+
+
+@pytest.fixture(scope="module")
+def coco_shards(coco_tiny, tmp_path_factory):
+    """coco_tiny -> shards with GT boxes in the json; and a manifest covering half of them + 15 foreign ids."""
+    from pycocotools.coco import COCO
+
+    samples, rows = [], empty_columns()
+    for split in ("train2017", "val2017"):
+        coco = COCO(str(coco_tiny / "annotations" / f"instances_{split}.json"))
+        for img_id in sorted(coco.getImgIds()):
+            info = coco.loadImgs(img_id)[0]
+            f = coco_tiny / split / info["file_name"]
+            if not f.is_file():
+                continue
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False))
+            boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                     for a in anns if a["bbox"][2] > 1 and a["bbox"][3] > 1]
+            key = f"{img_id:012d}"
+            samples.append({"__key__": key, "jpg": f.read_bytes(),
+                            "json": meta(key, None, info["width"], info["height"], boxes)})
+    half = samples[::2]
+    for i, s in enumerate(half):
+        m = json.loads(s["json"])
+        if i % 5 == 0:  # listed, no box: the whole image
+            add_row(rows, m["image_id"], "x.jpg", m["width"], m["height"], "yolo", None, 0.0)
+        else:  # one centred box, at half the stored resolution (the manifest's own pixel grid)
+            w, h = m["width"] // 2, m["height"] // 2
+            add_row(rows, m["image_id"], "x.jpg", w, h, "yolo", (w / 4, h / 4, 3 * w / 4, 3 * h / 4), 0.9)
+            add_row(rows, m["image_id"], "x.jpg", w, h, "yolo", (0, 0, w / 8, h / 8), 0.5)
+    for i in range(15):
+        add_row(rows, f"elsewhere_{i}", "y.jpg", 100, 100, "yolo", (10, 10, 50, 50), 0.8)
+    add_row(rows, "unreadable_one", "z.jpg", 0, 0, "yolo", None, 0.0, error="cannot decode")
+    manifest = tmp_path_factory.mktemp("man") / "boxes.parquet"
+    write_manifest(table_from_columns(rows), manifest, make_metadata("yolo", None, "coco"))
+    shards = write_shards(tmp_path_factory.mktemp("coco") / "shards", samples, 40, [])
+    return shards, manifest, samples
+
+
+def tiny_cfg(shards, method="odis", workers=2, batch=8, **data) -> Config:
+    cfg = Config(method=method, seed=7, device="cpu")
+    d = cfg.data
+    d.shards, d.global_size, d.local_size, d.n_local = str(shards), 64, 32, 2
+    d.batch_size, d.num_workers, d.shuffle_buffer = batch, workers, 16
+    for k, v in data.items():
+        setattr(d, k, v)
+    return cfg
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def same(a, b):
+    assert a["key"] == b["key"]
+    for k in ("global", "local", "obj_mask", "obj_valid", "mim_mask", "label", "fallbacks"):
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_batch_layout(tin_shards):
+    loader = make_train_loader(tiny_cfg(tin_shards, workers=0), patch_size=8)
+    assert loader.epoch_samples == N_CLASSES * PER_CLASS + 16  # from index.json
+    assert loader.steps_per_epoch == (N_CLASSES * PER_CLASS + 16) // 8
+    b = take(loader, 1)[0]
+    B = 8
+    assert b["global"].shape == (2, B, 3, 64, 64) and b["global"].dtype == torch.uint8
+    assert b["local"].shape == (2, B, 3, 32, 32) and b["local"].dtype == torch.uint8
+    assert b["obj_mask"].shape == (2, B, 8, 8) and b["obj_mask"].dtype == torch.bool
+    assert b["mim_mask"].shape == (2, B, 8, 8) and b["mim_mask"].dtype == torch.bool
+    assert b["obj_valid"].shape == (2, B) and b["obj_valid"].dtype == torch.bool
+    assert b["label"].dtype == torch.int64 and ((b["label"] >= 0) & (b["label"] < N_CLASSES)).all()
+    assert b["fallbacks"].shape == (B,) and b["fallbacks"].dtype == torch.int64
+    assert len(b["key"]) == B and all(isinstance(k, str) for k in b["key"])
+    # every valid global view has its object on the grid; invalid ones (fallbacks) have an empty OBJ mask
+    assert (b["obj_mask"].flatten(2).any(-1) == b["obj_valid"]).all()
+    glob, loc = augment_batch(b, "cpu", torch.Generator().manual_seed(0))
+    assert glob.shape == (2 * B, 3, 64, 64) and loc.shape == (2 * B, 3, 32, 32) and glob.dtype == torch.float32
+    assert torch.isfinite(glob).all() and -3 < glob.min() < 0 < glob.max() < 3
+
+
+@pytest.mark.parametrize("method", ["ibot", "dino"])
+def test_baseline_methods(tin_shards, method):
+    b = take(make_train_loader(tiny_cfg(tin_shards, method, workers=0, n_local=0), patch_size=16), 1)[0]
+    assert b["local"].shape == (0, 8, 3, 32, 32) and b["obj_mask"].shape == (2, 8, 4, 4)
+    assert b["obj_mask"].all() and b["obj_valid"].all()
+    assert b["mim_mask"].any() if method == "ibot" else not b["mim_mask"].any()
+    glob, loc = augment_batch(b, "cpu", torch.Generator())
+    assert loc.shape == (0, 3, 32, 32)
+
+
+def test_determinism_and_exact_resume(tin_shards):
+    """Same seed -> same batches (2 workers); start_step=k gives the uninterrupted stream minus k batches, with and
+    without the saved data state, also across the bad samples in the shards; ranks see different samples."""
+    cfg = tiny_cfg(tin_shards, workers=2)
+    ref_loader = make_train_loader(cfg, 8)
+    ref = take(ref_loader, 9)
+    again = take(make_train_loader(cfg, 8), 9)
+    for a, b in zip(ref, again):
+        same(a, b)
+    k = 5
+    first = make_train_loader(cfg, 8)
+    take(first, k)
+    state = first.state_dict()
+    # bad samples were dropped before step k: only the saved state knows how many raw samples each worker used
+    assert state["raw_pos"] != [len(range(w, k, 2)) * 8 for w in range(2)]
+    resumed = make_train_loader(cfg, 8, start_step=k, state=state)
+    for a, b in zip(ref[k:], take(resumed, len(ref) - k)):
+        same(a, b)
+    # without the state the resumed stream is still deterministic and continues each worker's stream, shifted
+    # by the bad samples it cannot know about; on clean data it is exact (test_exact_resume_without_state)
+    guess = take(make_train_loader(cfg, 8, start_step=k), 2)
+    assert guess[0]["key"] != ref[k]["key"] or guess[1]["key"] != ref[k + 1]["key"]
+    other_rank = take(make_train_loader(cfg, 8, rank=1, world_size=2), 4)
+    keys0 = [k for b in ref[:4] for k in b["key"]]
+    keys1 = [k for b in other_rank for k in b["key"]]
+    assert keys0 != keys1
+    assert ref_loader.stats["samples"] == 9 * 8
+    other_seed = take(make_train_loader(_seeded(cfg, 8), 8), 1)
+    assert other_seed[0]["key"] != ref[0]["key"]
+
+
+def _seeded(cfg, seed):
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.seed = seed
+    return c
+
+
+def test_bad_samples_are_counted_not_fatal(tin_shards):
+    """Corrupt, truncated and empty images, broken or missing json, bad boxes, a wrong size: counted, no crash."""
+    loader = make_train_loader(tiny_cfg(tin_shards, workers=2, batch=16), 8)
+    for _ in take(loader, 30):
+        pass
+    assert loader.stats["bad_samples"] >= 16
+    assert loader.stats["samples"] == 30 * 16
+
+
+def test_exact_resume_without_state(coco_shards):
+    """Clean shards: start_step=k alone reproduces the tail (each batch used exactly batch_size raw samples)."""
+    cfg = tiny_cfg(coco_shards[0], workers=2, batch=4, n_local=1)
+    ref = take(make_train_loader(cfg, 16), 7)
+    for a, b in zip(ref[3:], take(make_train_loader(cfg, 16, start_step=3), 4)):
+        same(a, b)
+
+
+def test_manifest_join_partial_overlap(coco_shards):
+    shards, manifest, samples = coco_shards
+    table = BoxTable.from_manifest(manifest)
+    n_half = len(samples[::2])
+    assert len(table) == n_half + 15 + 1
+    assert table.stats["manifest_error_rows"] == 1
+    n_boxed = sum(1 for i in range(n_half) if i % 5)
+    assert table.stats["manifest_boxes"] == 2 * n_boxed + 15
+    assert table.nbytes / table.stats["manifest_boxes"] <= 100  # compact: arrays, not Python objects per image
+    # a boxed image: the manifest's box, scaled from its half-resolution grid to the stored image
+    m = json.loads(samples[::2][1]["json"])
+    b = table.lookup(m["image_id"], m["width"], m["height"])
+    sx, sy = m["width"] / (m["width"] // 2), m["height"] / (m["height"] // 2)
+    w, h = m["width"] // 2, m["height"] // 2
+    np.testing.assert_allclose(b[0], [w / 4 * sx, h / 4 * sy, 3 * w / 4 * sx, 3 * h / 4 * sy], rtol=1e-5)
+    assert table.lookup(json.loads(samples[::2][0]["json"])["image_id"], 640, 480).shape == (0, 4)  # no box
+    assert table.lookup(json.loads(samples[1]["json"])["image_id"], 640, 480) is None  # not listed: json boxes
+
+    cfg = tiny_cfg(shards, workers=2, boxes=str(manifest), global_size=96, local_size=32, n_local=1)
+    loader = make_train_loader(cfg, 16)
+    r = loader.box_report
+    assert r["shard_images"] == len(samples)
+    assert r["shard_images_with_manifest_boxes"] == n_boxed
+    assert r["shard_images_in_manifest_without_box"] == n_half - n_boxed
+    assert r["shard_images_not_in_manifest"] == len(samples) - n_half
+    assert r["manifest_ids_not_in_shards"] == 16
+    batches = take(loader, 3)
+    assert all(b["global"].shape == (2, 8, 3, 96, 96) for b in batches)
+    assert loader.stats["bad_samples"] == 0
+
+
+def test_boxes_come_from_the_manifest_first(coco_shards):
+    """Per sample: a listed id uses the manifest's boxes (scaled), an unlisted one the json's."""
+    shards, manifest, samples = coco_shards
+    from odis.views import ViewMaker
+
+    captured = []
+
+    class Spy(ViewMaker):
+        def __call__(self, image, boxes, rng):
+            captured.append((image.shape, np.array(boxes)))
+            return super().__call__(image, boxes, rng)
+
+    from trainer.data import StreamSpec
+
+    spec = StreamSpec([], Spy(global_size=64, local_size=32, n_local=0, patch_size=16), BoxTable.from_manifest(manifest),
+                      0, 0, 1, 1)
+    stream = TrainStream(spec)
+    listed, unlisted = samples[2], samples[1]
+    for s in (listed, unlisted):
+        raw = {"__key__": s["__key__"], "jpg": s["jpg"], "json": s["json"]}
+        stream.process(raw, np.random.default_rng(0))
+    (shape_l, boxes_l), (shape_u, boxes_u) = captured
+    m = json.loads(listed["json"])
+    w, h = m["width"] // 2, m["height"] // 2
+    sx, sy = shape_l[1] / w, shape_l[0] / h
+    np.testing.assert_allclose(boxes_l[0], [w / 4 * sx, h / 4 * sy, 3 * w / 4 * sx, 3 * h / 4 * sy], rtol=1e-4)
+    np.testing.assert_allclose(boxes_u, np.array(json.loads(unlisted["json"])["boxes"]).reshape(-1, 4), rtol=1e-5)

@@ -1,0 +1,460 @@
+"""Streaming training loader: webdataset shards -> boxes -> object-aware views -> uint8 batches.
+
+    make_train_loader(cfg, patch_size, rank, world_size, start_step=0, state=None) -> TrainLoader
+    augment_batch(batch, device, generator) -> (global views [2B,3,G,G], local views [L*B,3,Ls,Ls]) float, normalised
+
+Per DataLoader worker: `wds.ResampledShards` (seeded) -> tar -> shuffle buffer (seeded) -> skip (resume) -> decode
+-> boxes (manifest join, else the shard's json, else the whole image) -> `odis.views.ViewMaker`. Workers send
+uint8 crops and masks; photometric augmentation runs batched on the training device (`augment_batch`).
+
+Determinism: every random choice derives from (seed, rank, logical worker, sample number in that worker's
+stream), so the stream depends only on the seed, world size and num_workers. The DataLoader takes batches from its
+workers round-robin, so logical worker l makes batches l, l+W, l+2W, ... Resuming at step k rotates the workers
+(physical worker p plays logical worker (p + k) % W) and each logical worker skips the raw samples its first
+batches used *before decoding them*, so the batch stream from step k equals the uninterrupted stream with its
+first k batches dropped. With `state` (TrainLoader.state_dict() saved in the checkpoint) the skip is exact even
+when bad samples were dropped; without it each batch is assumed to have used exactly batch_size raw samples.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from odis.augment import GLOBAL1, GLOBAL2, LOCAL, photometric
+from odis.views import RATIO, ViewMaker
+
+log = logging.getLogger("odis.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_PIXELS = 64_000_000  # refuse larger images before decoding (decompression bombs); as odis.imageio
+MAX_WARNINGS_PER_WORKER = 20
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; the message names its key and the reason. Counted, never fatal."""
+
+
+# ---- the box join ----------------------------------------------------------------------------------------------
+
+def id_hashes(ids) -> np.ndarray:
+    """Stable 64-bit hashes of image ids (blake2b; the same in every process, unlike Python's hash())."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
+                        for s in ids), dtype=np.uint64, count=len(ids))
+
+
+@dataclass
+class BoxTable:
+    """The boxes of a manifest by image_id, in flat arrays: 16 B per box + 24 B per image (+4 B per box score).
+
+    keys: uint64 [n] sorted id hashes; offsets: int64 [n+1]; boxes: float32 [m,4] in the manifest's pixels;
+    scores: float32 [m]; sizes: int32 [n,2] the manifest's (width, height) per image. An image listed with no
+    box (detector found none, or an error row) has an empty range: it is trained with the whole image as its box.
+    """
+
+    keys: np.ndarray
+    offsets: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    sizes: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, path) -> "BoxTable":
+        table = _read_manifest(path)
+        ids = table.column("image_id").combine_chunks().dictionary_encode()
+        uniq = ids.dictionary.to_pylist()
+        row_img = ids.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        hashes = id_hashes(uniq)
+        order_img = np.argsort(hashes, kind="stable")
+        keys = hashes[order_img]
+        if len(keys) > 1 and (np.diff(keys) == 0).any():
+            i = int(np.nonzero(np.diff(keys) == 0)[0][0])
+            raise ValueError(f"{path}: image ids {uniq[order_img[i]]!r} and {uniq[order_img[i + 1]]!r} share a "
+                             "64-bit hash; rename one")
+        rank_of_img = np.empty(len(uniq), np.int64)
+        rank_of_img[order_img] = np.arange(len(uniq))
+        xyxy = np.stack([_np(table, c).astype(np.float64) for c in ("x0", "y0", "x1", "y1")], axis=1)
+        err = _np(table, "error", null=True)  # True: no error on this row
+        has = ~np.isnan(xyxy).any(axis=1) & err
+        good = has & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        sizes = np.zeros((len(uniq), 2), np.int32)
+        w, h = _np(table, "width"), _np(table, "height")
+        sizes[rank_of_img[row_img], 0] = w  # rows of one image agree on its size (manifest validation)
+        sizes[rank_of_img[row_img], 1] = h
+        rows = np.nonzero(good)[0]
+        rows = rows[np.argsort(rank_of_img[row_img[rows]], kind="stable")]
+        counts = np.bincount(rank_of_img[row_img[rows]], minlength=len(uniq))
+        offsets = np.zeros(len(uniq) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        score = _np(table, "score")
+        stats = {"manifest": str(path), "manifest_images": len(uniq), "manifest_boxes": int(len(rows)),
+                 "manifest_images_without_box": int((counts == 0).sum()),
+                 "manifest_error_rows": int((~err).sum()), "degenerate_boxes_dropped": int((has & ~good).sum())}
+        return cls(keys, offsets, xyxy[rows].astype(np.float32), np.asarray(score, np.float32)[rows], sizes, stats)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.offsets, self.boxes, self.scores, self.sizes))
+
+    def _find(self, hashes: np.ndarray) -> np.ndarray:
+        """Row of each hash in the table, -1 where absent."""
+        i = np.searchsorted(self.keys, hashes)
+        i = np.minimum(i, max(len(self.keys) - 1, 0))
+        hit = (self.keys[i] == hashes) if len(self.keys) else np.zeros(len(hashes), bool)
+        return np.where(hit, i, -1)
+
+    def lookup(self, image_id: str, width: float, height: float) -> np.ndarray | None:
+        """Boxes [K,4] float32 scaled to an image stored at width x height; None when the id is not listed."""
+        i = int(self._find(id_hashes([image_id]))[0])
+        if i < 0:
+            return None
+        b = self.boxes[self.offsets[i]:self.offsets[i + 1]].astype(np.float64)
+        mw, mh = self.sizes[i]
+        if len(b) and mw > 0 and mh > 0:
+            b = b * np.array([width / mw, height / mh, width / mw, height / mh])
+        return b
+
+    def match(self, shard_keys) -> dict:
+        """Counts of the join against the shards' keys (`shard_keys` may hold duplicates)."""
+        h = np.unique(id_hashes(list(shard_keys)))
+        row = self._find(h)
+        found = row >= 0
+        nbox = np.zeros(len(h), np.int64)
+        nbox[found] = self.offsets[row[found] + 1] - self.offsets[row[found]]
+        return {"shard_images": int(len(h)),
+                "shard_images_with_manifest_boxes": int((nbox > 0).sum()),
+                "shard_images_in_manifest_without_box": int((found & (nbox == 0)).sum()),
+                "shard_images_not_in_manifest": int((~found).sum()),
+                "manifest_ids_not_in_shards": int(len(self.keys) - found.sum())}
+
+
+def _np(table, name: str, null: bool = False) -> np.ndarray:
+    """A column as numpy (nulls -> NaN for floats); with null=True, whether each value is null."""
+    col = table.column(name).combine_chunks()
+    if null:
+        return col.is_null().to_numpy(zero_copy_only=False)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _read_manifest(path):
+    from odis.manifest import read_manifest
+
+    return read_manifest(path, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score", "error"])
+
+
+def shard_keys(urls: list[str]) -> list[str] | None:
+    """Every sample key of local shards from the tar headers alone (no member data is read); None if remote."""
+    from odis.shards import _is_remote, _local_path, _split_member
+
+    if any(_is_remote(u) for u in urls):
+        return None
+    keys = []
+    for u in urls:
+        with tarfile.open(_local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
+            keys.extend(_split_member(m.name)[0] for m in tar if m.isfile())
+    return keys
+
+
+# ---- decoding ---------------------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, name: str, max_reduction=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> (RGB uint8 HWC array, the stored (width, height)).
+
+    The pixel count is checked from the header before decoding. JPEGs much larger than any crop needs decode at
+    1/2, 1/4 or 1/8 scale (PIL draft, DCT-domain scaling) when `max_reduction(width, height)` (ViewMaker's) allows
+    it: every crop any view can draw is then still shrunk, never enlarged, so the views change only by the
+    resampling filter (DCT scaling + INTER_AREA instead of INTER_AREA alone), not in content or geometry.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise BadSample(f"{name}: empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0 or w * h > MAX_PIXELS:
+                raise BadSample(f"{name}: refused, {w}x{h} image exceeds {MAX_PIXELS} pixels or is empty")
+            if max_reduction is not None and img.format == "JPEG":
+                r = max_reduction(w, h)
+                if r >= 2:
+                    img.draft("RGB", (math.ceil(w / r), math.ceil(h / r)))
+            img = ImageOps.exif_transpose(img)  # a no-op for odis shards (stored pixels are upright)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            arr = np.asarray(img)
+    except BadSample:
+        raise
+    except UnidentifiedImageError:
+        raise BadSample(f"{name}: not an image (format not recognised)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample(f"{name}: cannot decode image ({e})") from None
+    return arr, (w, h)
+
+
+def _meta(raw: dict, key: str) -> dict:
+    try:
+        meta = json.loads(raw["json"])
+    except KeyError:
+        raise BadSample(f"{key}: no json in the sample (has {sorted(k for k in raw if not k.startswith('_'))})")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSample(f"{key}: bad json ({e})") from None
+    if not isinstance(meta, dict):
+        raise BadSample(f"{key}: json is not an object")
+    return meta
+
+
+def _json_boxes(meta: dict, key: str) -> np.ndarray:
+    boxes = meta.get("boxes") or []
+    try:
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    except (ValueError, TypeError):
+        raise BadSample(f"{key}: json 'boxes' is not a list of [x0, y0, x1, y1]") from None
+    if not np.isfinite(b).all():
+        raise BadSample(f"{key}: json 'boxes' has non-finite values")
+    return b
+
+
+# ---- the per-worker stream -------------------------------------------------------------------------------------
+
+@dataclass
+class StreamSpec:
+    urls: list[str]
+    views: ViewMaker
+    boxes: BoxTable | None
+    seed: int
+    rank: int
+    batch_size: int
+    shuffle_buffer: int
+    start_step: int = 0
+    raw_pos: list[int] | None = None  # per logical worker, from TrainLoader.state_dict()
+    draft: bool = True
+
+
+def batches_before(step: int, worker: int, num_workers: int) -> int:
+    """How many of the first `step` batches logical worker `worker` made (it makes batches w, w+W, ...)."""
+    return len(range(worker, step, num_workers))
+
+
+class TrainStream(IterableDataset):
+    """Infinite stream of per-sample view dicts for one rank (each DataLoader worker runs its own copy)."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        s = self.spec
+        info = get_worker_info()
+        phys, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        w = (phys + s.start_step) % nw  # logical worker: batch k of the run comes from logical worker k % W
+        if s.raw_pos is not None:
+            skip = int(s.raw_pos[w])
+        else:
+            skip = batches_before(s.start_step, w, nw) * s.batch_size
+        counter = {"bad": 0, "warned": 0}
+        shards = wds.ResampledShards(s.urls, seed=s.seed, worker_seed=lambda: s.rank * 100_003 + w,
+                                     deterministic=True)
+        pipe = wds.DataPipeline(
+            shards,
+            wds.tarfile_to_samples(handler=lambda e: self._count(e, counter, w)),
+            wds.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=random.Random(f"{s.seed}/{s.rank}/{w}")),
+        )
+        reduction = s.views.max_reduction if s.draft else None
+        for n, raw in enumerate(pipe):
+            if n < skip:
+                continue  # resume: these raw samples made batches before start_step; never decoded
+            rng = np.random.default_rng([s.seed, s.rank, w, n])
+            try:
+                out = self.process(raw, rng, reduction)
+            except BadSample as e:
+                self._count(e, counter, w)
+                continue
+            out["bad"] = counter["bad"]
+            counter["bad"] = 0
+            out["worker"], out["raw_end"] = w, n + 1
+            yield out
+
+    @staticmethod
+    def _count(exc: Exception, counter: dict, worker: int) -> bool:
+        counter["bad"] += 1
+        if counter["warned"] < MAX_WARNINGS_PER_WORKER:
+            counter["warned"] += 1
+            log.warning("data worker %d: skipped a bad sample: %s", worker, exc)
+        return True  # webdataset handler protocol: continue
+
+    def process(self, raw: dict, rng: np.random.Generator, reduction=None) -> dict:
+        key = raw.get("__key__", "?")
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            raise BadSample(f"{key}: no image (jpg/png/webp) in the sample (has {sorted(raw)})")
+        meta = _meta(raw, key)
+        image, (sw, sh) = decode_image(raw[ext], f"{key}.{ext}", reduction)
+        jw, jh = meta.get("width"), meta.get("height")
+        if isinstance(jw, int) and isinstance(jh, int) and jw > 0 and jh > 0:
+            if abs(jw / jh - sw / sh) > 0.02 * sw / sh:
+                raise BadSample(f"{key}: json size {jw}x{jh} does not match the image's {sw}x{sh}")
+            sw, sh = jw, jh  # boxes are in pixels of the stored image as the json describes it
+        boxes = self.spec.boxes.lookup(key, sw, sh) if self.spec.boxes is not None else None
+        if boxes is None:
+            boxes = _json_boxes(meta, key)
+        h, w = image.shape[:2]
+        if len(boxes):
+            boxes = boxes * np.array([w / sw, h / sh, w / sw, h / sh])  # to the decoded size (draft)
+            boxes = np.clip(boxes, 0, [w, h, w, h])
+            boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+        out = self.spec.views(image, boxes, rng)
+        del out["crops"]
+        label = meta.get("label")
+        out["label"] = label if isinstance(label, int) and not isinstance(label, bool) else -1
+        out["key"] = key
+        return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Per-sample dicts -> the batch layout (view-major tensors: flatten(0, 1) gives iBOT's view-major order)."""
+    def stack1(name, dtype=None):
+        a = np.stack([s[name] for s in samples], axis=1)
+        return torch.from_numpy(a if dtype is None else a.astype(dtype))
+
+    def vec(name):
+        return torch.tensor([s[name] for s in samples], dtype=torch.int64)
+
+    return {
+        "global": stack1("global"),            # uint8 [2, B, 3, G, G]
+        "local": stack1("local"),              # uint8 [n_local, B, 3, L, L]
+        "obj_mask": stack1("obj_mask"),        # bool [2, B, gh, gw]
+        "obj_valid": stack1("obj_valid"),      # bool [2, B]
+        "mim_mask": stack1("mim_mask"),        # bool [2, B, gh, gw]
+        "obj_box": stack1("obj_box"),          # float32 [2, B, 4] the box in each global view's pixels
+        "label": vec("label"),                 # int64 [B], -1 unknown
+        "fallbacks": vec("fallbacks"),         # int64 [B] object-aware crop fallbacks (0..2)
+        "bad": vec("bad"),                     # int64 [B] bad samples skipped just before each sample
+        "key": [s["key"] for s in samples],
+        "worker": samples[-1]["worker"],
+        "raw_end": samples[-1]["raw_end"],
+    }
+
+
+# ---- the loader ------------------------------------------------------------------------------------------------
+
+class TrainLoader:
+    """Iterable over batches (infinite; count steps yourself). Attributes: steps_per_epoch, epoch_samples,
+    box_report (rank 0; None elsewhere), stats (running totals: samples, bad_samples, crop_fallbacks, obj_invalid),
+    state_dict() -> the data position to store in checkpoints (pass back as `state` to resume exactly)."""
+
+    def __init__(self, loader: DataLoader, spec: StreamSpec, num_workers: int, steps_per_epoch: int,
+                 epoch_samples: int, box_report: dict | None):
+        self.loader, self.spec, self.num_workers = loader, spec, max(1, num_workers)
+        self.steps_per_epoch, self.epoch_samples, self.box_report = steps_per_epoch, epoch_samples, box_report
+        self.step = spec.start_step
+        self.raw_pos = list(spec.raw_pos) if spec.raw_pos is not None else [
+            batches_before(spec.start_step, w, self.num_workers) * spec.batch_size for w in range(self.num_workers)]
+        self.stats = {"samples": 0, "bad_samples": 0, "crop_fallbacks": 0, "obj_invalid": 0}
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            self.step += 1
+            self.raw_pos[batch["worker"]] = batch["raw_end"]
+            self.stats["samples"] += len(batch["key"])
+            self.stats["bad_samples"] += int(batch["bad"].sum())
+            self.stats["crop_fallbacks"] += int(batch["fallbacks"].sum())
+            self.stats["obj_invalid"] += int((~batch["obj_valid"]).sum())
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "num_workers": self.num_workers, "raw_pos": list(self.raw_pos),
+                "seed": self.spec.seed}
+
+
+def _epoch_samples(spec_str: str, urls: list[str], keys: list[str] | None) -> int | None:
+    from odis.shards import INDEX_NAME, _is_remote, _local_path, read_index
+
+    candidates = [spec_str] if not _is_remote(spec_str) else []
+    if urls and not _is_remote(urls[0]):
+        candidates.append(str(_local_path(urls[0]).parent / INDEX_NAME))
+    for c in candidates:
+        p = _local_path(c)
+        if (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.suffix == ".json" and p.is_file()):
+            index = read_index(p)
+            return int(index.get("num_samples") or sum(sh["count"] for sh in index["shards"]))
+    return len(set(keys)) if keys is not None else None
+
+
+def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                      state: dict | None = None, pin_memory: bool | None = None) -> TrainLoader:
+    """The training batches of `rank` (see the module docstring). `cfg` is trainer.config.Config."""
+    from odis.shards import list_shards
+
+    d = cfg.data
+    if not d.shards:
+        raise ValueError("data.shards is empty: give --shards (a folder, index.json, brace pattern or URL)")
+    urls = list_shards(d.shards)
+    if not urls:
+        raise FileNotFoundError(f"{d.shards}: no shards")
+    table = BoxTable.from_manifest(d.boxes) if d.boxes else None
+    keys = shard_keys(urls) if (rank == 0 and table is not None) or d.epoch_samples is None else None
+    report = None
+    if table is not None and rank == 0:
+        report = dict(table.stats, box_table_bytes=table.nbytes)
+        if keys is not None:
+            report.update(table.match(keys))
+        else:
+            report["shard_keys"] = "unknown (remote shards): shard/manifest overlap not counted"
+        log.info("boxes: %s", report)
+    total = d.epoch_samples or _epoch_samples(d.shards, urls, keys)
+    if not total:
+        raise ValueError(f"{d.shards}: cannot tell the number of images (no index.json); set data.epoch_samples")
+    steps = max(1, total // (d.batch_size * world_size))
+    nw = max(0, int(d.num_workers))
+    raw_pos = None
+    if state is not None:
+        if int(state.get("num_workers", -1)) != max(1, nw) or int(state.get("step", -1)) != start_step:
+            raise ValueError(f"data state is for step {state.get('step')} with {state.get('num_workers')} workers; "
+                             f"resuming at step {start_step} with {max(1, nw)} workers would change the stream")
+        raw_pos = [int(x) for x in state["raw_pos"]]
+    spec = StreamSpec(urls, ViewMaker.from_config(d, patch_size, cfg.method), table, cfg.seed, rank,
+                      d.batch_size, d.shuffle_buffer, start_step, raw_pos)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available() and cfg.device != "cpu"
+    loader = DataLoader(TrainStream(spec), batch_size=d.batch_size, collate_fn=collate, num_workers=nw,
+                        pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=False)
+    return TrainLoader(loader, spec, nw, steps, total, report)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers only stack arrays; the training process owns the cores' BLAS threads
+
+
+# ---- on the device ---------------------------------------------------------------------------------------------
+
+def augment_batch(batch: dict, device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch's crops to `device` and apply the photometric augmentation with DINO's per-view probabilities.
+
+    Returns (global [2B,3,G,G], local [n_local*B,3,Ls,Ls]) float32, ImageNet-normalised, view-major.
+    `generator` is a CPU torch.Generator (parameters are drawn on the CPU; see odis.augment).
+    """
+    g = batch["global"].to(device, non_blocking=True)
+    glob = torch.cat([photometric(g[0], GLOBAL1, generator), photometric(g[1], GLOBAL2, generator)])
+    loc = batch["local"].to(device, non_blocking=True).flatten(0, 1)
+    return glob, photometric(loc, LOCAL, generator)
