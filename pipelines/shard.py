@@ -31,10 +31,10 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from odis import __version__
-from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
+from odis.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, load_image
 from odis.manifest import image_id_for, manifest_metadata, read_manifest, sha256_of
 from odis.shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, shard_name
 
@@ -73,8 +73,7 @@ class ShardSettings:
         return d
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):  # a tuple: millions are built per run, frozen dataclasses cost 10x more
     relpath: str
     image_id: str
     size: int
@@ -102,15 +101,15 @@ def build_plan(s: ShardSettings) -> Plan:
     root = Path(s.images)
     if not root.is_dir():
         raise ShardError(f"--images {root}: not a folder")
-    relpaths, others = list_images(root)
+    relpaths, others = scan_images(s.images)
     if not relpaths:
         raise ShardError(f"--images {root}: no image files (jpg/jpeg/png/webp/bmp/tif/gif) found")
     scheme = _id_scheme(s)
     ids = _image_ids(relpaths, scheme)
     labels, classes, warnings = _labels(s, relpaths)
     boxes, inputs, box_warnings = _manifest_boxes(s, set(ids.values()))
-    items = [Item(r, ids[r], (root / r).stat().st_size, labels.get(r), *boxes.get(ids[r], ((), (), None)))
-             for r in relpaths]
+    items = [Item(r, ids[r], os.stat(os.path.join(s.images, r)).st_size, labels.get(r),
+                  *boxes.get(ids[r], ((), (), None))) for r in relpaths]
     random.Random(s.seed).shuffle(items)
     plan = Plan(s, split_items(items, s.max_samples, s.max_size), classes, scheme, inputs, others,
                 warnings + box_warnings)
@@ -118,6 +117,20 @@ def build_plan(s: ShardSettings) -> Plan:
         plan.inputs["coco_json_sha256"] = sha256_of(s.coco_json)
     plan.fingerprint = _fingerprint(plan)
     return plan
+
+
+def scan_images(root: str) -> tuple[list[str], list[str]]:
+    """odis.imageio.list_images (same extensions, hidden entries skipped, sorted POSIX relative paths, the other
+    files returned to be counted), with string paths: pathlib cost ~100 µs a file, minutes on ImageNet."""
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        prefix = "" if rel == "." else rel + "/"
+        for f in filenames:
+            if not f.startswith("."):
+                (images if f.lower().endswith(IMAGE_EXTENSIONS) else others).append(prefix + f)
+    return sorted(images), sorted(others)
 
 
 def _id_scheme(s: ShardSettings) -> str:
@@ -265,6 +278,33 @@ def _looks_complete(fmt: str, data: bytes) -> bool:
     return True
 
 
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF segment when the file has no APP1 (EXIF/XMP, which may rotate it);
+    None whenever anything is unusual, and PIL decides. 10x faster than PIL's header parser on small files."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+        elif m == 0x01 or 0xD0 <= m <= 0xD7:  # markers without a length
+            i += 2
+        elif m == 0xE1 or m in (0xD8, 0xD9, 0xDA):  # EXIF/XMP, or scan data before a frame header
+            return None
+        elif m in _SOF_MARKERS:
+            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (w, h) if w and h else None
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def _orientation(im) -> int:
     try:
         if im.format == "PNG" and "exif" not in im.info:
@@ -290,20 +330,24 @@ def prepare_image(data: bytes, name: str, s: ShardSettings) -> Prepared:
 
     if not data:
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001
-        raise ImageDecodeError(f"{name}: not an image PIL recognises ({type(e).__name__})") from None
-    w, h = im.size
+    plain = jpeg_size(data) if s.check == "header" else None
+    if plain is not None:  # a JPEG without EXIF/XMP: upright, size from its SOF segment
+        im, fmt, (w, h), orient = None, "JPEG", plain, 1
+    else:
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001
+            raise ImageDecodeError(f"{name}: not an image PIL recognises ({type(e).__name__})") from None
+        fmt, (w, h) = im.format, im.size
     if w * h > s.max_pixels:
         raise ImageDecodeError(f"{name}: refused, {w}x{h} = {w * h} pixels exceeds max_pixels={s.max_pixels} "
                                "(possible decompression bomb)")
-    if not _looks_complete(im.format, data):
-        raise ImageDecodeError(f"{name}: truncated (no {im.format} end marker)")
-    orient = _orientation(im)
+    if not _looks_complete(fmt, data):
+        raise ImageDecodeError(f"{name}: truncated (no {fmt} end marker)")
+    orient = orient if im is None else _orientation(im)
     uw, uh = (h, w) if orient in (5, 6, 7, 8) else (w, h)
     size = target_size(uw, uh, s.resize_short)
-    ext = FORMAT_EXT.get(im.format)
+    ext = FORMAT_EXT.get(fmt)
     if size is None and orient == 1 and ext is not None:
         if s.check == "decode":
             try:
@@ -344,24 +388,56 @@ def sample_meta(item: Item, p: Prepared) -> tuple[dict, str | None]:
 
 # ---- one shard -----------------------------------------------------------------------------------------------
 
-class _HashingWriter(io.RawIOBase):
+class TarWriter:
+    """A minimal deterministic tar writer (POSIX ustar, PAX headers for long or non-ASCII names) that hashes what
+    it writes. Why not tarfile.addfile: it streams every member through 16 KiB copies and rebuilds each header
+    field by field; with millions of small images that overhead dominated `odis shard` (profiled)."""
+
     def __init__(self, f):
         self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
 
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
+    def _write(self, b: bytes) -> None:
         self.sha.update(b)
+        self.f.write(b)
         self.nbytes += len(b)
-        return self.f.write(b)
+
+    def add(self, name: str, data: bytes) -> None:
+        self._write(tar_header(name, len(data)))
+        self._write(data)
+        if len(data) % 512:
+            self._write(bytes(512 - len(data) % 512))
+
+    def close(self) -> None:
+        """End-of-archive (two zero blocks), padded to tar's 10 KiB record size as GNU tar and tarfile do."""
+        end = 1024 + (-(self.nbytes + 1024) % 10240)
+        self._write(bytes(end))
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-        len(data), TAR_MTIME, 0o444, 0, 0, "", "")
-    tar.addfile(info, io.BytesIO(data))
+def _ustar_template() -> bytearray:
+    h = bytearray(512)
+    for off, field in ((100, b"0000444\0"), (108, b"0000000\0"), (116, b"0000000\0"),
+                       (136, b"%011o\0" % TAR_MTIME), (148, b" " * 8), (156, b"0"), (257, b"ustar\x0000")):
+        h[off:off + len(field)] = field
+    return h
+
+
+_USTAR = _ustar_template()
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) tarfile would write for a regular file `name` of `size` bytes (mode 0444, uid/gid 0,
+    fixed mtime), built directly for short ASCII names."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not name.isascii() or size >= 8 ** 11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+            size, TAR_MTIME, 0o444, 0, 0, "", "")
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    h = _USTAR[:]
+    h[:len(raw)] = raw
+    h[124:136] = b"%011o\0" % size
+    h[148:155] = b"%06o\0" % sum(h)  # checksum over the header with the field as spaces; byte 155 stays " "
+    return bytes(h)
 
 
 def write_shard(s: ShardSettings, index: int, items: list[Item],
@@ -371,31 +447,32 @@ def write_shard(s: ShardSettings, index: int, items: list[Item],
     partial, final = out / f".{name}.partial", out / name
     skipped, warnings, count = [], [], 0
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
-    with open(partial, "wb") as raw:
-        hw = _HashingWriter(raw)
-        with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for it in items:
-                try:
-                    data = (Path(s.images) / it.relpath).read_bytes()
-                    p = prepare_image(data, it.relpath, s)
-                except (ImageDecodeError, OSError) as e:
-                    msg = str(e)
-                    skipped.append({"path": it.relpath, "reason": msg.split(": ", 1)[-1] if msg.startswith(
-                        it.relpath) else msg})
-                    continue
-                meta, warning = sample_meta(it, p)
-                if warning:
-                    warnings.append({"path": it.relpath, "reason": warning})
-                _add(tar, f"{it.image_id}.{p.ext}", p.data)
-                _add(tar, f"{it.image_id}.json", json.dumps(meta, sort_keys=True).encode())
-                count += 1
-                if progress:
-                    progress(1, len(data))
-                if sleep:
-                    time.sleep(sleep)
+    with open(partial, "wb", buffering=1 << 20) as raw:
+        tar = TarWriter(raw)
+        for it in items:
+            try:
+                with open(os.path.join(s.images, it.relpath), "rb") as f:
+                    data = f.read()
+                p = prepare_image(data, it.relpath, s)
+            except (ImageDecodeError, OSError) as e:
+                msg = str(e)
+                skipped.append({"path": it.relpath, "reason": msg.split(": ", 1)[-1] if msg.startswith(
+                    it.relpath) else msg})
+                continue
+            meta, warning = sample_meta(it, p)
+            if warning:
+                warnings.append({"path": it.relpath, "reason": warning})
+            tar.add(f"{it.image_id}.{p.ext}", p.data)
+            tar.add(f"{it.image_id}.json", json.dumps(meta, sort_keys=True).encode())
+            count += 1
+            if progress:
+                progress(1, len(data))
+            if sleep:
+                time.sleep(sleep)
+        tar.close()
         raw.flush()
         os.fsync(raw.fileno())
-    record = {"name": name, "count": count, "sha256": hw.sha.hexdigest(), "bytes": hw.nbytes,
+    record = {"name": name, "count": count, "sha256": tar.sha.hexdigest(), "bytes": tar.nbytes,
               "skipped": skipped, "warnings": warnings}
     state = out / STATE_DIR
     rec_tmp = state / f".{name}.json.partial"

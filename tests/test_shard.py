@@ -327,3 +327,49 @@ def test_target_size_short_side(w, h, n):
 def test_parse_size():
     assert parse_size("1GB") == 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1.5 MB") == 1_500_000
     assert parse_size("0") is None and parse_size("123") == 123
+
+
+def test_check_decode_leaves_out_corrupt_pixels(tmp_path):
+    """A PNG with a damaged IDAT passes the header check (header and end marker intact) but not --check decode."""
+    import io
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("good.png", "bad.png"):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(buf, "PNG")
+        data = bytearray(buf.getvalue())
+        if name == "bad.png":
+            i = data.find(b"IDAT")
+            data[i + 100:i + 140] = bytes(b ^ 0xFF for b in data[i + 100:i + 140])
+        (root / name).write_bytes(bytes(data))
+    odis("shard", "--images", root, "--out", tmp_path / "h", "--num-workers", 1)
+    assert index_of(tmp_path / "h")["num_samples"] == 2
+    odis("shard", "--images", root, "--out", tmp_path / "d", "--num-workers", 1, "--check", "decode")
+    index = index_of(tmp_path / "d")
+    assert index["num_samples"] == 1 and [s["path"] for s in index["skipped"]] == ["bad.png"]
+    assert "cannot decode" in index["skipped"][0]["reason"]
+
+
+def test_fast_headers_match_tarfile_and_pil(coco_tiny, tiny_imagenet):
+    """The shortcuts of the writer (own tar headers, JPEG SOF parsing) agree with tarfile and PIL."""
+    import io
+    import tarfile
+
+    from pipelines.shard import TAR_MTIME, jpeg_size, tar_header
+
+    for name, n in [("a.jpg", 0), ("k" * 100, 12345), ("x-1.json", 511), ("ñandú.jpg", 3), ("k" * 101, 7)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = n, TAR_MTIME, 0o444, 0, 0, "", ""
+        assert tar_header(name, n) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    files = sorted((coco_tiny / "train2017").glob("*.jpg")) + sorted(tiny_imagenet.glob("train/n014*/images/*"))
+    fast = 0
+    for f in files:
+        data = f.read_bytes()
+        size = jpeg_size(data)
+        fast += size is not None
+        assert size is None or size == Image.open(io.BytesIO(data)).size, f
+        exif = Image.open(io.BytesIO(data)).getexif()
+        assert size is None or not exif, f"{f}: has EXIF, must go through PIL for its orientation"
+    assert fast > 0.9 * len(files)

@@ -1,0 +1,103 @@
+"""`odis shard` throughput against `tar` of the same files, in the same run; and with --resize-short 256.
+
+    python benchmarks/shard.py                      # COCO (coco_tiny, 160 x ~170 KB) and Tiny-ImageNet (10k x 2 KB)
+    python benchmarks/shard.py --repeats 5 --no-record
+
+Anchor: GNU `tar -cf` of exactly the files odis shards (same list, same output disk), followed by an fsync, since
+`odis shard` fsyncs every shard before renaming it. Both run on one core (odis: --num-workers 1), interleaved,
+best of --repeats on warm page cache. The ratio is tar time / odis time (target >= 0.8). With --resize-short 256
+every image is decoded, resized and re-encoded: images/s per core (one worker process).
+odis is called through `pipelines.shard.run_shard` (what the CLI calls; no process start-up in the timing).
+Appends a row to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from odis.imageio import list_images  # noqa: E402
+from pipelines.shard import ShardSettings, run_shard  # noqa: E402
+
+SHARED = Path(os.environ.get("ODIS_SHARED", REPO.parent / "shared"))
+DATASETS = {
+    "coco": SHARED / "data" / "coco_tiny",
+    "tiny-imagenet": SHARED / "data" / "tiny-imagenet-200-subset" / "tiny-imagenet-200" / "train",
+}
+
+
+def time_tar(root: Path, files: list[str], out: Path) -> float:
+    listing = out.parent / "files.txt"
+    listing.write_bytes(b"\0".join(f.encode() for f in files))
+    t0 = time.perf_counter()
+    subprocess.run(["tar", "-cf", str(out), "-C", str(root), "--null", "-T", str(listing)], check=True)
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t0
+
+
+def time_odis(root: Path, out: Path, **kw) -> tuple[float, dict]:
+    s = ShardSettings(images=str(root), out=str(out), max_size=10**9, **kw)
+    t0 = time.perf_counter()
+    index = run_shard(s, overwrite=True, num_workers=1)
+    return time.perf_counter() - t0, index
+
+
+def bench(name: str, root: Path, repeats: int, work: Path) -> dict:
+    files = list_images(root)[0]
+    mb = sum((root / f).stat().st_size for f in files) / 1e6
+    tar_t, odis_t = [], []
+    for _ in range(repeats):
+        tar_t.append(time_tar(root, files, work / "anchor.tar"))
+        t, index = time_odis(root, work / name)
+        odis_t.append(t)
+        assert index["num_samples"] == len(files), "benchmark files must all be readable"
+    rs_t, _ = time_odis(root, work / f"{name}-256", resize_short=256)
+    res = {"images": len(files), "MB": mb, "tar_s": min(tar_t), "odis_s": min(odis_t), "resize_s": rs_t}
+    res["ratio"] = res["tar_s"] / res["odis_s"]
+    print(f"{name}: {len(files)} images, {mb:.1f} MB | tar {len(files) / res['tar_s']:.0f} img/s "
+          f"({mb / res['tar_s']:.0f} MB/s) | odis shard {len(files) / res['odis_s']:.0f} img/s "
+          f"({mb / res['odis_s']:.0f} MB/s) | ratio {res['ratio']:.2f} (target >= 0.8) | "
+          f"--resize-short 256: {len(files) / rs_t:.0f} img/s per core")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed after)")
+    ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU ({platform.machine()})")
+    ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="odis-bench-shard-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = {name: bench(name, root, args.repeats, work) for name, root in DATASETS.items()}
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    figures = "; ".join(
+        f"{n} ({r['images']} img, {r['MB']:.0f} MB): tar {r['images'] / r['tar_s']:.0f} img/s, odis shard "
+        f"{r['images'] / r['odis_s']:.0f} img/s = **{r['ratio']:.2f}× tar**, --resize-short 256 "
+        f"{r['images'] / r['resize_s']:.0f} img/s/core" for n, r in results.items())
+    if not args.no_record:
+        row = (f"| {date.today()} | {args.machine} | `python benchmarks/shard.py --repeats {args.repeats}` "
+               f"| {figures} (1 worker vs 1 tar process, best of {args.repeats}, both fsynced) |\n")
+        with open(REPO / "BENCHMARKS.md", "a") as f:
+            f.write(row)
+        print("appended to BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
