@@ -336,6 +336,8 @@ def prepare_image(data: bytes, name: str, s: ShardSettings) -> Prepared:
     else:
         try:
             im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
         except Exception as e:  # noqa: BLE001
             raise ImageDecodeError(f"{name}: not an image PIL recognises ({type(e).__name__})") from None
         fmt, (w, h) = im.format, im.size

@@ -350,6 +350,10 @@ def test_check_decode_leaves_out_corrupt_pixels(tmp_path):
     index = index_of(tmp_path / "d")
     assert index["num_samples"] == 1 and [s["path"] for s in index["skipped"]] == ["bad.png"]
     assert "cannot decode" in index["skipped"][0]["reason"]
+    odis("shard", "--images", root, "--out", tmp_path / "cap", "--num-workers", 1, "--max-pixels", 4000)
+    index = index_of(tmp_path / "cap")  # 64x64 = 4096 pixels: over the cap, refused before decoding
+    assert index["num_samples"] == 0 and len(index["skipped"]) == 2
+    assert all("decompression bomb" in s["reason"] for s in index["skipped"])
 
 
 def test_fast_headers_match_tarfile_and_pil(coco_tiny, tiny_imagenet):
