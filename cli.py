@@ -544,6 +544,121 @@ def eval_dense_cmd(
 
 # ---- pictures: show boxes | attention | views ----------------------------------------------------------------
 
+def _show_box(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        b = [float(v) for v in text.split(",")]
+    except ValueError:
+        b = []
+    if len(b) != 4 or b[2] <= b[0] or b[3] <= b[1]:
+        fail(f"--box must be x0,y0,x1,y1 with x0 < x1 and y0 < y1 (image pixels), got {text!r}")
+    return b
+
+
+@show_app.command("boxes")
+def show_boxes_cmd(
+    manifest: Path = typer.Argument(..., help="Box manifest (.parquet or part folder)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Images root the manifest's paths are relative "
+                                          "to (default: the root recorded in the manifest)."),
+    out: Path = typer.Option(Path("boxes.png"), "--out", help="PNG to write."),
+    n: int = typer.Option(16, "--n", help="Number of images."),
+    cols: int = typer.Option(4, "--cols", help="Images per row."),
+    cell: int = typer.Option(256, "--cell", help="Cell size in pixels."),
+    min_score: float = typer.Option(0.0, "--min-score", help="Hide boxes scoring below this."),
+    ids: str = typer.Option("", "--ids", help="Comma-separated image_ids to show (default: the first N)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Draw N random images with this seed."),
+) -> None:
+    """A grid of images with their boxes and scores.
+
+    \b
+    odis show boxes manifests/coco-yolo.parquet --images data/coco/train2017 --out grid.png
+    """
+    from odis.manifest import ManifestError, manifest_metadata
+    from odis.viz import manifest_grid
+
+    try:
+        root = images or manifest_metadata(manifest).get("images_root")
+        if root is None:
+            fail(f"{manifest}: no images root recorded; pass --images")
+        pic, counts = manifest_grid(manifest, root, n, cols, cell, min_score,
+                                    [i for i in ids.split(",") if i] or None, seed)
+    except (ManifestError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pic.save(out)
+    typer.echo(f"wrote {out} ({pic.width}x{pic.height}): {counts['images']} images, {counts['boxes']} boxes"
+               + (f", {counts['unreadable']} unreadable (red cells)" if counts["unreadable"] else ""))
+
+
+@show_app.command("attention")
+def show_attention_cmd(
+    backbone: Path = typer.Option(..., "--backbone", help="Run folder, backbone.safetensors, checkpoint.pt or "
+                                  "timm ViT checkpoint (then --arch)."),
+    image: Path = typer.Option(..., "--image", help="An image file."),
+    box: Optional[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 in image pixels: the OBJ token attends only "
+                                      "inside it (as trained). Default: plain CLS over the whole image."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture for checkpoints without metadata."),
+    size: Optional[int] = typer.Option(None, "--size", help="Input size (Resize size*256/224, CenterCrop size)."),
+    out: Path = typer.Option(Path("attention.png"), "--out", help="PNG: the view, the head mean, then each head."),
+) -> None:
+    """The OBJ token's last-block attention per head (paper Fig. 10/11)."""
+    from odis.eval.attention import obj_attention_maps
+    from odis.imageio import ImageDecodeError, load_image
+    from odis.model import load_backbone
+    from odis.viz import attention_figure
+
+    b = _show_box(box)
+    try:
+        model = load_backbone(backbone, arch=arch, img_size=size)
+        view, att, vbox = obj_attention_maps(model, load_image(image), b, size)
+    except (FileNotFoundError, ValueError, ImageDecodeError) as e:
+        fail(str(e))
+    pic = attention_figure(view, att, vbox)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pic.save(out)
+    typer.echo(f"wrote {out} ({pic.width}x{pic.height}): view, mean of {att.shape[0]} heads, each head "
+               f"({att.shape[1]}x{att.shape[2]} patches)")
+
+
+@show_app.command("views")
+def show_views_cmd(
+    image: Path = typer.Option(..., "--image", help="An image file."),
+    box: Optional[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 object box in image pixels (default: the "
+                                      "whole image, as for images without boxes)."),
+    method: str = typer.Option("odis", "--method", help="odis (object-aware crops) | ibot | dino (random crops)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random crops and masks."),
+    global_size: int = typer.Option(224, "--global-size"),
+    local_size: int = typer.Option(96, "--local-size"),
+    n_local: int = typer.Option(10, "--n-local"),
+    patch: int = typer.Option(16, "--patch", help="Patch size of the object / MIM mask grids."),
+    out: Path = typer.Option(Path("views.png"), "--out", help="PNG to write."),
+) -> None:
+    """The training views of one sample: source with box and global crops; global views with the object's patches
+    (green) and MIM-masked patches (blue); the local views."""
+    import numpy as np
+
+    from odis.imageio import ImageDecodeError, load_image
+    from odis.views import ViewMaker
+    from odis.viz import views_figure
+
+    b = _show_box(box)
+    try:
+        img = np.asarray(load_image(image))
+        maker = ViewMaker(global_size=global_size, local_size=local_size, n_local=n_local, patch_size=patch,
+                          method=method)
+    except (ImageDecodeError, ValueError) as e:
+        fail(str(e))
+    boxes = np.array([b], float) if b else np.zeros((0, 4))
+    sample = maker(img, boxes, np.random.default_rng(seed))
+    shown = b if b else [0, 0, img.shape[1], img.shape[0]]
+    pic = views_figure(img, sample, shown if method == "odis" else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pic.save(out)
+    typer.echo(f"wrote {out} ({pic.width}x{pic.height}): object in view 1/2: "
+               f"{', '.join('yes' if v else 'no' for v in sample['obj_valid'])}; fallbacks {sample['fallbacks']}")
+
+
 # ---- synthetic data and the demo: synth, demo ----------------------------------------------------------------
 
 def _parse_range(text: str, cast, name: str) -> tuple:

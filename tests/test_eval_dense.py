@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +66,69 @@ def test_miou_counts():
     m, ious = miou(confusion(p, t, 3))
     assert ious[0] == 0.5 and abs(ious[1] - 2 / 3) < 1e-9 and ious[2] is None
     assert abs(m - (0.5 + 2 / 3) / 2) < 1e-9
+
+
+def test_cli_dense_nn_on_coco_tiny(coco_tiny, tmp_path):
+    """The whole command on real COCO images and masks, with a small random ViT (numbers are not the point)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+    from odis.model import OdisViT, export_backbone
+
+    torch.manual_seed(0)
+    export_backbone(OdisViT("vit_tiny_patch16_224", img_size=64), tmp_path / "b.safetensors")
+    args = ["eval", "dense-nn", "--backbone", str(tmp_path / "b.safetensors"), "--dataset", "coco", "--root",
+            str(coco_tiny), "--size", "64", "--max-train", "12", "--max-val", "4", "--factors", "1,8",
+            "--out", str(tmp_path / "d.json")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["n_train"] == 12 and res["n_val"] == 4 and res["num_classes"] == 81
+    assert [x["factor"] for x in res["results"]] == [1, 8]
+    assert res["results"][0]["memory_size"] <= 12 * 16 and res["results"][1]["memory_size"] <= 12 * 2
+    assert all(0 <= x["mIoU"] <= 100 for x in res["results"]) and "mIoU memory 1/8" in r.output
+    r = CliRunner().invoke(app, args[:-2] + ["--size", "60"])
+    assert r.exit_code == 2 and "not a multiple of the patch size" in r.output
+
+
+def test_voc_and_ade20k_folder_loaders(coco_tiny, tmp_path):
+    """Both layouts, written here from a real COCO image and its semantic mask."""
+    import shutil
+
+    from PIL import Image
+
+    from odis.eval.segdata import ade20k_semantic, open_dataset, voc_semantic
+
+    coco = coco_semantic(coco_tiny / "annotations" / "instances_val2017.json", coco_tiny / "val2017")
+    image_id, img, mask = coco[0]
+    labels = np.where(mask == IGNORE, IGNORE, mask % 21).astype(np.uint8)
+    voc = tmp_path / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    shutil.copy(coco.items[0][1], voc / "JPEGImages" / "2007_000001.jpg")
+    png = Image.fromarray(labels, mode="P")
+    png.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])  # colours are not labels
+    png.save(voc / "SegmentationClass" / "2007_000001.png")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000001\n")
+    ds = voc_semantic(voc, "val")
+    assert len(ds) == 1 and ds.num_classes == 21
+    _, vimg, vmask = ds[0]
+    assert vimg.size == img.size and np.array_equal(vmask, labels)
+
+    ade = tmp_path / "ADEChallengeData2016"
+    (ade / "images" / "validation").mkdir(parents=True)
+    (ade / "annotations" / "validation").mkdir(parents=True)
+    shutil.copy(coco.items[0][1], ade / "images" / "validation" / "ADE_val_00000001.jpg")
+    grey = np.where(mask == IGNORE, 0, mask % 151).astype(np.uint8)
+    Image.fromarray(grey, mode="L").save(ade / "annotations" / "validation" / "ADE_val_00000001.png")
+    ds = open_dataset("ade20k", ade, "validation")
+    _, _, amask = ds[0]
+    assert ds.num_classes == 150
+    assert np.array_equal(amask, np.where(grey == 0, IGNORE, grey.astype(np.int64) - 1))
+    (ade / "annotations" / "validation" / "ADE_val_00000001.png").unlink()
+    with pytest.raises(FileNotFoundError, match="annotation PNGs missing"):
+        ade20k_semantic(ade, "validation")
+    with pytest.raises(FileNotFoundError, match="split file not found"):
+        voc_semantic(voc, "train")

@@ -1,0 +1,118 @@
+"""`odis show boxes|attention|views`: PNGs of the expected size whose pixels show what they should."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from odis.boxes import box_to_patch_mask
+from odis.eval.features import eval_crop
+from odis.viz import BOX_COLOR, CROP_COLORS, attention_figure, colormap, fit
+
+COCO_IMG = "000000010764.jpg"  # 640 x 424, a baseball catcher
+
+
+def _odis(*args):
+    from cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def coco_manifest(coco_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("manifest") / "coco-val.parquet"
+    r = _odis("import-boxes", "--format", "coco", "--images", coco_tiny / "val2017", "--annotations",
+              coco_tiny / "annotations" / "instances_val2017.json", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_show_boxes_grid(coco_manifest, coco_tiny, tmp_path):
+    from odis.manifest import read_manifest
+
+    out = tmp_path / "grid.png"
+    r = _odis("show", "boxes", coco_manifest, "--images", coco_tiny / "val2017", "--out", out, "--n", "6",
+              "--cols", "3", "--cell", "200")
+    assert r.exit_code == 0, r.output
+    pic = np.asarray(Image.open(out).convert("RGB"))
+    assert pic.shape == (400, 600, 3)
+    # the largest box of the first image: the middle of its left edge is drawn in the box colour
+    df = read_manifest(coco_manifest).to_pandas()
+    first = sorted(df["image_id"].unique())[0]
+    rows = df[df["image_id"] == first].dropna(subset=["x0"])
+    b = rows.loc[((rows.x1 - rows.x0) * (rows.y1 - rows.y0)).idxmax()]
+    img = Image.open(coco_tiny / "val2017" / b["path"])
+    _, s, ox, oy = fit(img, 200)
+    x, y = int(b.x0 * s + ox), int((b.y0 + b.y1) / 2 * s + oy)
+    near = pic[y, max(0, x - 2):x + 3]  # the 2-px line, whatever the rounding
+    assert any(tuple(p) == BOX_COLOR for p in near), near
+    assert "6 images" in r.output
+
+
+def test_show_boxes_unreadable_image_is_a_red_cell(coco_manifest, tmp_path):
+    out = tmp_path / "grid.png"
+    r = _odis("show", "boxes", coco_manifest, "--images", tmp_path / "nowhere", "--out", out, "--n", "2",
+              "--cols", "2", "--cell", "100")
+    assert r.exit_code == 0, r.output
+    assert "2 unreadable" in r.output
+    pic = np.asarray(Image.open(out).convert("RGB"))
+    assert pic.shape == (100, 200, 3) and tuple(pic[90, 50]) == (60, 0, 0)
+
+
+def test_attention_figure_puts_heat_where_the_attention_is():
+    att = np.zeros((2, 4, 4))
+    att[0, 1, 2] = 1.0   # head 0: one patch
+    att[1, :, 0] = 0.25  # head 1: the first column
+    view = Image.new("RGB", (64, 64), (128, 128, 128))
+    pic = np.asarray(attention_figure(view, att))
+    assert pic.shape == (64, 4 * 64, 3)
+    hot, cold = tuple(colormap(np.array(1.0))), tuple(colormap(np.array(0.0)))
+    head0 = pic[:, 2 * 64:3 * 64]
+    assert tuple(head0[16 + 8, 32 + 8]) == hot and tuple(head0[8, 8]) == cold
+    head1 = pic[:, 3 * 64:]
+    assert tuple(head1[60, 4]) == hot and tuple(head1[60, 60]) == cold
+
+
+def test_show_attention_masked_to_the_box(coco_tiny, tmp_path):
+    from odis.model import OdisViT, export_backbone
+
+    torch.manual_seed(0)
+    export_backbone(OdisViT("vit_tiny_patch16_224", img_size=112), tmp_path / "b.safetensors")
+    box = (280.0, 150.0, 440.0, 400.0)
+    out = tmp_path / "att.png"
+    r = _odis("show", "attention", "--backbone", tmp_path / "b.safetensors", "--image", coco_tiny / "val2017" /
+              COCO_IMG, "--box", ",".join(map(str, box)), "--out", out)
+    assert r.exit_code == 0, r.output
+    pic = np.asarray(Image.open(out).convert("RGB"))
+    heads = 3
+    assert pic.shape == (112, (heads + 2) * 112, 3)
+    inside = box_to_patch_mask(eval_crop(640, 424, 112).apply(np.array(box)), 112, 112, 16)
+    cold = tuple(colormap(np.array(0.0)))
+    for h in range(heads + 1):  # the mean, then each head
+        panel = pic[:, (h + 1) * 112:(h + 2) * 112]
+        centres = panel[8::16, 8::16]  # one pixel per patch
+        assert all(tuple(c) == cold for c in centres[~inside])        # OBJ sees nothing outside its box
+        assert sum(tuple(c) != cold for c in centres[inside]) >= inside.sum() // 2
+    # the first panel is the view with the box drawn
+    assert (np.abs(pic[:, :112].astype(int) - BOX_COLOR).sum(-1) == 0).sum() > 50
+    r = _odis("show", "attention", "--backbone", tmp_path / "b.safetensors", "--image", coco_tiny / "val2017" /
+              COCO_IMG, "--box", "5,5,1,1", "--out", out)
+    assert r.exit_code == 2 and "--box must be" in r.output
+
+
+def test_show_views(coco_tiny, tmp_path):
+    out = tmp_path / "views.png"
+    r = _odis("show", "views", "--image", coco_tiny / "val2017" / COCO_IMG, "--box", "280,150,440,400",
+              "--out", out, "--global-size", "128", "--local-size", "64", "--n-local", "4", "--patch", "16")
+    assert r.exit_code == 0, r.output
+    pic = np.asarray(Image.open(out).convert("RGB"))
+    assert pic.shape == (256 + 128, 3 * 256, 3)
+    src = pic[:256, :256].reshape(-1, 3)
+    for color in (BOX_COLOR, *CROP_COLORS):  # the object box and both global crops are drawn on the source
+        assert (np.abs(src.astype(int) - color).sum(-1) == 0).sum() > 20, color
+    # the object's patches are tinted green in the global views (object in both views: "yes, yes")
+    assert "yes, yes" in r.output
+    g = pic[:256, 256:768].astype(int)
+    assert ((g[..., 1] - g[..., 0] > 60) & (g[..., 1] - g[..., 2] > 60)).sum() > 500
