@@ -263,8 +263,8 @@ def shard_cmd(
 
     def progress(n, nbytes):
         t0[1] += nbytes
-        bar.update(n)
         bar.set_postfix_str(f"{t0[1] / 1e6 / max(_time.perf_counter() - t0[0], 1e-9):.1f} MB/s", refresh=False)
+        bar.update(n)
 
     try:
         settings = ShardSettings(

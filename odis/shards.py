@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "odis-shards"
@@ -34,21 +34,22 @@ META_KEYS = ("image_id", "label", "width", "height", "boxes", "scores")
 # Tolerance (pixels) for boxes touching the image border after float scaling.
 BOX_EPS = 1e-6
 
-Spec = "str | os.PathLike | Sequence[str | os.PathLike]"
-
-
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def _is_remote(s: str) -> bool:
+def is_remote(s: str) -> bool:
     """True for URLs webdataset opens with a helper (pipe:, https:, gs:, …); a bare path or file: is local."""
     m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", s)
     return bool(m) and m.group(1).lower() != "file" and len(m.group(1)) > 1  # "C:" is a drive, not a scheme
 
 
-def _local_path(s: str) -> Path:
+def local_path(s: str) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s[len("file:"):] if s.startswith("file:") else s)
+
+
+# Private names the trainer imported before these were public.
+_is_remote, _local_path = is_remote, local_path
 
 
 # ---- the reader API ----------------------------------------------------------------------------------------
@@ -69,12 +70,12 @@ def list_shards(spec) -> list[str]:
     s = os.fspath(spec)
     if "::" in s:
         return [u for part in s.split("::") if part for u in list_shards(part)]
-    if _is_remote(s):
+    if is_remote(s):
         if s.endswith(".json") and s.startswith(("http://", "https://")):
             index = _load_index_json(_fetch_url(s), s)
             return [urllib.parse.urljoin(s, sh["name"]) for sh in index["shards"]]
         return _braceexpand(s)
-    p = _local_path(s)
+    p = local_path(s)
     if p.is_dir():
         if (p / INDEX_NAME).is_file():
             return [str(p / sh["name"]) for sh in read_index(p)["shards"]]
@@ -109,7 +110,7 @@ def read_index(folder_or_index) -> dict:
     labels, source {images_root, manifest, manifest_sha256, coco_json}, settings, skipped [{path, reason}],
     warnings [{path, reason}], fingerprint, created_at, odis_version.
     """
-    p = _local_path(os.fspath(folder_or_index))
+    p = local_path(os.fspath(folder_or_index))
     if p.is_dir():
         p = p / INDEX_NAME
     if not p.is_file():
@@ -157,11 +158,11 @@ def iter_samples(spec) -> Iterator[Sample]:
 
 
 def _open_shard(url: str):
-    if _is_remote(url):
+    if is_remote(url):
         import webdataset as wds
 
         return wds.gopen(url, "rb")
-    return open(_local_path(url), "rb")
+    return open(local_path(url), "rb")
 
 
 class _HashingReader(io.RawIOBase):
@@ -186,11 +187,14 @@ class _HashingReader(io.RawIOBase):
             pass
 
 
-def _split_member(name: str) -> tuple[str, str]:
+def split_member(name: str) -> tuple[str, str]:
     """(key, extension) the way webdataset splits a member name: key up to the first dot of the base name."""
     d, _, base = name.rpartition("/")
     key, dot, ext = base.partition(".")
     return (f"{d}/{key}" if d else key), ext if dot else ""
+
+
+_split_member = split_member
 
 
 def _iter_tar_samples(url: str, reader: _HashingReader | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -204,7 +208,7 @@ def _iter_tar_samples(url: str, reader: _HashingReader | None = None) -> Iterato
             for m in tar:
                 if not m.isfile():
                     continue
-                k, ext = _split_member(m.name)
+                k, ext = split_member(m.name)
                 data = tar.extractfile(m).read()
                 if k != key or ext in files:
                     if key is not None:
@@ -276,7 +280,7 @@ def verify_shards(folder_or_index, decode: bool = False, max_pixels: int = 178_9
     Never raises for a bad shard set: every finding is a `Problem` in the report. `progress(samples, bytes)`
     is called after each shard."""
     index = read_index(folder_or_index)
-    p = _local_path(os.fspath(folder_or_index))
+    p = local_path(os.fspath(folder_or_index))
     folder = p if p.is_dir() else p.parent
     report = VerifyReport(str(folder), shards_listed=len(index["shards"]))
     n_classes = len(index["classes"]) if index.get("classes") else None
