@@ -1,0 +1,329 @@
+"""extract-boxes: real Ray, real ultralytics (int8 OpenVINO yolov8n @320), a tiny random OWL-ViT for the MAVL code
+path, OpenCV selective search; the bad-input corpus; resume after a kill; safe image loading."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from odis.boxes import box_iou
+from odis.imageio import ImageDecodeError, image_size, load_image
+from odis.importers import import_coco
+from odis.manifest import image_id_for, manifest_metadata, read_manifest, validate_manifest
+from pipelines.extract_boxes import staging_dir
+
+runner = CliRunner()
+ODIS = [sys.executable, "-c", "from cli import app; app()"]
+
+
+def _cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+def _link_images(src: Path, dst: Path, n: int) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.jpg"))[:n]:
+        (dst / f.name).symlink_to(f)
+    return dst
+
+
+# ---- the bad-input corpus ------------------------------------------------------------------------------------
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height grey pixels, with a tiny (wrong) payload."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def make_bad_corpus(root: Path, good: Path) -> dict[str, object]:
+    """Every case of the issue; value = expected (width, height) after EXIF, or 'error'."""
+    root.mkdir(parents=True, exist_ok=True)
+    jpg = good.read_bytes()
+    w, h = Image.open(good).size
+    expect: dict[str, object] = {}
+
+    def save(name, img, fmt, **kw):
+        img.save(root / name, fmt, **kw)
+        expect[name] = img.size
+
+    (root / "good.jpg").write_bytes(jpg)
+    expect["good.jpg"] = (w, h)
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (root / "not_an_image.jpg").write_text("this is a text file with a .jpg name\n")
+    (root / "bomb.png").write_bytes(_png_bomb(30000, 30000))
+    expect.update({k: "error" for k in ("zero.jpg", "truncated.jpg", "not_an_image.jpg", "bomb.png")})
+    rgb = Image.open(good).convert("RGB").resize((160, 120))
+    save("cmyk.jpg", rgb.convert("CMYK"), "JPEG")
+    save("sixteen_bit.png", Image.fromarray((np.arange(120 * 160).reshape(120, 160) * 3).astype(np.uint16)), "PNG")
+    save("alpha.png", rgb.convert("RGBA"), "PNG")
+    save("gray.jpg", rgb.convert("L"), "JPEG")
+    save("one_pixel.png", Image.new("RGB", (1, 1), (200, 10, 10)), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    rgb.save(root / "rotated.jpg", "JPEG", exif=exif.tobytes())
+    expect["rotated.jpg"] = (120, 160)  # displayed size: width and height swapped
+    (root / "sub").mkdir()
+    save("sub/palette_transparent.png", rgb.convert("P"), "PNG", transparency=0)
+    (root / "README.txt").write_text("not an image extension: listed, counted, not processed")
+    return expect
+
+
+def test_load_image_on_the_bad_corpus(tmp_path, coco_tiny):
+    expect = make_bad_corpus(tmp_path / "bad", sorted((coco_tiny / "val2017").glob("*.jpg"))[0])
+    for name, want in expect.items():
+        p = tmp_path / "bad" / name
+        if want == "error":
+            with pytest.raises(ImageDecodeError, match=name.replace(".", r"\.")):
+                load_image(p, name=name)
+            continue
+        im = load_image(p)
+        assert im.mode == "RGB" and im.size == want, name
+        assert image_size(p) == want, name
+        assert load_image(p.read_bytes()).size == want
+    assert "decompression bomb" in str(pytest.raises(ImageDecodeError, load_image, tmp_path / "bad" / "bomb.png").value)
+    assert "empty file" in str(pytest.raises(ImageDecodeError, load_image, tmp_path / "bad" / "zero.jpg").value)
+    # 16-bit grey is rescaled, not clipped to white
+    assert np.asarray(load_image(tmp_path / "bad" / "sixteen_bit.png")).max() < 255
+    # EXIF orientation is applied to the pixels, not only to the size
+    rotated = np.asarray(load_image(tmp_path / "bad" / "rotated.jpg")).astype(int)
+    upright = np.asarray(Image.open(tmp_path / "bad" / "cmyk.jpg").convert("RGB").rotate(-90, expand=True)).astype(int)
+    assert rotated.shape == upright.shape and np.abs(rotated - upright).mean() < 20
+
+
+def test_bad_input_every_file_accounted_for(ray_local, yolo320, coco_tiny, tmp_path):
+    expect = make_bad_corpus(tmp_path / "bad", sorted((coco_tiny / "val2017").glob("*.jpg"))[0])
+    out = tmp_path / "bad.parquet"
+    res = _cli("extract-boxes", "--detector", "yolo", "--weights", yolo320, "--imgsz", 320, "--images",
+               tmp_path / "bad", "--out", out, "--batch-size", 4, "--quiet")
+    t = read_manifest(out).to_pandas()
+    assert set(t.path) == set(expect) and t.image_id.nunique() == len(expect)
+    for name, want in expect.items():
+        rows = t[t.path == name]
+        assert (rows.image_id == image_id_for(name)).all()
+        if want == "error":
+            assert len(rows) == 1 and rows.error.iloc[0].startswith(name) and rows.x0.isna().all(), name
+        else:
+            assert rows.error.isna().all(), (name, rows.error.tolist())
+            assert (rows.width.iloc[0], rows.height.iloc[0]) == want, name
+    assert "4 errors" in res.output and "1 file(s) without an image extension" in res.output
+    assert t[t.path == "good.jpg"].x0.notna().sum() >= 1
+    assert validate_manifest(out) == []
+
+
+# ---- YOLO recall against COCO ground truth --------------------------------------------------------------------
+
+def test_yolo_class_agnostic_recall_on_coco_tiny(ray_local, yolo320, coco_tiny, tmp_path):
+    out = tmp_path / "yolo.parquet"
+    res = _cli("extract-boxes", "--detector", "yolo", "--weights", yolo320, "--imgsz", 320, "--images",
+               coco_tiny / "val2017", "--out", out, "--batch-size", 8, "--quiet")
+    assert "80 images in the manifest" in res.output and "0 errors" in res.output
+    pred = read_manifest(out).to_pandas()
+    assert pred.category.isna().all() and (pred.source == "yolo").all() and validate_manifest(out) == []
+    meta = manifest_metadata(out)
+    assert meta["detector"] == "yolo" and meta["imgsz"] == 320 and len(meta["weights_sha256"]) == 64
+    gt = import_coco(coco_tiny / "val2017", coco_tiny / "annotations" / "instances_val2017.json").table.to_pandas()
+    gt = gt[gt.x0.notna()]
+    by_path = {p: g[["x0", "y0", "x1", "y1"]].to_numpy() for p, g in pred[pred.x0.notna()].groupby("path")}
+    hit = 0
+    for p, g in gt.groupby("path"):
+        if p in by_path:
+            hit += int((box_iou(g[["x0", "y0", "x1", "y1"]].to_numpy(), by_path[p]).max(axis=1) >= 0.5).sum())
+    recall = hit / len(gt)
+    print(f"class-agnostic recall@0.5 = {recall:.3f} over {len(gt)} GT boxes")
+    assert recall >= 0.25
+
+
+# ---- resume after a kill -----------------------------------------------------------------------------------
+
+def _rows(out: Path) -> list[tuple]:
+    t = read_manifest(out).to_pandas()
+    def num(v):
+        return None if np.isnan(v) else round(float(v), 2)
+    return sorted(((r.image_id, r.path, r.width, r.height) + tuple(num(v) for v in (r.x0, r.y0, r.x1, r.y1, r.score))
+                   for r in t.itertuples()), key=str)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(ray_local, yolo320, coco_tiny, tmp_path):
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 24)
+    common = ["--detector", "yolo", "--weights", yolo320, "--imgsz", 320, "--images", images, "--batch-size", 2,
+              "--part-size", 4, "--quiet"]
+    ref = tmp_path / "ref.parquet"
+    _cli("extract-boxes", *common, "--out", ref)
+
+    out = tmp_path / "killed.parquet"
+    stage = staging_dir(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(ODIS + ["extract-boxes", *map(str, common), "--out", str(out)], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(list(stage.glob("part-*.parquet"))) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not out.exists(), "a killed run must not touch --out"
+    staged = read_manifest(stage).to_pandas()
+    assert 0 < staged.image_id.nunique() < 24
+
+    res = _cli("extract-boxes", *common, "--out", out)
+    assert f"({staged.image_id.nunique()} already done)" in res.output
+    assert not stage.exists() and _rows(out) == _rows(ref)
+    assert read_manifest(out).to_pandas().groupby("image_id").path.count().sum() == len(_rows(ref))  # no duplicate
+    # a third run has nothing left to do; --overwrite starts over
+    assert "0 processed (24 already done)" in _cli("extract-boxes", *common, "--out", out).output
+    assert "24 processed (0 already done)" in _cli("extract-boxes", *common, "--out", out, "--overwrite").output
+    assert _rows(out) == _rows(ref)
+    # other settings on the same --out are refused instead of mixing two detectors' boxes
+    res = runner.invoke(app, ["extract-boxes", *map(str, common), "--conf", "0.5", "--out", str(out)])
+    assert res.exit_code == 2 and "other settings" in res.output
+
+
+# ---- MAVL code path on a tiny random OWL-ViT, selective search ----------------------------------------------------
+
+def build_tiny_owlvit(out: Path) -> Path:
+    """A randomly initialised OWL-ViT (1 layer, 32 wide, 64 px input) and a byte-level CLIP tokenizer (every
+    byte is a token, no merges), saved like a real model: the real `--detector mavl --weights DIR` path."""
+    import torch
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor,
+                              OwlViTProcessor)
+
+    chars = sorted(ByteLevel.alphabet())
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + specials)}  # eos last: OWL pools at argmax
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    size = {"height": 64, "width": 64}
+    OwlViTProcessor(image_processor=OwlViTImageProcessor(size=size, crop_size=size), tokenizer=tok).save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = OwlViTConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=vocab[specials[0]],
+                         eos_token_id=vocab[specials[1]], pad_token_id=vocab[specials[1]]),
+        vision_config=dict(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=32)
+    OwlViTForObjectDetection(cfg).eval().save_pretrained(out)
+    return out
+
+
+def test_mavl_on_a_tiny_random_owlvit(ray_local, coco_tiny, tmp_path):
+    weights = build_tiny_owlvit(tmp_path / "owl")
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 6)
+    out = tmp_path / "mavl.parquet"
+    _cli("extract-boxes", "--detector", "mavl", "--weights", weights, "--conf", 0.0, "--max-boxes", 5,
+         "--images", images, "--out", out, "--batch-size", 3, "--quiet")
+    t = read_manifest(out).to_pandas()
+    assert t.image_id.nunique() == 6 and t.error.isna().all() and (t.source == "mavl").all()
+    per_image = t.groupby("image_id").x0.count()
+    assert (per_image >= 1).all() and (per_image <= 5).all()
+    assert validate_manifest(out) == []  # boxes scaled back to each image's own pixels, inside it
+    # class-agnostic NMS at the IoU given: no two kept boxes of an image overlap more than that
+    for _, g in t.groupby("image_id"):
+        iou = box_iou(g[["x0", "y0", "x1", "y1"]].to_numpy(), g[["x0", "y0", "x1", "y1"]].to_numpy())
+        assert (iou[~np.eye(len(g), dtype=bool)] <= 0.5 + 1e-4).all()
+    assert manifest_metadata(out)["iou"] == 0.5
+
+
+def test_mavl_without_weights_is_a_clear_error(tmp_path, coco_tiny):
+    res = runner.invoke(app, ["extract-boxes", "--detector", "mavl", "--images", str(coco_tiny / "val2017"),
+                              "--out", str(tmp_path / "m.parquet"), "--weights", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_selective_search_on_real_images(ray_local, coco_tiny, tmp_path):
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 3)
+    out = tmp_path / "ss.parquet"
+    _cli("extract-boxes", "--detector", "selective-search", "--imgsz", 160, "--max-boxes", 20, "--min-area",
+         0.01, "--images", images, "--out", out, "--quiet")
+    t = read_manifest(out).to_pandas()
+    assert t.image_id.nunique() == 3 and t.error.isna().all()
+    assert (t.groupby("image_id").x0.count() == 20).all()
+    assert ((t.x1 - t.x0) * (t.y1 - t.y0) >= 0.01 * t.width * t.height - 1e-3).all()
+    assert validate_manifest(out) == []
+
+
+# ---- the same command against a Ray cluster (two nodes on this machine) -------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --block` we started by killing its own process group (gcs_server, raylet, workers): never
+    `ray stop`, which kills every Ray process on the machine, other users' included. No graceful drain (30 s) in
+    a test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # gcs_server, raylet, workers: all in the group started for this node
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    r = subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True, text=True, timeout=60)
+    active = r.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return sum(1 for line in active.splitlines() if " node_" in line)
+
+
+def test_extract_boxes_on_a_two_node_ray_cluster(yolo320, coco_tiny, tmp_path):
+    port, address = _free_port(), None
+    address = f"127.0.0.1:{port}"
+    # Ray 2.60 needs a token for `ray start` unless auth is off (for head, node and driver alike). A private
+    # --temp-dir keeps other Ray users on this machine from attaching to this cluster by accident.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    temp = Path(subprocess.check_output(["mktemp", "-d", "/tmp/odisray.XXXX"], text=True).strip())
+    start = dict(env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes = []
+    try:
+        nodes.append(subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                       f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                                       f"--temp-dir={temp}"], **start))
+        deadline = time.time() + 90
+        while _alive_nodes(address, env) < 1 and time.time() < deadline:
+            time.sleep(1)
+        nodes.append(subprocess.Popen(["ray", "start", "--block", f"--address={address}", "--num-cpus=1"], **start))
+        while _alive_nodes(address, env) < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert _alive_nodes(address, env) == 2, "the two-node test cluster did not come up"
+        images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 8)
+        out = tmp_path / "cluster.parquet"
+        r = subprocess.run(ODIS + ["extract-boxes", "--detector", "yolo", "--weights", str(yolo320), "--imgsz", "320",
+                                   "--images", str(images), "--out", str(out), "--ray-address", address,
+                                   "--num-workers", "2", "--cpus-per-worker", "1", "--batch-size", "2", "--quiet"],
+                           env=env, capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "8 images in the manifest" in r.stdout
+        t = read_manifest(out).to_pandas()
+        assert t.image_id.nunique() == 8 and t.error.isna().all() and t.x0.notna().sum() > 8
+        assert validate_manifest(out) == []
+    finally:
+        for p in reversed(nodes):
+            _stop(p)
+        shutil.rmtree(temp, ignore_errors=True)
