@@ -403,11 +403,12 @@ class TarWriter:
         self.f.write(b)
         self.nbytes += len(b)
 
-    def add(self, name: str, data: bytes) -> None:
-        self._write(tar_header(name, len(data)))
-        self._write(data)
-        if len(data) % 512:
-            self._write(bytes(512 - len(data) % 512))
+    def add(self, *members: tuple[str, bytes]) -> None:
+        """Append members (name, data), e.g. one sample's image and json, in one write."""
+        parts = []
+        for name, data in members:
+            parts += (tar_header(name, len(data)), data, _ZEROS[:-len(data) % 512])
+        self._write(b"".join(parts))
 
     def close(self) -> None:
         """End-of-archive (two zero blocks), padded to tar's 10 KiB record size as GNU tar and tarfile do."""
@@ -424,6 +425,8 @@ def _ustar_template() -> bytearray:
 
 
 _USTAR = _ustar_template()
+_USTAR_SUM = sum(_USTAR)  # checksum of the fixed fields (name and size zero, checksum field as spaces)
+_ZEROS = bytes(512)
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -437,8 +440,9 @@ def tar_header(name: str, size: int) -> bytes:
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     h = _USTAR[:]
     h[:len(raw)] = raw
-    h[124:136] = b"%011o\0" % size
-    h[148:155] = b"%06o\0" % sum(h)  # checksum over the header with the field as spaces; byte 155 stays " "
+    size_field = b"%011o\0" % size
+    h[124:136] = size_field
+    h[148:155] = b"%06o\0" % (_USTAR_SUM + sum(raw) + sum(size_field))  # byte 155 stays " "
     return bytes(h)
 
 
@@ -464,8 +468,8 @@ def write_shard(s: ShardSettings, index: int, items: list[Item],
             meta, warning = sample_meta(it, p)
             if warning:
                 warnings.append({"path": it.relpath, "reason": warning})
-            tar.add(f"{it.image_id}.{p.ext}", p.data)
-            tar.add(f"{it.image_id}.json", json.dumps(meta, sort_keys=True).encode())
+            tar.add((f"{it.image_id}.{p.ext}", p.data),
+                    (f"{it.image_id}.json", json.dumps(meta, sort_keys=True).encode()))
             count += 1
             if progress:
                 progress(1, len(data))
