@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -177,3 +178,20 @@ def random_crop_contains(info, box, rng) -> bool:
 
     c = random_resized_crop(info["height"], info["width"], (0.25, 1.0), RATIO, 224, rng)
     return contains_object(c, box, 0.5)
+
+
+def test_render_is_exact_on_integer_geometry():
+    """Identity crops copy pixels, flips mirror them, a 2x shrink averages 2x2 blocks (half-pixel convention)."""
+    img = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    out = render(img, Crop(5, 7, 30, 40, 30, 40))
+    assert (out.transpose(1, 2, 0) == img[5:35, 7:47]).all()
+    out = render(img, Crop(5, 7, 30, 40, 30, 40, flip=True))
+    assert (out.transpose(1, 2, 0) == img[5:35, 7:47][:, ::-1]).all()
+    out = render(img, Crop(4, 6, 40, 60, 20, 30)).transpose(1, 2, 0).astype(float)
+    blocks = img[4:44, 6:66].astype(float).reshape(20, 2, 30, 2, 3).mean(axis=(1, 3))
+    assert np.abs(out - blocks).max() <= 1.0
+    # 2x enlargement equals cv2.resize's bilinear (same pixel-centre convention) away from the crop's border,
+    # where resize clamps to the cut-out and render reads the real neighbours
+    out = render(img, Crop(10, 10, 20, 20, 40, 40)).transpose(1, 2, 0).astype(float)
+    ref = cv2.resize(img[10:30, 10:30], (40, 40), interpolation=cv2.INTER_LINEAR).astype(float)
+    assert np.abs(out[1:-1, 1:-1] - ref[1:-1, 1:-1]).max() <= 1.0

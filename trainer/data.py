@@ -333,16 +333,19 @@ class TrainStream(IterableDataset):
 
 def collate(samples: list[dict]) -> dict:
     """Per-sample dicts -> the batch layout (view-major tensors: flatten(0, 1) gives iBOT's view-major order)."""
-    def stack1(name, dtype=None):
-        a = np.stack([s[name] for s in samples], axis=1)
-        return torch.from_numpy(a if dtype is None else a.astype(dtype))
+    def stack1(name):
+        return torch.from_numpy(np.stack([s[name] for s in samples], axis=1))
+
+    def images(name):  # the views are CHW views of HWC memory: stack HWC (one copy), permute without copying
+        a = np.stack([s[name].transpose(0, 2, 3, 1) for s in samples], axis=1)
+        return torch.from_numpy(a).permute(0, 1, 4, 2, 3)
 
     def vec(name):
         return torch.tensor([s[name] for s in samples], dtype=torch.int64)
 
     return {
-        "global": stack1("global"),            # uint8 [2, B, 3, G, G]
-        "local": stack1("local"),              # uint8 [n_local, B, 3, L, L]
+        "global": images("global"),            # uint8 [2, B, 3, G, G] (channels-last strides)
+        "local": images("local"),              # uint8 [n_local, B, 3, L, L] (channels-last strides)
         "obj_mask": stack1("obj_mask"),        # bool [2, B, gh, gw]
         "obj_valid": stack1("obj_valid"),      # bool [2, B]
         "mim_mask": stack1("mim_mask"),        # bool [2, B, gh, gw]
@@ -429,10 +432,14 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
     nw = max(0, int(d.num_workers))
     raw_pos = None
     if state is not None:
-        if int(state.get("num_workers", -1)) != max(1, nw) or int(state.get("step", -1)) != start_step:
-            raise ValueError(f"data state is for step {state.get('step')} with {state.get('num_workers')} workers; "
-                             f"resuming at step {start_step} with {max(1, nw)} workers would change the stream")
-        raw_pos = [int(x) for x in state["raw_pos"]]
+        if int(state.get("num_workers", -1)) != max(1, nw) or int(state.get("step", -1)) != start_step \
+                or int(state.get("seed", cfg.seed)) != cfg.seed:
+            # The stream is a function of (seed, rank, worker count): another layout cannot continue it exactly.
+            log.warning("data state is for step %s, %s workers, seed %s; resuming at step %d with %d workers, seed "
+                        "%d: the data stream will differ from the uninterrupted run", state.get("step"),
+                        state.get("num_workers"), state.get("seed"), start_step, max(1, nw), cfg.seed)
+        else:
+            raw_pos = [int(x) for x in state["raw_pos"]]
     spec = StreamSpec(urls, ViewMaker.from_config(d, patch_size, cfg.method), table, cfg.seed, rank,
                       d.batch_size, d.shuffle_buffer, start_step, raw_pos)
     if pin_memory is None:
@@ -457,4 +464,4 @@ def augment_batch(batch: dict, device, generator: torch.Generator) -> tuple[torc
     g = batch["global"].to(device, non_blocking=True)
     glob = torch.cat([photometric(g[0], GLOBAL1, generator), photometric(g[1], GLOBAL2, generator)])
     loc = batch["local"].to(device, non_blocking=True).flatten(0, 1)
-    return glob, photometric(loc, LOCAL, generator)
+    return glob.contiguous(), photometric(loc, LOCAL, generator).contiguous()
