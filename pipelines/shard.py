@@ -21,6 +21,7 @@ truncated, over the pixel cap, …) are left out and listed with their reason.
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import hashlib
 import io
 import json
@@ -494,7 +495,11 @@ def _prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:
     """Check the output folder against the plan; return the records of shards already complete."""
     s, out = plan.settings, Path(plan.settings.out)
     state, index_path = out / STATE_DIR, out / INDEX_NAME
-    ours = lambda: [p for p in out.glob(f"{s.prefix}-*.tar")] + list(out.glob(f".{s.prefix}-*.tar.partial"))  # noqa
+    pattern = glob.escape(s.prefix) + "-[0-9][0-9][0-9][0-9][0-9][0-9]"
+
+    def ours() -> list[Path]:
+        return list(out.glob(pattern + ".tar")) + list(out.glob(f".{pattern}.tar.partial"))
+
     if overwrite and out.exists():
         for p in ours() + [index_path]:
             p.unlink(missing_ok=True)
@@ -511,15 +516,16 @@ def _prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:
     if old is not None and old != plan.fingerprint:
         raise ShardError(f"{out} holds a shard set made from other inputs or settings (fingerprint "
                          f"{old[:12]} != {plan.fingerprint[:12]}); use --overwrite to start over, or another --out")
-    for p in out.glob(f".{s.prefix}-*.tar.partial"):
+    for p in out.glob(f".{pattern}.tar.partial"):
         p.unlink()  # left by a killed run
     state.mkdir(exist_ok=True)
     (state / "plan.json").write_text(json.dumps({"fingerprint": plan.fingerprint}))
     done: dict[int, dict] = {}
     if index_path.is_file():
-        done.update(_records_from_index(json.loads(index_path.read_text())))
+        for rec in _records_from_index(json.loads(index_path.read_text())).values():
+            (state / f"{rec['name']}.json").write_text(json.dumps(rec, sort_keys=True))  # survive another kill
         index_path.unlink()  # rewritten at the end, after the missing shards
-    for rec_path in state.glob(f"{s.prefix}-*.tar.json"):
+    for rec_path in state.glob(f"{pattern}.tar.json"):
         rec = json.loads(rec_path.read_text())
         done[int(rec["name"][len(s.prefix) + 1:-4])] = rec
     return {i: r for i, r in done.items() if (out / r["name"]).is_file()}
