@@ -221,6 +221,11 @@ def _manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[d
         if t["x0"][i] is not None and t["error"][i] is None:
             entry[0].append((t["x0"][i], t["y0"][i], t["x1"][i], t["y1"][i]))
             entry[1].append(t["score"][i])
+    if stray and not out:
+        meta = manifest_metadata(s.manifest)
+        raise ShardError(f"--manifest {s.manifest}: none of its {len(stray)} image ids matches a file under "
+                         f"{s.images} (manifest images root: {meta.get('images_root')}, id scheme: "
+                         f"{meta.get('id_scheme')}; e.g. {sorted(stray)[0]!r})")
     warnings = []
     if stray:
         warnings.append({"path": str(s.manifest), "reason": f"{len(stray)} manifest image id(s) match no file under "

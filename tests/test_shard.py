@@ -279,7 +279,7 @@ def test_ray_job_writes_the_same_shards(tin_root, tmp_path, ray_local):
     assert [x["sha256"] for x in by_ray["shards"]] == [x["sha256"] for x in local["shards"]]
 
 
-def test_bad_inputs_fail_clearly(tin_root, coco_tiny, tmp_path):
+def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     r = odis("shard", "--images", tmp_path / "nope", "--out", tmp_path / "o", code=2)
     assert "not a folder" in r.output
     r = odis("shard", "--images", coco_tiny / "train2017", "--out", tmp_path / "o", "--labels", "folder", code=2)
@@ -288,6 +288,8 @@ def test_bad_inputs_fail_clearly(tin_root, coco_tiny, tmp_path):
     assert "--max-size 'lots'" in r.output
     r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--labels", "coco", code=2)
     assert "instances_train.json not found" in r.output
+    r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--manifest", coco_manifest, code=2)
+    assert "none of its 80 image ids matches a file" in r.output and "id scheme: coco" in r.output
     r = odis("verify", tmp_path, code=2)
     assert "no shard index" in r.output
 
