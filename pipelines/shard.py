@@ -34,7 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from odis import __version__
+from odis.boxes import clip_boxes
 from odis.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, load_image
 from odis.manifest import image_id_for, manifest_metadata, read_manifest, sha256_of
 from odis.shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, shard_name
@@ -389,6 +392,11 @@ def sample_meta(item: Item, p: Prepared) -> tuple[dict, str | None]:
         boxes = [[b[0] * fx[0] / fx[1], b[1] * fy[0] / fy[1], b[2] * fx[0] / fx[1], b[3] * fy[0] / fy[1]]
                  for b in item.boxes]
         scores = list(item.scores)
+    if any(b[0] < 0 or b[1] < 0 or b[2] > p.width or b[3] > p.height for b in boxes):
+        # float32 rounding in a manifest can put an edge a hair outside the image: clip, keep non-empty boxes
+        clipped = clip_boxes(np.asarray(boxes, dtype=np.float64), p.width, p.height).tolist()
+        keep = [i for i, b in enumerate(clipped) if b[2] > b[0] and b[3] > b[1]]
+        boxes, scores = [clipped[i] for i in keep], [scores[i] for i in keep]
     meta = {"image_id": item.image_id, "label": item.label, "width": p.width, "height": p.height,
             "boxes": boxes, "scores": scores}
     return meta, warning

@@ -379,3 +379,17 @@ def test_fast_headers_match_tarfile_and_pil(coco_tiny, tiny_imagenet):
         exif = Image.open(io.BytesIO(data)).getexif()
         assert size is None or not exif, f"{f}: has EXIF, must go through PIL for its orientation"
     assert fast > 0.9 * len(files)
+
+
+def test_sample_meta_scales_and_clips_boxes():
+    from pipelines.shard import Prepared, sample_meta
+
+    item = Item("a.jpg", "a", 10, 3, ((0.0, 0.0, 640.0, 480.0), (10.5, 20.25, 640.0004, 30.0)), (1.0, 0.5),
+                (640, 480))
+    meta, warn = sample_meta(item, Prepared("jpg", b"", 640, 480, 640, 480))
+    assert warn is None and meta["boxes"] == [[0.0, 0.0, 640.0, 480.0], [10.5, 20.25, 640.0, 30.0]]
+    meta, _ = sample_meta(item, Prepared("jpg", b"", 341, 256, 640, 480))  # --resize-short 256
+    assert meta["boxes"][0] == [0.0, 0.0, 341.0, 256.0]  # borders stay exactly on the borders
+    assert meta["boxes"][1][:2] == [10.5 * 341 / 640, 20.25 * 256 / 480] and meta["scores"] == [1.0, 0.5]
+    meta, warn = sample_meta(item, Prepared("jpg", b"", 480, 640, 480, 640))  # not the image the manifest saw
+    assert meta["boxes"] == [] and "differs" in warn and meta["label"] == 3
