@@ -167,6 +167,15 @@ def _ray_init(address: str | None):
     return True
 
 
+def _quiet_ray_data_console() -> None:
+    """Ray Data's INFO/WARNING lines would break our progress bar; they still go to its ray-data.log file."""
+    import logging
+
+    for h in logging.getLogger("ray.data").handlers:
+        if "File" not in type(h).__name__:
+            h.setLevel(logging.ERROR)
+
+
 def _resources(cfg: ExtractConfig) -> tuple[int, dict]:
     """(number of detector actors, Ray resources per actor): one actor per GPU with cuda; on CPU the cluster's
     CPUs are shared out so the actors use every core without oversubscribing."""
@@ -260,13 +269,12 @@ def _run(cfg: ExtractConfig, todo: list[dict], staging: Path, meta: dict, summar
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own bar below counts images
-    ctx.print_on_execution_start = False
+    _quiet_ray_data_console()
     n_actors, resources = _resources(cfg)
     bs = max(1, cfg.batch_size)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // bs, 10_000)))
-    ds = ds.map_batches(BoxExtractor, batch_size=bs, batch_format="numpy",
-                        fn_constructor_kwargs=dict(detector=asdict(cfg.detector), images=str(Path(cfg.images)
-                                                   .resolve()), max_pixels=cfg.max_pixels),
+    settings = dict(detector=asdict(cfg.detector), images=str(Path(cfg.images).resolve()), max_pixels=cfg.max_pixels)
+    ds = ds.map_batches(BoxExtractor, batch_size=bs, batch_format="numpy", fn_constructor_kwargs=settings,
                         compute=ray.data.ActorPoolStrategy(size=n_actors), **resources)
     staging.mkdir(parents=True, exist_ok=True)
     run_id, seq, pending, pending_n = uuid.uuid4().hex[:8], 0, [], 0
