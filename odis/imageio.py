@@ -83,29 +83,31 @@ def load_image(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | No
     """
     name = name or (str(src) if not isinstance(src, (bytes, bytearray, memoryview)) else "<bytes>")
     img = _open(src, name)
-    _check_pixels(img, name, max_pixels)
     try:
+        _check_pixels(img, name, max_pixels)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()  # truncated files fail here (unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set)
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            out = _to_rgb(ImageOps.exif_transpose(img))
+            return out if out is not img else img.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt data
         raise ImageDecodeError(f"{name}: cannot decode ({e})") from None
+    finally:
+        img.close()  # the file handle, now: loops over millions of files must not wait for the GC
 
 
 def image_size(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), read from the header only: no pixel decoding."""
     name = name or (str(src) if not isinstance(src, (bytes, bytearray, memoryview)) else "<bytes>")
-    img = _open(src, name)
-    _check_pixels(img, name, max_pixels)
-    w, h = img.size
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception:  # a broken EXIF block does not make the size unknown
-        orientation = 1
+    with _open(src, name) as img:
+        _check_pixels(img, name, max_pixels)
+        w, h = img.size
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        except Exception:  # a broken EXIF block does not make the size unknown
+            orientation = 1
     return (h, w) if orientation in _TRANSPOSING_ORIENTATIONS else (w, h)
 
 

@@ -2,7 +2,10 @@
 
 A manifest is a single `.parquet` file or a directory of part files (what the Ray job writes); readers accept
 both. Images without a box get one row with null box ("processed, no box"); unreadable images get one row with
-`error` set. Nothing is dropped silently.
+`error` set (width and height are 0 when the file could not even be opened). Nothing is dropped silently.
+
+API used by other stages: `read_manifest(path) -> pyarrow.Table`, `manifest_metadata(path) -> dict`,
+`image_id_for(relpath, scheme)`, `validate_manifest(path) -> [messages]`, `write_manifest(table, path, meta)`.
 """
 from __future__ import annotations
 
