@@ -152,3 +152,26 @@ def test_table_from_columns_types():
     assert t.schema.field("category").type == pa.int32() and t.column("category")[0].as_py() == 7
     with pytest.raises(ManifestError, match="missing columns"):
         table_from_columns({"image_id": ["a"]})
+
+
+def test_stats_cli_prints_plots_and_fails_on_violations(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    good = write_manifest(_table(3), tmp_path / "good.parquet", make_metadata("yolo", tmp_path, "path"))
+    res = CliRunner().invoke(app, ["stats", str(good), "--plot", str(tmp_path / "s.png")])
+    assert res.exit_code == 0, res.output
+    assert "images 5  boxes 6  no-box images 1  error images 1" in res.output and (tmp_path / "s.png").is_file()
+    js = json.loads(CliRunner().invoke(app, ["stats", str(good), "--json"]).output)
+    assert js["boxes"] == 6 and js["metadata"]["source"] == "yolo"
+    cols = _table(1).to_pydict()
+    cols["y1"][0] = 999.0
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table(cols, schema=SCHEMA), bad)
+    res = CliRunner().invoke(app, ["stats", str(bad)])
+    assert res.exit_code == 1 and f"{bad}: row 0: column y1: y1=999.0 > height=50" in res.output
+    res = CliRunner().invoke(app, ["stats", str(tmp_path / "nothing.parquet")])
+    assert res.exit_code == 2 and "no such manifest" in res.output
