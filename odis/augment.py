@@ -77,26 +77,22 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by f (in turns), as torchvision's RGB -> HSV -> RGB, with the closed-form HSV -> RGB."""
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    r, g, b = x.unbind(1)
-    eqc = maxc == minc
+    """Rotate hue by f (in turns), as torchvision's RGB -> HSV -> shift -> RGB, in closed form.
+
+    HSV keeps V = max and V - V*S = min, so only the hue moves: with h6 = 6 * hue in [0, 6) (torchvision's
+    piecewise formula: (g-b)/c, 2+(b-r)/c, 4+(r-g)/c for max = r, g, b; 0 for grey) and k = (n + h6 + 6f) mod 6,
+    channel n in (5, 3, 1) becomes max - (max - min) * clamp(min(k, 4 - k), 0, 1). 4x fewer passes over the
+    image than the HSV round trip; equal to torchvision within float rounding.
+    """
+    maxc, _ = x.max(dim=1, keepdim=True)
+    minc, _ = x.min(dim=1, keepdim=True)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    crd = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
-    h = torch.fmod(h / 6.0 + 1.0, 1.0)
-    h = (h + f.view(-1, 1, 1)) % 1.0
-    # HSV -> RGB: channel n in (5, 3, 1) -> v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    h6 = (h * 6.0).unsqueeze(1)
+    num = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2.0 * cr, r - g + 4.0 * cr))
+    h6 = num / torch.where(cr == 0, torch.ones_like(cr), cr)
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = (n + h6) % 6.0
-    vs = (maxc * s).unsqueeze(1)
-    return (maxc.unsqueeze(1) - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)).clamp_(0, 1)
+    k = torch.remainder(n + h6 + 6.0 * f.view(-1, 1, 1, 1), 6.0)
+    return (maxc - cr * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)).clamp_(0, 1)
 
 
 def to_grayscale3(x: torch.Tensor) -> torch.Tensor:

@@ -159,12 +159,15 @@ class ViewMaker:
             r = min(r, math.sqrt(self.local_scale[0] * area / max(RATIO)) / self.local_size)
         return r
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> dict:
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
+                 out: dict | None = None) -> dict:
+        """`out` may hold HWC destination buffers {"global": [2,G,G,3], "local": [n_local,L,L,3]} (e.g. slices of
+        a batch in shared memory) that the crops are written into, saving a copy per view."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"ViewMaker expects an RGB uint8 HWC image, got {image.dtype} {image.shape}")
         h, w = image.shape[:2]
         g, gh = self.global_size, self.grid
-        views, crops = [], []
+        crops = []
         obj_mask = np.zeros((2, gh, gh), bool)
         obj_valid = np.zeros(2, bool)
         obj_box = np.zeros((2, 4), np.float32)
@@ -189,16 +192,16 @@ class ViewMaker:
             obj_valid[:] = True
             obj_box[:] = (0, 0, g, g)
         # HWC buffers written in place; the CHW arrays handed out are transposed views (collate stacks HWC)
-        views = np.empty((2, g, g, 3), np.uint8)
+        ls = self.local_size
+        views = out["global"] if out is not None else np.empty((2, g, g, 3), np.uint8)
+        local = out["local"] if out is not None else np.empty((self.n_local, ls, ls, 3), np.uint8)
         for v, c in enumerate(crops):
             render(image, c, views[v])
-        ls = self.local_size
-        local = np.empty((self.n_local, ls, ls, 3), np.uint8)
         for i in range(self.n_local):
             render(image, random_resized_crop(h, w, self.local_scale, RATIO, ls, rng), local[i])
         if self.method == "dino":
             mim = np.zeros((2, gh, gh), bool)
         else:
             mim = np.stack([self.masker(rng), self.masker(rng)])
-        return {"global": views.transpose(0, 3, 1, 2), "local": local.transpose(0, 3, 1, 2), "obj_mask": obj_mask, "obj_valid": obj_valid, "mim_mask": mim,
-                "obj_box": obj_box, "fallbacks": fallbacks, "crops": crops}
+        return {"global": views.transpose(0, 3, 1, 2), "local": local.transpose(0, 3, 1, 2), "obj_mask": obj_mask,
+                "obj_valid": obj_valid, "mim_mask": mim, "obj_box": obj_box, "fallbacks": fallbacks, "crops": crops}

@@ -263,9 +263,9 @@ def test_boxes_come_from_the_manifest_first(coco_shards):
     captured = []
 
     class Spy(ViewMaker):
-        def __call__(self, image, boxes, rng):
+        def __call__(self, image, boxes, rng, out=None):
             captured.append((image.shape, np.array(boxes)))
-            return super().__call__(image, boxes, rng)
+            return super().__call__(image, boxes, rng, out)
 
     from trainer.data import StreamSpec
 
@@ -282,3 +282,52 @@ def test_boxes_come_from_the_manifest_first(coco_shards):
     sx, sy = shape_l[1] / w, shape_l[0] / h
     np.testing.assert_allclose(boxes_l[0], [w / 4 * sx, h / 4 * sy, 3 * w / 4 * sx, 3 * h / 4 * sy], rtol=1e-4)
     np.testing.assert_allclose(boxes_u, np.array(json.loads(unlisted["json"])["boxes"]).reshape(-1, 4), rtol=1e-5)
+
+
+def _jpeg(arr, **kw) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def test_decode_paths_agree(coco_tiny, monkeypatch):
+    """cv2 (plain JPEG) and PIL (everything else) give the same upright RGB pixels; bombs are refused first."""
+    import io
+
+    from PIL import Image
+
+    import trainer.data as D
+
+    data = next((coco_tiny / "val2017").glob("*.jpg")).read_bytes()
+    fast, size = D.decode_image(data, "a.jpg")
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert size == (ref.shape[1], ref.shape[0]) and (fast == ref).all()
+    # EXIF orientation 6 (rotate 90): both paths return the displayed image and its displayed size
+    arr = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _jpeg(arr, exif=exif.tobytes())
+    a, sa = D.decode_image(rotated, "r.jpg")
+    b, sb = D._decode_pil(Image.open(io.BytesIO(rotated)), "r.jpg", 1.0)
+    assert a.shape == (60, 40, 3) and sa == sb == (40, 60) and (a == b).all()
+    # PNG with alpha and a paletted PNG -> RGB
+    for mode in ("RGBA", "P"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, "PNG")
+        out, s = D.decode_image(buf.getvalue(), f"x_{mode}.png")
+        assert out.shape == (40, 60, 3) and out.dtype == np.uint8 and s == (60, 40)
+    # draft: a large JPEG decodes at reduced scale when every crop stays shrunk; its stored size is reported
+    from odis.views import ViewMaker
+
+    big = _jpeg(np.zeros((1600, 2400, 3), np.uint8))
+    vm = ViewMaker(global_size=64, local_size=32, n_local=2, patch_size=8)
+    small, s = D.decode_image(big, "big.jpg", vm.max_reduction)
+    assert s == (2400, 1600) and small.shape[1] < 2400 and small.shape[1] / small.shape[0] == 1.5
+    assert vm.max_reduction(2400, 1600) >= 2400 / small.shape[1]
+    monkeypatch.setattr(D, "MAX_PIXELS", 1000)
+    with pytest.raises(D.BadSample, match="bomb.jpg: refused, 2400x1600"):
+        D.decode_image(big, "bomb.jpg")

@@ -1,0 +1,222 @@
+"""Loader images/s per core: the odis loader against the reference DINO/iBOT PIL multi-crop, same images, same run.
+
+    python benchmarks/loader.py                       # coco_tiny (160 COCO JPEGs, 640x480-ish), 2x224 + 10x96
+    python benchmarks/loader.py --repeats 5 --device cuda --no-record
+
+Measured on one core (torch, cv2 and OpenMP limited to one thread; best of --repeats, on the same images):
+  reference   DINO's DataAugmentationDINO (iBOT ViT-S scales): PIL decode, per view RandomResizedCrop(bicubic),
+              flip, ColorJitter p=0.8, Grayscale p=0.2, GaussianBlur (PIL ImageFilter) with DINO's per-view p,
+              Solarize (global 2), ToTensor, Normalize; 2 x 224 + 10 x 96.
+  odis loader the real streaming loader (make_train_loader, method odis) over webdataset shards written from the
+              same images with their COCO boxes: tar read, shuffle buffer, decode, sample a box, object-aware
+              global crops, local crops, OBJ patch masks, iBOT block masks, uint8 batch. In this process
+              (num_workers=0: exactly one core's work) and with 1 worker process (adds the IPC to this process).
+  photometric augment_batch (colour jitter, grayscale, blur, solarize, normalise; DINO's per-view p) on --device,
+              batched (--batch); on a CPU this is one core's rate, on a GPU the device's.
+The ratio printed is odis loader (in-process) / reference (target: >= 300 img/s per core for the loader; DESIGN.md section 6).
+Appends a row to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from trainer.config import Config  # noqa: E402
+from trainer.data import augment_batch, make_train_loader  # noqa: E402
+
+SHARED = Path(os.environ.get("ODIS_SHARED", REPO.parent / "shared"))
+COCO = SHARED / "data" / "coco_tiny"
+
+
+def load_coco(limit: int | None) -> list[dict]:
+    """[{key, bytes, width, height, boxes}] from coco_tiny's images and instance annotations."""
+    from pycocotools.coco import COCO as Api
+
+    out = []
+    for split in ("train2017", "val2017"):
+        api = Api(str(COCO / "annotations" / f"instances_{split}.json"))
+        for img_id in sorted(api.getImgIds()):
+            info = api.loadImgs(img_id)[0]
+            f = COCO / split / info["file_name"]
+            if not f.is_file():
+                continue
+            anns = api.loadAnns(api.getAnnIds(imgIds=img_id, iscrowd=False))
+            boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                     for a in anns if a["bbox"][2] > 1 and a["bbox"][3] > 1]
+            out.append({"key": f"{img_id:012d}", "bytes": f.read_bytes(), "width": info["width"],
+                        "height": info["height"], "boxes": boxes})
+    return out[:limit] if limit else out
+
+
+# ---- the reference: DINO's DataAugmentationDINO (main_dino.py), with iBOT's ViT-S scales --------------------------
+
+def reference_transform(n_local: int = 10):
+    import torchvision.transforms as T
+    from PIL import ImageFilter, ImageOps
+
+    class GaussianBlur:
+        def __init__(self, p):
+            self.p = p
+
+        def __call__(self, img):
+            if random.random() <= self.p:
+                return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+            return img
+
+    class Solarization:
+        def __init__(self, p):
+            self.p = p
+
+        def __call__(self, img):
+            return ImageOps.solarize(img) if random.random() < self.p else img
+
+    bicubic = T.InterpolationMode.BICUBIC
+    flip_jitter = T.Compose([T.RandomHorizontalFlip(p=0.5),
+                             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                             T.RandomGrayscale(p=0.2)])
+    norm = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    g1 = T.Compose([T.RandomResizedCrop(224, scale=(0.25, 1.0), interpolation=bicubic), flip_jitter,
+                    GaussianBlur(1.0), norm])
+    g2 = T.Compose([T.RandomResizedCrop(224, scale=(0.25, 1.0), interpolation=bicubic), flip_jitter,
+                    GaussianBlur(0.1), Solarization(0.2), norm])
+    loc = T.Compose([T.RandomResizedCrop(96, scale=(0.05, 0.25), interpolation=bicubic), flip_jitter,
+                     GaussianBlur(0.5), norm])
+
+    def apply(img):
+        return [g1(img), g2(img)] + [loc(img) for _ in range(n_local)]
+
+    return apply
+
+
+def time_reference(images: list[dict]) -> float:
+    from PIL import Image
+
+    tf = reference_transform()
+    t = time.perf_counter()
+    for im in images:
+        tf(Image.open(io.BytesIO(im["bytes"])).convert("RGB"))
+    return len(images) / (time.perf_counter() - t)
+
+
+# ---- odis ------------------------------------------------------------------------------------------------------
+
+def time_photometric(batches: list[dict], device: str) -> float:
+    gen = torch.Generator().manual_seed(0)
+    augment_batch(batches[0], device, gen)  # warm-up (CUDA context, kernels)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 0
+    for b in batches:
+        g, loc = augment_batch(b, device, gen)
+        n += b["global"].shape[1]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def write_shards(images: list[dict], folder: Path) -> Path:
+    import hashlib
+
+    import webdataset as wds
+
+    with wds.ShardWriter(str(folder / "bench-%06d.tar"), maxcount=10_000, verbose=0) as sink:
+        for im in images:
+            meta = {"image_id": im["key"], "label": None, "width": im["width"], "height": im["height"],
+                    "boxes": im["boxes"], "scores": [1.0] * len(im["boxes"])}
+            sink.write({"__key__": im["key"], "jpg": im["bytes"], "json": json.dumps(meta).encode()})
+    shards = [{"name": p.name, "count": len(images), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+              for p in sorted(folder.glob("bench-*.tar"))]
+    (folder / "index.json").write_text(json.dumps({"format": "odis-shards", "version": 1, "shards": shards,
+                                                   "num_samples": len(images), "classes": None}))
+    return folder
+
+
+def time_loader(shards: Path, n_images: int, batch: int, workers: int) -> tuple[float, list[dict]]:
+    """The real loader over the shards; workers=0 runs it in this process (one core, no IPC)."""
+    cfg = Config(method="odis", seed=0, device="cpu")
+    d = cfg.data
+    d.shards, d.batch_size, d.num_workers, d.shuffle_buffer = str(shards), batch, workers, 64
+    loader = make_train_loader(cfg, 16, pin_memory=False)
+    n_batches = max(2, n_images // batch)
+    it = iter(loader)
+    next(it)  # worker start-up and the shuffle buffer's first fill are not throughput
+    out = []
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        out.append(next(it))
+    rate = n_batches * batch / (time.perf_counter() - t)
+    del it
+    return rate, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=None, help="use the first N coco_tiny images (default: all)")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many passes per pipeline")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--machine", default=None, help="machine description for BENCHMARKS.md")
+    ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    random.seed(0)
+    torch.manual_seed(0)
+    images = load_coco(args.images)
+    sizes = np.array([[im["width"], im["height"]] for im in images])
+    print(f"{len(images)} coco_tiny images, median {int(np.median(sizes[:, 0]))}x{int(np.median(sizes[:, 1]))}, "
+          f"{sum(len(im['bytes']) for im in images) / len(images) / 1e3:.0f} KB; 2 x 224 + 10 x 96, one core")
+    ref, cpu, photo, loader = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_shards(images, Path(tmp))
+        for r in range(args.repeats):
+            ref.append(time_reference(images))
+            rate, batches = time_loader(shards, len(images), args.batch, workers=0)
+            cpu.append(rate)
+            photo.append(time_photometric(batches, args.device))
+            loader.append(time_loader(shards, len(images), args.batch, workers=1)[0])
+            print(f"  pass {r + 1}: reference {ref[-1]:.0f}, odis loader in-process {cpu[-1]:.0f}, 1 worker "
+                  f"{loader[-1]:.0f}, photometric on {args.device} {photo[-1]:.0f} img/s")
+    ref_b, cpu_b, photo_b, loader_b = max(ref), max(cpu), max(photo), max(loader)
+    both = 1 / (1 / cpu_b + 1 / photo_b)
+    print(f"reference PIL multi-crop:             {ref_b:7.0f} img/s per core")
+    print(f"odis loader, in-process (one core):   {cpu_b:7.0f} img/s per core  ({cpu_b / ref_b:.1f}x reference)")
+    print(f"odis loader, 1 worker process:        {loader_b:7.0f} img/s")
+    print(f"photometric, batched on {args.device:13s}: {photo_b:7.0f} img/s")
+    if args.device == "cpu":
+        print(f"loader + photometric on the same core: {both:6.0f} img/s ({both / ref_b:.1f}x reference)")
+    if args.no_record:
+        return
+    machine = args.machine or f"{os.cpu_count()}-core CPU ({platform.machine()})" + (
+        f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else "")
+    figures = (f"coco_tiny {len(images)} imgs, 2x224+10x96, one core: reference PIL {ref_b:.0f} img/s; odis loader "
+               f"(shards, in-process) {cpu_b:.0f} img/s = {cpu_b / ref_b:.1f}x; with 1 worker process "
+               f"{loader_b:.0f} img/s; photometric on {args.device} {photo_b:.0f} img/s"
+               + (f"; loader+photometric on one core {both:.0f} img/s" if args.device == "cpu" else ""))
+    row = f"| {date.today()} | {machine} | `python benchmarks/loader.py` | {figures} |\n"
+    with open(REPO / "BENCHMARKS.md", "a") as f:
+        f.write(row)
+    print("appended to BENCHMARKS.md:", row.strip())
+
+
+if __name__ == "__main__":
+    main()
