@@ -6,7 +6,7 @@ images and the same cores, in the same run; 1 vs 2 Ray workers; peak memory at t
 
 Images: the 160 coco_tiny JPEGs repeated under new names (symlinks) into a temporary folder.
 Both sides run as their own process (`odis extract-boxes ...` / `python -c <bare loop>`) on the whole machine,
-with the same weights, imgsz, conf, iou, class-agnostic NMS and max boxes.
+with the same weights, imgsz, conf, iou, class-agnostic NMS, max boxes and batch size (--batch-size).
 Figures:
 - end-to-end img/s: images / wall time of the whole command (process start-up, Ray start-up, model loads included);
 - steady img/s: the rate after the first results. odis: from the mtimes of its parquet parts (--part-size 100:
@@ -40,10 +40,10 @@ import json, os, sys, tempfile, time
 os.environ.setdefault("YOLO_OFFLINE", "1"); os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
 t_start = float(sys.argv[1])
 from ultralytics import YOLO
-src, weights, imgsz, conf, iou, max_det = sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+src, weights, imgsz, conf, iou, max_det, batch = sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 model = YOLO(weights, task="detect")
 n, boxes, first = 0, 0, None
-for r in model.predict(source=src, stream=True, imgsz=imgsz, conf=conf, iou=iou, agnostic_nms=True, max_det=max_det, verbose=False):
+for r in model.predict(source=src, stream=True, imgsz=imgsz, conf=conf, iou=iou, agnostic_nms=True, max_det=max_det, batch=batch, verbose=False):
     n += 1; boxes += len(r.boxes)
     if first is None: first = time.time()
 print(json.dumps({"n": n, "boxes": boxes, "first": first, "last": time.time()}))
@@ -99,7 +99,7 @@ def run_odis(images: Path, out: Path, args, workers: int, env: dict) -> dict:
 def run_bare(images: Path, args, env: dict) -> dict:
     t0 = time.time()
     cmd = [sys.executable, "-c", BARE, str(t0), str(images), str(args.weights), str(args.imgsz), str(args.conf),
-           str(args.iou), str(args.max_boxes)]
+           str(args.iou), str(args.max_boxes), str(args.batch_size)]
     wall, peak, stdout = run_measured(cmd, env)
     r = json.loads(stdout.strip().splitlines()[-1])
     return {"wall": wall, "e2e": r["n"] / wall, "steady": (r["n"] - 1) / (r["last"] - r["first"]),
@@ -121,6 +121,7 @@ def main() -> None:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "YOLO_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     env.pop("OMP_NUM_THREADS", None)  # both sides get the machine's default threading
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="odis-bench-extract-"))
     try:
         small = make_images(SHARED / "data" / "coco_tiny", work / "small", args.images)
@@ -148,6 +149,7 @@ def main() -> None:
                f"odis {one['peak_mb']:.0f} MB at {args.images} img")
     if big:
         figures += f", {big['peak_mb']:.0f} MB at {args.big} img ({big['steady']:.1f} img/s steady)"
+    figures += f" (both with batch {args.batch_size}; load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)"
     print(figures)
     if not args.no_record:
         machine = f"{cores}-core CPU ({platform.processor() or platform.machine()}, dev VM)"
