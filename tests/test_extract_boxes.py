@@ -327,3 +327,33 @@ def test_extract_boxes_on_a_two_node_ray_cluster(yolo320, coco_tiny, tmp_path):
         for p in reversed(nodes):
             _stop(p)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# ---- detector output post-processing (pure) -----------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pipelines.detectors import finalize  # noqa: E402
+
+coord = st.floats(-50, 700, allow_nan=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(coord, coord, coord, coord, st.floats(0, 1)), max_size=40), st.integers(1, 640),
+       st.integers(1, 480), st.floats(0, 0.5), st.integers(1, 10))
+def test_finalize_keeps_best_boxes_inside_the_image(raw, w, h, min_area, max_boxes):
+    arr = np.asarray([r[:4] for r in raw], np.float64).reshape(-1, 4)
+    scores = np.asarray([r[4] for r in raw], np.float64)
+    boxes, s = finalize(arr, scores, w, h, min_area, max_boxes)
+    assert len(boxes) == len(s) <= max_boxes and boxes.dtype == np.float32
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= h).all()
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    area = (boxes[:, 2].astype(float) - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert (area >= min_area * w * h * (1 - 1e-5) - 1e-3).all()
+    assert (np.diff(s) <= 0).all()  # best first
+    # nothing better than the last kept box was dropped, unless it was too small or outside the image
+    clipped = np.clip(arr, 0, [w, h, w, h])
+    ok_area = np.clip(clipped[:, 2] - clipped[:, 0], 0, None) * np.clip(clipped[:, 3] - clipped[:, 1], 0, None)
+    eligible = (ok_area > 0) & (ok_area >= min_area * w * h)
+    assert len(s) == min(max_boxes, int(eligible.sum()))
