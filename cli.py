@@ -393,9 +393,13 @@ def _eval_finish(result: dict, out: Optional[Path], compare: Optional[Path]) -> 
     except ValueError as e:
         fail(str(e))
     for split, c in result.get("counts", {}).items():
-        if any(c.values()):
-            typer.echo(f"{split}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c.items() if v)
-                       + " (fell back to the whole image / left out)")
+        fell = {k: v for k, v in c.items() if v and k != "errors"}
+        if fell:
+            typer.echo(f"{split}: whole image used for " + ", ".join(f"{v} ({k.replace('_', ' ')})"
+                                                                     for k, v in fell.items()))
+        if c.get("errors"):
+            typer.secho(f"{split}: {c['errors']} unreadable sample(s) left out, first: "
+                        f"{result.get('errors', ['?'])[0]}", fg=typer.colors.YELLOW)
     if out is not None:
         typer.echo(f"wrote {out}")
 

@@ -219,3 +219,14 @@ def test_cli_knn_unlabelled_shards_fail_clearly(tiny_imagenet, backbone, tmp_pat
     r = _odis("eval", "knn", "--backbone", backbone, "--train", tmp_path / "nolabel", "--val", tmp_path / "nolabel",
               "--workers", "0")
     assert r.exit_code == 2 and "have no label" in r.output and "n01443537_0" in r.output
+
+
+def test_unreadable_sample_is_counted_not_fatal(tiny_imagenet, backbone, tmp_path):
+    good = next((tiny_imagenet / "train").glob("*/images/*_0.JPEG"))
+    key = good.stem
+    meta = {"image_id": key, "label": 0, "width": 64, "height": 64, "boxes": [[4, 4, 40, 40]], "scores": [1.0]}
+    bad = dict(meta, image_id="broken_1")
+    _write_shards(tmp_path / "mixed", [(key, good.read_bytes(), meta), ("broken_1", b"not a jpeg", bad)], 10)
+    f = _features(backbone, tmp_path / "mixed", "mask")
+    assert f.image_ids == [key] and f.counts["errors"] == 1
+    assert "broken_1" in f.errors[0] and "mixed" in f.errors[0]  # names the sample and the shard

@@ -20,7 +20,8 @@ def obj_attention_maps(model, img: Image.Image, box=None, size: int | None = Non
     v = box_view(img, box, "mask" if box is not None else "none", size, patch=model.patch_size)
     if box is not None and v.obj_mask is None:
         raise ValueError(f"the box {list(box)} lies outside the centre-cropped view ({v.fallback})")
-    m = v.obj_mask[None] if v.obj_mask is not None else None
-    att = model.eval().obj_attention(v.image[None].to(next(model.parameters()).device), obj_mask=m)
+    device = next(model.parameters()).device
+    m = v.obj_mask[None].to(device) if v.obj_mask is not None else None
+    att = model.eval().obj_attention(v.image[None].to(device), obj_mask=m)
     vbox = eval_crop(img.width, img.height, size).apply(np.asarray(box, float)) if box is not None else None
     return eval_view(img, size), att[0].float().cpu().numpy(), vbox

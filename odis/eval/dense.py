@@ -74,7 +74,7 @@ def retrieve_labels(query: torch.Tensor, memory: Memory, k: int = 30, beta: floa
     for start in range(0, q.shape[0], query_chunk):
         sims, idx = chunked_topk(q[start:start + query_chunk], memory.feats, k, memory_chunk)
         w = torch.softmax(sims / beta, dim=1)
-        out.append(torch.einsum("qk,qkc->qc", w, memory.labels.to(q.device)[idx]))
+        out.append(torch.einsum("qk,qkc->qc", w, memory.labels[idx.to(memory.labels.device)].to(q.device)))
     return torch.cat(out)
 
 
@@ -104,8 +104,8 @@ def miou(conf: torch.Tensor) -> tuple[float, list[float | None]]:
 
 def dense_nn_from_features(train_feats, train_hist, val_feats, val_masks, grid, num_classes, factors=DEFAULT_FACTORS,
                            k: int = 30, beta: float = 0.02, seed: int = 0, query_chunk: int = 4096,
-                           memory_chunk: int = 65536) -> list[dict]:
-    """mIoU for every memory factor, from precomputed patch features.
+                           memory_chunk: int = 65536, device: str = "cpu") -> list[dict]:
+    """mIoU for every memory factor, from precomputed patch features (the search runs on `device`).
 
     train_feats [B,P,D], train_hist [B,P,C]; val_feats [V,P,D]; val_masks [V,H,W] (labels, IGNORE skipped).
     """
@@ -114,7 +114,8 @@ def dense_nn_from_features(train_feats, train_hist, val_feats, val_masks, grid, 
     results = []
     for factor in factors:
         memory = subsample(train_feats, train_hist, order, factor)
-        soft = retrieve_labels(val_feats.reshape(-1, d), memory, k, beta, query_chunk, memory_chunk)
+        memory = Memory(memory.feats.to(device), memory.labels.to(device))
+        soft = retrieve_labels(val_feats.reshape(-1, d).to(device), memory, k, beta, query_chunk, memory_chunk).cpu()
         conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
         for i in range(v):  # upsample one image at a time: C x H x W floats each
             pred = upsample_predict(soft[i * p:(i + 1) * p][None], grid, tuple(val_masks.shape[-2:]))
@@ -143,7 +144,7 @@ def seg_batches(dataset, size: int, batch_size: int):
 
 @torch.inference_mode()
 def patch_features_of(model, dataset, size: int, batch_size: int = 16, device: str = "cpu", desc: str = "patches"):
-    """Last-block patch features [N, P, D] (after the final norm) and masks [N, S, S] of a SegDataset."""
+    """Last-block patch features [N, P, D] (after the final norm, float16) and masks [N, S, S] of a SegDataset."""
     from tqdm import tqdm
 
     model.eval().to(device)
@@ -152,7 +153,7 @@ def patch_features_of(model, dataset, size: int, batch_size: int = 16, device: s
                      desc=desc, unit="batch"):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             _, patches = model(x.to(device))
-        feats.append(patches.float().cpu())
+        feats.append(patches.half().cpu())  # stored in half precision: all patches of the memory set are kept
         masks.append(m)
     return torch.cat(feats), torch.cat(masks)
 
@@ -166,4 +167,5 @@ def dense_nn_eval(model, train_ds, val_ds, size: int = 512, factors=DEFAULT_FACT
     th = patch_histograms(tm, grid, train_ds.num_classes)
     del tm
     vf, vm = patch_features_of(model, val_ds, size, batch_size, device, "queries")
-    return dense_nn_from_features(tf, th, vf, vm, grid, train_ds.num_classes, factors, k, beta, seed)
+    return dense_nn_from_features(tf, th, vf, vm, grid, train_ds.num_classes, factors, k, beta, seed,
+                                  device=device)
