@@ -48,16 +48,17 @@ class Distiller(nn.Module):
                  drop_path_rate: float = 0.1, out_dim: int = 8192, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = False, student_temp: float = 0.1,
                  center_momentum: float = 0.9, lambda_obj: float = 1.0, lambda_patch: float = 1.0,
-                 attn_impl: str = "mask"):
+                 attn_impl: str = "mask", depth: int | None = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
-        backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl)
+        backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl,
+                           depth=depth)
         head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
         self.student = Student(backbone, head)
         # The teacher has no drop-path; it starts as a copy of the student and only follows it by EMA.
-        t_backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=0.0, attn_impl=attn_impl)
+        t_backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=0.0, attn_impl=attn_impl, depth=depth)
         t_backbone.load_state_dict(backbone.state_dict())
         self.teacher = Student(t_backbone, copy.deepcopy(head))
         for p in self.teacher.parameters():

@@ -48,15 +48,17 @@ class OdisViT(nn.Module):
     """timm ViT + iBOT mask token + [OBJ] masked attention. Outputs (OBJ [B,D], patches [B,N,D]) after the norm."""
 
     def __init__(self, arch: str = "vit_small_patch16_224", img_size: int = 224, patch_size: int | None = None,
-                 drop_path_rate: float = 0.0, attn_impl: str = "mask"):
+                 drop_path_rate: float = 0.0, attn_impl: str = "mask", depth: int | None = None):
         super().__init__()
         kwargs = dict(img_size=img_size, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
+        if depth is not None:  # fewer blocks: smoke tests and tiny demos
+            kwargs["depth"] = depth
         self.vit = timm.create_model(arch, pretrained=False, **kwargs)
         if getattr(self.vit, "cls_token", None) is None:
             raise ValueError(f"{arch}: ODIS needs a ViT with a [CLS] token (it becomes [OBJ])")
-        self.arch, self.img_size = arch, img_size
+        self.arch, self.img_size, self.depth = arch, img_size, len(self.vit.blocks)
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.embed_dim = self.vit.embed_dim
         self.num_heads = self.vit.blocks[0].attn.num_heads
@@ -77,7 +79,7 @@ class OdisViT(nn.Module):
 
     def config(self) -> dict:
         return {"arch": self.arch, "img_size": self.img_size, "patch_size": self.patch_size,
-                "embed_dim": self.embed_dim}
+                "embed_dim": self.embed_dim, "depth": self.depth}
 
     # ---- the forward pass ------------------------------------------------------------------------------------
 
@@ -198,7 +200,7 @@ def load_backbone(path: str | Path, arch: str | None = None, img_size: int | Non
     if arch is None:
         raise ValueError(f"{path}: no odis metadata in this file; pass the timm architecture (--arch)")
     model = OdisViT(arch, img_size=img_size or meta.get("img_size", 224),
-                    patch_size=patch_size or meta.get("patch_size"))
+                    patch_size=patch_size or meta.get("patch_size"), depth=meta.get("depth"))
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier is not a backbone
     missing, unexpected = model.vit.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -19,6 +19,7 @@ METHODS = ("odis", "ibot", "dino")
 class ModelConfig:
     arch: str = "vit_small_patch16_224"  # any timm VisionTransformer name
     patch_size: int | None = None  # override the arch's patch size (e.g. 8 for small images)
+    depth: int | None = None  # override the number of blocks (smoke tests, tiny demos)
     drop_path_rate: float = 0.1  # student only
     out_dim: int = 8192  # prototypes K
     hidden_dim: int = 2048

@@ -6,6 +6,7 @@ writes. Everything needed to continue a run lives in checkpoint.pt, and the data
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -64,7 +65,7 @@ def build_distiller(cfg: Config) -> Distiller:
                      out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
                      norm_last_layer=m.norm_last_layer, student_temp=lo.student_temp,
                      center_momentum=lo.center_momentum, lambda_obj=lo.lambda_obj, lambda_patch=lo.lambda_patch,
-                     attn_impl=m.attn_impl)
+                     attn_impl=m.attn_impl, depth=m.depth)
 
 
 @dataclass
@@ -78,22 +79,29 @@ class State:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG the loop touches, as tensors and plain types (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(s["python"])
     if s.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, state: State, cfg: Config) -> None:
+def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, state: State, cfg: Config,
+                    data_states: list[dict]) -> None:
     """Atomic: written to a temporary file, then renamed over the old checkpoint."""
     payload = {
         "step": state.step, "bad_steps": state.bad_steps, "bad_in_a_row": state.bad_in_a_row,
+        "data": data_states,  # each rank's exact data position
         "distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
         "config": _plain(cfg), "method": cfg.method,
         # what load_backbone reads: the teacher backbone under timm names
@@ -121,8 +129,9 @@ def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
     ck = torch.load(path, map_location="cpu", weights_only=True)
     distiller.load_state_dict(ck["distiller"])  # strict: a mismatch is an error, never silently random weights
     opt.load_state_dict(ck["optimizer"])
-    set_rng_state(ck["rng"])
-    return State(step=ck["step"], bad_steps=ck["bad_steps"], bad_in_a_row=ck["bad_in_a_row"])
+    # The RNG state is applied by the caller once the data loader has started (starting it draws from torch's RNG).
+    return State(step=ck["step"], bad_steps=ck["bad_steps"], bad_in_a_row=ck["bad_in_a_row"],
+                 extra={"data": ck.get("data") or [], "rng": ck["rng"]})
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
@@ -157,7 +166,7 @@ def to_views(batch: dict, device: torch.device, method: str, step: int, seed: in
     from trainer.data import augment_batch
 
     # The photometric randomness is a function of (seed, step, rank): resuming needs no generator state.
-    gen = torch.Generator(device=device.type).manual_seed(seed * 1_000_003 + step * 1009 + rank)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
     g, loc = augment_batch(batch, device, gen)
     obj = batch["obj_mask"].to(device, non_blocking=True) if method == "odis" else None
     valid = batch["obj_valid"].to(device, non_blocking=True) if method == "odis" else None
@@ -180,15 +189,15 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
     opt = torch.optim.AdamW(distiller.param_groups(), lr=0.0)
     ck = resolve_resume(resume, out)
     state = load_checkpoint(ck, distiller, opt) if ck else State()
-    if not ck:  # a different stream of randomness (drop-path) per rank
-        torch.manual_seed(cfg.seed * 7919 + dd.rank)
     model = distiller
     if dd.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
+    data_states = state.extra.get("data") or []
     loader = make_train_loader(cfg, distiller.student.backbone.patch_size, dd.rank, dd.world,
-                               start_step=state.step)
+                               start_step=state.step,
+                               state=data_states[dd.rank] if len(data_states) == dd.world else None)
     spe = loader.steps_per_epoch
     total = cfg.optim.epochs * spe
     stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
@@ -197,14 +206,22 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
     if dd.main:
         log.info(f"{cfg.method}: {stop - state.step} steps to go (epoch = {spe} steps of {batch_total} images), "
                  f"device {device}, {dd.world} process(es)" + (f", resumed from {ck}" if ck else ""))
-        for line in getattr(loader, "report", lambda: [])():
-            log.info(line)
+        if loader.box_report:
+            log.info("boxes: " + ", ".join(f"{k} {v}" for k, v in loader.box_report.items()))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     distiller.train()
     t_wait = t_last = time.perf_counter()
     wait = 0.0
+    # Starting the loader's workers draws from torch's RNG, so the first batch is fetched before the RNG state is
+    # set - in fresh and resumed runs alike - or a resumed run's drop-path would see shifted random numbers.
     it = iter(loader)
+    if state.step < stop:
+        it = itertools.chain([next(it)], it)
+    if ck:
+        set_rng_state(state.extra["rng"])
+    else:  # a different stream of randomness (drop-path) per rank
+        torch.manual_seed(cfg.seed * 7919 + dd.rank)
     while state.step < stop:
         batch = next(it)
         now = time.perf_counter()
@@ -247,10 +264,14 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
                         "bad_steps": state.bad_steps})
             log.write(row)
             t_last, wait = now, 0.0
-        if dd.main and (state.step % cfg.checkpoint_every == 0 or state.step == stop):
-            save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg)
+        if state.step % cfg.checkpoint_every == 0 or state.step == stop:
+            states = _gather(loader.state_dict(), dd)
+            if dd.main:
+                save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg, states)
         t_wait = time.perf_counter()
+    _check_ranks_agree(distiller, dd)
     if dd.main:
+        log.info(f"data: {loader.stats}")
         export_backbone(distiller.teacher.backbone, out / "backbone.safetensors")
         log.plot()
         log.info(f"done: {out / 'backbone.safetensors'} (teacher backbone, timm names)")
@@ -260,6 +281,24 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _check_ranks_agree(distiller: Distiller, dd: Dist) -> None:
+    """DDP keeps replicas identical; a silent divergence (e.g. a rank skipping a step alone) must not pass."""
+    if dd.world == 1:
+        return
+    sums = _gather([float(p.detach().double().sum()) for p in (*distiller.student.parameters(),
+                                                                 *distiller.teacher.parameters())], dd)
+    if any(s != sums[0] for s in sums[1:]):
+        raise RuntimeError("the processes ended with different weights: the replicas diverged")
+
+
+def _gather(obj, dd: Dist) -> list:
+    if dd.world == 1:
+        return [obj]
+    out = [None] * dd.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _all_finite(loss: torch.Tensor, dd: Dist) -> bool:

@@ -1,0 +1,167 @@
+"""The trainer end to end on real shards (Tiny-ImageNet subset): a short run, exact resume, DDP with gloo,
+and a box manifest that only partly matches the shards."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import load_config
+from trainer.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny but complete recipe: ViT-tiny with 2 blocks, 8-px patches, 32-px globals, 2 x 16-px locals.
+SMALL = ["model.arch=vit_tiny_patch16_224", "model.patch_size=8", "model.depth=2", "model.out_dim=128",
+         "model.hidden_dim=128", "model.bottleneck_dim=64", "model.drop_path_rate=0.1", "data.global_size=32",
+         "data.local_size=16", "data.n_local=2", "data.batch_size=8", "data.num_workers=2",
+         "data.shuffle_buffer=50", "optim.epochs=4", "optim.warmup_epochs=1", "log_every=1", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tin_shards(tiny_imagenet, tmp_path_factory) -> Path:
+    """3 classes x 50 real Tiny-ImageNet images with their GT boxes, sharded by the real `odis shard`."""
+    root = tmp_path_factory.mktemp("tin")
+    images = root / "train"  # the tiny-imagenet-200 layout: ROOT/train/<wnid>/images/*.JPEG + <wnid>_boxes.txt
+    wnids = sorted(os.listdir(tiny_imagenet / "train"))[:3]
+    for wnid in wnids:
+        shutil.copytree(tiny_imagenet / "train" / wnid, images / wnid)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    manifest = root / "gt.parquet"
+    run(["import-boxes", "--format", "tiny-imagenet", "--images", str(root), "--out", str(manifest)])
+    out = root / "shards"
+    run(["shard", "--images", str(images), "--out", str(out), "--labels", "folder", "--manifest", str(manifest),
+         "--max-samples", "40"])
+    return out
+
+
+def run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True, **kw)
+    assert res.returncode == 0, f"odis {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def _cfg(shards: Path, out: Path, *extra: str):
+    return load_config(overrides=[*SMALL, f"data.shards={shards}", f"out={out}", *extra])
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float, float]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["loss_obj"]), float(r["loss_patch"])) for r in csv.DictReader(f)]
+
+
+def test_short_run_writes_a_loadable_backbone(tin_shards, tmp_path):
+    out = tmp_path / "run"
+    final = train(_cfg(tin_shards, out, "max_steps=12"), progress=False)
+    rows = _losses(out)
+    assert [r[0] for r in rows] == list(range(1, 13))
+    assert all(torch.isfinite(torch.tensor(r[1:])).all() for r in rows)
+    assert final["step"] == 12
+    for name in ("config.yaml", "checkpoint.pt", "backbone.safetensors", "metrics.csv", "plots/loss.png"):
+        assert (out / name).is_file(), name
+    vit = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=2, img_size=32, num_classes=0)
+    vit.load_state_dict(load_file(str(out / "backbone.safetensors")), strict=True)
+    # the exported backbone is the teacher's, not the initial weights
+    fresh = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=2, img_size=32, num_classes=0)
+    assert not torch.equal(vit.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
+    assert load_config(out / "config.yaml") == _cfg(tin_shards, out, "max_steps=12")
+
+
+def test_resume_continues_with_the_same_losses(tin_shards, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(_cfg(tin_shards, straight, "max_steps=10"), progress=False)
+    train(_cfg(tin_shards, split, "max_steps=4"), progress=False)
+    train(_cfg(tin_shards, split, "max_steps=10"), resume="auto", progress=False)
+    a, b = _losses(straight), _losses(split)
+    assert [r[0] for r in b] == list(range(1, 11))  # no duplicated or missing rows after the resume
+    for ra, rb in zip(a, b):
+        assert ra == pytest.approx(rb, rel=1e-5, abs=1e-6), (ra, rb)
+    wa = torch.load(straight / "checkpoint.pt", weights_only=True)["distiller"]
+    wb = torch.load(split / "checkpoint.pt", weights_only=True)["distiller"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tin_shards, tmp_path):
+    """SIGKILL in the middle of a run; the checkpoint on disk stays whole and the rerun finishes the job."""
+    out = tmp_path / "killed"
+    args = ["train", "--shards", str(tin_shards), "--out", str(out), "--quiet", *SMALL,
+            "checkpoint_every=2", "max_steps=14"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = 240
+        import time
+
+        t0 = time.time()
+        while not (out / "checkpoint.pt").is_file() and time.time() - t0 < deadline:
+            time.sleep(0.2)
+        assert (out / "checkpoint.pt").is_file(), "no checkpoint was written"
+        proc.kill()
+    finally:
+        proc.wait()
+    done = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= done < 14
+    res = run([*args, "--resume", "auto"])
+    assert f"resumed from {out / 'checkpoint.pt'}" in res.stdout + res.stderr
+    steps = [r[0] for r in _losses(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 14
+
+
+def test_ddp_two_cpu_processes(tin_shards, tmp_path):
+    """torchrun with gloo: the ranks train on different samples and end with identical weights (the trainer
+    compares them across ranks at the end and fails otherwise)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "cli", "train", "--shards", str(tin_shards), "--out", str(out), "--quiet", *SMALL,
+           "max_steps=4", "data.num_workers=1"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout + res.stderr
+    assert (out / "backbone.safetensors").is_file()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(ck["data"]) == 2  # each rank's data position
+
+
+def test_ranks_draw_different_samples(tin_shards):
+    from trainer.data import make_train_loader
+
+    cfg = _cfg(tin_shards, "unused", "data.num_workers=0")
+    keys = [next(iter(make_train_loader(cfg, 8, rank, 2)))["key"] for rank in (0, 1)]
+    assert keys[0] != keys[1]
+
+
+def test_partial_manifest_reports_counts(tin_shards, tmp_path):
+    """--boxes with a manifest that covers only some shard images, plus ids that are in no shard."""
+    index = pd.read_json(tin_shards / "index.json", typ="series")
+    from odis.shards import list_shards
+    import webdataset as wds
+
+    keys = [s["__key__"] for s in wds.WebDataset(list_shards(str(tin_shards)), shardshuffle=False)]
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+
+    cols = empty_columns()
+    for k in keys[:30]:
+        add_row(cols, k, f"{k}.JPEG", 64, 64, "yolo", box=(8, 8, 40, 40), score=0.9)
+    for i in range(5):
+        add_row(cols, f"not_in_shards_{i}", f"x{i}.JPEG", 64, 64, "yolo", box=(0, 0, 10, 10), score=0.9)
+    manifest = tmp_path / "partial.parquet"
+    write_manifest(table_from_columns(cols), manifest, make_metadata("yolo", tmp_path, "stem"))
+    res = run(["train", "--shards", str(tin_shards), "--boxes", str(manifest), "--out", str(tmp_path / "p"),
+               "--quiet", *SMALL, "max_steps=2"])
+    text = res.stdout + res.stderr
+    assert "boxes:" in text
+    report = text[text.index("boxes:"):].splitlines()[0]
+    assert "30" in report and "5" in report, report  # 30 matched images, 5 manifest ids in no shard
+    assert len(index["shards"]) >= 1
