@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
 from odis.manifest import (ManifestError, add_row, empty_columns, image_id_for, image_ids_in, make_metadata,
-                           manifest_files, manifest_metadata, read_manifest, sha256_of, table_from_columns,
+                           manifest_files, manifest_metadata, sha256_of, table_from_columns,
                            write_manifest)
 from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector
 
@@ -303,11 +303,3 @@ def _run(cfg: ExtractConfig, todo: list[dict], staging: Path, meta: dict, summar
     summary.boxes, summary.no_box_images = counts["boxes"], counts["no_box_images"]
     summary.error_images = counts["error_images"]
 
-
-def summarize_manifest(out: str | os.PathLike) -> dict:
-    """Images, boxes, no-box and error counts of a whole manifest (all runs together)."""
-    t = read_manifest(out, columns=["image_id", "x0", "error"]).to_pandas()
-    return {"images": int(t.image_id.nunique()), "boxes": int(t.x0.notna().sum()),
-            "no_box_images": int(t.groupby("image_id").x0.count().eq(0).sum()
-                                 - t.loc[t.error.notna(), "image_id"].nunique()),
-            "error_images": int(t.loc[t.error.notna(), "image_id"].nunique())}

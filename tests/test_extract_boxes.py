@@ -2,8 +2,6 @@
 path, OpenCV selective search; the bad-input corpus; resume after a kill; safe image loading."""
 from __future__ import annotations
 
-import io
-import json
 import os
 import shutil
 import signal
