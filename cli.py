@@ -608,13 +608,13 @@ def show_attention_cmd(
 ) -> None:
     """The OBJ token's last-block attention per head (paper Fig. 10/11)."""
     from odis.eval.attention import obj_attention_maps
+    from odis.eval.protocols import open_backbone
     from odis.imageio import ImageDecodeError, load_image
-    from odis.model import load_backbone
     from odis.viz import attention_figure
 
     b = _show_box(box)
     try:
-        model = load_backbone(backbone, arch=arch, img_size=size)
+        model = open_backbone(backbone, arch)
         view, att, vbox = obj_attention_maps(model, load_image(image), b, size)
     except (FileNotFoundError, ValueError, ImageDecodeError) as e:
         fail(str(e))

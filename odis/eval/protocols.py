@@ -62,10 +62,19 @@ def _labelled(f: Features, split: str, spec: str) -> Features:
     return f
 
 
-def _setup(backbone, arch, size, mode, box_select, boxes, device):
+def open_backbone(backbone, arch=None):
+    """The backbone at its own training size (another input size interpolates the position embeddings, timm's
+    dynamic_img_size); a checkpoint whose tensors do not fit the architecture is a ValueError naming the file."""
     from odis.model import load_backbone
 
-    model = load_backbone(backbone, arch=arch, img_size=size)
+    try:
+        return load_backbone(backbone, arch=arch)
+    except RuntimeError as e:  # torch's size-mismatch report
+        raise ValueError(f"{backbone}: does not fit {arch or 'its recorded architecture'}: {e}") from None
+
+
+def _setup(backbone, arch, size, mode, box_select, boxes, device):
+    model = open_backbone(backbone, arch)
     size = size or model.img_size
     cfg = ViewConfig(mode=mode, size=size, patch=model.patch_size, box_select=box_select)
     manifest = manifest_boxes(boxes) if boxes else None
@@ -126,9 +135,8 @@ def run_dense(backbone, dataset, root, train_split, val_split, size=512, factors
     """Hummingbird dense NN retrieval mIoU for each memory subsampling factor."""
     from odis.eval.dense import dense_nn_eval
     from odis.eval.segdata import open_dataset
-    from odis.model import load_backbone
 
-    model = load_backbone(backbone, arch=arch)
+    model = open_backbone(backbone, arch)
     if size % model.patch_size:
         raise ValueError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
     tr = open_dataset(dataset, root, train_split).subset(max_train)
