@@ -276,6 +276,8 @@ def shard_cmd(
                           ray_address=ray_address, progress=progress, on_plan=on_plan)
     except (ShardError, ManifestError) as e:
         fail(str(e))
+    except OSError as e:  # disk full, permissions, a vanished mount: say so, the run resumes after a fix
+        fail(f"writing shards to {out}: {e}; rerun the same command to resume")
     finally:
         if bar is not None:
             bar.close()
