@@ -117,12 +117,15 @@ class MavlDetector:
         import torchvision
 
         torch, c = self.torch, self.cfg
-        kwargs = {"size": {"height": c.imgsz, "width": c.imgsz}} if c.imgsz else {}
+        kwargs = {}
+        if c.imgsz:  # another input size than the model's: resize there and interpolate the position embeddings
+            size = {"height": c.imgsz, "width": c.imgsz}
+            kwargs = {"size": size} if self.owlv2 else {"size": size, "crop_size": size}
         pixels = self.processor(images=images, return_tensors="pt", **kwargs)["pixel_values"].to(c.device)
         n = len(images)
         text = {k: v.repeat(n, 1) for k, v in self.text.items()}
         with torch.inference_mode():
-            outputs = self.model(pixel_values=pixels, **text)
+            outputs = self.model(pixel_values=pixels, **text, interpolate_pos_encoding=bool(c.imgsz))
         # logits [n, patches, queries]; pred_boxes [n, patches, 4] normalised (cx, cy, w, h)
         scores = outputs.logits.sigmoid().amax(dim=-1).float().cpu()
         cxcywh = outputs.pred_boxes.float().cpu()

@@ -244,6 +244,13 @@ def test_mavl_on_a_tiny_random_owlvit(ray_local, coco_tiny, tmp_path):
         iou = box_iou(g[["x0", "y0", "x1", "y1"]].to_numpy(), g[["x0", "y0", "x1", "y1"]].to_numpy())
         assert (iou[~np.eye(len(g), dtype=bool)] <= 0.5 + 1e-4).all()
     assert manifest_metadata(out)["iou"] == 0.5
+    # another input size than the model's (position embeddings interpolated), straight through the detector
+    from pipelines.detectors import DetectorConfig, build_detector
+
+    det = build_detector(DetectorConfig("mavl", weights=str(weights), conf=0.0, iou=0.5, max_boxes=5, imgsz=96))
+    ims = [load_image(p) for p in sorted(images.iterdir())[:2]]
+    for im, (boxes, scores) in zip(ims, det(ims)):
+        assert 1 <= len(boxes) <= 5 and (boxes[:, 2] <= im.width).all() and (boxes[:, 3] <= im.height).all()
 
 
 def test_mavl_without_weights_is_a_clear_error(tmp_path, coco_tiny):
