@@ -629,11 +629,14 @@ def show_attention_cmd(
 
 @show_app.command("views")
 def show_views_cmd(
-    image: Path = typer.Option(..., "--image", help="An image file."),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image file (or use --shards and --key)."),
     box: Optional[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 object box in image pixels (default: the "
                                       "whole image, as for images without boxes)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Take the sample from these shards instead..."),
+    key: Optional[str] = typer.Option(None, "--key", help="...with this key (image_id); one of its boxes is "
+                                      "drawn at random, as the trainer does."),
     method: str = typer.Option("odis", "--method", help="odis (object-aware crops) | ibot | dino (random crops)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random crops and masks."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the box choice, the random crops and the masks."),
     global_size: int = typer.Option(224, "--global-size"),
     local_size: int = typer.Option(96, "--local-size"),
     n_local: int = typer.Option(10, "--n-local"),
@@ -644,19 +647,33 @@ def show_views_cmd(
     (green) and MIM-masked patches (blue); the local views."""
     import numpy as np
 
+    from odis.boxes import sample_box
     from odis.imageio import ImageDecodeError, load_image
     from odis.views import ViewMaker
     from odis.viz import views_figure
 
-    b = _show_box(box)
+    if (image is None) == (shards is None) or (shards is not None and not key):
+        fail("give either --image (with an optional --box) or --shards with --key")
+    rng = np.random.default_rng(seed)
     try:
-        img = np.asarray(load_image(image))
+        if shards is not None:
+            from odis.shards import iter_samples
+
+            sample_ = next((x for x in iter_samples(shards) if x.key == key), None)
+            if sample_ is None:
+                fail(f"{shards}: no sample with key {key!r}")
+            img = np.asarray(load_image(sample_.image, name=f"{sample_.shard}:{key}"))
+            all_boxes = np.asarray(sample_.meta.get("boxes") or [], float).reshape(-1, 4)
+            b = all_boxes[sample_box(all_boxes, "uniform", rng)].tolist() if len(all_boxes) else None
+        else:
+            img = np.asarray(load_image(image))
+            b = _show_box(box)
         maker = ViewMaker(global_size=global_size, local_size=local_size, n_local=n_local, patch_size=patch,
                           method=method)
-    except (ImageDecodeError, ValueError) as e:
+    except (ImageDecodeError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     boxes = np.array([b], float) if b else np.zeros((0, 4))
-    sample = maker(img, boxes, np.random.default_rng(seed))
+    sample = maker(img, boxes, rng)
     shown = b if b else [0, 0, img.shape[1], img.shape[0]]
     pic = views_figure(img, sample, shown if method == "odis" else None)
     out.parent.mkdir(parents=True, exist_ok=True)

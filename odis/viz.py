@@ -189,10 +189,10 @@ def views_figure(image: np.ndarray, sample: dict, box=None, cell: int = 256) -> 
         g = sample["global"][v].transpose(1, 2, 0)
         g = tint(g, sample["obj_mask"][v], OBJ_COLOR)
         g = tint(g, sample["mim_mask"][v], MIM_COLOR)
-        gi = Image.fromarray(g)
-        if sample["obj_valid"][v]:
-            gi = draw_boxes(gi, sample["obj_box"][v])
-        top.append(gi.resize((cell, cell), Image.BILINEAR))
+        gi = Image.fromarray(g).resize((cell, cell), Image.BILINEAR)
+        if sample["obj_valid"][v]:  # drawn after resizing, so the line width does not depend on the view size
+            gi = draw_boxes(gi, np.asarray(sample["obj_box"][v], float) * (cell / g.shape[1]))
+        top.append(gi)
     half = cell // 2
     locals_ = [Image.fromarray(x.transpose(1, 2, 0)).resize((half, half), Image.BILINEAR) for x in sample["local"]]
     rows = math.ceil(len(locals_) / 6)

@@ -124,6 +124,9 @@ def test_select_box():
     assert select_box(boxes, np.array([0.9, 0.1, 0.5]), "score").tolist() == [0, 0, 10, 10]
     assert select_box(boxes, None, "union").tolist() == [0, 0, 41, 41]
     assert select_box(np.zeros((0, 4)), None, "largest") is None
+    # an empty box is skipped, and its score with it
+    with_empty = np.array([[3, 3, 3, 9], [0, 0, 10, 10], [5, 5, 30, 30]], float)
+    assert select_box(with_empty, np.array([1.0, 0.2, 0.1]), "score").tolist() == [0, 0, 10, 10]
     with pytest.raises(ValueError, match="box_select"):
         select_box(boxes, None, "biggest")
 

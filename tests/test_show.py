@@ -116,3 +116,26 @@ def test_show_views(coco_tiny, tmp_path):
     assert "yes, yes" in r.output
     g = pic[:256, 256:768].astype(int)
     assert ((g[..., 1] - g[..., 0] > 60) & (g[..., 1] - g[..., 2] > 60)).sum() > 500
+
+
+def test_show_views_from_shards(tiny_imagenet, tmp_path):
+    import json
+
+    import webdataset as wds
+
+    img = next((tiny_imagenet / "train").glob("*/images/*_3.JPEG"))
+    meta = {"image_id": img.stem, "label": 0, "width": 64, "height": 64, "boxes": [[8, 16, 40, 60]],
+            "scores": [1.0]}
+    (tmp_path / "s").mkdir()
+    with wds.ShardWriter(str(tmp_path / "s" / "s-%06d.tar"), maxcount=10, verbose=0) as w:
+        w.write({"__key__": img.stem, "jpg": img.read_bytes(), "json": json.dumps(meta).encode()})
+    out = tmp_path / "v.png"
+    r = _odis("show", "views", "--shards", tmp_path / "s", "--key", img.stem, "--global-size", "64",
+              "--local-size", "32", "--n-local", "2", "--patch", "8", "--out", out)
+    assert r.exit_code == 0, r.output
+    pic = np.asarray(Image.open(out).convert("RGB"))
+    assert pic.shape == (256 + 128, 768, 3)
+    # the shard's box, fitted into the first cell (64 px image -> 256 px): its left edge is red
+    assert tuple(pic[int(38 * 4), 8 * 4 + 1]) == BOX_COLOR
+    r = _odis("show", "views", "--shards", tmp_path / "s", "--key", "missing", "--out", out)
+    assert r.exit_code == 2 and "no sample with key 'missing'" in r.output

@@ -70,14 +70,14 @@ def eval_view(img: Image.Image, size: int = 224, resize: int | None = None) -> I
 def select_box(boxes: np.ndarray, scores: np.ndarray | None = None, how: str = "largest") -> np.ndarray | None:
     """One box out of several: `largest` area, highest `score`, or the `union` (enclosing box) of all."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    boxes = boxes[~is_empty(boxes)] if len(boxes) else boxes
+    keep = ~is_empty(boxes) if len(boxes) else np.zeros(0, bool)
+    scores = np.asarray(scores, np.float64)[keep] if scores is not None and len(scores) == len(boxes) else None
+    boxes = boxes[keep]
     if len(boxes) == 0:
         return None
-    if how == "largest":
+    if how == "largest" or (how == "score" and scores is None):
         return boxes[int(np.argmax(box_area(boxes)))]
     if how == "score":
-        if scores is None or len(scores) != len(boxes):
-            return boxes[int(np.argmax(box_area(boxes)))]
         return boxes[int(np.argmax(scores))]
     if how == "union":
         return np.concatenate([boxes[:, :2].min(0), boxes[:, 2:].max(0)])
