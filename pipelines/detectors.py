@@ -180,6 +180,18 @@ class SelectiveSearchDetector:
         return [self._one(im) for im in images]
 
 
+def check_detector(cfg: DetectorConfig) -> None:
+    """Fail early, in the driver, with a clear message (a failure inside a Ray actor is harder to read)."""
+    if cfg.name not in DETECTORS:
+        raise ValueError(f"unknown detector {cfg.name!r}, expected one of {DETECTORS}")
+    if cfg.name == "selective-search":
+        _ximgproc()
+    elif cfg.name == "mavl" and not (cfg.weights and Path(cfg.weights).is_dir()):
+        raise ValueError(f"--detector mavl needs --weights FOLDER (a local OWL-ViT/OWLv2 model), got {cfg.weights!r}")
+    elif cfg.name == "yolo" and not cfg.weights:
+        raise ValueError("--detector yolo needs --weights (a local .pt file or an exported model folder)")
+
+
 def build_detector(cfg: DetectorConfig):
     """The detector for `cfg.name` (one of DETECTORS)."""
     if cfg.name == "yolo":

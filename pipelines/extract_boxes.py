@@ -13,6 +13,7 @@ finished parts and never leaves half-written or duplicated rows. `overwrite=True
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -27,7 +28,7 @@ from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load
 from odis.manifest import (ManifestError, add_row, empty_columns, image_id_for, image_ids_in, make_metadata,
                            manifest_files, manifest_metadata, sha256_of, table_from_columns,
                            write_manifest)
-from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector
+from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector, check_detector
 
 # Metadata that must agree for a resumed run to add rows to an existing manifest.
 _RESUME_KEYS = ("source", "images_root", "weights_sha256", "conf", "iou", "max_boxes", "min_area", "imgsz")
@@ -236,6 +237,7 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     out, root = Path(cfg.out), Path(cfg.images)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a folder")
+    check_detector(cfg.detector)
     staging = staging_dir(out)
     if cfg.overwrite:
         for p in (out, staging):
@@ -248,7 +250,14 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     try:
         if todo:
-            _run(cfg, todo, staging, meta, summary)
+            try:
+                _run(cfg, todo, staging, meta, summary)
+            except ray.exceptions.RayError as e:  # e.g. the detector failed to load in its actor
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", ln)]
+                cause = (raised or lines or [type(e).__name__])[-1]  # the root exception is raised last
+                raise RuntimeError(f"the Ray job failed: {cause} (finished parts are kept in {staging}; "
+                                   "rerun to resume)") from e
         if staging.is_dir():
             _promote(staging, out)
         elif not out.exists():  # nothing to do and nothing yet: an empty but valid manifest
