@@ -21,7 +21,6 @@ from odis.masking import BlockMasker
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision default, used by DINO/iBOT)
 
-cv2.setNumThreads(1)  # loader workers are the parallelism; cv2's own threads would oversubscribe the cores
 
 
 def random_resized_crop(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], out_size: int,

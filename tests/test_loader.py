@@ -331,3 +331,11 @@ def test_decode_paths_agree(coco_tiny, monkeypatch):
     monkeypatch.setattr(D, "MAX_PIXELS", 1000)
     with pytest.raises(D.BadSample, match="bomb.jpg: refused, 2400x1600"):
         D.decode_image(big, "bomb.jpg")
+
+
+def test_shards_without_index_count_their_keys(tin_shards, tmp_path):
+    for p in tin_shards.glob("*.tar"):
+        (tmp_path / p.name).symlink_to(p)
+    loader = make_train_loader(tiny_cfg(tmp_path, workers=0), 8)
+    assert loader.epoch_samples == N_CLASSES * PER_CLASS + 16
+    assert take(loader, 1)[0]["global"].shape[:2] == (2, 8)

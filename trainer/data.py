@@ -456,7 +456,8 @@ class TrainLoader:
                 "seed": self.spec.seed}
 
 
-def _epoch_samples(spec_str: str, urls: list[str], keys: list[str] | None) -> int | None:
+def _index_total(spec_str: str, urls: list[str]) -> int | None:
+    """Samples in the shard set per its index.json (beside the spec or the first shard), None without one."""
     from odis.shards import INDEX_NAME, _is_remote, _local_path, read_index
 
     candidates = [spec_str] if not _is_remote(spec_str) else []
@@ -467,7 +468,7 @@ def _epoch_samples(spec_str: str, urls: list[str], keys: list[str] | None) -> in
         if (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.suffix == ".json" and p.is_file()):
             index = read_index(p)
             return int(index.get("num_samples") or sum(sh["count"] for sh in index["shards"]))
-    return len(set(keys)) if keys is not None else None
+    return None
 
 
 def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
@@ -482,7 +483,12 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
     if not urls:
         raise FileNotFoundError(f"{d.shards}: no shards")
     table = BoxTable.from_manifest(d.boxes) if d.boxes else None
-    keys = shard_keys(urls) if (rank == 0 and table is not None) or d.epoch_samples is None else None
+    total = d.epoch_samples or _index_total(d.shards, urls)
+    keys = None
+    if (rank == 0 and table is not None) or not total:
+        log.info("reading the sample keys of %d shard(s) from their tar headers", len(urls))
+        keys = shard_keys(urls)
+        total = total or (len(set(keys)) if keys is not None else None)
     report = None
     if table is not None and rank == 0:
         report = dict(table.stats, box_table_bytes=table.nbytes)
@@ -491,7 +497,6 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         else:
             report["shard_keys"] = "unknown (remote shards): shard/manifest overlap not counted"
         log.info("boxes: %s", report)
-    total = d.epoch_samples or _epoch_samples(d.shards, urls, keys)
     if not total:
         raise ValueError(f"{d.shards}: cannot tell the number of images (no index.json); set data.epoch_samples")
     steps = max(1, total // (d.batch_size * world_size))
@@ -517,7 +522,9 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
 
 
 def _worker_init(_):
-    torch.set_num_threads(1)  # workers only stack arrays; the training process owns the cores' BLAS threads
+    # The workers are the parallelism: cv2's and torch's own thread pools would oversubscribe the cores.
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 # ---- on the device ---------------------------------------------------------------------------------------------
