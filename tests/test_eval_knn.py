@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -33,7 +32,7 @@ def loop_knn(train, train_y, test, test_y, k, T, num_classes):
     return 100.0 * top1 / n, 100.0 * top5 / n
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n_train=st.integers(1, 60), n_test=st.integers(1, 30), classes=st.integers(1, 8), seed=st.integers(0, 10**6),
        test_chunk=st.integers(1, 40), train_chunk=st.integers(1, 70))
 def test_knn_matches_loop(n_train, n_test, classes, seed, test_chunk, train_chunk):
@@ -49,6 +48,12 @@ def test_knn_matches_loop(n_train, n_test, classes, seed, test_chunk, train_chun
         exp1, exp5 = loop_knn(train, train_y, test, test_y, min(r.k, n_train), 0.07, classes)
         assert r.top1 == pytest.approx(exp1) and r.top5 == pytest.approx(exp5), (r, exp1, exp5)
         assert r.k_effective == min(r.k, n_train)
+
+
+def test_chunked_topk_sorted_when_the_bank_fits_in_k():
+    q, bank = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    s, i = chunked_topk(q, bank, 5, bank_chunk=1)
+    assert i.tolist() == [[1, 2, 0]] and torch.allclose(s, torch.tensor([[1.0, 0.6, 0.0]]))
 
 
 def test_chunked_topk_equals_full_topk():

@@ -36,7 +36,9 @@ def chunked_topk(queries: torch.Tensor, bank: torch.Tensor, k: int, bank_chunk: 
         if best_s.shape[1] > k:  # keep only the running best k
             best_s, order = best_s.topk(k, dim=1)
             best_i = best_i.gather(1, order)
-    return best_s, best_i
+    # sorted also when the whole bank fit in k (no topk ran over the concatenation)
+    best_s, order = best_s.sort(dim=1, descending=True)
+    return best_s, best_i.gather(1, order)
 
 
 def weighted_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, T: float) -> torch.Tensor:
