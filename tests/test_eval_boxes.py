@@ -233,3 +233,21 @@ def test_unreadable_sample_is_counted_not_fatal(tiny_imagenet, backbone, tmp_pat
     f = _features(backbone, tmp_path / "mixed", "mask")
     assert f.image_ids == [key] and f.counts["errors"] == 1
     assert "broken_1" in f.errors[0] and "mixed" in f.errors[0]  # names the sample and the shard
+
+
+def test_manifest_boxes_are_scaled_to_the_stored_image(tmp_path):
+    from odis.eval.features import box_for_sample, manifest_boxes
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+
+    cols = empty_columns()
+    add_row(cols, "a", "a.jpg", 128, 256, "yolo", box=(20, 40, 60, 80), score=0.9)
+    add_row(cols, "a", "a.jpg", 128, 256, "yolo", box=(0, 0, 100, 200), score=0.3)
+    add_row(cols, "b", "b.jpg", 128, 256, "yolo", box=None)
+    path = write_manifest(table_from_columns(cols), tmp_path / "m.parquet", make_metadata("yolo", None, "path"))
+    man = manifest_boxes(path)
+    stored = Image.new("RGB", (64, 64))  # the shard holds a resized copy: 0.5 x 0.25
+    assert box_for_sample(stored, {}, "a", man, "score").tolist() == [10, 10, 30, 20]
+    assert box_for_sample(stored, {}, "a", man, "largest").tolist() == [0, 0, 50, 50]
+    assert box_for_sample(stored, {}, "b", man, "largest") is None      # processed, no box
+    assert box_for_sample(stored, {"boxes": [[1, 2, 3, 4]]}, "c", man, "largest") is None  # not in the manifest
+    assert box_for_sample(stored, {"boxes": [[1, 2, 3, 4]]}, "c", None, "largest").tolist() == [1, 2, 3, 4]
