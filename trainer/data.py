@@ -40,6 +40,10 @@ from odis.views import RATIO, ViewMaker
 
 log = logging.getLogger("odis.data")
 
+# cv2 single-threaded in this process too: DataLoader workers are forked, and a child that inherits a started cv2
+# thread pool (from cv2 work in the parent, e.g. num_workers=0 runs or tools) deadlocks in its first cv2 call.
+cv2.setNumThreads(1)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = 64_000_000  # refuse larger images before decoding (decompression bombs); as odis.imageio
 MAX_WARNINGS_PER_WORKER = 20
