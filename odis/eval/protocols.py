@@ -200,10 +200,15 @@ def load_result(path: str | Path) -> dict:
 
 
 def write_result(result: dict, path: str | Path) -> None:
+    """The result as JSON (a non-finite number becomes null, so the file stays valid JSON)."""
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
         return v
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2, default=clean))
+    Path(path).write_text(json.dumps(clean(result), indent=2, allow_nan=False))
