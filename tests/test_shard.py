@@ -393,3 +393,63 @@ def test_sample_meta_scales_and_clips_boxes():
     assert meta["boxes"][1][:2] == [10.5 * 341 / 640, 20.25 * 256 / 480] and meta["scores"] == [1.0, 0.5]
     meta, warn = sample_meta(item, Prepared("jpg", b"", 480, 640, 480, 640))  # not the image the manifest saw
     assert meta["boxes"] == [] and "differs" in warn and meta["label"] == 3
+
+
+def test_shard_on_a_two_node_ray_cluster(tin_root, tmp_path):
+    """`odis shard --ray-address`: one task per shard on a real two-node cluster (both nodes on this machine,
+    sharing the filesystem); the shards equal a local run's. The nodes are stopped by killing their own process
+    groups, never with `ray stop` (which would stop every Ray process on the machine)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    # A private, short temp dir (Ray's socket paths must stay under 108 bytes): no other Ray user attaches to
+    # this cluster by accident.
+    temp = Path(tempfile.mkdtemp(prefix="odis-shard-ray-", dir="/tmp"))
+    start = dict(env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def alive() -> int:
+        r = subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True, text=True,
+                           timeout=60)
+        return sum(" node_" in line for line in r.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0].splitlines())
+
+    nodes = []
+    try:
+        nodes.append(subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                       f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                                       f"--temp-dir={temp}"], **start))
+        deadline = time.time() + 90
+        while alive() < 1 and time.time() < deadline:
+            time.sleep(1)
+        nodes.append(subprocess.Popen(["ray", "start", "--block", f"--address={address}", "--num-cpus=1"], **start))
+        while alive() < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert alive() == 2, "the two-node test cluster did not come up"
+        out = tmp_path / "cluster" / "tin"
+        r = subprocess.run([sys.executable, "-m", "cli", "shard", "--images", str(tin_root), "--out", str(out),
+                            "--labels", "folder", "--max-samples", "50", "--ray-address", address], env=env,
+                           capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[1])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "4 shard(s), 200 samples" in r.stdout
+    finally:
+        for p in reversed(nodes):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+    odis("shard", "--images", tin_root, "--out", tmp_path / "local" / "tin", "--labels", "folder",
+         "--max-samples", 50, "--num-workers", 1)
+    assert [s["sha256"] for s in index_of(out)["shards"]] == [
+        s["sha256"] for s in index_of(tmp_path / "local" / "tin")["shards"]]
