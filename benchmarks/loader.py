@@ -47,22 +47,20 @@ COCO = SHARED / "data" / "coco_tiny"
 
 
 def load_coco(limit: int | None) -> list[dict]:
-    """[{key, bytes, width, height, boxes}] from coco_tiny's images and instance annotations."""
-    from pycocotools.coco import COCO as Api
-
+    """[{key, bytes, width, height, boxes}] from coco_tiny's images and instance annotations (plain json)."""
     out = []
     for split in ("train2017", "val2017"):
-        api = Api(str(COCO / "annotations" / f"instances_{split}.json"))
-        for img_id in sorted(api.getImgIds()):
-            info = api.loadImgs(img_id)[0]
+        ann = json.loads((COCO / "annotations" / f"instances_{split}.json").read_text())
+        boxes: dict[int, list] = {}
+        for a in ann["annotations"]:
+            x, y, w, h = a["bbox"]
+            if not a.get("iscrowd") and w > 1 and h > 1:
+                boxes.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+        for info in sorted(ann["images"], key=lambda i: i["id"]):
             f = COCO / split / info["file_name"]
-            if not f.is_file():
-                continue
-            anns = api.loadAnns(api.getAnnIds(imgIds=img_id, iscrowd=False))
-            boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                     for a in anns if a["bbox"][2] > 1 and a["bbox"][3] > 1]
-            out.append({"key": f"{img_id:012d}", "bytes": f.read_bytes(), "width": info["width"],
-                        "height": info["height"], "boxes": boxes})
+            if f.is_file():
+                out.append({"key": f"{info['id']:012d}", "bytes": f.read_bytes(), "width": info["width"],
+                            "height": info["height"], "boxes": boxes.get(info["id"], [])})
     return out[:limit] if limit else out
 
 
@@ -174,6 +172,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of this many passes per pipeline")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="also time the loader with this many worker processes (total img/s; 0: skip)")
     ap.add_argument("--machine", default=None, help="machine description for BENCHMARKS.md")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args()
@@ -196,6 +196,9 @@ def main() -> None:
             loader.append(time_loader(shards, len(images), args.batch, workers=1)[0])
             print(f"  pass {r + 1}: reference {ref[-1]:.0f}, odis loader in-process {cpu[-1]:.0f}, 1 worker "
                   f"{loader[-1]:.0f}, photometric on {args.device} {photo[-1]:.0f} img/s")
+        many = time_loader(shards, len(images) * args.workers, args.batch, args.workers)[0] if args.workers else 0
+        if many:
+            print(f"  odis loader, {args.workers} workers: {many:.0f} img/s in total")
     ref_b, cpu_b, photo_b, loader_b = max(ref), max(cpu), max(photo), max(loader)
     both = 1 / (1 / cpu_b + 1 / photo_b)
     print(f"reference PIL multi-crop:             {ref_b:7.0f} img/s per core")
@@ -211,7 +214,8 @@ def main() -> None:
     figures = (f"coco_tiny {len(images)} imgs, 2x224+10x96, one core: reference PIL {ref_b:.0f} img/s; odis loader "
                f"(shards, in-process) {cpu_b:.0f} img/s = {cpu_b / ref_b:.1f}x; with 1 worker process "
                f"{loader_b:.0f} img/s; photometric on {args.device} {photo_b:.0f} img/s"
-               + (f"; loader+photometric on one core {both:.0f} img/s" if args.device == "cpu" else ""))
+               + (f"; loader+photometric on one core {both:.0f} img/s" if args.device == "cpu" else "")
+               + (f"; loader with {args.workers} workers {many:.0f} img/s total" if many else ""))
     row = f"| {date.today()} | {machine} | `python benchmarks/loader.py` | {figures} |\n"
     with open(REPO / "BENCHMARKS.md", "a") as f:
         f.write(row)

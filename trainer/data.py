@@ -206,10 +206,18 @@ def decode_image(data: bytes, name: str, max_reduction=None) -> tuple[np.ndarray
         raise BadSample(f"{name}: refused, {w}x{h} image exceeds {MAX_PIXELS} pixels or is empty")
     r = max_reduction(w, h) if max_reduction is not None and img.format == "JPEG" else 1.0
     if img.format == "JPEG" and img.mode in ("RGB", "L") and r < 2 and data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        arr = _cv2_decode_rgb(data)
         if arr is not None:
             return arr, (arr.shape[1], arr.shape[0])
     return _decode_pil(img, name, r)
+
+
+def _cv2_decode_rgb(data: bytes) -> np.ndarray | None:
+    buf = np.frombuffer(data, np.uint8)
+    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # OpenCV >= 4.11 decodes straight to RGB
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
+    arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def _decode_pil(img, name: str, reduction: float) -> tuple[np.ndarray, tuple[int, int]]:
