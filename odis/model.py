@@ -199,11 +199,26 @@ def load_backbone(path: str | Path, arch: str | None = None, img_size: int | Non
     arch = arch or meta.get("arch")
     if arch is None:
         raise ValueError(f"{path}: no odis metadata in this file; pass the timm architecture (--arch)")
-    model = OdisViT(arch, img_size=img_size or meta.get("img_size", 224),
-                    patch_size=patch_size or meta.get("patch_size"), depth=meta.get("depth"))
+    patch_size = patch_size or meta.get("patch_size") or _state_patch_size(state)
+    img_size = img_size or meta.get("img_size") or _state_img_size(state, patch_size) or 224
+    model = OdisViT(arch, img_size=img_size, patch_size=patch_size, depth=meta.get("depth"))
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a classifier is not a backbone
     missing, unexpected = model.vit.load_state_dict(state, strict=False)
     if missing or unexpected:
         # Loud, unlike DINO's eval loaders that load with strict=False and carry on with random weights.
         raise ValueError(f"{path}: does not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def _state_patch_size(state: dict) -> int | None:
+    w = state.get("patch_embed.proj.weight")
+    return int(w.shape[-1]) if w is not None else None
+
+
+def _state_img_size(state: dict, patch: int | None) -> int | None:
+    """The training size of a plain timm checkpoint, from its position embeddings (square grid + 1 CLS slot)."""
+    pos = state.get("pos_embed")
+    if pos is None or patch is None:
+        return None
+    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    return grid * patch if grid * grid == pos.shape[1] - 1 else None
