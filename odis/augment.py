@@ -154,26 +154,28 @@ _JITTER_OPS = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
 
 
 def apply_params(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Float [N,3,H,W] in [0,1] -> augmented float in [0,1] (not normalised). Ops run on the selected subsets."""
-    dev = x.device
-    p = {k: v.to(dev, non_blocking=True) for k, v in p.items()}
+    """Float [N,3,H,W] in [0,1] -> augmented float in [0,1] (not normalised). Ops run on the selected subsets.
+
+    `p` stays on the CPU: the subsets are found there and only their indices and factors travel, so the device
+    never waits for a host sync (a nonzero() on device tensors would stall the GPU once per op)."""
     for step in range(4):  # torchvision ColorJitter: fn_idx = randperm(4), per image here
         for op_id, (name, fn) in enumerate(_JITTER_OPS):
-            sel = torch.nonzero(p["jitter"] & (p["order"][:, step] == op_id)).flatten()
-            if sel.numel():
-                x[sel] = fn(x[sel], p[name][sel].to(x.dtype))
-    x = _where_apply(x, p["gray"], to_grayscale3)
-    sel = torch.nonzero(p["blur"]).flatten()
-    if sel.numel():
-        x[sel] = gaussian_blur(x[sel], p["sigma"][sel])
-    return _where_apply(x, p["solarize"], solarize)
-
-
-def _where_apply(x: torch.Tensor, which: torch.Tensor, fn) -> torch.Tensor:
-    sel = torch.nonzero(which).flatten()
-    if sel.numel():
-        x[sel] = fn(x[sel])
+            _apply(x, p["jitter"] & (p["order"][:, step] == op_id), fn, p[name])
+    _apply(x, p["gray"], to_grayscale3)
+    _apply(x, p["blur"], gaussian_blur, p["sigma"])
+    _apply(x, p["solarize"], solarize)
     return x
+
+
+def _apply(x: torch.Tensor, which: torch.Tensor, fn, factor: torch.Tensor | None = None) -> None:
+    idx = torch.nonzero(which.cpu()).flatten()
+    if not idx.numel():
+        return
+    dev = idx.to(x.device, non_blocking=True)
+    if factor is None:
+        x[dev] = fn(x[dev])
+    else:
+        x[dev] = fn(x[dev], factor[idx].to(x.device, x.dtype, non_blocking=True))
 
 
 def photometric(images: torch.Tensor, aug: ViewAug, generator: torch.Generator,
