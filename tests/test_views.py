@@ -195,3 +195,30 @@ def test_render_is_exact_on_integer_geometry():
     out = render(img, Crop(10, 10, 20, 20, 40, 40)).transpose(1, 2, 0).astype(float)
     ref = cv2.resize(img[10:30, 10:30], (40, 40), interpolation=cv2.INTER_LINEAR).astype(float)
     assert np.abs(out[1:-1, 1:-1] - ref[1:-1, 1:-1]).max() <= 1.0
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_resize_and_warp_paths_agree(flip):
+    """Integer crops take cv2.resize, fractional ones warpAffine: the same geometry gives the same pixels."""
+    img = np.random.default_rng(1).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    for (t, l, ch, cw, out) in [(10, 20, 70, 90, 64), (0, 0, 120, 160, 96), (33, 41, 50, 37, 32)]:
+        a = render(img, Crop(t, l, ch, cw, out, out, flip)).astype(int)
+        b = render(img, Crop(t + 1e-7, l, ch, cw, out, out, flip)).astype(int)  # not integral: the warp path
+        assert np.abs(a - b)[:, 1:-1, 1:-1].max() <= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(box=st.tuples(*[st.floats(-20, 220) for _ in range(4)]), crop=st.tuples(
+    st.integers(0, 100), st.integers(0, 100), st.integers(1, 100), st.integers(1, 100)), mv=st.floats(0.05, 1.0))
+def test_contains_object_matches_visible_fraction(box, crop, mv):
+    from odis.boxes import box_area
+    from odis.views import contains_object
+
+    b = np.array(box, float)
+    c = Crop(crop[0], crop[1], crop[2], crop[3], 32, 32)
+    area = float(box_area(b))
+    inside = c.visible_fraction(b) * area
+    expect = area > 1e-6 and (inside >= mv * area * (1 - 1e-12) or inside >= mv * c.height * c.width * (1 - 1e-12))
+    got = contains_object(c, b, mv)
+    if got != expect:  # only ties at float rounding may differ
+        assert abs(inside - mv * area) < 1e-6 * max(area, 1) or abs(inside - mv * c.height * c.width) < 1e-6 * max(area, 1)
