@@ -64,6 +64,24 @@ def load_coco(limit: int | None) -> list[dict]:
     return out[:limit] if limit else out
 
 
+def reencode(images: list[dict], short: int) -> list[dict]:
+    """The same images re-encoded (JPEG q90) with their short side at `short` px, boxes scaled (e.g. 375: the
+    IN1K-like 500x375 size the loader target is stated for)."""
+    from PIL import Image
+
+    out = []
+    for im in images:
+        img = Image.open(io.BytesIO(im["bytes"])).convert("RGB")
+        s = short / min(img.size)
+        size = (round(img.size[0] * s), round(img.size[1] * s))
+        buf = io.BytesIO()
+        img.resize(size, Image.BICUBIC).save(buf, "JPEG", quality=90)
+        sx, sy = size[0] / img.size[0], size[1] / img.size[1]
+        boxes = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in im["boxes"]]
+        out.append(dict(im, bytes=buf.getvalue(), width=size[0], height=size[1], boxes=boxes))
+    return out
+
+
 # ---- the reference: DINO's DataAugmentationDINO (main_dino.py), with iBOT's ViT-S scales --------------------------
 
 def reference_transform(n_local: int = 10):
@@ -172,6 +190,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of this many passes per pipeline")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--short-side", type=int, default=None,
+                    help="re-encode the images with this short side first (375: IN1K-like 500x375); default: as is")
     ap.add_argument("--workers", type=int, default=0,
                     help="also time the loader with this many worker processes (total img/s; 0: skip)")
     ap.add_argument("--machine", default=None, help="machine description for BENCHMARKS.md")
@@ -182,6 +202,8 @@ def main() -> None:
     random.seed(0)
     torch.manual_seed(0)
     images = load_coco(args.images)
+    if args.short_side:
+        images = reencode(images, args.short_side)
     sizes = np.array([[im["width"], im["height"]] for im in images])
     print(f"{len(images)} coco_tiny images, median {int(np.median(sizes[:, 0]))}x{int(np.median(sizes[:, 1]))}, "
           f"{sum(len(im['bytes']) for im in images) / len(images) / 1e3:.0f} KB; 2 x 224 + 10 x 96, one core")
@@ -211,12 +233,15 @@ def main() -> None:
         return
     machine = args.machine or f"{os.cpu_count()}-core CPU ({platform.machine()})" + (
         f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else "")
-    figures = (f"coco_tiny {len(images)} imgs, 2x224+10x96, one core: reference PIL {ref_b:.0f} img/s; odis loader "
+    what = f"coco_tiny {len(images)} imgs" + (f" re-encoded to short side {args.short_side}" if args.short_side
+                                              else "")
+    figures = (f"{what} (median {int(np.median(sizes[:, 0]))}x{int(np.median(sizes[:, 1]))}), 2x224+10x96, one core: reference PIL {ref_b:.0f} img/s; odis loader "
                f"(shards, in-process) {cpu_b:.0f} img/s = {cpu_b / ref_b:.1f}x; with 1 worker process "
                f"{loader_b:.0f} img/s; photometric on {args.device} {photo_b:.0f} img/s"
                + (f"; loader+photometric on one core {both:.0f} img/s" if args.device == "cpu" else "")
                + (f"; loader with {args.workers} workers {many:.0f} img/s total" if many else ""))
-    row = f"| {date.today()} | {machine} | `python benchmarks/loader.py` | {figures} |\n"
+    cmd = "python benchmarks/loader.py" + (f" --short-side {args.short_side}" if args.short_side else "")
+    row = f"| {date.today()} | {machine} | `{cmd}` | {figures} |\n"
     with open(REPO / "BENCHMARKS.md", "a") as f:
         f.write(row)
     print("appended to BENCHMARKS.md:", row.strip())
