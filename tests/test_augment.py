@@ -1,7 +1,6 @@
 """Batched photometric augmentation equals torchvision's per-image functional ops where exact comparison makes sense."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF

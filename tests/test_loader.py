@@ -339,3 +339,12 @@ def test_shards_without_index_count_their_keys(tin_shards, tmp_path):
     loader = make_train_loader(tiny_cfg(tmp_path, workers=0), 8)
     assert loader.epoch_samples == N_CLASSES * PER_CLASS + 16
     assert take(loader, 1)[0]["global"].shape[:2] == (2, 8)
+
+
+def test_unusable_shards_stop_with_a_clear_error(tmp_path):
+    """Shards whose every sample is unusable: the worker stops naming the reason instead of spinning forever."""
+    samples = [{"__key__": f"k{i}", "txt": b"not an image", "json": meta(f"k{i}", 0, 8, 8, [])} for i in range(20)]
+    shards = write_shards(tmp_path / "bad", samples, 20, [])
+    loader = make_train_loader(tiny_cfg(shards, workers=0), 8)
+    with pytest.raises(RuntimeError, match="unusable samples in a row.*no image"):
+        take(loader, 1)

@@ -7,6 +7,13 @@ Per DataLoader worker: `wds.ResampledShards` (seeded) -> tar -> shuffle buffer (
 -> boxes (manifest join, else the shard's json, else the whole image) -> `odis.views.ViewMaker`. Workers send
 uint8 crops and masks; photometric augmentation runs batched on the training device (`augment_batch`).
 
+Batch layout (view-major: `flatten(0, 1)` gives iBOT's order view 0 of every image, then view 1, ...):
+    global uint8 [2, B, 3, G, G], local uint8 [n_local, B, 3, L, L]   (channels-last strides; augment_batch
+                                                                       returns contiguous floats)
+    obj_mask bool [2, B, gh, gw], obj_valid bool [2, B], mim_mask bool [2, B, gh, gw], obj_box float32 [2, B, 4]
+    label int64 [B] (-1 unknown), fallbacks int64 [B], bad int64 [B], key list[str]; worker, raw_end (ints, for
+    TrainLoader's data position).
+
 Determinism: every random choice derives from (seed, rank, logical worker, sample number in that worker's
 stream), so the stream depends only on the seed, world size and num_workers. The DataLoader takes batches from its
 workers round-robin, so logical worker l makes batches l, l+W, l+2W, ... Resuming at step k rotates the workers
@@ -22,12 +29,10 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import tarfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import cv2
@@ -36,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from odis.augment import GLOBAL1, GLOBAL2, LOCAL, photometric
-from odis.views import RATIO, ViewMaker
+from odis.views import ViewMaker
 
 log = logging.getLogger("odis.data")
 
@@ -47,6 +52,9 @@ cv2.setNumThreads(1)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = 64_000_000  # refuse larger images before decoding (decompression bombs); as odis.imageio
 MAX_WARNINGS_PER_WORKER = 20
+# A worker that meets this many unusable samples in a row stops with the last reason instead of spinning forever
+# (wrong shard format, a bug); isolated bad samples are skipped and counted.
+MAX_BAD_IN_A_ROW = 1000
 
 
 class BadSample(ValueError):
@@ -285,7 +293,7 @@ def batches_before(step: int, worker: int, num_workers: int) -> int:
 
 
 class TrainStream(IterableDataset):
-    """Infinite stream of per-sample view dicts for one rank (each DataLoader worker runs its own copy)."""
+    """Infinite stream of batches for one rank, assembled in place (each DataLoader worker runs its own copy)."""
 
     def __init__(self, spec: StreamSpec):
         super().__init__()
@@ -302,7 +310,7 @@ class TrainStream(IterableDataset):
             skip = int(s.raw_pos[w])
         else:
             skip = batches_before(s.start_step, w, nw) * s.batch_size
-        counter = {"bad": 0, "warned": 0}
+        counter = {"bad": 0, "warned": 0, "in_a_row": 0}
         shards = wds.ResampledShards(s.urls, seed=s.seed, worker_seed=lambda: s.rank * 100_003 + w,
                                      deterministic=True)
         pipe = wds.DataPipeline(
@@ -318,11 +326,16 @@ class TrainStream(IterableDataset):
             rng = np.random.default_rng([s.seed, s.rank, w, n])
             try:
                 out = self.process(raw, rng, reduction, batch.slot())
-            except BadSample as e:
+            except Exception as e:  # noqa: BLE001 -- a bad sample must never kill the worker; it is counted
+                if not isinstance(e, BadSample):
+                    e = BadSample(f"{raw.get('__key__', '?')}: {type(e).__name__}: {e}")
                 self._count(e, counter, w)
+                if counter["in_a_row"] >= MAX_BAD_IN_A_ROW:
+                    raise RuntimeError(f"data worker {w}: {MAX_BAD_IN_A_ROW} unusable samples in a row in "
+                                       f"{s.urls[0]} ...; last: {e}. Check the shards (odis verify --decode)")
                 continue
             batch.add(out, bad=counter["bad"])
-            counter["bad"] = 0
+            counter["bad"] = counter["in_a_row"] = 0
             if batch.full:
                 yield batch.finish(worker=w, raw_end=n + 1)
                 batch = _Batch(s.views, s.batch_size, shared=info is not None)
@@ -330,6 +343,7 @@ class TrainStream(IterableDataset):
     @staticmethod
     def _count(exc: Exception, counter: dict, worker: int) -> bool:
         counter["bad"] += 1
+        counter["in_a_row"] += 1
         if counter["warned"] < MAX_WARNINGS_PER_WORKER:
             counter["warned"] += 1
             log.warning("data worker %d: skipped a bad sample: %s", worker, exc)
