@@ -156,37 +156,42 @@ _JITTER_OPS = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
 def apply_params(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """Float [N,3,H,W] in [0,1] -> augmented float in [0,1] (not normalised). Ops run on the selected subsets.
 
-    `p` stays on the CPU: the subsets are found there and only their indices and factors travel, so the device
-    never waits for a host sync (a nonzero() on device tensors would stall the GPU once per op)."""
+    `p` stays on the CPU: the subsets are found there and their indices and factors travel in one copy each, split
+    on the device by sizes known on the host, so the device never waits for a host sync."""
+    plan = []  # (fn, CPU indices, factor name or None), in the order the ops apply
     for step in range(4):  # torchvision ColorJitter: fn_idx = randperm(4), per image here
         for op_id, (name, fn) in enumerate(_JITTER_OPS):
-            _apply(x, p["jitter"] & (p["order"][:, step] == op_id), fn, p[name])
-    _apply(x, p["gray"], to_grayscale3)
-    _apply(x, p["blur"], gaussian_blur, p["sigma"])
-    _apply(x, p["solarize"], solarize)
+            plan.append((fn, p["jitter"] & (p["order"][:, step] == op_id), name))
+    plan += [(to_grayscale3, p["gray"], None), (gaussian_blur, p["blur"], "sigma"), (solarize, p["solarize"], None)]
+    plan = [(fn, torch.nonzero(which.cpu()).flatten(), name) for fn, which, name in plan]
+    plan = [step for step in plan if step[1].numel()]
+    if not plan:
+        return x
+    sizes = [len(idx) for _, idx, _ in plan]
+    idx_dev = torch.cat([idx for _, idx, _ in plan]).to(x.device, non_blocking=True).split(sizes)
+    fac = torch.cat([p[name][idx].double() if name else torch.zeros(len(idx), dtype=torch.float64)
+                     for _, idx, name in plan])
+    fac_dev = fac.to(x.device, x.dtype, non_blocking=True).split(sizes)
+    for (fn, _, name), i, f in zip(plan, idx_dev, fac_dev):
+        x[i] = fn(x[i], f) if name else fn(x[i])
     return x
 
 
-def _apply(x: torch.Tensor, which: torch.Tensor, fn, factor: torch.Tensor | None = None) -> None:
-    idx = torch.nonzero(which.cpu()).flatten()
-    if not idx.numel():
-        return
-    dev = idx.to(x.device, non_blocking=True)
-    if factor is None:
-        x[dev] = fn(x[dev])
-    else:
-        x[dev] = fn(x[dev], factor[idx].to(x.device, x.dtype, non_blocking=True))
-
-
-def photometric(images: torch.Tensor, aug: ViewAug, generator: torch.Generator,
+def photometric(images: torch.Tensor, aug: ViewAug | list[tuple[int, ViewAug]], generator: torch.Generator,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [N,3,H,W] (any device) -> augmented, ImageNet-normalised float [N,3,H,W] on the same device."""
+    """uint8 [N,3,H,W] (any device) -> augmented, ImageNet-normalised float [N,3,H,W] on the same device.
+
+    `aug` is one ViewAug for all N images, or consecutive chunks [(n1, aug1), (n2, aug2), ...] summing to N (both
+    global views in one call: fewer kernel launches; the same random draws as one call per chunk)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"photometric expects uint8 [N,3,H,W], got {images.dtype} {tuple(images.shape)}")
     n = images.shape[0]
-    params = draw_params(n, aug, generator)
+    chunks = [(n, aug)] if isinstance(aug, ViewAug) else list(aug)
+    if sum(c for c, _ in chunks) != n:
+        raise ValueError(f"photometric: chunks {[c for c, _ in chunks]} do not add up to {n} images")
+    drawn = [draw_params(c, a, generator) for c, a in chunks]
+    params = {k: torch.cat([d[k] for d in drawn]) for k in drawn[0]}
     if n == 0:
         return images.to(dtype)
     x = images.to(dtype).div_(255.0)
     return normalize(apply_params(x, params))
-

@@ -137,3 +137,14 @@ def test_statistics_close_to_torchvision_colorjitter():
     ref = torch.stack([tv(im) for im in x])
     for stat in (lambda t: t.mean(), lambda t: t.std(), lambda t: (t.std(dim=1).mean())):
         assert abs(stat(ours) - stat(ref)) < 0.01, (stat(ours), stat(ref))
+
+
+def test_chunked_call_equals_one_call_per_view():
+    """Both global views in one call (per-chunk probabilities) == one call per view, draw for draw."""
+    x = images(10)
+    a = A.photometric(x, [(4, A.GLOBAL1), (6, A.GLOBAL2)], torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    b = torch.cat([A.photometric(x[:4], A.GLOBAL1, g), A.photometric(x[4:], A.GLOBAL2, g)])
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="add up"):
+        A.photometric(x, [(3, A.LOCAL)], torch.Generator())

@@ -562,6 +562,6 @@ def augment_batch(batch: dict, device, generator: torch.Generator) -> tuple[torc
     `generator` is a CPU torch.Generator (parameters are drawn on the CPU; see odis.augment).
     """
     g = batch["global"].to(device, non_blocking=True)
-    glob = torch.cat([photometric(g[0], GLOBAL1, generator), photometric(g[1], GLOBAL2, generator)])
+    glob = photometric(g.flatten(0, 1), [(g.shape[1], GLOBAL1), (g.shape[1], GLOBAL2)], generator)
     loc = batch["local"].to(device, non_blocking=True).flatten(0, 1)
     return glob.contiguous(), photometric(loc, LOCAL, generator).contiguous()
