@@ -150,6 +150,7 @@ def test_batch_layout(tin_shards):
     assert b["obj_valid"].shape == (2, B) and b["obj_valid"].dtype == torch.bool
     assert b["label"].dtype == torch.int64 and ((b["label"] >= 0) & (b["label"] < N_CLASSES)).all()
     assert b["fallbacks"].shape == (B,) and b["fallbacks"].dtype == torch.int64
+    assert b["has_box"].dtype == torch.bool and b["has_box"].all()  # every Tiny-ImageNet image has its GT box
     assert len(b["key"]) == B and all(isinstance(k, str) for k in b["key"])
     # every valid global view has its object on the grid; invalid ones (fallbacks) have an empty OBJ mask
     assert (b["obj_mask"].flatten(2).any(-1) == b["obj_valid"]).all()
@@ -253,6 +254,12 @@ def test_manifest_join_partial_overlap(coco_shards):
     batches = take(loader, 3)
     assert all(b["global"].shape == (2, 8, 3, 96, 96) for b in batches)
     assert loader.stats["bad_samples"] == 0
+    # images listed without a box (every 5th of the manifest's) train on the whole image
+    no_box = {json.loads(s["json"])["image_id"] for i, s in enumerate(samples[::2]) if i % 5 == 0}
+    seen = [(key in no_box, has) for b in batches for key, has in zip(b["key"], b["has_box"].tolist())]
+    assert any(listed for listed, _ in seen)  # the seed draws some
+    assert all(not has for listed, has in seen if listed)
+    assert loader.stats["whole_image_box"] == sum(int((~b["has_box"]).sum()) for b in batches)
 
 
 def test_boxes_come_from_the_manifest_first(coco_shards):

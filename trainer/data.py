@@ -11,8 +11,8 @@ Batch layout (view-major: `flatten(0, 1)` gives iBOT's order view 0 of every ima
     global uint8 [2, B, 3, G, G], local uint8 [n_local, B, 3, L, L]   (channels-last strides; augment_batch
                                                                        returns contiguous floats)
     obj_mask bool [2, B, gh, gw], obj_valid bool [2, B], mim_mask bool [2, B, gh, gw], obj_box float32 [2, B, 4]
-    label int64 [B] (-1 unknown), fallbacks int64 [B], bad int64 [B], key list[str]; worker, raw_end (ints, for
-    TrainLoader's data position).
+    label int64 [B] (-1 unknown), fallbacks int64 [B], bad int64 [B], has_box bool [B], key list[str]; worker,
+    raw_end (ints, for TrainLoader's data position).
 
 Determinism: every random choice derives from (seed, rank, logical worker, sample number in that worker's
 stream), so the stream depends only on the seed, world size and num_workers. The DataLoader takes batches from its
@@ -375,6 +375,7 @@ class TrainStream(IterableDataset):
         label = meta.get("label")
         views["label"] = label if isinstance(label, int) and not isinstance(label, bool) else -1
         views["key"] = key
+        views["has_box"] = bool(len(boxes))
         return views
 
 
@@ -400,6 +401,7 @@ class _Batch:
         self.label = np.zeros(size, np.int64)
         self.fallbacks = np.zeros(size, np.int64)
         self.bad = np.zeros(size, np.int64)
+        self.has_box = np.zeros(size, bool)
         self.keys: list[str] = []
 
     @property
@@ -414,6 +416,7 @@ class _Batch:
         for name in ("obj_mask", "obj_valid", "mim_mask", "obj_box"):
             getattr(self, name)[:, i] = v[name]
         self.label[i], self.fallbacks[i], self.bad[i] = v["label"], v["fallbacks"], bad
+        self.has_box[i] = v.get("has_box", True)
         self.keys.append(v["key"])
         self.n += 1
 
@@ -429,6 +432,7 @@ class _Batch:
             "label": t(self.label),                            # int64 [B], -1 unknown
             "fallbacks": t(self.fallbacks),                    # int64 [B] object-aware crop fallbacks (0..2)
             "bad": t(self.bad),                                # int64 [B] bad samples skipped just before each
+            "has_box": t(self.has_box),                        # bool [B] False: no box, the whole image was used
             "key": self.keys,                                  # list[str] image ids
             "worker": worker,                                  # logical worker that made the batch
             "raw_end": raw_end,                                # raw samples that worker has used so far
@@ -446,6 +450,7 @@ def collate(samples: list[dict]) -> dict:
     b.obj_mask, b.mim_mask = np.zeros((2, len(samples)) + gh, bool), np.zeros((2, len(samples)) + gh, bool)
     b.obj_valid, b.obj_box = np.zeros((2, len(samples)), bool), np.zeros((2, len(samples), 4), np.float32)
     b.label, b.fallbacks, b.bad = (np.zeros(len(samples), np.int64) for _ in range(3))
+    b.has_box = np.zeros(len(samples), bool)
     for s in samples:
         b.add(s, s.get("bad", 0))
     return b.finish(worker=samples[-1].get("worker", 0), raw_end=samples[-1].get("raw_end", 0))
@@ -455,7 +460,8 @@ def collate(samples: list[dict]) -> dict:
 
 class TrainLoader:
     """Iterable over batches (infinite; count steps yourself). Attributes: steps_per_epoch, epoch_samples,
-    box_report (rank 0; None elsewhere), stats (running totals: samples, bad_samples, crop_fallbacks, obj_invalid),
+    box_report (rank 0; None elsewhere), stats (running totals: samples, bad_samples, crop_fallbacks, obj_invalid,
+    whole_image_box = samples without any box, trained with the whole image as the object),
     state_dict() -> the data position to store in checkpoints (pass back as `state` to resume exactly)."""
 
     def __init__(self, loader: DataLoader, spec: StreamSpec, num_workers: int, steps_per_epoch: int,
@@ -465,7 +471,7 @@ class TrainLoader:
         self.step = spec.start_step
         self.raw_pos = list(spec.raw_pos) if spec.raw_pos is not None else [
             batches_before(spec.start_step, w, self.num_workers) * spec.batch_size for w in range(self.num_workers)]
-        self.stats = {"samples": 0, "bad_samples": 0, "crop_fallbacks": 0, "obj_invalid": 0}
+        self.stats = {"samples": 0, "bad_samples": 0, "crop_fallbacks": 0, "obj_invalid": 0, "whole_image_box": 0}
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
@@ -475,6 +481,7 @@ class TrainLoader:
             self.stats["bad_samples"] += int(batch["bad"].sum())
             self.stats["crop_fallbacks"] += int(batch["fallbacks"].sum())
             self.stats["obj_invalid"] += int((~batch["obj_valid"]).sum())
+            self.stats["whole_image_box"] += int((~batch["has_box"]).sum())
             yield batch
 
     def state_dict(self) -> dict:
