@@ -29,14 +29,16 @@ def random_resized_crop(h: int, w: int, scale: tuple[float, float], ratio: tuple
     area = h * w
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        # one call for the five numbers of a try (scale, log-ratio, top, left, flip): this runs ~15 times per image
+        u = rng.random(5).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
         cw = int(round(math.sqrt(target * aspect)))
         ch = int(round(math.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
-            top = int(rng.integers(0, h - ch + 1))
-            left = int(rng.integers(0, w - cw + 1))
-            return Crop(top, left, ch, cw, out_size, out_size, bool(rng.random() < flip_p))
+            top = int(u[2] * (h - ch + 1))  # uniform over 0..h-ch, like randint(0, h - ch + 1)
+            left = int(u[3] * (w - cw + 1))
+            return Crop(top, left, ch, cw, out_size, out_size, u[4] < flip_p)
     in_ratio = w / h
     if in_ratio < min(ratio):
         cw, ch = w, int(round(w / min(ratio)))

@@ -222,3 +222,11 @@ def test_contains_object_matches_visible_fraction(box, crop, mv):
     got = contains_object(c, b, mv)
     if got != expect:  # only ties at float rounding may differ
         assert abs(inside - mv * area) < 1e-6 * max(area, 1) or abs(inside - mv * c.height * c.width) < 1e-6 * max(area, 1)
+
+
+def test_random_resized_crop_positions_are_uniform():
+    """Every top-left offset of a fixed-size crop is reachable, and evenly so."""
+    rng = np.random.default_rng(3)
+    tops = [random_resized_crop(12, 12, (0.25, 0.25), (1.0, 1.0), 8, rng).top for _ in range(7000)]
+    counts = np.bincount(tops, minlength=7)
+    assert len(counts) == 7 and counts.min() > 850 and counts.max() < 1150  # 6x6 crops: tops 0..6
