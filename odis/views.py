@@ -5,8 +5,12 @@ Photometric augmentation runs later, batched on the training device (odis/augmen
 per-image PIL pipeline is the loader's bottleneck.
 
 The box follows the pixels exactly: a view is `Crop(top, left, height, width, out, out, flip)` of the source image;
-the pixels are cut with integer bounds, resized with cv2 (whose pixel-centre convention maps source x to
-`(x - left) * out / width`, the same map as `Crop.apply`) and flipped; the box goes through `Crop.apply`.
+the pixels are resampled with cv2 (whose pixel-centre convention maps source x to `(x - left) * out / width`, the
+same map as `Crop.apply`) and flipped; the box goes through `Crop.apply`.
+
+"Contains the object" (DataConfig.min_visible, default 0.5): at least that share of the box lies in the crop, or the
+object fills at least that share of the crop (see `contains_object`). An image without boxes uses the whole image
+as its box, so every crop contains it and its OBJ token sees the whole view.
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ from odis.boxes import EMPTY_AREA, Crop, box_to_patch_mask, sample_box
 from odis.masking import BlockMasker
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision default, used by DINO/iBOT)
-
 
 
 def random_resized_crop(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], out_size: int,
