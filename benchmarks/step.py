@@ -67,25 +67,17 @@ def reference_ibot_loss(d: Distiller, v: Views, temp: float) -> torch.Tensor:
                                                            d.student_temp)
 
 
-def time_step(fn, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int) -> dict:
+    """Median step time per variant. The variants are timed in turn, step by step (ABCABC...), so that a change in
+    the machine's load during the run hits all of them alike."""
     views = make_views(p, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    results = {}
+    steps = {}
     for name in ("ibot", "odis", "ibot-reference"):
         torch.manual_seed(0)
         method = "ibot" if name.startswith("ibot") else name
@@ -100,9 +92,30 @@ def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int)
             loss.backward()
             opt.step()
 
-        results[name] = time_step(step, device, warmup, iters)
-        del d, opt
-    return results
+        steps[name] = step
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + iters):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_step(fn, device: str, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def check_sdpa_backends(p: dict) -> dict:
