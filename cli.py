@@ -762,6 +762,37 @@ def synth(
                    f"{Path(out) / 'annotations' / f'instances_{split}.json'}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder: data/, manifests/, shards/, runs/, "
+                             "report.md, loss.png, boxes.png, attention.png, results.json."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="YOLO weights (a .pt file or an exported model "
+                                          "folder, e.g. ../shared/weights/yolov8n_320_int8_openvino_model): also "
+                                          "extract detector boxes and train ODIS on them."),
+    size: str = typer.Option("default", "--size", help="default (minutes on 2 CPU cores) | tiny (the test suite's "
+                             "end-to-end check; numbers are noise)."),
+    progress: bool = typer.Option(True, help="Progress bars of the data steps."),
+) -> None:
+    """The whole flow on generated data, no download: synth -> import-boxes -> shard -> train ODIS and iBOT ->
+    k-NN on the target objects without and with boxes (vs an untrained network) -> OUT/report.md and pictures.
+
+    \b
+    odis demo --out runs/demo
+    odis demo --out runs/demo-yolo --weights ../shared/weights/yolov8n_320_int8_openvino_model
+    """
+    from pipelines.demo import SIZES, DemoError, run_demo
+
+    if size not in SIZES:
+        fail(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    try:
+        res = run_demo(out, size, weights, progress=progress, echo=typer.echo)
+    except DemoError as e:
+        fail(str(e))
+    typer.echo("")
+    typer.echo(Path(res.files["report"]).read_text().split("\n## Pictures")[0])
+    typer.echo(f"report: {res.files['report']} ({sum(res.seconds.values()):.0f} s)")
+
+
 
 if __name__ == "__main__":
     app()
