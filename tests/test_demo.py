@@ -72,6 +72,7 @@ def test_demo_bad_arguments_fail_clearly(tmp_path):
 def _mini_repro():
     spec = importlib.util.spec_from_file_location("mini_repro", REPO / "benchmarks" / "mini_repro.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["mini_repro"] = mod  # dataclasses look their module up while the class is being made
     spec.loader.exec_module(mod)
     return mod
 
