@@ -113,13 +113,23 @@ def make_data(out: Path, size: DemoSize, steps: _Steps, progress: bool) -> dict:
     return paths
 
 
-def extract_detector_boxes(out: Path, images: Path, weights: str, steps: _Steps) -> Path:
-    """YOLO boxes for the train images (a Ray job, run as the real command)."""
+def extract_detector_boxes(out: Path, images: Path, weights: str, steps: _Steps) -> tuple[Path, Path]:
+    """YOLO boxes for the train images (a Ray job, run as the real command), sharded into their own shard set.
+
+    The detector's manifest keys images by path (it knows no COCO ids), so its boxes are joined at shard time,
+    where the shard keys follow the manifest's id scheme; the GT shards keep their COCO-id keys."""
+    from pipelines.shard import ShardSettings, run_shard
+
     m = out / "manifests" / "train-yolo.parquet"
     cmd = ["extract-boxes", "--detector", "yolo", "--weights", weights, "--images", images, "--out", m,
            "--imgsz", "320", "--conf", "0.1", "--overwrite", "--quiet"]
     steps.run("extract-boxes yolo", ["odis", *cmd], lambda: _odis(cmd, out / "logs" / "extract-boxes.log"))
-    return m
+    sh = out / "shards" / "train-yolo"
+    s = ShardSettings(images=str(images), out=str(sh), labels="folder", manifest=str(m))
+    steps.run("shard train (yolo boxes)", ["odis", "shard", "--images", images, "--out", sh, "--labels", "folder",
+                                           "--manifest", m, "--overwrite"],
+              lambda: run_shard(s, overwrite=True, num_workers=1))
+    return m, sh
 
 
 # ---- training (subprocesses of the real command) ----------------------------------------------------------------
@@ -136,13 +146,11 @@ def _odis(args: list, log: Path) -> None:
         raise DemoError(f"`odis {args[0]}` failed (exit {rc}); log {log}:\n{tail}")
 
 
-def train_network(out: Path, name: str, method: str, shards: Path, size: DemoSize, steps: _Steps,
-                  boxes: Path | None = None) -> Path:
+def train_network(out: Path, name: str, method: str, shards: Path, size: DemoSize, steps: _Steps) -> Path:
+    """ODIS takes its boxes from the shards' json; iBOT ignores them (random crops)."""
     run = out / "runs" / name
     cmd = ["train", "-c", RECIPE, "--shards", shards, "--method", method, "--out", run, "--quiet",
            f"optim.epochs={size.epochs}", f"data.batch_size={size.batch_size}"]
-    if boxes is not None:
-        cmd[5:5] = ["--boxes", boxes]
     steps.run(f"train {name}", ["odis", *cmd], lambda: _odis(cmd, out / "logs" / f"train-{name}.log"))
     return run
 
@@ -334,8 +342,8 @@ def run_demo(out: str | Path = "runs/demo", size: str = "default", weights: str 
     labels = {"untrained": "-", "ibot": "random crops (no boxes)", "odis": "GT boxes"}
     manifests = [paths["val_manifest"]]
     if weights is not None:
-        yolo = extract_detector_boxes(out, paths["data"] / "train", weights, steps)
-        runs["odis-yolo"] = train_network(out, "odis-yolo", "odis", paths["train_shards"], sz, steps, boxes=yolo)
+        yolo, yolo_shards = extract_detector_boxes(out, paths["data"] / "train", weights, steps)
+        runs["odis-yolo"] = train_network(out, "odis-yolo", "odis", yolo_shards, sz, steps)
         labels["odis-yolo"] = "YOLO boxes"
         manifests.append(yolo)
     base = untrained_backbone(runs["odis"], out / "runs" / "untrained")

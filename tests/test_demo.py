@@ -59,6 +59,26 @@ def test_demo_tiny_end_to_end(tmp_path):
     assert "k-NN top-1" in proc.stdout  # the table is printed too
 
 
+def test_demo_tiny_with_yolo_boxes(yolo320, tmp_path):
+    """--weights: the detector's boxes are extracted, sharded (keys by path, the detector's id scheme) and a third
+    network trains on them; the GT shards are untouched."""
+    from odis.shards import iter_samples
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(out), "--size", "tiny",
+                           "--no-progress", "--weights", str(yolo320)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["knn"]) == {"untrained", "ibot", "odis", "odis-yolo"}
+    assert all(math.isfinite(r["top1"]) for r in res["knn"]["odis-yolo"].values())
+    yolo = list(iter_samples(out / "shards" / "train-yolo"))
+    assert len(yolo) == 96 and all(s.meta["scores"] == [] or min(s.meta["scores"]) < 1.0 for s in yolo)
+    assert sum(len(s.meta["boxes"]) for s in yolo) > 0  # COCO's detector finds some of the shapes
+    assert "--shards " + str(out / "shards" / "train-yolo") in " ".join(res["commands"])
+    assert "| odis-yolo | YOLO boxes |" in (out / "report.md").read_text()
+
+
 def test_demo_bad_arguments_fail_clearly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(tmp_path), "--size", "huge"],
                           cwd=REPO, capture_output=True, text=True)
