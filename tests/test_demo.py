@@ -126,6 +126,7 @@ def test_mini_repro_smoke_run_path(smoke_data, tmp_path):
             assert math.isfinite(r["knn"][mode]["top1"]) and r["knn"][mode]["n_val"] in (24, info["ti"]["val"])
     table = (res / "mini_repro.md").read_text()
     assert table.count("| ti |") == 4 and table.count("| mnist |") == 4 and "not run" not in table
+    assert (res / "BENCHMARKS-row.md").read_text().strip() == bench.read_text().splitlines()[-1]
     rows = bench.read_text().splitlines()
     assert len(rows) == 3 and "mini_repro.py run --preset smoke" in rows[-1] and "ti/odis" in rows[-1]
 
