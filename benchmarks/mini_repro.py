@@ -206,6 +206,8 @@ def cmd_job(args) -> None:
     from odis.eval.protocols import run_knn
 
     p = PRESETS[args.preset]
+    if args.epochs is not None:  # what the parent decided (--epochs-scale)
+        p = Preset(**{**asdict(p), "epochs": {**p.epochs, args.dataset: args.epochs}})
     data, out = Path(args.data) / args.preset, Path(args.out)
     torch.set_num_threads(max(1, int(os.environ.get("ODIS_JOB_THREADS", "2"))))
     cfg = job_config(p, data, args.dataset, "odis" if args.method == "untrained" else args.method, args.seed, out)
@@ -295,7 +297,8 @@ def run_jobs(args, p: Preset, jobs: list[Job], results: Path) -> float:
             log = open(results / "logs" / f"{j.name}.log", "w")
             j.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_job", "--preset", args.preset,
                                        "--data", str(args.data), "--dataset", j.dataset, "--method", j.method,
-                                       "--seed", str(j.seed), "--out", str(j.out)],
+                                       "--seed", str(j.seed), "--out", str(j.out),
+                                       "--epochs", str(p.epochs[j.dataset])],
                                       stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
             j.started, j.status = time.perf_counter(), "running"
             running.append(j)
@@ -355,6 +358,8 @@ def cmd_run(args) -> None:
     p = PRESETS[args.preset]
     if args.seeds:
         p = Preset(**{**asdict(p), "seeds": tuple(int(s) for s in args.seeds.split(","))})
+    if args.epochs_scale != 1.0:  # the same for every method: budgets stay equal
+        p = Preset(**{**asdict(p), "epochs": {d: max(1, round(e * args.epochs_scale)) for d, e in p.epochs.items()}})
     if args.budget_s is None:
         args.budget_s = p.budget_s
     data = Path(args.data) / args.preset
@@ -393,7 +398,8 @@ def append_benchmarks(path: Path, args, hw: str, wall: float, rows: dict) -> Non
         n, k = row["top1"]["none"], row["top1"]["mask"]
         figs.append(f"{d}/{m} none {statistics.mean(n):.1f}±{statistics.stdev(n) if len(n) > 1 else 0:.1f} "
                     f"mask {statistics.mean(k):.1f}±{statistics.stdev(k) if len(k) > 1 else 0:.1f} (n={len(n)})")
-    row = (f"| {_dt.date.today().isoformat()} | {hw} | `benchmarks/mini_repro.py run --preset {args.preset}` | "
+    scale = f" --epochs-scale {args.epochs_scale}" if getattr(args, "epochs_scale", 1.0) != 1.0 else ""
+    row = (f"| {_dt.date.today().isoformat()} | {hw} | `benchmarks/mini_repro.py run --preset {args.preset}{scale}` | "
            f"k-NN top-1 %: {'; '.join(figs)}; wall {wall:.0f} s |\n")
     with open(path, "a") as f:
         f.write(row)
@@ -410,12 +416,15 @@ def main(argv=None) -> None:
     ru.add_argument("--data", default=str(REPO / ".devdata" / "mini_repro"))
     ru.add_argument("--results", default=str(REPO / "runs" / "mini_repro"))
     ru.add_argument("--budget-s", type=float, default=None, help="time guard (default: the preset's)")
+    ru.add_argument("--epochs-scale", type=float, default=1.0, help="multiply the preset's epochs (e.g. 0.5 "
+                    "when a machine is slower than the preset assumes)")
     ru.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     ru.add_argument("--benchmarks", default=None, help="append a row to this BENCHMARKS.md")
     jb = sub.add_parser("_job", help=argparse.SUPPRESS)
     for a in ("--preset", "--data", "--dataset", "--method", "--out"):
         jb.add_argument(a, required=True)
     jb.add_argument("--seed", type=int, required=True)
+    jb.add_argument("--epochs", type=int, default=None)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         for name in args.preset.split(","):
