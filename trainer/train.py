@@ -7,7 +7,6 @@ writes. Everything needed to continue a run lives in checkpoint.pt, and the data
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import random
 import time
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from odis import schedules
 from odis.distill import Distiller, Views, clip_gradients
 from odis.model import export_backbone
-from trainer.config import Config, save_config
+from trainer.config import Config, save_config, to_dict
 from trainer.metrics import MetricsLog
 
 CHECKPOINT = "checkpoint.pt"
@@ -103,7 +102,7 @@ def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
         "step": state.step, "bad_steps": state.bad_steps, "bad_in_a_row": state.bad_in_a_row,
         "data": data_states,  # each rank's exact data position
         "distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-        "config": _plain(cfg), "method": cfg.method,
+        "config": to_dict(cfg), "method": cfg.method,
         # what load_backbone reads: the teacher backbone under timm names
         "backbone_config": distiller.teacher.backbone.config(),
         "teacher_backbone": distiller.teacher.backbone.vit.state_dict(),
@@ -111,17 +110,6 @@ def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
     tmp = path.with_suffix(".pt.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
-
-
-def _plain(cfg: Config) -> dict:
-    from trainer.config import to_dict
-
-    def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        return list(x) if isinstance(x, tuple) else x
-
-    return plain(to_dict(cfg))
 
 
 def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer) -> State:
@@ -306,4 +294,4 @@ def _all_finite(loss: torch.Tensor, dd: Dist) -> bool:
     ok = torch.isfinite(loss.detach()).float()
     if dd.world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0) and not math.isnan(float(loss.detach()))
+    return bool(ok.item() > 0)
