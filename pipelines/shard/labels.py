@@ -1,0 +1,112 @@
+"""Per-file facts gathered before planning: the key (image_id) of each file, its label, its manifest boxes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from odis.manifest import image_id_for, manifest_metadata, read_manifest, sha256_of
+from pipelines.shard.settings import ShardError, ShardSettings
+
+
+def id_scheme(s: ShardSettings) -> str:
+    """The key rule: --id-scheme, else the manifest's (its boxes must match), else coco for COCO labels, else path."""
+    from_manifest = manifest_metadata(s.manifest).get("id_scheme") if s.manifest else None
+    if s.id_scheme and from_manifest and s.id_scheme != from_manifest:
+        raise ShardError(f"--id-scheme {s.id_scheme} differs from the manifest's id_scheme {from_manifest} "
+                         f"({s.manifest}): its boxes would never match")
+    return s.id_scheme or from_manifest or ("coco" if s.labels == "coco" else "path")
+
+
+def image_ids(relpaths: list[str], scheme: str) -> dict[str, str]:
+    """relpath -> image_id; two files with one key are an error (a key names one sample in webdataset)."""
+    ids, owner = {}, {}
+    for r in relpaths:
+        try:
+            i = image_id_for(r, scheme)
+        except ValueError as e:
+            raise ShardError(f"{r}: {e}") from None
+        if i in owner:
+            raise ShardError(f"image_id {i!r} (scheme {scheme}) is shared by {owner[i]!r} and {r!r}; keys must "
+                             f"be unique: use --id-scheme path")
+        owner[i], ids[r] = r, i
+    return ids
+
+
+def labels_for(s: ShardSettings, relpaths: list[str]) -> tuple[dict, list[str] | None, list[dict]]:
+    """relpath -> label index, the class list, and warnings."""
+    if s.labels == "none":
+        return {}, None, []
+    if s.labels == "folder":
+        # The first folder under the root is the class: ImageNet (train/CLASS/x.JPEG) and Tiny-ImageNet
+        # (train/CLASS/images/x.JPEG) alike.
+        loose = [r for r in relpaths if "/" not in r]
+        if loose:
+            raise ShardError(f"--labels folder: {len(loose)} image(s) lie directly in {s.images}, not in a class "
+                             f"folder, e.g. {loose[0]!r}")
+        classes = sorted({r.split("/", 1)[0] for r in relpaths})
+        pos = {c: i for i, c in enumerate(classes)}
+        return {r: pos[r.split("/", 1)[0]] for r in relpaths}, classes, []
+    if s.labels == "coco":
+        return _coco_labels(s, relpaths)
+    raise ShardError(f"--labels must be folder, coco or none, got {s.labels!r}")
+
+
+def default_coco_json(images: str | os.PathLike) -> Path:
+    """COCO's own layout: IMAGES=…/train2017 -> …/annotations/instances_train2017.json."""
+    p = Path(images).resolve()
+    return p.parent / "annotations" / f"instances_{p.name}.json"
+
+
+def _coco_labels(s: ShardSettings, relpaths: list[str]) -> tuple[dict, list[str], list[dict]]:
+    """COCO is multi-label; the sample's single label is the category of its largest non-crowd box."""
+    path = Path(s.coco_json)
+    try:
+        coco = json.loads(path.read_bytes())
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        anns = coco["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"--coco-json {path}: not a readable COCO instances file ({type(e).__name__}: {e})") from None
+    pos = {c["id"]: i for i, c in enumerate(cats)}
+    best: dict[str, tuple[float, int]] = {}
+    for a in anns:
+        if a.get("iscrowd"):
+            continue
+        f, area = files.get(a["image_id"]), a["bbox"][2] * a["bbox"][3]
+        if f is not None and area > best.get(f, (-1.0, 0))[0]:
+            best[f] = (area, pos[a["category_id"]])
+    labels = {r: best[r][1] for r in relpaths if r in best}
+    missing = [r for r in relpaths if r not in best]
+    warnings = [{"path": r, "reason": f"no non-crowd annotation in {path.name}: label null"} for r in missing]
+    return labels, [c["name"] for c in cats], warnings
+
+
+def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[dict]]:
+    """image_id -> (boxes, scores, (w, h)) from the manifest; rows of images not under the root are counted."""
+    if not s.manifest:
+        return {}, {}, []
+    t = read_manifest(s.manifest, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score",
+                                           "error"]).to_pydict()
+    out: dict[str, list] = {}
+    stray = set()
+    for i, iid in enumerate(t["image_id"]):
+        if iid not in ids:
+            stray.add(iid)
+            continue
+        entry = out.setdefault(iid, [[], [], (t["width"][i], t["height"][i])])
+        if t["x0"][i] is not None and t["error"][i] is None:
+            entry[0].append((t["x0"][i], t["y0"][i], t["x1"][i], t["y1"][i]))
+            entry[1].append(t["score"][i])
+    if stray and not out:
+        meta = manifest_metadata(s.manifest)
+        raise ShardError(f"--manifest {s.manifest}: none of its {len(stray)} image ids matches a file under "
+                         f"{s.images} (manifest images root: {meta.get('images_root')}, id scheme: "
+                         f"{meta.get('id_scheme')}; e.g. {sorted(stray)[0]!r})")
+    warnings = []
+    if stray:
+        warnings.append({"path": str(s.manifest), "reason": f"{len(stray)} manifest image id(s) match no file under "
+                         f"{s.images}, e.g. {sorted(stray)[0]!r}"})
+    boxes = {k: (tuple(v[0]), tuple(v[1]), v[2]) for k, v in out.items()}
+    return boxes, {"manifest_sha256": sha256_of(s.manifest)}, warnings
+

@@ -1,0 +1,83 @@
+"""The plan: which file goes into which shard, fixed before anything is written.
+
+Files are shuffled with the seed and cut into shards by sample count and by a size *estimated from the source
+file sizes*, so the plan depends only on the file list, the seed and the settings, never on timing or on which
+worker ran first. That is what makes a resumed run byte-identical to an uninterrupted one; the plan's fingerprint
+is what a rerun compares to refuse mixing shard sets.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from odis.manifest import sha256_of
+from pipelines.shard.labels import id_scheme, image_ids, labels_for, manifest_boxes
+from pipelines.shard.scan import scan_images
+from pipelines.shard.settings import Item, ShardError, ShardSettings
+
+
+@dataclass
+class Plan:
+    settings: ShardSettings
+    shards: list[list[Item]]
+    classes: list[str] | None
+    id_scheme: str
+    inputs: dict                      # sha256 of the manifest / coco json
+    ignored: list[str]                # files under the root that are not images (by extension)
+    warnings: list[dict] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+def build_plan(s: ShardSettings) -> Plan:
+    """Scan the images root, give every file its key, label and boxes, shuffle with the seed, cut into shards."""
+    root = Path(s.images)
+    if not root.is_dir():
+        raise ShardError(f"--images {root}: not a folder")
+    relpaths, others = scan_images(s.images)
+    if not relpaths:
+        raise ShardError(f"--images {root}: no image files (jpg/jpeg/png/webp/bmp/tif/gif) found")
+    scheme = id_scheme(s)
+    ids = image_ids(relpaths, scheme)
+    labels, classes, warnings = labels_for(s, relpaths)
+    boxes, inputs, box_warnings = manifest_boxes(s, set(ids.values()))
+    items = [Item(r, ids[r], os.stat(os.path.join(s.images, r)).st_size, labels.get(r),
+                  *boxes.get(ids[r], ((), (), None))) for r in relpaths]
+    random.Random(s.seed).shuffle(items)
+    plan = Plan(s, split_items(items, s.max_samples, s.max_size), classes, scheme, inputs, others,
+                warnings + box_warnings)
+    if s.coco_json:
+        plan.inputs["coco_json_sha256"] = sha256_of(s.coco_json)
+    plan.fingerprint = _fingerprint(plan)
+    return plan
+
+
+def estimated_bytes(item: Item) -> int:
+    """Tar bytes of a sample as planned: two 512-byte headers, the image and its json, padded to 512."""
+    pad = lambda n: -(-n // 512) * 512  # noqa: E731
+    return 1024 + pad(item.size) + pad(160 + len(item.image_id) + 60 * len(item.boxes))
+
+
+def split_items(items: list[Item], max_samples: int | None, max_size: int | None) -> list[list[Item]]:
+    """Cut the shuffled items into consecutive shards; a shard holds at least one item even if it is larger."""
+    shards, cur, cur_bytes = [], [], 0
+    for it in items:
+        b = estimated_bytes(it)
+        if cur and ((max_samples and len(cur) >= max_samples) or (max_size and cur_bytes + b > max_size)):
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(it)
+        cur_bytes += b
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _fingerprint(plan: Plan) -> str:
+    body = {"settings": plan.settings.output_settings(), "id_scheme": plan.id_scheme, "inputs": plan.inputs,
+            "shards": [[(it.relpath, it.size) for it in sh] for sh in plan.shards]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
