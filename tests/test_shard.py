@@ -179,6 +179,8 @@ def test_odd_names_exif_and_unreadable_files(coco_tiny, tmp_path):
     assert all(s["reason"] for s in index["skipped"])
     assert index["ignored_files"] == {"count": 1, "examples": ["kläss.b/notes.txt"]}
     assert index["classes"] == ["class a", "kläss.b", "日本"]
+    # non-ASCII names take PAX headers (over 512 bytes): the index's byte count is still the file's
+    assert all(sh["bytes"] == (out / sh["name"]).stat().st_size for sh in index["shards"])
     got = read_plain(out)
     ids = {image_id_for(rel): rel for rel, kind in kinds.items() if kind != "bad"}
     assert set(got) == set(ids) and all("." not in k for k in got)
@@ -453,3 +455,51 @@ def test_shard_on_a_two_node_ray_cluster(tin_root, tmp_path):
          "--max-samples", 50, "--num-workers", 1)
     assert [s["sha256"] for s in index_of(out)["shards"]] == [
         s["sha256"] for s in index_of(tmp_path / "local" / "tin")["shards"]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(image_id=st.text(min_size=1, max_size=30), label=st.one_of(st.none(), st.integers(0, 10**6)),
+       w=st.integers(1, 10**5), h=st.integers(1, 10**5),
+       boxes=st.lists(st.tuples(*[st.floats(0, 1e4, allow_nan=False)] * 4), max_size=4),
+       seed=st.integers(0, 3))
+def test_encode_meta_equals_json_dumps(image_id, label, w, h, boxes, seed):
+    """The json template of the writer gives json.dumps(meta, sort_keys=True)'s bytes exactly."""
+    import json
+
+    from pipelines.shard.meta import encode_meta
+
+    meta = {"image_id": image_id, "label": label, "width": w, "height": h, "boxes": [list(b) for b in boxes],
+            "scores": [0.1 * seed + i / 3 for i in range(len(boxes))]}
+    assert encode_meta(meta) == json.dumps(meta, sort_keys=True).encode()
+
+
+def test_tar_writer_equals_tarfile(tmp_path):
+    """TarWriter (small members copied into batches, large ones referenced, hashed in a thread) writes the bytes
+    tarfile writes with the same metadata, and its sha256 is the file's."""
+    import hashlib
+    import io
+    import os
+    import tarfile
+
+    from pipelines.shard.tar import TAR_MTIME, TarWriter
+
+    rng = np.random.default_rng(0)
+    sizes = [0, 1, 511, 512, 513, 16383, 16384, 100_000, 3, 2_000_000] + list(rng.integers(0, 40_000, 700))
+    samples = [(f"k{i:04d}", "jpg", rng.bytes(int(n)), rng.bytes(int(rng.integers(0, 600))))
+               for i, n in enumerate(sizes)] + [("ñandú-日本", "png", b"x" * 700, b"{}")]  # PAX headers
+    path = tmp_path / "a.tar"
+    with open(path, "wb") as f:
+        w = TarWriter(f.fileno())
+        for sample in samples:
+            w.add_sample(*sample)
+        w.close()
+    members = [m for key, ext, data, meta in samples for m in ((f"{key}.{ext}", data), (f"{key}.json", meta))]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data), TAR_MTIME, 0o444, 0, 0, "", "")
+            t.addfile(info, io.BytesIO(data))
+    assert path.read_bytes() == buf.getvalue()
+    assert w.sha.hexdigest() == hashlib.sha256(buf.getvalue()).hexdigest() and w.nbytes == os.path.getsize(path)

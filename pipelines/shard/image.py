@@ -27,8 +27,8 @@ class Prepared:
 
 def _looks_complete(fmt: str, data: bytes) -> bool:
     """Cheap end-of-file checks that catch truncated files without decoding them."""
-    if fmt == "JPEG":
-        return b"\xff\xd9" in data[-4096:]
+    if fmt == "JPEG":  # most files end on the EOI marker; a few carry trailing bytes after it
+        return data.endswith(b"\xff\xd9") or data.find(b"\xff\xd9", max(0, len(data) - 4096)) >= 0
     if fmt == "PNG":
         return b"IEND" in data[-64:]
     if fmt == "WEBP":

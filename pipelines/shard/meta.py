@@ -1,6 +1,8 @@
 """The json member of a sample: label, stored size, and the manifest's boxes in the stored image's pixels."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from odis.boxes import clip_boxes
@@ -31,3 +33,22 @@ def sample_meta(item: Item, p: Prepared) -> tuple[dict, str | None]:
             "boxes": boxes, "scores": scores}
     return meta, warning
 
+
+
+_ENCODE_STR = json.encoder.encode_basestring_ascii  # what json.dumps uses for strings (C, ensure_ascii)
+_JSON = '{"boxes": %s, "height": %d, "image_id": %s, "label": %s, "scores": %s, "width": %d}'
+
+
+def encode_meta(meta: dict) -> bytes:
+    """json.dumps(meta, sort_keys=True).encode(), byte for byte, for the dicts sample_meta builds.
+
+    Why not json.dumps: on small images (Tiny-ImageNet's 2 KB files) its ~5 µs per call was a tenth of the
+    per-image cost. The keys are fixed, so the template holds them in sorted order; lists go through json.dumps
+    only when not empty (most samples have no box)."""
+    label = meta["label"]
+    if type(label) is not int and label is not None:  # bool, numpy ints, ...: let json decide
+        return json.dumps(meta, sort_keys=True).encode()
+    boxes, scores = meta["boxes"], meta["scores"]
+    return (_JSON % (json.dumps(boxes) if boxes else "[]", meta["height"], _ENCODE_STR(meta["image_id"]),
+                     "null" if label is None else label, json.dumps(scores) if scores else "[]",
+                     meta["width"])).encode()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,18 +36,19 @@ def build_plan(s: ShardSettings) -> Plan:
     root = Path(s.images)
     if not root.is_dir():
         raise ShardError(f"--images {root}: not a folder")
-    relpaths, others = scan_images(s.images)
-    if not relpaths:
+    scan = scan_images(s.images)
+    if not scan.images:
         raise ShardError(f"--images {root}: no image files (jpg/jpeg/png/webp/bmp/tif/gif) found")
+    relpaths = [r for r, _ in scan.images]
     scheme = id_scheme(s)
     ids = image_ids(relpaths, scheme)
     labels, classes, warnings = labels_for(s, relpaths)
     boxes, inputs, box_warnings = manifest_boxes(s, set(ids.values()))
-    items = [Item(r, ids[r], os.stat(os.path.join(s.images, r)).st_size, labels.get(r),
-                  *boxes.get(ids[r], ((), (), None))) for r in relpaths]
+    nobox = ((), (), None)
+    items = [Item(r, ids[r], size, labels.get(r), *boxes.get(ids[r], nobox)) for r, size in scan.images]
     random.Random(s.seed).shuffle(items)
-    plan = Plan(s, split_items(items, s.max_samples, s.max_size), classes, scheme, inputs, others,
-                warnings + box_warnings)
+    plan = Plan(s, split_items(items, s.max_samples, s.max_size), classes, scheme, inputs, scan.others,
+                scan.warnings + warnings + box_warnings)
     if s.coco_json:
         plan.inputs["coco_json_sha256"] = sha256_of(s.coco_json)
     plan.fingerprint = _fingerprint(plan)

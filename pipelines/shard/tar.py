@@ -15,17 +15,20 @@ class TarWriter:
     it writes to the file descriptor `fd`.
 
     Why not tarfile.addfile: it streams every member through 16 KiB copies and rebuilds each header field by
-    field; with millions of small images that overhead dominated `odis shard` (profiled). Here the pieces of
-    many samples (header, bytes, padding) go to a thread in batches, which hashes them and hands them to the
-    kernel with one writev, without joining them: no copy in Python, and SHA-256 and the write (both release the
-    GIL) overlap the reading of the next images."""
+    field; with millions of small images that overhead dominated `odis shard` (profiled). Here the caller's
+    thread only lays out batches: small pieces (headers, padding, jsons, small images) are copied into one
+    bytearray, large images are referenced, not copied. A second thread hashes each batch and hands it to the
+    kernel with one writev. SHA-256 (of buffers over 2 KiB) and the write both release the GIL, so they overlap
+    the reading of the next images; and a batch of small samples is one hash call and one write, not thousands."""
 
     BATCH_BYTES, BATCH_PIECES = 1 << 20, 600  # below the kernel's IOV_MAX (1024)
+    COPY_BELOW = 16 << 10  # smaller data is copied into the batch buffer: cheaper than one more piece
 
     def __init__(self, fd: int):
         self.fd, self.sha, self.nbytes = fd, hashlib.sha256(), 0
         self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._pending: list[bytes] = []
+        self._pieces: list = []          # the batch: bytearrays of small pieces, and large data by reference
+        self._small = bytearray()        # the batch's current run of small pieces
         self._pending_bytes = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, daemon=True)
@@ -41,29 +44,49 @@ class TarWriter:
                 except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
                     self._error = e
 
+    def _member(self, name: str, data: bytes) -> None:
+        """Header, data, zero padding to the next 512-byte block."""
+        small, header = self._small, tar_header(name, len(data))
+        small += header
+        if len(data) < self.COPY_BELOW:
+            small += data
+        else:
+            self._pieces += (small, data)
+            self._small = small = bytearray()
+        small += _ZEROS[:-len(data) % 512]
+        n = len(header) + 512 * ((len(data) + 511) // 512)  # a long or non-ASCII name has a PAX header: > 512
+        self._pending_bytes += n
+        self.nbytes += n
+
+    def add_sample(self, key: str, ext: str, data: bytes, meta: bytes) -> None:
+        """One webdataset sample: KEY.EXT (the image) and KEY.json."""
+        self._member(f"{key}.{ext}", data)
+        self._member(f"{key}.json", meta)
+        if self._pending_bytes >= self.BATCH_BYTES or len(self._pieces) >= self.BATCH_PIECES:
+            self._flush()
+
+    def add(self, *members: tuple[str, bytes]) -> None:
+        """Append members (name, data) in this order."""
+        for name, data in members:
+            self._member(name, data)
+        if self._pending_bytes >= self.BATCH_BYTES or len(self._pieces) >= self.BATCH_PIECES:
+            self._flush()
+
     def _flush(self) -> None:
         if self._error is not None:
             raise self._error
-        if self._pending:
-            self._queue.put(self._pending)
-            self._pending, self._pending_bytes = [], 0
-
-    def add(self, *members: tuple[str, bytes]) -> None:
-        """Append members (name, data), e.g. one sample's image and its json."""
-        for name, data in members:
-            pad = _ZEROS[:-len(data) % 512]
-            self._pending += (tar_header(name, len(data)), data, pad)
-            n = 512 * (1 + (len(data) + 511) // 512)
-            self._pending_bytes += n
-            self.nbytes += n
-        if self._pending_bytes >= self.BATCH_BYTES or len(self._pending) >= self.BATCH_PIECES:
-            self._flush()
+        if self._small:
+            self._pieces.append(self._small)
+            self._small = bytearray()
+        if self._pieces:
+            self._queue.put(self._pieces)
+            self._pieces, self._pending_bytes = [], 0
 
     def close(self) -> None:
         """End-of-archive (two zero blocks), padded to tar's 10 KiB record size as GNU tar and tarfile do; waits
         for the writer thread."""
         end = 1024 + (-(self.nbytes + 1024) % 10240)
-        self._pending.append(bytes(end))
+        self._small += bytes(end)
         self.nbytes += end
         self._flush()
         self._queue.put(None)
@@ -93,8 +116,11 @@ def _ustar_template() -> bytearray:
     return h
 
 
+# A ustar header is fixed except for the name (0:100), the size (124:136) and the checksum (148:156): the fixed
+# parts are cut once, and a header is one join of seven pieces (~1 µs; tarfile takes ~20 µs).
 _USTAR = _ustar_template()
 _USTAR_SUM = sum(_USTAR)  # checksum of the fixed fields (name and size zero, checksum field as spaces)
+_MODE_TO_SIZE, _MTIME_TO_SUM, _TYPE_TO_END = bytes(_USTAR[100:124]), bytes(_USTAR[136:148]), bytes(_USTAR[156:])
 _ZEROS = bytes(512)
 
 
@@ -102,15 +128,11 @@ def tar_header(name: str, size: int) -> bytes:
     """The header block(s) tarfile would write for a regular file `name` of `size` bytes (mode 0444, uid/gid 0,
     fixed mtime), built directly for short ASCII names."""
     raw = name.encode("utf-8")
-    if len(raw) > 100 or not name.isascii() or size >= 8 ** 11:
+    if len(raw) > 100 or size >= 8 ** 11 or not name.isascii():
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
             size, TAR_MTIME, 0o444, 0, 0, "", "")
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    h = _USTAR[:]
-    h[:len(raw)] = raw
     size_field = b"%011o\0" % size
-    h[124:136] = size_field
-    h[148:155] = b"%06o\0" % (_USTAR_SUM + sum(raw) + sum(size_field))  # byte 155 stays " "
-    return bytes(h)
-
+    checksum = b"%06o\0 " % (_USTAR_SUM + sum(raw) + sum(size_field))  # tarfile's layout: 6 digits, NUL, space
+    return b"".join((raw, _ZEROS[len(raw):100], _MODE_TO_SIZE, size_field, _MTIME_TO_SUM, checksum, _TYPE_TO_END))
