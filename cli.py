@@ -207,7 +207,8 @@ def stats_cmd(
 @app.command("shard")
 def shard_cmd(
     images: Path = typer.Option(..., "--images", help="Images root (ImageNet: train/ with one folder per class; "
-                                "COCO: train2017/). Searched recursively; hidden files are ignored."),
+                                "COCO: train2017/). Searched recursively, symlinked folders followed (once "
+                                "each); hidden files are ignored."),
     out: Path = typer.Option(..., "--out", help="Output folder shards/NAME: NAME-000000.tar ... + index.json."),
     prefix: str = typer.Option("", "--prefix", help="Shard name prefix (default: the --out folder's name)."),
     labels: str = typer.Option("none", "--labels", help="folder: the first folder under --images is the class "

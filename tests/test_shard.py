@@ -206,6 +206,32 @@ def test_odd_names_exif_and_unreadable_files(coco_tiny, tmp_path):
     odis("verify", out, "--decode")
 
 
+def test_symlinked_folders_followed_once(tiny_imagenet, tmp_path):
+    """Folders reached through symbolic links are sharded like real ones; a link back to an ancestor (a cycle)
+    and a second link to a folder already walked are not walked again, and are listed, not silently skipped."""
+    src = tiny_imagenet / "train"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(src / TIN_CLASSES[1] / "images", elsewhere / "pics")
+    root = tmp_path / "root"
+    shutil.copytree(src / TIN_CLASSES[0] / "images", root / "a")
+    (root / "b").symlink_to(elsewhere / "pics", target_is_directory=True)   # a class folder kept elsewhere
+    (root / "c").symlink_to(elsewhere / "pics", target_is_directory=True)   # the same folder again
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)        # a cycle
+    (root / "a" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")          # a broken link
+    out = tmp_path / "out"
+    r = odis("shard", "--images", root, "--out", out, "--labels", "folder", "--num-workers", 1)
+    index = index_of(out)
+    assert index["classes"] == ["a", "b"] and index["num_samples"] == 100
+    reasons = {w["path"]: w["reason"] for w in index["warnings"]}
+    assert set(reasons) == {"a/loop", "c", "a/gone.jpg"}, reasons
+    assert "'.' again" in reasons["a/loop"] and "'b' again" in reasons["c"] and "a/gone.jpg" in r.output
+    got = read_plain(out)
+    for key, s in got.items():
+        rel = next(f"{c}/{p.name}" for c, d in (("a", root / "a"), ("b", elsewhere / "pics")) for p in d.iterdir()
+                   if image_id_for(f"{c}/{p.name}") == key)
+        assert s["jpg"] == (root / rel).read_bytes() and index["classes"][s["json"]["label"]] == rel[0]
+
+
 # ---- resume after a kill -----------------------------------------------------------------------------------
 
 def test_kill_then_rerun_equals_uninterrupted(tin_root, tmp_path):
