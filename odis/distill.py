@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from odis.heads import DINOHead
-from odis.losses import Centers, loss_obj, loss_patch, teacher_probs
+from odis.losses import Centers, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
 from odis.model import OdisViT
 
 METHODS = ("odis", "ibot", "dino")
+CENTERINGS = ("center", "sinkhorn")  # iBOT/ODIS's EMA center, or DINOv2's Sinkhorn-Knopp
 
 
 @dataclass
@@ -48,10 +49,13 @@ class Distiller(nn.Module):
                  drop_path_rate: float = 0.1, out_dim: int = 8192, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = False, student_temp: float = 0.1,
                  center_momentum: float = 0.9, lambda_obj: float = 1.0, lambda_patch: float = 1.0,
-                 attn_impl: str = "mask", depth: int | None = None):
+                 attn_impl: str = "mask", depth: int | None = None, centering: str = "center"):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        self.centering = centering
         self.method = method
         backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl,
                            depth=depth)
@@ -107,18 +111,23 @@ class Distiller(nn.Module):
             valid_t = views.obj_valid
             n_local = s_obj_logits.shape[0] - 2  # locals always see "their object": the whole crop
             valid_s = torch.cat([views.obj_valid, views.obj_valid.new_ones(n_local, b)])
-        tp = teacher_probs(t_obj_logits, self.centers.obj, teacher_temp).reshape(2, b, -1)
+        tp = self._teacher_probs(t_obj_logits, self.centers.obj, teacher_temp).reshape(2, b, -1)
         l_obj = loss_obj(s_obj_logits, tp, self.student_temp, valid_s, valid_t)
-        out = {"loss_obj": l_obj}
+        out = {"loss_obj": l_obj, **collapse_stats(tp)}
         loss = self.lambda_obj * l_obj
         if self.uses_patch_loss:
-            tpp = teacher_probs(t_patch_logits[masked], self.centers.patch, teacher_temp)
+            tpp = self._teacher_probs(t_patch_logits[masked], self.centers.patch, teacher_temp)
             l_patch = loss_patch(s_logits[n_obj:], tpp, masked.reshape(2, b, -1), self.student_temp)
             out["loss_patch"] = l_patch
             loss = loss + self.lambda_patch * l_patch
         self.centers.update(t_obj_logits, t_patch_logits)
         out["loss"] = loss
         return out
+
+    def _teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.centering == "sinkhorn":
+            return sinkhorn_probs(logits, temp)
+        return teacher_probs(logits, center, temp)
 
     # ---- optimisation helpers ------------------------------------------------------------------------------
 
@@ -144,6 +153,17 @@ class Distiller(nn.Module):
         for name, p in self.student.head.named_parameters():
             if name.startswith("last_layer"):
                 p.grad = None
+
+
+@torch.no_grad()
+def collapse_stats(teacher_p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Two entropies (nats) of the teacher's OBJ/CLS distribution that tell the two ways DINO-style training fails:
+    `t_entropy` (mean per-sample entropy) near ln K = the teacher is uniform for every image (nothing to learn);
+    `t_batch_entropy` (entropy of the batch-mean distribution) near 0 = every image goes to the same prototype.
+    Healthy training has a low first and a high second."""
+    p = teacher_p.reshape(-1, teacher_p.shape[-1]).float()
+    ent = lambda q: -(q * q.clamp(min=1e-12).log()).sum(-1)
+    return {"t_entropy": ent(p).mean(), "t_batch_entropy": ent(p.mean(0))}
 
 
 def clip_gradients(model: nn.Module, clip: float) -> None:

@@ -9,8 +9,13 @@
 - Centers: EMA (0.9) of the batch mean of the teacher's logits, all-reduced across processes. The OBJ center sees
   every teacher OBJ token (valid or not), the patch center every teacher patch token (not only masked ones), as
   the reference's centers do.
+- `sinkhorn_probs`: DINOv2's alternative to centering (Sinkhorn-Knopp, 3 iterations): the teacher's assignments
+  are balanced over the prototypes within the (global) batch, so neither collapse - uniform for every image, or
+  one prototype for all - can happen. Not the ODIS/iBOT recipe; an option for small data and short runs.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -33,6 +38,36 @@ def _full(x: torch.Tensor) -> torch.Tensor:
 
 def teacher_probs(t: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
     return F.softmax((_full(t) - center) / temp, dim=-1)
+
+
+def _logsumexp_all_rows(z: torch.Tensor) -> torch.Tensor:
+    """log of the column sums of exp(z) [R, K] over every process's rows -> [1, K]."""
+    lse = torch.logsumexp(z, 0, keepdim=True)
+    if dist.is_available() and dist.is_initialized():
+        top = lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        total = torch.exp(lse - top)
+        dist.all_reduce(total)
+        lse = top + torch.log(total)
+    return lse
+
+
+@torch.no_grad()
+def sinkhorn_probs(t: torch.Tensor, temp: float, n_iter: int = 3) -> torch.Tensor:
+    """Teacher probabilities [..., K] by Sinkhorn-Knopp over the rows of `t` (all processes' rows together), as
+    DINOv2's `sinkhorn_knopp_teacher`: alternately make every prototype's total mass 1/K and every row's 1/R;
+    rows sum to 1. Computed in the log domain: the same numbers, but exp() cannot overflow or underflow a whole
+    row (DINOv2's exp(t / temp) does once |t| / temp passes ~88 in float32)."""
+    shape = t.shape
+    z = _full(t).reshape(-1, shape[-1]) / temp  # [R, K]
+    rows = torch.tensor(float(z.shape[0]), device=z.device, dtype=z.dtype)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(rows)
+    log_k, log_r = math.log(z.shape[1]), torch.log(rows)
+    for _ in range(n_iter):
+        z = z - _logsumexp_all_rows(z) - log_k  # every prototype carries 1/K of the mass
+        z = z - torch.logsumexp(z, 1, keepdim=True) - log_r  # every row 1/R
+    return torch.exp(z + log_r).reshape(shape)
 
 
 def loss_obj(student: torch.Tensor, teacher_p: torch.Tensor, student_temp: float,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from odis.losses import Centers, loss_obj, loss_patch, teacher_probs
+from odis.losses import Centers, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
 
 
 def _softmax(x):
@@ -109,3 +109,71 @@ def test_centers_ema():
     torch.testing.assert_close(c.patch, 0.1 * logits.mean(0, keepdim=True))
     c.update(logits, None)
     torch.testing.assert_close(c.obj, (0.9 * 0.1 + 0.1) * logits.mean(0, keepdim=True))
+
+
+def _ref_sinkhorn(t, temp, n_iter):
+    """DINOv2's sinkhorn_knopp_teacher, transcribed in float64 numpy (Q is K x B there)."""
+    q = np.exp(t / temp).T
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(n_iter):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    return (q * b).T
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 12), k=st.sampled_from([2, 7, 32]),
+       temp=st.sampled_from([0.02, 0.07, 1.0]), n_iter=st.integers(1, 4))
+def test_sinkhorn_matches_dinov2(seed, rows, k, temp, n_iter):
+    t = np.random.default_rng(seed).normal(size=(rows, k)) * 0.3  # cosine-sized logits: exp() stays finite
+    got = sinkhorn_probs(torch.tensor(t), temp, n_iter).numpy()
+    np.testing.assert_allclose(got, _ref_sinkhorn(t, temp, n_iter), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-9)
+
+
+def test_sinkhorn_balances_prototypes_and_survives_large_logits():
+    """Rows sum to 1 and, after enough iterations, every prototype gets the same share of the batch - even when
+    every row prefers the same prototype (what centering can let collapse). Logits far beyond exp()'s range
+    stay finite (each row's max is subtracted; DINOv2's code would overflow here)."""
+    t = torch.randn(64, 8, dtype=torch.float64) * 0.1
+    t[:, 3] += 500.0
+    q = sinkhorn_probs(t, 0.05, n_iter=50)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(64, dtype=torch.float64))
+    torch.testing.assert_close(q.mean(0), torch.full((8,), 1 / 8, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def _sinkhorn_rank(rank: int, world: int, port: int, t, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        half = t.shape[0] // world
+        queue.put((rank, sinkhorn_probs(t[rank * half:(rank + 1) * half], 0.05).numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_across_processes_equals_one_process():
+    """Under DDP the prototype totals are all-reduced: two processes with half the rows each get exactly the
+    rows that one process with the whole batch gets."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = torch.randn(12, 16, dtype=torch.float64) * 0.3
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sinkhorn_rank, args=(r, 2, port, t, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    np.testing.assert_allclose(np.concatenate([out[0], out[1]]), sinkhorn_probs(t, 0.05).numpy(), rtol=1e-10)

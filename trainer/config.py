@@ -68,6 +68,7 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
+    centering: str = "center"  # center (iBOT/ODIS) | sinkhorn (DINOv2's Sinkhorn-Knopp: no collapse on small data)
     lambda_obj: float = 1.0  # weight of L_OBJ (L_CLS for ibot/dino)
     lambda_patch: float = 1.0
 
@@ -92,6 +93,8 @@ class Config:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.data.box_sampling not in ("uniform", "area"):
             raise ValueError(f"data.box_sampling must be uniform|area, got {self.data.box_sampling!r}")
+        if self.loss.centering not in ("center", "sinkhorn"):
+            raise ValueError(f"loss.centering must be center|sinkhorn, got {self.loss.centering!r}")
         if self.data.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
         return self
