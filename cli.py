@@ -708,6 +708,8 @@ def synth(
     clutter: float = typer.Option(0.5, min=0.0, max=1.0,
                                   help="0: plain background; up to 1: texture, pixel noise, unannotated strokes."),
     distractors: str = typer.Option("other", help="'other': distractor classes differ from the target's; 'any'."),
+    palette: str = typer.Option("colour", help="colour: random colours everywhere (colour is a nuisance); gray: "
+                                "light objects on a dark background, the MNIST look (easier to learn)."),
     mnist: str = typer.Option(None, help="Folder with MNIST IDX files (t10k-images-idx3-ubyte.gz, "
                                          "t10k-labels-idx1-ubyte.gz): digits as objects. Default: 10 drawn shapes."),
     image_format: str = typer.Option("png", "--format", help="png (lossless) or jpg."),
@@ -748,7 +750,7 @@ def synth(
 
     cfg = SynthConfig(size=size, objects=_parse_range(objects, int, "objects"),
                       scale=_parse_range(scale, float, "scale"), max_iou=max_iou, clutter=clutter,
-                      distractors=distractors, seed=seed)
+                      distractors=distractors, palette=palette, seed=seed)
     try:
         summary = write_dataset(Path(out), cfg, train, val, mnist=mnist, fmt=image_format,
                                 overwrite=overwrite, progress=progress)

@@ -54,6 +54,10 @@ MIN_CONTRAST = 96         # an object's colour differs from the background's mea
 SUPERSAMPLE = 4           # shapes are drawn at 4x and area-downsampled: anti-aliased edges
 MNIST_VAL_FRACTION = 0.2
 IDX_DTYPES = {0x08: np.uint8}
+# "colour": every background and object a random colour (colour is a nuisance the network must learn to ignore).
+# "gray": the MNIST look - light objects on a dark background, gray clutter. Easier: shape is the main thing that
+# varies, so a small ViT learns it in minutes on a CPU (benchmarks/mini_repro.py's cpu preset).
+PALETTES = ("colour", "gray")
 
 
 # ---- configuration and result --------------------------------------------------------------------------------
@@ -66,6 +70,7 @@ class SynthConfig:
     max_iou: float = 0.2                          # maximum IoU between any two object boxes
     clutter: float = 0.5                          # 0 plain background ... 1 strong texture, noise and strokes
     distractors: str = "other"                    # "other": distractor classes differ from the target's; "any"
+    palette: str = "colour"                       # "colour": random colours; "gray": light objects on dark gray
     seed: int = 0
 
     def validate(self) -> None:
@@ -85,6 +90,8 @@ class SynthConfig:
             raise ValueError(f"clutter must be in [0, 1], got {self.clutter}")
         if self.distractors not in ("other", "any"):
             raise ValueError(f"distractors must be 'other' or 'any', got {self.distractors!r}")
+        if self.palette not in PALETTES:
+            raise ValueError(f"palette must be one of {PALETTES}, got {self.palette!r}")
 
 
 @dataclass
@@ -266,26 +273,33 @@ class MnistSource:
 
 # ---- scene composition -------------------------------------------------------------------------------------
 
-def make_background(size: int, clutter: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def make_background(size: int, clutter: float, rng: np.random.Generator, palette: str = "colour",
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Background [H,W,3] float32 in [0,255] and its base colour: plain at clutter 0, then texture/noise/strokes."""
-    base = rng.uniform(40, 215, 3).astype(np.float32)
+    gray = palette == "gray"
+    channels = 1 if gray else 3  # gray: one channel drawn, repeated, so every pixel stays gray
+    base = np.repeat(rng.uniform(0, 60, 1), 3) if gray else rng.uniform(40, 215, 3)
+    base = base.astype(np.float32)
     bg = np.broadcast_to(base, (size, size, 3)).copy()
     if clutter <= 0:
         return bg, base
     g = int(rng.integers(2, 7))
-    low = rng.normal(0, 60 * clutter, (g, g, 3)).astype(np.float32)
-    bg += cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
-    bg += rng.normal(0, 12 * clutter, (size, size, 3)).astype(np.float32)
+    low = rng.normal(0, (20 if gray else 60) * clutter, (g, g, channels)).astype(np.float32)
+    bg += cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC).reshape(size, size, channels)
+    bg += rng.normal(0, 12 * clutter, (size, size, channels)).astype(np.float32)
     thick = max(1, size // 48)
     for _ in range(int(rng.binomial(round(8 * clutter), 0.75))):  # distractor strokes: not objects, unannotated
         pts = rng.uniform(0, size, (int(rng.integers(2, 5)), 2)).astype(np.int32)
-        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        colour = tuple(float(c) for c in np.repeat(rng.uniform(60, 150, 1), 3)) if gray else \
+            tuple(float(c) for c in rng.uniform(0, 255, 3))
         cv2.polylines(bg, [pts], False, colour, thickness=int(rng.integers(1, thick + 1)), lineType=cv2.LINE_AA)
     return np.clip(bg, 0, 255), base
 
 
-def object_colour(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def object_colour(base: np.ndarray, rng: np.random.Generator, palette: str = "colour") -> np.ndarray:
     """A colour that differs from the background's base colour by >= MIN_CONTRAST in some channel."""
+    if palette == "gray":  # light on dark: at least 120 above the base (<= 60)
+        return np.repeat(rng.uniform(180, 255, 1), 3).astype(np.float32)
     for _ in range(20):
         c = rng.uniform(0, 255, 3)
         if np.abs(c - base).max() >= MIN_CONTRAST:
@@ -332,7 +346,7 @@ def render_scene(cfg: SynthConfig, source, target_class: int, rng: np.random.Gen
         boxes.append(box)
         labels.append(cls)
 
-    bg, base = make_background(size, cfg.clutter, rng)
+    bg, base = make_background(size, cfg.clutter, rng, cfg.palette)
     image = bg.copy()
     masks = np.zeros((len(sprites), size, size), bool)
     for i in reversed(range(len(sprites))):  # target (index 0) last, on top
@@ -340,7 +354,7 @@ def render_scene(cfg: SynthConfig, source, target_class: int, rng: np.random.Gen
         x0, y0, x1, y1 = boxes[i].astype(int)
         region = image[y0:y1, x0:x1]
         region *= 1 - a
-        region += a * object_colour(base, rng)
+        region += a * object_colour(base, rng, cfg.palette)
         masks[i, y0:y1, x0:x1] = sprites[i] > 0
     to_u8 = lambda f: np.clip(np.round(f), 0, 255).astype(np.uint8)  # noqa: E731
     return Scene(image=to_u8(image), background=to_u8(bg), boxes=clip_boxes(np.stack(boxes), size, size),

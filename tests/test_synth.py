@@ -48,6 +48,7 @@ configs = st.builds(
     max_iou=st.sampled_from([0.0, 0.1, 0.3, 1.0]),
     clutter=st.sampled_from([0.0, 0.3, 1.0]),
     distractors=st.sampled_from(["other", "any"]),
+    palette=st.sampled_from(["colour", "gray"]),
     seed=st.integers(0, 2**31),
 )
 
@@ -78,13 +79,18 @@ def test_scene_invariants(cfg, target, index):
         assert not (exclusive(scene.masks) & ~differs[None]).any()
     # the target is drawn on top: none of its pixels is hidden (where opaque, it covers what lies beneath)
     assert scene.masks[0].sum() > 0
+    if cfg.palette == "gray":  # every pixel gray; objects light (>= 180 where fully opaque) on a dark base
+        assert (scene.image == scene.image[..., :1]).all()
+        solid = scene.masks[0] & (scene.image[..., 0] >= 180)
+        assert solid.any()
 
 
 @settings(max_examples=30, deadline=None)
-@given(size=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**31), target=st.integers(0, 9))
-def test_single_object_box_is_the_tight_box_of_changed_pixels(size, seed, target):
+@given(size=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**31), target=st.integers(0, 9),
+       palette=st.sampled_from(["colour", "gray"]))
+def test_single_object_box_is_the_tight_box_of_changed_pixels(size, seed, target, palette):
     """Pixel check without the generator's masks: plain background, one object -> box = bbox of changed pixels."""
-    cfg = SynthConfig(size=size, objects=(1, 1), clutter=0.0, seed=seed)
+    cfg = SynthConfig(size=size, objects=(1, 1), clutter=0.0, palette=palette, seed=seed)
     scene = render_scene(cfg, ShapeSource(), target, scene_rng(seed, "val", 0))
     bg = scene.image[0, 0] if not scene.masks[0][0, 0] else scene.image[-1, -1]
     changed = (scene.image != bg).any(-1)
@@ -103,7 +109,7 @@ def test_same_seed_same_scene_other_seed_other_scene():
 
 def test_bad_settings_are_refused():
     for bad in [dict(objects=(0, 2)), dict(objects=(3, 2)), dict(scale=(0.5, 0.2)), dict(scale=(0.1, 1.5)),
-                dict(max_iou=-0.1), dict(clutter=2.0), dict(distractors="same"), dict(size=64, scale=(0.01, 0.1))]:
+                dict(max_iou=-0.1), dict(clutter=2.0), dict(distractors="same"), dict(size=64, scale=(0.01, 0.1)), dict(palette="sepia")]:
         with pytest.raises(ValueError):
             SynthConfig(**bad).validate()
 
