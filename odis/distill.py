@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from odis.heads import DINOHead
-from odis.losses import Centers, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
+from odis.losses import Centers, koleo, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
 from odis.model import OdisViT
 
 METHODS = ("odis", "ibot", "dino")
@@ -49,7 +49,8 @@ class Distiller(nn.Module):
                  drop_path_rate: float = 0.1, out_dim: int = 8192, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = False, student_temp: float = 0.1,
                  center_momentum: float = 0.9, lambda_obj: float = 1.0, lambda_patch: float = 1.0,
-                 attn_impl: str = "mask", depth: int | None = None, centering: str = "center"):
+                 attn_impl: str = "mask", depth: int | None = None, centering: str = "center",
+                 lambda_koleo: float = 0.0):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -71,7 +72,7 @@ class Distiller(nn.Module):
             backbone.mask_token.requires_grad_(False)
         self.centers = Centers(out_dim, center_momentum)
         self.student_temp = student_temp
-        self.lambda_obj, self.lambda_patch = lambda_obj, lambda_patch
+        self.lambda_obj, self.lambda_patch, self.lambda_koleo = lambda_obj, lambda_patch, lambda_koleo
 
     @property
     def uses_patch_loss(self) -> bool:
@@ -120,6 +121,9 @@ class Distiller(nn.Module):
             l_patch = loss_patch(s_logits[n_obj:], tpp, masked.reshape(2, b, -1), self.student_temp)
             out["loss_patch"] = l_patch
             loss = loss + self.lambda_patch * l_patch
+        if self.lambda_koleo:  # DINOv2: on the student's global OBJ/CLS tokens, one global view at a time
+            out["loss_koleo"] = sum(koleo(x) for x in s_obj.chunk(2))
+            loss = loss + self.lambda_koleo * out["loss_koleo"]
         self.centers.update(t_obj_logits, t_patch_logits)
         out["loss"] = loss
         return out

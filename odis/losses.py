@@ -12,6 +12,8 @@
 - `sinkhorn_probs`: DINOv2's alternative to centering (Sinkhorn-Knopp, 3 iterations): the teacher's assignments
   are balanced over the prototypes within the (global) batch, so neither collapse - uniform for every image, or
   one prototype for all - can happen. Not the ODIS/iBOT recipe; an option for small data and short runs.
+- `koleo`: DINOv2's KoLeo regulariser (Kozachenko-Leonenko entropy estimate): -mean log distance of each
+  L2-normalised feature to its nearest neighbour in the batch; it spreads the features apart. Off by default.
 """
 from __future__ import annotations
 
@@ -68,6 +70,18 @@ def sinkhorn_probs(t: torch.Tensor, temp: float, n_iter: int = 3) -> torch.Tenso
         z = z - _logsumexp_all_rows(z) - log_k  # every prototype carries 1/K of the mass
         z = z - torch.logsumexp(z, 1, keepdim=True) - log_r  # every row 1/R
     return torch.exp(z + log_r).reshape(shape)
+
+
+def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeoLoss on [B, D] features (one view's batch): -mean_i log ||x_i - x_nn(i)||, x L2-normalised."""
+    x = F.normalize(_full(x), p=2, dim=-1, eps=eps)
+    if x.shape[0] < 2:
+        return x.sum() * 0.0  # no neighbour: nothing to spread (keeps the graph for DDP)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-2.0)  # never its own neighbour (cosines are >= -1)
+        nn_index = dots.argmax(1)
+    return -torch.log(F.pairwise_distance(x, x[nn_index], p=2, eps=eps) + eps).mean()
 
 
 def loss_obj(student: torch.Tensor, teacher_p: torch.Tensor, student_temp: float,

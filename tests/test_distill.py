@@ -110,3 +110,21 @@ def test_schedules_endpoints():
     assert schedules.lr(999, 10, 100, 5e-4, 1e-6, 10, 512) == pytest.approx(1e-6, abs=1e-8)
     assert schedules.teacher_momentum(0, 100, 0.996) == 0.996
     assert schedules.teacher_momentum(100, 100, 0.996) == 1.0
+
+
+@pytest.mark.parametrize("method", ["odis", "ibot", "dino"])
+def test_sinkhorn_and_koleo_options(method):
+    """The small-data options: the loss is the sum of its parts with KoLeo weighted in; the Sinkhorn teacher
+    changes L_OBJ (not the student side) and everything stays finite with gradients only in the student."""
+    v = _views()
+    base = _distiller(method)(v, 0.04)
+    d = _distiller(method, centering="sinkhorn", lambda_koleo=0.3)
+    out = d(v, 0.04)
+    parts = out["loss_obj"] + out.get("loss_patch", 0.0) + 0.3 * out["loss_koleo"]
+    torch.testing.assert_close(out["loss"], parts)
+    assert not torch.isclose(out["loss_obj"], base["loss_obj"])
+    out["loss"].backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in d.student.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="centering"):
+        _distiller(method, centering="mean")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from odis.losses import Centers, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
+from odis.losses import Centers, koleo, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
 
 
 def _softmax(x):
@@ -177,3 +177,26 @@ def test_sinkhorn_across_processes_equals_one_process():
         p.join(timeout=60)
         assert p.exitcode == 0
     np.testing.assert_allclose(np.concatenate([out[0], out[1]]), sinkhorn_probs(t, 0.05).numpy(), rtol=1e-10)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.integers(2, 9), d=st.sampled_from([2, 5, 16]))
+def test_koleo_matches_loop(seed, b, d):
+    """-mean_i log ||x_i - x_nn(i)|| over L2-normalised rows, nearest neighbour = the most similar other row."""
+    x = np.random.default_rng(seed).normal(size=(b, d))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    want = 0.0
+    for i in range(b):
+        j = max((j for j in range(b) if j != i), key=lambda j: u[i] @ u[j])
+        want += -np.log(np.linalg.norm(u[i] - u[j] + 1e-8) + 1e-8)
+    assert math.isclose(koleo(torch.tensor(x)).item(), want / b, rel_tol=1e-6)
+
+
+def test_koleo_pushes_features_apart():
+    """One gradient step on KoLeo moves the closest pair of features apart."""
+    x = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0]], requires_grad=True)
+    koleo(x).backward()
+    with torch.no_grad():
+        y = torch.nn.functional.normalize(x - 0.1 * x.grad, dim=1)
+        before = torch.nn.functional.normalize(x, dim=1)
+    assert (y[0] @ y[1]) < (before[0] @ before[1])

@@ -71,6 +71,7 @@ class LossConfig:
     centering: str = "center"  # center (iBOT/ODIS) | sinkhorn (DINOv2's Sinkhorn-Knopp: no collapse on small data)
     lambda_obj: float = 1.0  # weight of L_OBJ (L_CLS for ibot/dino)
     lambda_patch: float = 1.0
+    lambda_koleo: float = 0.0  # DINOv2's KoLeo regulariser on the student's global OBJ/CLS (DINOv2 uses 0.1)
 
 
 @dataclass

@@ -64,7 +64,8 @@ def build_distiller(cfg: Config) -> Distiller:
                      out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
                      norm_last_layer=m.norm_last_layer, student_temp=lo.student_temp,
                      center_momentum=lo.center_momentum, lambda_obj=lo.lambda_obj, lambda_patch=lo.lambda_patch,
-                     attn_impl=m.attn_impl, depth=m.depth, centering=lo.centering)
+                     attn_impl=m.attn_impl, depth=m.depth, centering=lo.centering,
+                     lambda_koleo=lo.lambda_koleo)
 
 
 @dataclass
