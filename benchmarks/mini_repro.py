@@ -82,7 +82,7 @@ PRESETS = {
     # anti-collapse recipe (see the config): there a network trained for ~400 steps beat the untrained one by 5-10
     # points in single-seed trials, which 64-px colour scenes with the reference's centering never did on 2 cores.
     "cpu": Preset(ti_classes=10, mnist_train=3000, mnist_val=500, recipe="configs/mini_cpu.yaml",
-                  epochs={"ti": 16, "mnist": 8}, batch_size=64, workers=1, concurrency=1, budget_s=1740,
+                  epochs={"ti": 16, "mnist": 10}, batch_size=64, workers=1, concurrency=1, budget_s=1740,
                   est_job_s=110, synth={"size": 32, "objects": (1, 2), "scale": (0.5, 0.8), "max_iou": 0.3,
                                         "clutter": 0.3, "palette": "gray"}),
     "gpu": Preset(ti_classes=50, mnist_train=4500, mnist_val=1000, recipe="configs/tiny_cpu.yaml",
