@@ -74,7 +74,7 @@ class Preset:
 
 
 PRESETS = {
-    "smoke": Preset(ti_classes=3, mnist_train=48, mnist_val=24, recipe="configs/demo.yaml",
+    "smoke": Preset(ti_classes=3, mnist_train=48, mnist_val=24, recipe="configs/mini_cpu.yaml",
                     epochs={"ti": 1, "mnist": 1}, batch_size=16, workers=0, concurrency=2, budget_s=600,
                     est_job_s=20, seeds=(0,), knn_k=5,
                     overrides=("max_steps=2", "data.shuffle_buffer=50")),
