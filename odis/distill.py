@@ -122,7 +122,10 @@ class Distiller(nn.Module):
             out["loss_patch"] = l_patch
             loss = loss + self.lambda_patch * l_patch
         if self.lambda_koleo:  # DINOv2: on the student's global OBJ/CLS tokens, one global view at a time
-            out["loss_koleo"] = sum(koleo(x) for x in s_obj.chunk(2))
+            views_obj = s_obj.chunk(2)
+            if valid_t is not None:  # an OBJ token without its object (empty box) carries nothing to spread
+                views_obj = [x[v] for x, v in zip(views_obj, valid_t)]
+            out["loss_koleo"] = sum(koleo(x) for x in views_obj)
             loss = loss + self.lambda_koleo * out["loss_koleo"]
         self.centers.update(t_obj_logits, t_patch_logits)
         out["loss"] = loss

@@ -128,3 +128,18 @@ def test_sinkhorn_and_koleo_options(method):
     assert all(torch.isfinite(p.grad).all() for p in d.student.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="centering"):
         _distiller(method, centering="mean")
+
+
+def test_koleo_leaves_out_objects_missing_from_a_view(monkeypatch):
+    """An OBJ token whose box is empty sees only itself: KoLeo spreads only the valid samples of each view."""
+    import odis.distill as distill
+
+    rows = []
+    real = distill.koleo
+    monkeypatch.setattr(distill, "koleo", lambda x: rows.append(x.shape[0]) or real(x))
+    valid = torch.ones(2, B, dtype=torch.bool)
+    valid[0, 1] = valid[1, 2] = valid[1, 3] = False
+    v = _views(valid=valid)
+    v.obj_mask[~valid] = False
+    out = _distiller("odis", lambda_koleo=0.1)(v, 0.04)
+    assert rows == [B - 1, B - 2] and torch.isfinite(out["loss_koleo"])
