@@ -273,13 +273,17 @@ class MnistSource:
 
 # ---- scene composition -------------------------------------------------------------------------------------
 
+def _colour(rng: np.random.Generator, lo: float, hi: float, gray: bool) -> np.ndarray:
+    """An RGB colour [3] float32 with channels ~ U(lo, hi); gray: one draw for all three."""
+    return (np.repeat(rng.uniform(lo, hi, 1), 3) if gray else rng.uniform(lo, hi, 3)).astype(np.float32)
+
+
 def make_background(size: int, clutter: float, rng: np.random.Generator, palette: str = "colour",
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Background [H,W,3] float32 in [0,255] and its base colour: plain at clutter 0, then texture/noise/strokes."""
     gray = palette == "gray"
     channels = 1 if gray else 3  # gray: one channel drawn, repeated, so every pixel stays gray
-    base = np.repeat(rng.uniform(0, 60, 1), 3) if gray else rng.uniform(40, 215, 3)
-    base = base.astype(np.float32)
+    base = _colour(rng, 0, 60, gray) if gray else _colour(rng, 40, 215, gray)
     bg = np.broadcast_to(base, (size, size, 3)).copy()
     if clutter <= 0:
         return bg, base
@@ -290,8 +294,7 @@ def make_background(size: int, clutter: float, rng: np.random.Generator, palette
     thick = max(1, size // 48)
     for _ in range(int(rng.binomial(round(8 * clutter), 0.75))):  # distractor strokes: not objects, unannotated
         pts = rng.uniform(0, size, (int(rng.integers(2, 5)), 2)).astype(np.int32)
-        colour = tuple(float(c) for c in np.repeat(rng.uniform(60, 150, 1), 3)) if gray else \
-            tuple(float(c) for c in rng.uniform(0, 255, 3))
+        colour = tuple(float(c) for c in (_colour(rng, 60, 150, gray) if gray else _colour(rng, 0, 255, gray)))
         cv2.polylines(bg, [pts], False, colour, thickness=int(rng.integers(1, thick + 1)), lineType=cv2.LINE_AA)
     return np.clip(bg, 0, 255), base
 
@@ -299,7 +302,7 @@ def make_background(size: int, clutter: float, rng: np.random.Generator, palette
 def object_colour(base: np.ndarray, rng: np.random.Generator, palette: str = "colour") -> np.ndarray:
     """A colour that differs from the background's base colour by >= MIN_CONTRAST in some channel."""
     if palette == "gray":  # light on dark: at least 120 above the base (<= 60)
-        return np.repeat(rng.uniform(180, 255, 1), 3).astype(np.float32)
+        return _colour(rng, 180, 255, gray=True)
     for _ in range(20):
         c = rng.uniform(0, 255, 3)
         if np.abs(c - base).max() >= MIN_CONTRAST:

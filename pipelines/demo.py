@@ -92,9 +92,9 @@ def make_data(out: Path, size: DemoSize, steps: _Steps, progress: bool) -> dict:
     # 32-px gray scenes: what a 0.4M-parameter ViT learns from in a minute on a CPU (colour is a nuisance it cannot
     # get past that fast; README, mini reproduction)
     cfg = SynthConfig(size=32, objects=(lo, hi), scale=(0.5, 0.8), max_iou=0.3, clutter=0.3, palette="gray", seed=0)
-    steps.run("synth", ["odis", "synth", "--out", data, "--train", size.train, "--val", size.val, "--size", 32,
-                        "--objects", size.objects, "--scale", "0.5-0.8", "--max-iou", 0.3, "--clutter", 0.3,
-                        "--palette", "gray", "--format", "jpg", "--overwrite"],
+    steps.run("synth", ["odis", "synth", "--out", data, "--train", size.train, "--val", size.val, "--size", cfg.size,
+                        "--objects", size.objects, "--scale", "-".join(map(str, cfg.scale)), "--max-iou", cfg.max_iou,
+                        "--clutter", cfg.clutter, "--palette", cfg.palette, "--format", "jpg", "--overwrite"],
               lambda: write_dataset(data, cfg, size.train, size.val, fmt="jpg", overwrite=True, progress=progress))
     paths = {"data": data}
     for split in ("train", "val"):
