@@ -150,6 +150,11 @@ class ViewMaker:
     min_visible: float = 0.5
     mask_prob: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
+    # odis only: draw the local crops object-aware too (each up to max_tries times, until it holds the sampled
+    # box or lies inside it), as an option of the ODIS-derived code. Off by default (the paper: ordinary crops).
+    # Why: every local's unmasked token is distilled towards the teacher's OBJ token of that one object; in a
+    # scene of several objects an ordinary local crop often shows only the others.
+    local_object_aware: bool = False
     masker: BlockMasker = field(init=False)
 
     def __post_init__(self):
@@ -162,7 +167,14 @@ class ViewMaker:
         """From trainer.config.DataConfig (duck-typed: odis/ does not import trainer/)."""
         return cls(data.global_size, data.local_size, data.n_local, tuple(data.global_scale),
                    tuple(data.local_scale), patch_size, method, data.box_sampling, data.max_crop_tries,
-                   data.min_visible, data.mask_prob, tuple(data.mask_ratio))
+                   data.min_visible, data.mask_prob, tuple(data.mask_ratio), data.local_object_aware)
+
+    def _local_crop(self, h: int, w: int, box, rng: np.random.Generator) -> Crop:
+        """An ordinary local crop, or with local_object_aware (odis) one that holds the sampled box."""
+        ls = self.local_size
+        if box is None or not self.local_object_aware:
+            return random_resized_crop(h, w, self.local_scale, RATIO, ls, rng)
+        return object_aware_crop(h, w, box, self.local_scale, RATIO, ls, self.max_tries, self.min_visible, rng)[0]
 
     @property
     def grid(self) -> int:
@@ -189,7 +201,7 @@ class ViewMaker:
         obj_mask = np.zeros((2, gh, gh), bool)
         obj_valid = np.zeros(2, bool)
         obj_box = np.zeros((2, 4), np.float32)
-        fallbacks = 0
+        fallbacks, box = 0, None
         if self.method == "odis":
             boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
             box = boxes[sample_box(boxes, self.box_sampling, rng)] if len(boxes) else np.array([0, 0, w, h], float)
@@ -216,7 +228,7 @@ class ViewMaker:
         for v, c in enumerate(crops):
             render(image, c, views[v])
         for i in range(self.n_local):
-            render(image, random_resized_crop(h, w, self.local_scale, RATIO, ls, rng), local[i])
+            render(image, self._local_crop(h, w, box, rng), local[i])
         if self.method == "dino":
             mim = np.zeros((2, gh, gh), bool)
         else:

@@ -127,6 +127,23 @@ def test_methods_and_shapes():
         assert out["local"].shape == (0, 3, 32, 32)
 
 
+def test_local_object_aware_locals_show_the_object():
+    # a white object on black: with local_object_aware (nearly) every local crop of odis shows it (pixel check); ordinary
+    # locals often miss a small object; ibot ignores the option (it samples no box)
+    img = np.zeros((96, 96, 3), np.uint8)
+    box = np.array([[60, 8, 84, 32]], float)
+    img[8:32, 60:84] = 255
+    def locals_with_object(method, aware):
+        vm = ViewMaker(global_size=32, local_size=16, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.2),
+                       patch_size=8, method=method, local_object_aware=aware)
+        rng = np.random.default_rng(0)
+        seen = [(vm(img, box, rng)["local"] > 127).any(axis=(1, 2, 3)) for _ in range(20)]
+        return np.concatenate(seen).mean()
+    assert locals_with_object("odis", True) > 0.9  # the rest: 20 draws all missed (the fallback)
+    assert locals_with_object("odis", False) < 0.6
+    assert locals_with_object("ibot", True) < 0.6
+
+
 def test_fallback_gives_invalid_view():
     # a 1-pixel box in a corner and crops forced small: found is rare; the fallback is counted and its mask empty
     box = np.array([0, 0, 1, 1], float)

@@ -40,6 +40,7 @@ class DataConfig:
     local_scale: tuple[float, float] = (0.05, 0.25)
     max_crop_tries: int = 20  # object-aware crop: redraw until the crop contains the box
     min_visible: float = 0.5  # "contains the box": this share of the box's area lies inside the crop
+    local_object_aware: bool = False  # odis: local crops object-aware too (ODIS-derived code's option; paper: off)
     mask_prob: float = 0.5  # iBOT: half the images unmasked
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     batch_size: int = 64  # per process
