@@ -148,3 +148,19 @@ def test_mini_repro_time_guard_skips_and_kills(smoke_data, tmp_path):
     assert "skipped" in status and "done" not in status
     table = mr.markdown_table(mr.summarize(jobs), p, "smoke")
     assert table.count("not run") == 2 * 8
+
+
+def test_mnist_variants_run_path(shared, tmp_path):
+    """benchmarks/mnist_variants.py: a scene variant is made, each method trained and evaluated, one row each."""
+    res = tmp_path / "results"
+    cmd = [sys.executable, "benchmarks/mnist_variants.py", "--name", "v", "--objects", "2,2", "--scale", "0.45,0.55",
+           "--train", "40", "--val", "20", "--epochs", "1", "--methods", "untrained,odis", "--data",
+           str(tmp_path / "data"), "--results", str(res), "-o", "max_steps=2", "-o", "data.batch_size=16", "-o", "data.shuffle_buffer=20",
+           "-o", "data.local_object_aware=true"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, ODIS_SHARED=str(shared)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (res / "variants.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["steps"]) for r in rows] == [("untrained", 0), ("odis", 2)]
+    assert rows[1]["synth"]["objects"] == [2, 2] and "data.local_object_aware=true" in rows[1]["overrides"]
+    assert all(math.isfinite(r["knn_top1"][m]) for r in rows for m in ("none", "mask"))
