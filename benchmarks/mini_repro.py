@@ -86,8 +86,9 @@ PRESETS = {
                   epochs={"ti": 16, "mnist": 10}, batch_size=64, workers=1, concurrency=1, budget_s=1740,
                   est_job_s=110, synth={"size": 32, "objects": (1, 2), "scale": (0.5, 0.8), "max_iou": 0.3,
                                         "clutter": 0.3, "palette": "gray"}),
-    # 64-px gray scenes of two digits of similar size (an 8x8 patch grid) and object-aware local crops for odis:
-    # what made ODIS beat iBOT on a CPU (README, benchmarks/mnist_variants.py); colour scenes did not learn there.
+    # 64-px gray scenes of two digits of similar size (an 8x8 patch grid): on a CPU, such scenes at 48 px (6x6) were
+    # where ODIS beat iBOT, a little more with object-aware local crops (README, benchmarks/mnist_variants.py);
+    # colour scenes did not learn there.
     "gpu": Preset(ti_classes=50, mnist_train=4500, mnist_val=1000, recipe="configs/tiny_cpu.yaml",
                   epochs={"ti": 15, "mnist": 9}, batch_size=256, workers=2, concurrency=6, budget_s=420,
                   est_job_s=120, overrides=("data.shuffle_buffer=2000", "log_every=10", "loss.centering=sinkhorn",
