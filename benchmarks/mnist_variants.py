@@ -48,6 +48,9 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=str(mr.REPO / ".devdata" / "mnist_variants"))
     ap.add_argument("--results", default=str(mr.REPO / "runs" / "mnist_variants"))
     a = ap.parse_args(argv)
+    methods = a.methods.split(",")
+    if not set(methods) <= {*mr.METHODS, "untrained"}:
+        ap.error(f"--methods {a.methods!r}: expected names from {', '.join((*mr.METHODS, 'untrained'))}")
 
     import torch
 
@@ -58,15 +61,19 @@ def main(argv=None) -> None:
     data, results = Path(a.data) / a.name, Path(a.results)
     synth = {"size": a.size, "objects": _pair(a.objects, int), "scale": _pair(a.scale), "max_iou": a.max_iou,
              "clutter": a.clutter, "palette": "gray"}
-    if not (data / "prepared.json").is_file():
+    prepared, wanted = data / "prepared.json", json.loads(json.dumps({"synth": synth, "train": a.train, "val": a.val}))
+    if not prepared.is_file():
         data.mkdir(parents=True, exist_ok=True)
-        counts = mr.prepare_mnist(data, a.train, a.val, synth)
-        (data / "prepared.json").write_text(json.dumps({"synth": synth, **counts}))
+        mr.prepare_mnist(data, a.train, a.val, synth)
+        prepared.write_text(json.dumps(wanted))
+    elif json.loads(prepared.read_text()) != wanted:  # a name is one variant: never train on other scenes silently
+        ap.error(f"{prepared}: variant {a.name!r} was made with other settings ({prepared.read_text()}); "
+                 "choose another --name or delete that folder")
     p = mr.Preset(ti_classes=0, mnist_train=a.train, mnist_val=a.val, recipe="configs/mini_cpu.yaml",
                   epochs={"mnist": a.epochs}, batch_size=64, workers=1, concurrency=1, budget_s=0, est_job_s=0,
                   overrides=(f"data.global_size={a.size}", *a.override))
     for seed in (int(s) for s in a.seeds.split(",")):
-        for method in a.methods.split(","):
+        for method in methods:
             out = results / "runs" / a.name / f"{method}-s{seed}"
             cfg = mr.job_config(p, data, "mnist", "odis" if method == "untrained" else method, seed, out)
             t0 = time.perf_counter()
@@ -76,7 +83,7 @@ def main(argv=None) -> None:
             else:
                 final = train(cfg, progress=False)
             knn = {mode: run_knn(out, str(data / "mnist-train"), str(data / "mnist-val"), mode=mode, ks=(20,),
-                                 batch_size=256, workers=1, device="cpu")["results"][0]["top1"]
+                                 batch_size=256, workers=1, device=cfg.device)["results"][0]["top1"]
                    for mode in mr.BOX_MODES}
             row = {"name": a.name, "synth": synth, "method": method, "seed": seed, "epochs": a.epochs,
                    "steps": final.get("step", 0), "overrides": a.override,

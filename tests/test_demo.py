@@ -155,12 +155,18 @@ def test_mnist_variants_run_path(shared, tmp_path):
     res = tmp_path / "results"
     cmd = [sys.executable, "benchmarks/mnist_variants.py", "--name", "v", "--objects", "2,2", "--scale", "0.45,0.55",
            "--train", "40", "--val", "20", "--epochs", "1", "--methods", "untrained,odis", "--data",
-           str(tmp_path / "data"), "--results", str(res), "-o", "max_steps=2", "-o", "data.batch_size=16", "-o", "data.shuffle_buffer=20",
-           "-o", "data.local_object_aware=true"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, ODIS_SHARED=str(shared)))
+           str(tmp_path / "data"), "--results", str(res), "-o", "max_steps=2", "-o", "data.batch_size=16",
+           "-o", "data.shuffle_buffer=20", "-o", "data.local_object_aware=true"]
+    env = dict(os.environ, ODIS_SHARED=str(shared))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (res / "variants.jsonl").read_text().splitlines()]
     assert [(r["method"], r["steps"]) for r in rows] == [("untrained", 0), ("odis", 2)]
     assert rows[1]["synth"]["objects"] == [2, 2] and "data.local_object_aware=true" in rows[1]["overrides"]
     assert all(math.isfinite(r["knn_top1"][m]) for r in rows for m in ("none", "mask"))
+    # the same name with other scenes is refused, naming the cached variant; so is an unknown method
+    other = [c if c != "0.45,0.55" else "0.3,0.4" for c in cmd]
+    proc = subprocess.run(other, cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "prepared.json: variant 'v' was made with other settings" in proc.stderr
+    proc = subprocess.run(cmd[:2] + ["--name", "w", "--methods", "ibot,mae"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--methods 'ibot,mae'" in proc.stderr
