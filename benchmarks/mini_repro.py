@@ -25,6 +25,9 @@ Presets (all: 3 methods x 3 seeds x 2 datasets, equal steps for every method of 
   gpu    <= 8 min on one H100/H200: vit_tiny/8 at 64 px, ti 50 classes, 4500 gray 64-px mnist scenes of two
          digits, 6 jobs at a time (with the cpu preset's Sinkhorn teacher + KoLeo, and object-aware local crops for
          odis; not yet run on a GPU)
+
+benchmarks/mnist_variants.py runs single variants of the mnist scenes (iBOT vs ODIS), the search behind the gpu
+preset's scenes.
 """
 from __future__ import annotations
 
