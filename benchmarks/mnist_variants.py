@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     data, results = Path(a.data) / a.name, Path(a.results)
     synth = {"size": a.size, "objects": _pair(a.objects, int), "scale": _pair(a.scale), "max_iou": a.max_iou,
              "clutter": a.clutter, "palette": "gray"}
+    # through json once, so that tuples compare equal to the lists a cached prepared.json holds
     prepared, wanted = data / "prepared.json", json.loads(json.dumps({"synth": synth, "train": a.train, "val": a.val}))
     if not prepared.is_file():
         data.mkdir(parents=True, exist_ok=True)

@@ -283,7 +283,7 @@ def make_background(size: int, clutter: float, rng: np.random.Generator, palette
     """Background [H,W,3] float32 in [0,255] and its base colour: plain at clutter 0, then texture/noise/strokes."""
     gray = palette == "gray"
     channels = 1 if gray else 3  # gray: one channel drawn, repeated, so every pixel stays gray
-    base = _colour(rng, 0, 60, gray) if gray else _colour(rng, 40, 215, gray)
+    base = _colour(rng, *((0, 60) if gray else (40, 215)), gray)
     bg = np.broadcast_to(base, (size, size, 3)).copy()
     if clutter <= 0:
         return bg, base
@@ -294,7 +294,7 @@ def make_background(size: int, clutter: float, rng: np.random.Generator, palette
     thick = max(1, size // 48)
     for _ in range(int(rng.binomial(round(8 * clutter), 0.75))):  # distractor strokes: not objects, unannotated
         pts = rng.uniform(0, size, (int(rng.integers(2, 5)), 2)).astype(np.int32)
-        colour = tuple(float(c) for c in (_colour(rng, 60, 150, gray) if gray else _colour(rng, 0, 255, gray)))
+        colour = tuple(float(c) for c in _colour(rng, *((60, 150) if gray else (0, 255)), gray))
         cv2.polylines(bg, [pts], False, colour, thickness=int(rng.integers(1, thick + 1)), lineType=cv2.LINE_AA)
     return np.clip(bg, 0, 255), base
 
