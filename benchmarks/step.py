@@ -72,9 +72,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int) -> dict:
+def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int,
+                  profile_dir: str | None = None) -> dict:
     """Median step time per variant. The variants are timed in turn, step by step (ABCABC...), so that a change in
-    the machine's load during the run hits all of them alike."""
+    the machine's load during the run hits all of them alike. With `profile_dir`: then one profiled step of odis
+    and of ibot each, their operator tables written there (where odis's extra time goes)."""
     views = make_views(p, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     steps = {}
@@ -102,7 +104,24 @@ def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int)
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+    if profile_dir:
+        profile_steps({k: steps[k] for k in ("odis", "ibot")}, device, Path(profile_dir))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def profile_steps(steps: dict, device: str, out: Path) -> None:
+    """One step of each variant under torch.profiler: the top operators by self time, as text tables."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    for name, step in steps.items():
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+        (out / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+        print(f"profile of one {name} step -> {out / f'profile_{name}.txt'}")
 
 
 def time_step(fn, device: str, warmup: int, iters: int) -> float:
@@ -119,7 +138,8 @@ def time_step(fn, device: str, warmup: int, iters: int) -> float:
 
 
 def check_sdpa_backends(p: dict) -> dict:
-    """The masked forward under each SDPA backend (and the split OBJ row), compared with the math backend."""
+    """The masked forward under each SDPA backend (and the split OBJ row), compared with the math backend; and
+    the same forward without the OBJ mask (flash attention: the floor any masked version is measured against)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from odis.model import OdisViT
 
@@ -131,6 +151,8 @@ def check_sdpa_backends(p: dict) -> dict:
         with sdpa_kernel([SDPBackend.MATH]):
             ref = model(x, obj_mask=om)[0].float()
         cases = [("mask", b) for b in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")] + [("split", None)]
+        model.attn_impl = "mask"
+        out["unmasked:default"] = {"ms": round(time_step(lambda: model(x), "cuda", 3, 10) * 1e3, 3)}
         for impl, backend in cases:
             model.attn_impl = impl
             name = f"{impl}:{backend or 'default'}"
@@ -156,6 +178,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--machine", default=None, help="machine description for BENCHMARKS.md")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", default=None, metavar="DIR", help="also profile one odis and one ibot step and "
+                    "write their operator tables to DIR")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args()
     preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
@@ -164,7 +188,7 @@ def main() -> None:
         p["batch"] = args.batch
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    res = bench_methods(p, args.device, args.attn_impl, args.warmup, args.iters)
+    res = bench_methods(p, args.device, args.attn_impl, args.warmup, args.iters, args.profile)
     ratio_mask = res["odis"] / res["ibot"]
     speedup = res["ibot-reference"] / res["ibot"]
     summary = {"preset": preset, "params": p, "attn_impl": args.attn_impl, "device": args.device,

@@ -7,8 +7,8 @@ are added. The wrapped timm model keeps timm's own parameter names, so the expor
 
 Two implementations of the masked attention give the same outputs (tested):
 - `mask`:  one boolean `attn_mask [B,1,N,N]` built once per batch and passed to every timm block (SDPA with a mask);
-- `split`: every row runs unmasked SDPA (so flash attention stays available) and only the OBJ query row is
-           recomputed with its `[B,1,1,N]` mask; chosen where it is faster (benchmarks/step.py).
+- `split`: the patch rows run unmasked SDPA (so flash attention stays available) and the OBJ query row runs
+           alone with its `[B,1,1,N]` mask; chosen where it is faster (benchmarks/step.py).
 """
 from __future__ import annotations
 
@@ -147,15 +147,19 @@ class OdisViT(nn.Module):
 
 
 def _split_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
-    """timm `Attention` with only the OBJ query row masked: unmasked SDPA for every row, then row 0 again."""
+    """timm `Attention` with only the OBJ query row masked: the other rows in one unmasked SDPA call (flash
+    attention stays available to them), the OBJ row in a second, masked one of length 1.
+
+    The two outputs are joined token-major ([B,N,H,D]), so the join is the only copy (the flash kernel writes
+    its output token-major, which is why timm's transpose + reshape after it copies nothing)."""
     b, n, c = x.shape
     h = attn.num_heads
     qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = F.scaled_dot_product_attention(q, k, v)
-    out0 = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask)
-    out = torch.cat([out0, out[:, :, 1:]], dim=2).transpose(1, 2).reshape(b, n, c)
+    rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
+    obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask)
+    out = torch.cat([obj.transpose(1, 2), rest.transpose(1, 2)], dim=1).reshape(b, n, c)
     return attn.proj_drop(attn.proj(attn.norm(out)))
 
 

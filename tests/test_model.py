@@ -70,16 +70,25 @@ def test_first_block_obj_ignores_pixels_outside_box(vit, images, impl):
     assert (c[:, 0] - d[:, 0]).abs().max() > 1e-3
 
 
-def test_mask_and_split_agree(vit, images):
+def test_mask_and_split_agree_forward_and_backward(vit, images):
     om = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.5
     om[1] = False
-    outs = {}
+    mim = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(4)) > 0.7
+    outs, grads = {}, {}
     for impl in ("mask", "split"):
         vit.attn_impl = impl
-        with torch.no_grad():
-            outs[impl] = vit(images, obj_mask=om)
+        vit.zero_grad()
+        x = images.clone().requires_grad_(True)
+        obj, patches = vit(x, obj_mask=om, patch_mask=mim)
+        (obj.square().sum() + patches[:, ::3].sum()).backward()
+        outs[impl] = (obj.detach(), patches.detach())
+        grads[impl] = [x.grad] + [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+    vit.zero_grad()
     for a, b in zip(outs["mask"], outs["split"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(grads["mask"]) == len(grads["split"]) > 100
+    for a, b in zip(grads["mask"], grads["split"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", ["mask", "split"])
