@@ -101,6 +101,8 @@ def extract_boxes_cmd(
                                 "tif, gif). On a cluster it must be at the same path on every node."),
     out: Path = typer.Option(..., "--out", help="Output manifest folder of parquet parts, e.g. "
                              "manifests/coco-yolo.parquet. Rerunning resumes."),
+    id_scheme: str = typer.Option("path", "--id-scheme", help="Image id rule: path | stem | coco. Use the scheme "
+                                  "of the shards the boxes will be joined to (COCO shards: coco)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="yolo: .pt file or exported model folder "
                                           "(default ../shared/weights/yolo11n_int8_openvino_model); mavl: a local "
                                           "OWL-ViT/OWLv2 folder (save_pretrained); selective-search: none."),
@@ -130,7 +132,7 @@ def extract_boxes_cmd(
     finished parts: rerun the same command.
 
     \b
-    odis extract-boxes --detector yolo --images coco/train2017 --out manifests/coco-yolo.parquet
+    odis extract-boxes --detector yolo --images coco/train2017 --id-scheme coco --out manifests/coco-yolo.parquet
     odis extract-boxes --detector mavl --weights models/owlv2-base --images in1k/train --out manifests/in1k-mavl.parquet \\
         --device cuda --ray-address 10.0.0.1:6379
     """
@@ -144,13 +146,11 @@ def extract_boxes_cmd(
         weights = default_yolo_weights()
         if weights is None:
             fail("--detector yolo: no --weights given and ../shared/weights/yolo11n_int8_openvino_model not found")
-    if weights is not None and detector != "selective-search" and not Path(weights).exists() \
-            and not (detector == "yolo" and weights.endswith(".pt") and "/" not in weights):
-        fail(f"--weights {weights}: not found")
+    # --weights and the other options are checked by extract_boxes before Ray starts (one-line errors below).
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "odis" / "ultralytics"))
     det = resolve_detector(detector, weights=weights if detector != "selective-search" else None, conf=conf,
                            iou=iou, max_boxes=max_boxes, min_area=min_area, imgsz=imgsz, device=device)
-    cfg = ExtractConfig(detector=det, images=str(images), out=str(out), batch_size=batch_size,
+    cfg = ExtractConfig(detector=det, images=str(images), out=str(out), id_scheme=id_scheme, batch_size=batch_size,
                         num_workers=num_workers, cpus_per_worker=cpus_per_worker, ray_address=ray_address,
                         overwrite=overwrite, limit=limit, part_size=part_size, max_pixels=max_pixels,
                         progress=not quiet)
@@ -563,6 +563,20 @@ def _show_box(text: Optional[str]):
     return b
 
 
+def _fit_box(b: Optional[list], width: int, height: int) -> Optional[list]:
+    """--box clipped to the image, with a warning when it reaches outside; an error when nothing of it is inside."""
+    if b is None:
+        return None
+    clipped = [min(max(b[0], 0), width), min(max(b[1], 0), height), min(max(b[2], 0), width),
+               min(max(b[3], 0), height)]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        fail(f"--box {b} lies outside the {width}x{height} image")
+    if clipped != b:
+        typer.secho(f"warning: --box {b} reaches outside the {width}x{height} image: clipped to {clipped}",
+                    fg=typer.colors.YELLOW, err=True)
+    return clipped
+
+
 @show_app.command("boxes")
 def show_boxes_cmd(
     manifest: Path = typer.Argument(..., help="Box manifest (.parquet or part folder)."),
@@ -615,10 +629,11 @@ def show_attention_cmd(
     from odis.imageio import ImageDecodeError, load_image
     from odis.viz import attention_figure
 
-    b = _show_box(box)
     try:
+        img = load_image(image)
+        b = _fit_box(_show_box(box), img.width, img.height)
         model = open_backbone(backbone, arch)
-        view, att, vbox = obj_attention_maps(model, load_image(image), b, size)
+        view, att, vbox = obj_attention_maps(model, img, b, size)
     except (FileNotFoundError, ValueError, ImageDecodeError) as e:
         fail(str(e))
     pic = attention_figure(view, att, vbox)
@@ -668,7 +683,7 @@ def show_views_cmd(
             b = all_boxes[sample_box(all_boxes, "uniform", rng)].tolist() if len(all_boxes) else None
         else:
             img = np.asarray(load_image(image))
-            b = _show_box(box)
+            b = _fit_box(_show_box(box), img.shape[1], img.shape[0])
         maker = ViewMaker(global_size=global_size, local_size=local_size, n_local=n_local, patch_size=patch,
                           method=method)
     except (ImageDecodeError, ValueError, FileNotFoundError) as e:

@@ -197,6 +197,35 @@ def split_member(name: str) -> tuple[str, str]:
 _split_member = split_member
 
 
+def shard_keys(urls: list[str]) -> list[str] | None:
+    """Every sample key of local shards from the tar headers alone (no member data is read); None if remote."""
+    if any(is_remote(u) for u in urls):
+        return None
+    keys = []
+    for u in urls:
+        with tarfile.open(local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
+            keys.extend(split_member(m.name)[0] for m in tar if m.isfile())
+    return keys
+
+
+def no_box_match_error(shards: str, manifest: str, shard_key: str, manifest_id: str) -> str:
+    """The error for a box manifest that shares no image id with the shards: both id schemes, an id of each, and
+    the fix. (Joined anyway, every image would silently fall back to the shards' own boxes or the whole image.)"""
+    from odis.manifest import manifest_metadata
+
+    m_scheme = manifest_metadata(manifest).get("id_scheme") or "?"
+    try:
+        s_scheme = read_index(shards).get("id_scheme") or "?"
+    except (OSError, ValueError):  # a brace pattern or URL: no index to ask
+        s_scheme = "?"
+    fix = ("Make the manifest with the shards' scheme (odis extract-boxes --id-scheme {s}) or shard with the "
+           "manifest's (odis shard --id-scheme {m})." if "?" not in (s_scheme, m_scheme) else
+           "Make the manifest and the shards with the same --id-scheme (path, stem or coco).")
+    return (f"--boxes {manifest}: none of the shards' image ids is in this manifest (shards {shards}: id scheme "
+            f"{s_scheme}, e.g. {shard_key!r}; manifest: id scheme {m_scheme}, e.g. {manifest_id!r}). "
+            + fix.format(s=s_scheme, m=m_scheme))
+
+
 def _iter_tar_samples(url: str, reader: _HashingReader | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample, grouping consecutive members with the same key as webdataset does.
 

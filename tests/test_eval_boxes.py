@@ -145,7 +145,8 @@ def test_four_box_modes_differ_and_full_box_mask_equals_none(tiny_shards, backbo
     feats = {m: _features(backbone, tiny_shards / "train", m) for m in ("none", "mask", "crop", "blackout")}
     ids = feats["none"].image_ids
     assert len(ids) == 18 and all(f.image_ids == ids for f in feats.values())
-    assert all(f.counts == {"no_box": 0, "box_cropped_away": 0, "errors": 0} for f in feats.values())
+    assert all(f.counts == {"no_box": 0, "not_in_manifest": 0, "box_cropped_away": 0, "errors": 0}
+               for f in feats.values())
     # the GT boxes are not all full-image: at least one image's feature changes under every other mode
     for a in feats:
         for b in feats:
@@ -193,6 +194,46 @@ def test_cli_knn_json_table_compare_and_manifest(tiny_shards, backbone, tmp_path
     # wrong input: a clear message, exit 2
     r = _odis(*base, "--boxes-mode", "cutout")
     assert r.exit_code == 2 and "--boxes-mode must be one of" in r.output
+
+
+def test_cli_knn_manifest_ids_must_match_the_shards(tiny_shards, backbone, tmp_path):
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+
+    base = ["eval", "knn", "--backbone", backbone, "--train", tiny_shards / "train", "--val", tiny_shards / "val",
+            "--workers", "0", "--k", "5", "--boxes-mode", "mask", "--boxes"]
+    ids = (tiny_shards / "ids.txt").read_text().split()
+
+    def manifest(name, keys, scheme):
+        cols = empty_columns()
+        for iid in keys:
+            add_row(cols, iid, f"{iid}.JPEG", 64, 64, "yolo", box=(8, 8, 40, 40))
+        return write_manifest(table_from_columns(cols), tmp_path / name, make_metadata("yolo", None, scheme))
+
+    # keyed by path, shards keyed by stem: nothing matches -> refused before any feature is extracted
+    by_path = manifest("by-path.parquet", [f"train_{i}_JPEG-0123456789" for i in ids], "path")
+    r = _odis(*base, by_path)
+    assert r.exit_code == 2 and "none of the shards' image ids is in this manifest" in r.output, r.output
+    assert "id scheme path" in r.output and "Traceback" not in r.output
+    # half of the train images listed (and the val images): the rest is counted apart from images without a box
+    some = manifest("some.parquet", ids[:9] + ids[18:], "stem")
+    r = _odis(*base, some)
+    assert r.exit_code == 0, r.output
+    assert "train: whole image used for 9 (not in manifest)" in r.output
+
+
+def test_cli_knn_refuses_train_and_val_with_other_classes(tiny_imagenet, backbone, tmp_path):
+    wnids = sorted(p.name for p in (tiny_imagenet / "train").iterdir() if p.is_dir())
+    for name, classes in (("a", wnids[:2]), ("b", wnids[1:3])):
+        for w in classes:
+            (tmp_path / name / w).mkdir(parents=True)
+            for f in sorted((tiny_imagenet / "train" / w / "images").iterdir())[:2]:
+                (tmp_path / name / w / f.name).symlink_to(f)
+        r = _odis("shard", "--images", tmp_path / name, "--out", tmp_path / f"shards-{name}", "--labels", "folder")
+        assert r.exit_code == 0, r.output
+    r = _odis("eval", "knn", "--backbone", backbone, "--train", tmp_path / "shards-a", "--val",
+              tmp_path / "shards-b", "--workers", "0")
+    assert r.exit_code == 2 and "different class lists" in r.output, r.output
+    assert f"index 0: {wnids[0]!r} vs {wnids[1]!r}" in r.output
 
 
 def test_cli_linear_few_shot(tiny_shards, backbone, tmp_path):

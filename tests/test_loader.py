@@ -225,6 +225,18 @@ def test_exact_resume_without_state(coco_shards):
         same(a, b)
 
 
+def test_manifest_sharing_no_id_with_the_shards_is_refused(coco_shards, tmp_path):
+    """A manifest keyed by another id scheme (paths vs COCO ids) would silently train on the shards' own boxes."""
+    shards, _, samples = coco_shards
+    rows = empty_columns()
+    add_row(rows, "train2017_000000000139_jpg-0123456789", "x.jpg", 640, 426, "yolo", (1, 1, 50, 50), 0.9)
+    manifest = tmp_path / "by-path.parquet"
+    write_manifest(table_from_columns(rows), manifest, make_metadata("yolo", None, "path"))
+    with pytest.raises(ValueError, match=r"none of the shards' image ids is in this manifest.*id scheme path.*"
+                                         r"'train2017_000000000139_jpg-0123456789'.*--id-scheme"):
+        make_train_loader(tiny_cfg(shards, boxes=str(manifest)), 16)
+
+
 def test_manifest_join_partial_overlap(coco_shards):
     shards, manifest, samples = coco_shards
     table = BoxTable.from_manifest(manifest)

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import random
-import tarfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -170,19 +169,6 @@ def _read_manifest(path):
     from odis.manifest import read_manifest
 
     return read_manifest(path, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score", "error"])
-
-
-def shard_keys(urls: list[str]) -> list[str] | None:
-    """Every sample key of local shards from the tar headers alone (no member data is read); None if remote."""
-    from odis.shards import _is_remote, _local_path, _split_member
-
-    if any(_is_remote(u) for u in urls):
-        return None
-    keys = []
-    for u in urls:
-        with tarfile.open(_local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
-            keys.extend(_split_member(m.name)[0] for m in tar if m.isfile())
-    return keys
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
@@ -507,7 +493,7 @@ def _index_total(spec_str: str, urls: list[str]) -> int | None:
 def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
                       state: dict | None = None, pin_memory: bool | None = None) -> TrainLoader:
     """The training batches of `rank` (see the module docstring). `cfg` is trainer.config.Config."""
-    from odis.shards import list_shards
+    from odis.shards import list_shards, shard_keys
 
     d = cfg.data
     if not d.shards:
@@ -527,6 +513,7 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         report = dict(table.stats, box_table_bytes=table.nbytes)
         if keys is not None:
             report.update(table.match(keys))
+            _require_box_match(report, d, keys)
         else:
             report["shard_keys"] = "unknown (remote shards): shard/manifest overlap not counted"
         log.info("boxes: %s", report)
@@ -552,6 +539,20 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
     loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=nw, pin_memory=pin_memory,
                         worker_init_fn=_worker_init, persistent_workers=False)
     return TrainLoader(loader, spec, nw, steps, total, report)
+
+
+def _require_box_match(report: dict, d, keys: list[str]) -> None:
+    """Refuse a manifest that shares no id with the shards; warn when it covers less than half of them."""
+    from odis.manifest import read_manifest
+    from odis.shards import no_box_match_error
+
+    matched = report["shard_images_with_manifest_boxes"] + report["shard_images_in_manifest_without_box"]
+    if keys and not matched:
+        ids = read_manifest(d.boxes, columns=["image_id"]).column("image_id")
+        raise ValueError(no_box_match_error(d.shards, d.boxes, keys[0], str(ids[0]) if len(ids) else "(empty)"))
+    if matched < report["shard_images"] / 2:
+        log.warning("--boxes %s: only %d of %d shard images are in this manifest; the others use the boxes in "
+                    "their shard json, else the whole image", d.boxes, matched, report["shard_images"])
 
 
 def _worker_init(_):

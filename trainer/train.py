@@ -52,7 +52,8 @@ def pick_device(requested: str, d: Dist) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but no CUDA device is visible")
+            raise ValueError(f"--device {requested} was asked for, but no CUDA device is visible (use --device "
+                             "cpu or auto)")
         torch.cuda.set_device(d.local_rank)
         return torch.device("cuda", d.local_rank)
     return torch.device("cpu")

@@ -214,8 +214,11 @@ class _MakeView:
             v = box_view(img, box, self.cfg.mode, self.cfg.size, self.cfg.resize, self.cfg.patch)
         except Exception as e:  # counted and reported, never silently dropped
             return {"error": f"{sample.get('__key__', '?')}: {e}"}
+        fallback = v.fallback
+        if fallback == "no_box" and self.manifest is not None and image_id not in self.manifest:
+            fallback = "not_in_manifest"  # told apart: an id mismatch is not the detector finding nothing
         label = meta.get("label")
-        return {"image_id": image_id, "image": v.image, "obj_mask": v.obj_mask, "fallback": v.fallback,
+        return {"image_id": image_id, "image": v.image, "obj_mask": v.obj_mask, "fallback": fallback,
                 "label": -1 if label is None else int(label)}
 
 
@@ -252,7 +255,7 @@ class Features:
     feats: torch.Tensor                  # [N, D] (or [N, n_blocks * D])
     labels: torch.Tensor                 # [N], -1 = no label
     image_ids: list[str]
-    counts: dict = field(default_factory=dict)   # no_box / box_cropped_away / errors
+    counts: dict = field(default_factory=dict)   # no_box / not_in_manifest / box_cropped_away / errors
     errors: list[str] = field(default_factory=list)
 
 
@@ -264,7 +267,7 @@ def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1,
 
     model.eval().to(device)
     feats, labels, ids, errors = [], [], [], []
-    counts = {"no_box": 0, "box_cropped_away": 0, "errors": 0}
+    counts = {"no_box": 0, "not_in_manifest": 0, "box_cropped_away": 0, "errors": 0}
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         errors += batch["errors"]
         if batch["n"] == 0:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from odis.eval.features import (Features, ViewConfig, extract_features, load_features, manifest_boxes,
-                                read_classes, save_features, shard_loader)
+from odis.eval.features import (Features, ViewConfig, extract_features, list_shard_urls, load_features,
+                                manifest_boxes, read_classes, save_features, shard_loader)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -45,12 +45,35 @@ def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path
         path = Path(cache) / f"{split}-{cfg.mode}-{key}.safetensors"
         if path.is_file():
             return load_features(path)
+    if manifest is not None:
+        _require_box_match(spec, manifest_path, manifest)
     loader = shard_loader(spec, cfg, manifest, batch_size, workers)
     f = extract_features(model, loader, device, n_last_blocks, desc=f"{split} features ({cfg.mode})")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_features(f, path)
     return f
+
+
+def _require_box_match(spec: str, manifest_path: str, manifest: dict) -> None:
+    """Refuse a manifest that shares no image id with the shards (checked on the tar headers, before extracting)."""
+    from odis.shards import no_box_match_error, shard_keys
+
+    keys = shard_keys(list_shard_urls(spec))
+    if keys and not any(k in manifest for k in keys):
+        raise ValueError(no_box_match_error(spec, manifest_path, keys[0], next(iter(manifest), "(empty)")))
+
+
+def _classes(train: str, val: str) -> list[str] | None:
+    """The train set's class list; refused when the val set's differs (a label is an index into the list)."""
+    tr, va = read_classes(train), read_classes(val)
+    if tr is not None and va is not None and tr != va:
+        i = next((i for i, (a, b) in enumerate(zip(tr, va)) if a != b), min(len(tr), len(va)))
+        first = f"{tr[i] if i < len(tr) else '(none)'!r} vs {va[i] if i < len(va) else '(none)'!r}"
+        raise ValueError(f"--train {train} ({len(tr)} classes) and --val {val} ({len(va)} classes) have different "
+                         f"class lists (first difference at index {i}: {first}); a label is an index into the list, "
+                         "so both must be sharded with the same classes")
+    return tr
 
 
 def _labelled(f: Features, split: str, spec: str) -> Features:
@@ -94,13 +117,13 @@ def run_knn(backbone, train, val, mode="none", boxes=None, box_select="largest",
     """DINO's weighted k-NN on the teacher's last-block OBJ/CLS token, with the given box mode."""
     from odis.eval.knn import knn_classify, results_to_dict
 
+    classes = _classes(train, val)
     model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
     args = (model, str(backbone))
     tr = _labelled(features_for(*args, train, cfg, boxes, manifest, 1, batch_size, workers, device, cache, "train"),
                    "train", train)
     va = _labelled(features_for(*args, val, cfg, boxes, manifest, 1, batch_size, workers, device, cache, "val"),
                    "val", val)
-    classes = read_classes(train)
     num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
     res = knn_classify(tr.feats.to(device), tr.labels, va.feats.to(device), va.labels, ks, T, num_classes)
     return {"protocol": "knn", **_common(backbone, train, val, cfg, boxes, tr, va), "T": T,
@@ -114,13 +137,13 @@ def run_linear(backbone, train, val, mode="none", boxes=None, box_select="larges
     from odis.eval.linear import DEFAULT_LRS, probe_settings
 
     lrs = tuple(lrs or DEFAULT_LRS)
+    classes = _classes(train, val)
     model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
     args = (model, str(backbone))
     tr = _labelled(features_for(*args, train, cfg, boxes, manifest, n_last_blocks, batch_size, workers, device,
                                 cache, "train"), "train", train)
     va = _labelled(features_for(*args, val, cfg, boxes, manifest, n_last_blocks, batch_size, workers, device,
                                 cache, "val"), "val", val)
-    classes = read_classes(train)
     num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
     res = probe_settings(tr.feats, tr.labels, va.feats, va.labels, num_classes, shots=shots, fractions=fractions,
                          seeds=tuple(seeds), full=full, lrs=lrs, epochs=epochs, batch_size=probe_batch,
