@@ -421,6 +421,10 @@ def test_sample_meta_scales_and_clips_boxes():
     assert meta["boxes"][1][:2] == [10.5 * 341 / 640, 20.25 * 256 / 480] and meta["scores"] == [1.0, 0.5]
     meta, warn = sample_meta(item, Prepared("jpg", b"", 480, 640, 480, 640))  # not the image the manifest saw
     assert meta["boxes"] == [] and "differs" in warn and meta["label"] == 3
+    # a box far outside the image (a wrong manifest row, not float32 rounding): clipped, and said
+    far = item._replace(boxes=((10.0, 20.0, 99999.0, 30.0),), scores=(0.9,))
+    meta, warn = sample_meta(far, Prepared("jpg", b"", 640, 480, 640, 480))
+    assert meta["boxes"] == [[10.0, 20.0, 640.0, 30.0]] and "outside the 640x480 image" in warn
 
 
 def test_shard_on_a_two_node_ray_cluster(tin_root, tmp_path):

@@ -25,7 +25,12 @@ def sample_meta(item: Item, p: Prepared) -> tuple[dict, str | None]:
                  for b in item.boxes]
         scores = list(item.scores)
     if any(b[0] < 0 or b[1] < 0 or b[2] > p.width or b[3] > p.height for b in boxes):
-        # float32 rounding in a manifest can put an edge a hair outside the image: clip, keep non-empty boxes
+        # float32 rounding in a manifest can put an edge a hair outside the image: clip, keep non-empty boxes.
+        # Beyond a pixel it is a wrong box, clipped too but said (the index lists it with the path).
+        far = [b for b in boxes if min(b[0], b[1], p.width - b[2], p.height - b[3]) < -1]
+        if far:
+            warning = (f"{len(far)} box(es) outside the {p.width}x{p.height} image, e.g. "
+                       f"{[round(v, 1) for v in far[0]]}: clipped to it")
         clipped = clip_boxes(np.asarray(boxes, dtype=np.float64), p.width, p.height).tolist()
         keep = [i for i, b in enumerate(clipped) if b[2] > b[0] and b[3] > b[1]]
         boxes, scores = [clipped[i] for i in keep], [scores[i] for i in keep]
