@@ -3,7 +3,8 @@
 Each importer returns an `Imported` (the manifest table, its metadata, and counts of what was kept, dropped and
 why). Images listed by the annotations but absent on disk become `error` rows; images without any box become
 no-box rows (the trainer then uses the whole image, as the paper does for IN1K images without a box).
-Malformed annotation files raise `AnnotationError` naming the file and line.
+Malformed annotation files raise `AnnotationError` naming the file and line (COCO: the entry); annotations that
+cannot be attached to an image are counted, never dropped silently.
 
 Pixel conventions (boxes are half-open, 0 <= x0 < x1 <= width):
 - COCO `bbox` [x, y, w, h] is already continuous: (x, y, x + w, y + h).
@@ -13,6 +14,8 @@ All boxes are clipped to the image; boxes that are empty after clipping are drop
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -57,39 +60,140 @@ def _size_or_error(path: Path, rel: str):
 
 # ---- COCO ----------------------------------------------------------------------------------------------------
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false load as bool, a subclass of int
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _coco_where(section: str, k: int, entry) -> str:
+    """`annotations[index 17, id=123]`: the index finds the entry even when its id is missing or repeated."""
+    ident = f", id={entry.get('id')}" if isinstance(entry, dict) and "id" in entry else ""
+    return f"{section}[index {k}{ident}]"
+
+
+def _coco_image_problem(img) -> str | None:
+    """What is wrong with one `images` entry, or None. Every image becomes rows, so every key is needed."""
+    if not isinstance(img, dict):
+        return f"expected an object, got {img!r}"
+    missing = [key for key in ("id", "file_name", "width", "height") if key not in img]
+    if missing:
+        return f"missing key(s) {', '.join(map(repr, missing))}"
+    if not _is_int(img["id"]):
+        return f"id must be an integer, got {img['id']!r}"
+    if not isinstance(img["file_name"], str) or not img["file_name"]:
+        return f"file_name must be a non-empty string, got {img['file_name']!r}"
+    for key in ("width", "height"):  # 640.0 is accepted: some converters write sizes as floats
+        if not (_is_number(img[key]) and img[key] > 0 and float(img[key]).is_integer()):
+            return f"{key} must be a positive integer, got {img[key]!r}"
+    return None
+
+
+def _coco_annotation_problem(ann, need_bbox: bool) -> str | None:
+    """What is wrong with one `annotations` entry, or None. `bbox` is checked whenever present (and required
+    unless the boxes come from the masks)."""
+    if not isinstance(ann, dict):
+        return f"expected an object, got {ann!r}"
+    missing = [key for key in ("image_id", "category_id") + (("bbox",) if need_bbox else ()) if key not in ann]
+    if missing:
+        return f"missing key(s) {', '.join(map(repr, missing))}"
+    for key in ("image_id", "category_id"):
+        if not _is_int(ann[key]):
+            return f"{key} must be an integer, got {ann[key]!r}"
+    bbox = ann.get("bbox", [0, 0, 0, 0])
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+        return f"bbox must be 4 numbers [x, y, w, h], got {bbox!r}"
+    return None
+
+
+def _coco_category_problem(cat) -> str | None:
+    """What is wrong with one `categories` entry, or None (id -> name goes into the manifest metadata)."""
+    if isinstance(cat, dict) and _is_int(cat.get("id")) and "name" in cat:
+        return None
+    return f"expected an object with an integer 'id' and a 'name', got {cat!r}"
+
+
+def _read_coco_json(ann_path: Path) -> dict:
+    """The top level of an instances JSON: an object with an `images` list and optional `annotations` and
+    `categories` lists (an image-info file such as COCO test-dev has no annotations)."""
+    try:
+        with open(ann_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise AnnotationError(f"{ann_path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise AnnotationError(f"{ann_path}: not a COCO instances file (expected an object with an 'images' list)")
+    for key in ("annotations", "categories"):
+        data.setdefault(key, [])
+        if not isinstance(data[key], list):
+            raise AnnotationError(f"{ann_path}: '{key}' must be a list, got {type(data[key]).__name__}")
+    return data
+
+
+def _load_coco(ann_path: Path, need_bbox: bool) -> dict:
+    """The instances JSON, checked entry by entry up front so that a malformed file stops with the file and the
+    entry named (CLI: one `error:` line) instead of a traceback from deep inside the import."""
+    data = _read_coco_json(ann_path)
+    checks = (("images", _coco_image_problem), ("categories", _coco_category_problem),
+              ("annotations", lambda ann: _coco_annotation_problem(ann, need_bbox)))
+    for section, problem_of in checks:
+        for k, entry in enumerate(data[section]):
+            problem = problem_of(entry)
+            if problem:
+                raise AnnotationError(f"{ann_path}: {_coco_where(section, k, entry)}: {problem}")
+    first: dict[int, int] = {}
+    for k, img in enumerate(data["images"]):
+        if img["id"] in first:  # one of the two would silently replace the other
+            raise AnnotationError(f"{ann_path}: {_coco_where('images', k, img)}: duplicate id "
+                                  f"(also images[index {first[img['id']]}])")
+        first[img["id"]] = k
+    return data
+
+
+def _mask_bbox(segm, height: int, width: int) -> list[float]:
+    """[x, y, w, h] of a COCO segmentation, as pycocotools' COCO.annToRLE + toBbox: polygons merged into one
+    mask, uncompressed RLE encoded, compressed RLE as is."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm["counts"], list):
+        rle = mask_utils.frPyObjects(segm, height, width)
+    else:
+        rle = segm
+    return mask_utils.toBbox(rle).tolist()
+
+
 def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_segmentation: bool = False,
                 keep_crowd: bool = False, check_files: bool = True) -> Imported:
-    """COCO instances JSON through pycocotools. Boxes from `bbox`, or from the masks with `from_segmentation`
+    """COCO instances JSON. Boxes from `bbox`, or from the masks with `from_segmentation` through pycocotools
     (the paper converts COCO masks to boxes); crowd annotations dropped unless `keep_crowd`; category ids kept.
+    Annotations whose image_id is not in `images` are counted (`dropped_image_id_not_in_images`).
     Ids: the 12-digit COCO image id."""
-    from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-
-    import contextlib
-    import io
-
     ann_path, root = Path(annotations), Path(images)
     if not ann_path.is_file():
         raise AnnotationError(f"{ann_path}: annotation file not found")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco = COCO(str(ann_path))
-    except (ValueError, KeyError, TypeError) as e:
-        raise AnnotationError(f"{ann_path}: not a COCO instances file ({e})") from None
+    data = _load_coco(ann_path, need_bbox=not from_segmentation)
     cols, counts = empty_columns(), Counter()
-    for img_id in sorted(coco.imgs):
-        info = coco.imgs[img_id]
-        try:
-            rel, w, h = info["file_name"], int(info["width"]), int(info["height"])
-        except KeyError as e:
-            raise AnnotationError(f"{ann_path}: images[id={img_id}]: missing key {e}") from None
-        iid = f"{int(img_id):012d}"
+    imgs = {img["id"]: img for img in data["images"]}
+    by_image: dict[int, list[tuple[int, dict]]] = {}  # image id -> [(index in annotations, annotation)]
+    for k, ann in enumerate(data["annotations"]):
+        if ann["image_id"] not in imgs:  # no image to attach it to: counted, never silently lost
+            counts["dropped_image_id_not_in_images"] += 1
+            continue
+        by_image.setdefault(ann["image_id"], []).append((k, ann))
+    for img_id in sorted(imgs):
+        info = imgs[img_id]
+        rel, w, h = info["file_name"], int(info["width"]), int(info["height"])
+        iid = f"{img_id:012d}"
         if check_files and not (root / rel).is_file():
             add_row(cols, iid, rel, w, h, "coco-gt", error=f"{rel}: file not found under {root}")
             counts["missing_files"] += 1
             continue
         n = 0
-        for ann in coco.imgToAnns.get(img_id, []):
+        for k, ann in by_image.get(img_id, []):
             if ann.get("iscrowd", 0) and not keep_crowd:
                 counts["dropped_crowd"] += 1
                 continue
@@ -97,7 +201,11 @@ def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_
                 if not ann.get("segmentation"):
                     counts["dropped_no_segmentation"] += 1
                     continue
-                x, y, bw, bh = mask_utils.toBbox(coco.annToRLE(ann)).tolist()
+                try:
+                    x, y, bw, bh = _mask_bbox(ann["segmentation"], h, w)
+                except Exception as e:  # pycocotools raises bare Exception/TypeError/KeyError on malformed masks
+                    raise AnnotationError(f"{ann_path}: {_coco_where('annotations', k, ann)}: segmentation "
+                                          f"is not a polygon list or RLE ({type(e).__name__}: {e})") from None
             else:
                 x, y, bw, bh = ann["bbox"]
             box = _clip((x, y, x + bw, y + bh), w, h)
@@ -113,7 +221,7 @@ def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_
         counts["images"] += 1
     meta = make_metadata("coco-gt", root, "coco", annotations=str(ann_path.resolve()),
                          from_segmentation=from_segmentation, keep_crowd=keep_crowd,
-                         categories={c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())})
+                         categories={c["id"]: c["name"] for c in data["categories"]})
     return Imported(table_from_columns(cols), meta, counts)
 
 

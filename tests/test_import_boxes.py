@@ -89,6 +89,76 @@ def test_coco_missing_image_is_an_error_row(coco_tiny, tmp_path):
     assert t[t.error.notna()].error.str.contains("file not found").all()
 
 
+def _broken_coco(coco_tiny: Path, tmp_path: Path, mutate) -> tuple[Path, dict]:
+    """A copy of the real train2017 JSON with `mutate(data)` applied: real data around one broken entry."""
+    data = json.loads((coco_tiny / "annotations" / "instances_train2017.json").read_text())
+    mutate(data)
+    path = tmp_path / "instances_broken.json"
+    path.write_text(json.dumps(data))
+    return path, data
+
+
+def _import_coco_cli(coco_tiny: Path, ann: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["import-boxes", "--format", "coco", "--images", str(coco_tiny / "train2017"),
+                               "--annotations", str(ann), "--out", str(out), *extra])
+
+
+def _drop(key):
+    return lambda entry, data: entry.pop(key)
+
+
+def _set(key, value):
+    return lambda entry, data: entry.__setitem__(key, value)
+
+
+# (section, index, change to that entry, extra flags, expected problem): each used to end in a raw traceback
+# (ValueError, KeyError) or in an error that did not say which entry was wrong
+BROKEN_COCO = [
+    ("annotations", 17, _set("bbox", [1, 2, 3]), (), "bbox must be 4 numbers [x, y, w, h], got [1, 2, 3]"),
+    ("annotations", 17, _set("bbox", [1, "a", 3, 4]), (), "bbox must be 4 numbers [x, y, w, h], got [1, 'a', 3, 4]"),
+    ("annotations", 17, _drop("category_id"), (), "missing key(s) 'category_id'"),
+    ("annotations", 17, _drop("image_id"), (), "missing key(s) 'image_id'"),
+    ("annotations", 17, _set("segmentation", {"size": [1, 2]}), ("--from-segmentation",),
+     "segmentation is not a polygon list or RLE"),
+    ("images", 3, _drop("file_name"), (), "missing key(s) 'file_name'"),
+    ("images", 3, _drop("width"), (), "missing key(s) 'width'"),
+    ("images", 3, _set("height", "tall"), (), "height must be a positive integer, got 'tall'"),
+    ("images", 1, lambda e, d: e.__setitem__("id", d["images"][0]["id"]), (), "duplicate id (also images[index 0])"),
+]
+
+
+@pytest.mark.parametrize("section, k, change, extra, problem", BROKEN_COCO,
+                         ids=[f"{c[0]}-{c[4][:28]}" for c in BROKEN_COCO])
+def test_coco_malformed_entry_is_one_error_line_naming_file_and_entry(coco_tiny, tmp_path, section, k, change,
+                                                                      extra, problem):
+    ann, data = _broken_coco(coco_tiny, tmp_path, lambda d: change(d[section][k], d))
+    res = _import_coco_cli(coco_tiny, ann, tmp_path / "m.parquet", *extra)
+    # an uncaught exception gives exit code 1 and res.exception set to it; fail() gives 2 and SystemExit
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (res.exception, res.output)
+    assert "Traceback" not in res.output and not (tmp_path / "m.parquet").exists()
+    where = f"{section}[index {k}, id={data[section][k]['id']}]"
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ann}: {where}: {problem}"), res.output
+
+
+def test_coco_annotation_of_unknown_image_is_counted(coco_tiny, tmp_path):
+    def orphan(data):  # an image_id that no image has (the real file has no such annotation)
+        data["annotations"][17]["image_id"] = max(im["id"] for im in data["images"]) + 1
+
+    ann, data = _broken_coco(coco_tiny, tmp_path, orphan)
+    ids = {im["id"] for im in data["images"]}
+    n_orphans = sum(a["image_id"] not in ids for a in data["annotations"])
+    assert n_orphans == 1 and not data["annotations"][17]["iscrowd"]  # so it would otherwise have been a box
+    res = _import_coco_cli(coco_tiny, ann, tmp_path / "m.parquet")
+    assert res.exit_code == 0, res.output
+    assert "not turned into boxes: {" in res.output and "'dropped_image_id_not_in_images': 1" in res.output
+    full = import_coco(coco_tiny / "train2017", coco_tiny / "annotations" / "instances_train2017.json")
+    got = import_coco(coco_tiny / "train2017", ann)
+    # one box fewer, and that one is accounted for rather than lost
+    assert got.counts["boxes"] == full.counts["boxes"] - 1 and got.counts["dropped_image_id_not_in_images"] == 1
+    assert full.counts["dropped_image_id_not_in_images"] == 0
+
+
 def test_coco8_yolo_labels(shared, tmp_path):
     root = shared / "data" / "coco8" / "images"
     res = import_yolo(root)
