@@ -65,8 +65,8 @@ class DemoResult:
 class _Steps:
     """Times each step, records its equivalent command and prints one line per step."""
 
-    def __init__(self, result: DemoResult, echo: Callable[[str], None]):
-        self.result, self.echo = result, echo
+    def __init__(self, result: DemoResult, echo: Callable[[str], None], progress: bool = True):
+        self.result, self.echo, self.progress = result, echo, progress
 
     def run(self, name: str, command: list[str], fn: Callable[[], object]):
         self.result.commands.append(" ".join(shlex.quote(str(c)) for c in command))
@@ -187,7 +187,7 @@ def knn_all(backbones: dict[str, Path], paths: dict, size: DemoSize, steps: _Ste
                    paths["val_shards"], "--boxes-mode", mode, "--k", size.knn_k, "--out", res_path]
             res = steps.run(f"k-NN {name} {mode}", cmd, lambda bb=bb, mode=mode: run_knn(
                 bb, str(paths["train_shards"]), str(paths["val_shards"]), mode=mode, ks=(size.knn_k,),
-                batch_size=128, workers=0, cache=str(cache)))
+                batch_size=128, workers=0, cache=str(cache), progress=steps.progress))
             write_result(res, res_path)
             r = res["results"][0]
             table.setdefault(name, {})[mode] = {"top1": r["top1"], "top5": r["top5"], "k": r["k_effective"]}
@@ -338,7 +338,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "default", weights: str 
     sz, out = SIZES[size], Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result = DemoResult(out=str(out), size=size)
-    steps = _Steps(result, echo)
+    steps = _Steps(result, echo, progress)
     t0 = time.perf_counter()
     paths = make_data(out, sz, steps, progress)
     runs = {m: train_network(out, m, m, paths["train_shards"], sz, steps) for m in METHODS}

@@ -261,14 +261,14 @@ class Features:
 
 @torch.inference_mode()
 def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1, desc: str = "features",
-                     progress: bool = True) -> Features:
+                     progress: bool = True, total: int | None = None) -> Features:
     """OBJ/CLS features (after the final norm) of every image; `n_last_blocks > 1` concatenates the last blocks'."""
     from tqdm import tqdm
 
     model.eval().to(device)
     feats, labels, ids, errors = [], [], [], []
     counts = {"no_box": 0, "not_in_manifest": 0, "box_cropped_away": 0, "errors": 0}
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+    for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=not progress):
         errors += batch["errors"]
         if batch["n"] == 0:
             continue

@@ -37,7 +37,7 @@ def _fingerprint(*parts) -> str:
 
 def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path: str | None, manifest: dict | None,
                  n_last_blocks: int, batch_size: int, workers: int, device: str, cache: str | None,
-                 split: str) -> Features:
+                 split: str, progress: bool = True) -> Features:
     """Extract (or reuse from `cache`) the features of one shard set."""
     path = None
     if cache:
@@ -48,11 +48,22 @@ def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path
     if manifest is not None:
         _require_box_match(spec, manifest_path, manifest)
     loader = shard_loader(spec, cfg, manifest, batch_size, workers)
-    f = extract_features(model, loader, device, n_last_blocks, desc=f"{split} features ({cfg.mode})")
+    f = extract_features(model, loader, device, n_last_blocks, desc=f"{split} features ({cfg.mode})",
+                         progress=progress, total=_batches(spec, batch_size))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_features(f, path)
     return f
+
+
+def _batches(spec: str, batch_size: int) -> int | None:
+    """How many batches a shard set gives (for the progress bar), from its index when it has one."""
+    from odis.shards import read_index
+
+    try:
+        return math.ceil(int(read_index(spec)["num_samples"]) / batch_size)
+    except (OSError, ValueError, KeyError, TypeError):  # a pattern, a URL, an index without the count
+        return None
 
 
 def _require_box_match(spec: str, manifest_path: str, manifest: dict) -> None:
@@ -112,19 +123,29 @@ def _common(backbone, train, val, cfg, boxes, tr: Features, va: Features) -> dic
             "errors": (tr.errors + va.errors)[:20]}
 
 
+def _train_val(backbone, train, val, mode, boxes, box_select, size, arch, n_last_blocks, batch_size, workers,
+               device, cache, progress):
+    """(view config, device, number of classes, train features, val features): the part k-NN and linear share."""
+    classes = _classes(train, val)
+    model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
+
+    def features(spec: str, split: str) -> Features:
+        f = features_for(model, str(backbone), spec, cfg, boxes, manifest, n_last_blocks, batch_size, workers,
+                         device, cache, split, progress)
+        return _labelled(f, split, spec)
+
+    tr, va = features(train, "train"), features(val, "val")
+    num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
+    return cfg, device, num_classes, tr, va
+
+
 def run_knn(backbone, train, val, mode="none", boxes=None, box_select="largest", size=None, ks=(10, 20, 100, 200),
-            T=0.07, arch=None, batch_size=64, workers=2, device="auto", cache=None) -> dict:
+            T=0.07, arch=None, batch_size=64, workers=2, device="auto", cache=None, progress=True) -> dict:
     """DINO's weighted k-NN on the teacher's last-block OBJ/CLS token, with the given box mode."""
     from odis.eval.knn import knn_classify, results_to_dict
 
-    classes = _classes(train, val)
-    model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
-    args = (model, str(backbone))
-    tr = _labelled(features_for(*args, train, cfg, boxes, manifest, 1, batch_size, workers, device, cache, "train"),
-                   "train", train)
-    va = _labelled(features_for(*args, val, cfg, boxes, manifest, 1, batch_size, workers, device, cache, "val"),
-                   "val", val)
-    num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
+    cfg, device, num_classes, tr, va = _train_val(backbone, train, val, mode, boxes, box_select, size, arch, 1,
+                                                  batch_size, workers, device, cache, progress)
     res = knn_classify(tr.feats.to(device), tr.labels, va.feats.to(device), va.labels, ks, T, num_classes)
     return {"protocol": "knn", **_common(backbone, train, val, cfg, boxes, tr, va), "T": T,
             "num_classes": num_classes, "results": results_to_dict(res)}
@@ -132,19 +153,13 @@ def run_knn(backbone, train, val, mode="none", boxes=None, box_select="largest",
 
 def run_linear(backbone, train, val, mode="none", boxes=None, box_select="largest", size=None, n_last_blocks=4,
                lrs=None, epochs=100, probe_batch=256, shots=(), fractions=(), seeds=(0, 1, 2), full=True, arch=None,
-               batch_size=64, workers=2, device="auto", cache=None) -> dict:
+               batch_size=64, workers=2, device="auto", cache=None, progress=True) -> dict:
     """Linear probes (lr sweep, few-shot settings averaged over seeds) on cached frozen features."""
     from odis.eval.linear import DEFAULT_LRS, probe_settings
 
     lrs = tuple(lrs or DEFAULT_LRS)
-    classes = _classes(train, val)
-    model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
-    args = (model, str(backbone))
-    tr = _labelled(features_for(*args, train, cfg, boxes, manifest, n_last_blocks, batch_size, workers, device,
-                                cache, "train"), "train", train)
-    va = _labelled(features_for(*args, val, cfg, boxes, manifest, n_last_blocks, batch_size, workers, device,
-                                cache, "val"), "val", val)
-    num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
+    cfg, device, num_classes, tr, va = _train_val(backbone, train, val, mode, boxes, box_select, size, arch,
+                                                  n_last_blocks, batch_size, workers, device, cache, progress)
     res = probe_settings(tr.feats, tr.labels, va.feats, va.labels, num_classes, shots=shots, fractions=fractions,
                          seeds=tuple(seeds), full=full, lrs=lrs, epochs=epochs, batch_size=probe_batch,
                          device=device)
