@@ -331,12 +331,14 @@ def train(
                                "pattern (shards/in1k-{000000..000127}.tar) or URLs (s3/gs/http via pipe:)."),
     boxes: str = typer.Option(None, help="Box manifest (parquet) joined by image_id; else the shards' own boxes; "
                               "else the whole image."),
-    config: str = typer.Option(None, "--config", "-c", help="YAML recipe from configs/ (or your own)."),
-    method: str = typer.Option(None, help="odis | ibot | dino (overrides the recipe)."),
+    config: str = typer.Option(None, "--config", "-c", help="YAML recipe from configs/ (or your own). Without "
+                               "it: the defaults of trainer/config.py (ODIS, ViT-S/16 at 224 px, the paper's "
+                               "recipe; on a small CPU machine start from configs/tiny_cpu.yaml)."),
+    method: str = typer.Option(None, help="odis | ibot | dino (overrides the recipe; default odis)."),
     out: str = typer.Option(None, help="Run folder (default: the recipe's `out`)."),
     resume: str = typer.Option(None, help="'auto' (continue from OUT/checkpoint.pt if present) or a checkpoint."),
     max_steps: int = typer.Option(None, help="Stop after this many steps (the schedules still span the epochs)."),
-    device: str = typer.Option(None, help="auto | cpu | cuda"),
+    device: str = typer.Option(None, help="auto | cpu | cuda (default auto: the GPU when there is one)."),
     box_sampling: str = typer.Option(None, help="uniform | area: how one box per image is drawn each step."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
