@@ -3,8 +3,9 @@
 
 Two datasets, both with ground-truth boxes:
   ti     the Tiny-ImageNet subset (../shared/data/tiny-imagenet-200-subset), a class subset; one GT box per image
-  mnist  synthetic multi-object MNIST scenes (`odis synth --mnist`): a target digit (the label) + 1-2 distractor
-         digits of other classes, so the image label is ambiguous and only the box says which object is meant
+  mnist  synthetic multi-object MNIST scenes (`odis synth --mnist`): a target digit (the label, the largest) and
+         distractor digits of other classes (per preset: cpu 0-1, gpu exactly 1), so with a distractor the image
+         label is ambiguous and only the box says which object is meant
 Every network (method x seed, plus the untrained network of each seed) is evaluated by weighted k-NN (k=20) on the
 val images with `--boxes-mode none` (whole image) and `mask` (OBJ token restricted to the GT box; for ti the
 image's box, for mnist the target = largest box). The table gives mean +- std over seeds.
@@ -18,7 +19,7 @@ Two steps, so that the GPU machine needs nothing but torch/timm/webdataset/pyarr
 seed) job in its own subprocess of this script (`_job`), several at once on a GPU; a time guard skips the jobs that
 cannot finish within --budget-s (and kills any still running at the deadline), recording which.
 
-Presets (all: 3 methods x 3 seeds x 2 datasets, equal steps for every method of a dataset):
+Presets (3 methods x 2 datasets, 3 seeds (smoke: 1), equal steps for every method of a dataset):
   smoke  seconds: the test suite's check of the run path (numbers are noise)
   cpu    <= 30 min on 2 cores: configs/mini_cpu.yaml (test_vit/8 at 32 px, Sinkhorn teacher + KoLeo), ti 10
          classes, 3000 gray 32-px mnist scenes of one or two digits
