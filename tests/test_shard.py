@@ -279,7 +279,7 @@ def test_kill_then_rerun_equals_uninterrupted(tin_root, tmp_path):
 
     # A rerun with other settings refuses to mix shard sets; --overwrite starts over.
     r = odis("shard", "--out", out, *args[:-4], "--seed", "8", "--num-workers", "1", code=2)
-    assert "--overwrite" in r.output
+    assert "--overwrite" in r.output and "with --seed 7 (now 8)" in r.output
     odis("shard", "--out", out, *args[:-4], "--seed", "8", "--num-workers", "1", "--overwrite")
     assert index_of(out)["settings"]["seed"] == 8 and index_of(out)["last_run"]["shards_written"] == 10
 

@@ -33,7 +33,8 @@ def prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:
     for p in out.glob(f".{pattern}.tar.partial"):
         p.unlink()  # left by a killed run
     state.mkdir(exist_ok=True)
-    (state / "plan.json").write_text(json.dumps({"fingerprint": plan.fingerprint}))
+    (state / "plan.json").write_text(json.dumps({"fingerprint": plan.fingerprint,
+                                                 "settings": plan.settings.output_settings(), "inputs": plan.inputs}))
     if index_path.is_file():
         # A finished set being completed again (a shard was deleted): its records go back to STATE_DIR first, so
         # that a kill during this run loses nothing, then the index goes (it is rewritten last).
@@ -57,15 +58,28 @@ def _check_same_plan(plan: Plan, out: Path, pattern: str) -> None:
     s, state, index_path = plan.settings, out / STATE_DIR, out / INDEX_NAME
     old = None
     if index_path.is_file():
-        old = json.loads(index_path.read_text()).get("fingerprint")
+        old = json.loads(index_path.read_text())
+        old["inputs"] = {k: v for k, v in old.get("source", {}).items() if k.endswith("sha256")}
     elif (state / "plan.json").is_file():
-        old = json.loads((state / "plan.json").read_text()).get("fingerprint")
+        old = json.loads((state / "plan.json").read_text())
     elif any(p.suffix == ".tar" for p in _ours(out, pattern)):
         raise ShardError(f"{out} holds {s.prefix}-*.tar shards that no odis index or plan describes; "
                          "use --overwrite to start over")
-    if old is not None and old != plan.fingerprint:
-        raise ShardError(f"{out} holds a shard set made from other inputs or settings (fingerprint "
-                         f"{old[:12]} != {plan.fingerprint[:12]}); use --overwrite to start over, or another --out")
+    if old is not None and old.get("fingerprint") != plan.fingerprint:
+        raise ShardError(f"{out} holds a shard set made {_what_changed(old, plan)}; use --overwrite to start "
+                         "over, or another --out")
+
+
+def _what_changed(old: dict, plan: Plan) -> str:
+    """'with --seed 0 (now 1)', 'from another manifest', or 'from other image files'; for the refusal above."""
+    before, now = old.get("settings") or {}, plan.settings.output_settings()
+    changed = [f"--{k.replace('_', '-')} {before[k]} (now {now[k]})" for k in sorted(now)
+               if k in before and before[k] != now[k]]
+    if changed:
+        return "with " + ", ".join(changed)
+    if (old.get("inputs") or {}) != plan.inputs:
+        return "from another version of the manifest or annotation file"
+    return "from other image files (added, removed or resized since)"
 
 
 def make_index(plan: Plan, records: list[dict], seconds: float, written: int) -> dict:
