@@ -7,6 +7,7 @@ A detector is built once per Ray actor and called on a list of RGB PIL images; i
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,22 @@ def finalize(boxes: np.ndarray, scores: np.ndarray, width: int, height: int, min
     return boxes[order].astype(np.float32), scores[order].astype(np.float32)
 
 
+def _undo_ultralytics_pil_patch() -> None:
+    """Give PIL.Image.open back its own function in this process.
+
+    Importing ultralytics replaces `PIL.Image.open` process-wide with a wrapper that, on any file Pillow does not
+    recognise, tries to install and import pi-heif; `odis.imageio.load_image` then reports a text file named
+    `x.jpg` as "cannot read (ModuleNotFoundError: No module named 'pi_heif')" instead of "not an image". We give
+    ultralytics decoded arrays, never files, so it does not need the wrapper. Only that exact wrapper is undone.
+    """
+    from PIL import Image
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is getattr(patches, "image_open", None):
+        Image.open = original
+
+
 class YoloDetector:
     """ultralytics YOLO, class-agnostic NMS, offline: `weights` is a local file or export folder."""
 
@@ -77,6 +94,7 @@ class YoloDetector:
             raise ValueError("--detector yolo needs --weights (a local .pt file or an exported model folder)")
         self.cfg = cfg
         self.model = YOLO(cfg.weights, task="detect")
+        _undo_ultralytics_pil_patch()
 
     def __call__(self, images: list) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.cfg
@@ -180,16 +198,48 @@ class SelectiveSearchDetector:
         return [self._one(im) for im in images]
 
 
+class DetectorConfigError(ValueError):
+    """A detector option or file is wrong; found in the driver before Ray starts or any output is created."""
+
+
+def _check_weights(cfg: DetectorConfig) -> None:
+    """The files each detector loads exist locally (weights are never downloaded, so a missing one can only fail
+    later, inside a Ray actor, with pages of tracebacks)."""
+    if cfg.name == "selective-search":
+        return
+    if not cfg.weights:
+        what = "a local .pt file or exported model folder" if cfg.name == "yolo" else "a local OWL-ViT/OWLv2 folder"
+        raise DetectorConfigError(f"--detector {cfg.name} needs --weights ({what})")
+    w = Path(cfg.weights)
+    if not w.exists():
+        raise DetectorConfigError(f"--weights {cfg.weights}: no such file")
+    if cfg.name == "mavl" and not (w / "config.json").is_file():
+        raise DetectorConfigError(f"--weights {cfg.weights}: not a model folder saved with save_pretrained (no "
+                                  "config.json); --detector mavl needs a local OWL-ViT/OWLv2 folder")
+
+
+def _check_options(cfg: DetectorConfig) -> None:
+    """Option values the detectors would reject (or silently misuse) later, in every actor."""
+    bad = [f"--conf {cfg.conf}: expected 0..1" if not 0 <= cfg.conf <= 1 else None,
+           f"--iou {cfg.iou}: expected 0..1" if not 0 <= cfg.iou <= 1 else None,
+           f"--max-boxes {cfg.max_boxes}: expected >= 1" if cfg.max_boxes < 1 else None,
+           f"--min-area {cfg.min_area}: expected 0..1" if not 0 <= cfg.min_area < 1 else None,
+           f"--imgsz {cfg.imgsz}: expected >= 1" if cfg.imgsz is not None and cfg.imgsz < 1 else None,
+           f"--device {cfg.device}: expected cpu or cuda[:N]" if not cfg.device.startswith(("cpu", "cuda")) else None]
+    bad = [b for b in bad if b]
+    if bad:
+        raise DetectorConfigError("; ".join(bad))
+
+
 def check_detector(cfg: DetectorConfig) -> None:
-    """Fail early, in the driver, with a clear message (a failure inside a Ray actor is harder to read)."""
+    """Fail early, in the driver, with a one-line message (a failure inside a Ray actor is harder to read, and
+    would come after Ray started and the staging folder was made)."""
     if cfg.name not in DETECTORS:
-        raise ValueError(f"unknown detector {cfg.name!r}, expected one of {DETECTORS}")
+        raise DetectorConfigError(f"unknown detector {cfg.name!r}, expected one of {DETECTORS}")
+    _check_options(cfg)
+    _check_weights(cfg)
     if cfg.name == "selective-search":
         _ximgproc()
-    elif cfg.name == "mavl" and not (cfg.weights and Path(cfg.weights).is_dir()):
-        raise ValueError(f"--detector mavl needs --weights FOLDER (a local OWL-ViT/OWLv2 model), got {cfg.weights!r}")
-    elif cfg.name == "yolo" and not cfg.weights:
-        raise ValueError("--detector yolo needs --weights (a local .pt file or an exported model folder)")
 
 
 def build_detector(cfg: DetectorConfig):

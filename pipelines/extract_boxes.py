@@ -9,6 +9,9 @@ box and writes parquet parts into a staging folder next to the output (`.NAME.pa
 
 Resume: images whose id is already in OUT or in a complete staged part are skipped, so a killed run keeps its
 finished parts and never leaves half-written or duplicated rows. `overwrite=True` starts over.
+
+Everything that can be checked without the detector (its files and options, the id of every image) is checked
+before Ray starts and before any output exists, so a mistake costs one line, not a job.
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ import numpy as np
 import pyarrow as pa
 
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
-from odis.manifest import (ManifestError, add_row, empty_columns, image_id_for, image_ids_in, make_metadata,
-                           manifest_files, manifest_metadata, sha256_of, table_from_columns,
+from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_id_for, image_ids_in,
+                           make_metadata, manifest_files, manifest_metadata, sha256_of, table_from_columns,
                            write_manifest)
 from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector, check_detector
 
 # Metadata that must agree for a resumed run to add rows to an existing manifest.
-_RESUME_KEYS = ("source", "images_root", "weights_sha256", "conf", "iou", "max_boxes", "min_area", "imgsz")
+_RESUME_KEYS = ("source", "images_root", "id_scheme", "weights_sha256", "conf", "iou", "max_boxes", "min_area",
+                "imgsz")
 
 RESULT_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -44,6 +48,7 @@ class ExtractConfig:
     detector: DetectorConfig
     images: str
     out: str
+    id_scheme: str = "path"  # odis.manifest.image_id_for scheme; must match the shards the boxes are joined to
     batch_size: int = 16
     num_workers: int | None = None  # None: 1 on CPU, one per GPU with --device cuda
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared out among the workers
@@ -70,11 +75,19 @@ class ExtractSummary:
     errors: Counter = field(default_factory=Counter)
 
 
+class DetectorLoadError(RuntimeError):
+    """The detector could not be built in a Ray actor: rerunning will not help (the driver looks for this name
+    in Ray's error to say so)."""
+
+
 class BoxExtractor:
     """The batch function: decode each path (errors captured per row), detect, one result row per image."""
 
     def __init__(self, detector: dict, images: str, max_pixels: int):
-        self.detector = build_detector(DetectorConfig(**detector))
+        try:
+            self.detector = build_detector(DetectorConfig(**detector))
+        except Exception as e:  # noqa: BLE001 - re-raised, marked as a load failure
+            raise DetectorLoadError(f"cannot load the {detector['name']} detector ({type(e).__name__}: {e})") from e
         self.root = Path(images)
         self.max_pixels = max_pixels
 
@@ -169,12 +182,13 @@ def _ray_init(address: str | None):
 
 
 def _quiet_ray_data_console() -> None:
-    """Ray Data's INFO/WARNING lines would break our progress bar; they still go to its ray-data.log file."""
+    """Ray Data's console lines would break our progress bar, and on a failure it prints the whole stack trace
+    that the driver then sums up in one line; everything still goes to its ray-data.log file."""
     import logging
 
     for h in logging.getLogger("ray.data").handlers:
         if "File" not in type(h).__name__:
-            h.setLevel(logging.ERROR)
+            h.setLevel(logging.CRITICAL)
 
 
 def _resources(cfg: ExtractConfig) -> tuple[int, dict]:
@@ -196,7 +210,7 @@ def _resources(cfg: ExtractConfig) -> tuple[int, dict]:
 
 def build_metadata(cfg: ExtractConfig) -> dict:
     d = cfg.detector
-    return make_metadata(d.name, cfg.images, "path", detector=d.name,
+    return make_metadata(d.name, cfg.images, cfg.id_scheme, detector=d.name,
                          weights=None if not d.weights else str(Path(d.weights).resolve()),
                          weights_sha256=None if not d.weights else sha256_of(d.weights),
                          conf=d.conf, iou=d.iou, max_boxes=d.max_boxes, min_area=d.min_area, imgsz=d.imgsz,
@@ -209,17 +223,57 @@ def resolve_detector(name: str, **options) -> DetectorConfig:
     return DetectorConfig(name=name, **{**DEFAULTS.get(name, {}), **opts})
 
 
-def _plan(cfg: ExtractConfig, out: Path, staging: Path) -> tuple[list[dict], int, int]:
+def _id_of(rel: str, scheme: str) -> str:
+    try:
+        return image_id_for(rel, scheme)
+    except ValueError as e:  # e.g. no digits in the name for "coco"
+        raise ValueError(f"--id-scheme {scheme}: {str(e).removeprefix('image_id_for: ')}") from None
+
+
+def _check_unique(items: list[dict], scheme: str) -> None:
+    """Two files with one id would be one image to every later stage (shard, train): refuse before starting."""
+    seen, dups = {}, {}
+    for it in items:
+        first = seen.setdefault(it["image_id"], it["path"])
+        if first != it["path"]:
+            dups.setdefault(it["image_id"], [first]).append(it["path"])
+    if dups:
+        iid, paths = next(iter(dups.items()))
+        raise ValueError(f"--id-scheme {scheme}: {len(dups)} image id(s) shared by several files, e.g. {iid!r}: "
+                         f"{', '.join(paths[:3])}; use --id-scheme path (ids from the whole relative path)")
+
+
+def _list(cfg: ExtractConfig) -> tuple[list[dict], int]:
+    """({image_id, path} of every image to cover, sorted by path; number of non-image files)."""
+    if cfg.id_scheme not in ID_SCHEMES:
+        raise ValueError(f"--id-scheme {cfg.id_scheme!r}: expected one of {', '.join(ID_SCHEMES)}")
     rels, others = list_images(cfg.images)
     if cfg.limit is not None:
         rels = rels[: cfg.limit]
+    items = [{"image_id": _id_of(rel, cfg.id_scheme), "path": rel} for rel in rels]
+    _check_unique(items, cfg.id_scheme)
+    return items, len(others)
+
+
+def _not_done(items: list[dict], out: Path, staging: Path) -> list[dict]:
     done = image_ids_in(out) | image_ids_in(staging)
-    todo = []
-    for rel in rels:
-        iid = image_id_for(rel, "path")
-        if iid not in done:
-            todo.append({"image_id": iid, "path": rel})
-    return todo, len(rels) - len(todo), len(others)
+    return [it for it in items if it["image_id"] not in done]
+
+
+def _job_failed(e: Exception, staging: Path) -> RuntimeError:
+    """One line for a failed Ray job: its root cause and whether rerunning can help (a detector that cannot
+    load will not load next time either; a lost worker or node, or memory, may be fine next time)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", ln)]
+    kept = (f"the {len(manifest_files(staging))} finished part(s) are kept in {staging}"
+            if staging.is_dir() and manifest_files(staging) else "nothing was written")
+    loads = [ln for ln in raised if "DetectorLoadError" in ln]
+    if loads:
+        cause = loads[-1].split(": ", 1)[-1]
+        return RuntimeError(f"{cause}; fix --weights or the detector options and rerun ({kept})")
+    cause = (raised or lines or [type(e).__name__])[-1]  # the root exception is raised last
+    return RuntimeError(f"the Ray job failed: {cause} ({kept}; if the cause was transient, e.g. a lost worker or "
+                        "node or out of memory, rerun the same command to resume)")
 
 
 def _promote(staging: Path, out: Path) -> None:
@@ -238,14 +292,15 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a folder")
     check_detector(cfg.detector)
+    items, not_images = _list(cfg)  # before --overwrite deletes anything: a bad id scheme must not cost the output
     staging = staging_dir(out)
     if cfg.overwrite:
         for p in (out, staging):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     meta = build_metadata(cfg)
     _check_resumable(out, staging, meta)
-    todo, skipped, not_images = _plan(cfg, out, staging)
-    summary = ExtractSummary(skipped_done=skipped, not_images=not_images, out=str(out))
+    todo = _not_done(items, out, staging)
+    summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out))
     started = _ray_init(cfg.ray_address)
     t0 = time.perf_counter()
     try:
@@ -253,11 +308,7 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
             try:
                 _run(cfg, todo, staging, meta, summary)
             except ray.exceptions.RayError as e:  # e.g. the detector failed to load in its actor
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-                raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", ln)]
-                cause = (raised or lines or [type(e).__name__])[-1]  # the root exception is raised last
-                raise RuntimeError(f"the Ray job failed: {cause} (finished parts are kept in {staging}; "
-                                   "rerun to resume)") from e
+                raise _job_failed(e, staging) from e
         if staging.is_dir():
             _promote(staging, out)
         elif not out.exists():  # nothing to do and nothing yet: an empty but valid manifest
@@ -285,7 +336,8 @@ def _run(cfg: ExtractConfig, todo: list[dict], staging: Path, meta: dict, summar
     settings = dict(detector=asdict(cfg.detector), images=str(Path(cfg.images).resolve()), max_pixels=cfg.max_pixels)
     ds = ds.map_batches(BoxExtractor, batch_size=bs, batch_format="numpy", fn_constructor_kwargs=settings,
                         compute=ray.data.ActorPoolStrategy(size=n_actors), **resources)
-    staging.mkdir(parents=True, exist_ok=True)
+    # No staging.mkdir here: write_manifest makes it with the first part, so a job that fails before writing
+    # anything leaves no empty `.NAME.partial/` behind.
     run_id, seq, pending, pending_n = uuid.uuid4().hex[:8], 0, [], 0
     counts = Counter()
 

@@ -196,6 +196,13 @@ def test_cli_knn_json_table_compare_and_manifest(tiny_shards, backbone, tmp_path
     assert r.exit_code == 2 and "--boxes-mode must be one of" in r.output
 
 
+def test_cli_knn_backbone_of_another_width_is_one_line(tiny_shards, backbone):
+    r = _odis("eval", "knn", "--backbone", backbone, "--arch", "vit_small_patch16_224", "--train",
+              tiny_shards / "train", "--val", tiny_shards / "val", "--workers", "0")
+    assert r.exit_code == 2 and "does not fit vit_small_patch16_224: size mismatch for" in r.output, r.output
+    assert "more tensors)" in r.output and len(r.output.strip().splitlines()) == 1
+
+
 def test_cli_knn_manifest_ids_must_match_the_shards(tiny_shards, backbone, tmp_path):
     from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
 

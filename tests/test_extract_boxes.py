@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,15 @@ from typer.testing import CliRunner
 
 from cli import app
 from odis.boxes import box_iou
-from odis.imageio import ImageDecodeError, image_size, load_image
+from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size, load_image
 from odis.importers import import_coco
 from odis.manifest import image_id_for, manifest_metadata, read_manifest, validate_manifest
-from pipelines.extract_boxes import staging_dir
+from pipelines.detectors import DetectorConfig
+from pipelines.extract_boxes import BoxExtractor, staging_dir
 
 runner = CliRunner()
 ODIS = [sys.executable, "-c", "from cli import app; app()"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args):
@@ -120,12 +123,75 @@ def test_bad_input_every_file_accounted_for(ray_local, yolo320, coco_tiny, tmp_p
         assert (rows.image_id == image_id_for(name)).all()
         if want == "error":
             assert len(rows) == 1 and rows.error.iloc[0].startswith(name) and rows.x0.isna().all(), name
+            assert "cannot read" not in rows.error.iloc[0], rows.error.iloc[0]  # an unexpected exception's wording
         else:
             assert rows.error.isna().all(), (name, rows.error.tolist())
             assert (rows.width.iloc[0], rows.height.iloc[0]) == want, name
+    assert t[t.path == "not_an_image.jpg"].error.iloc[0] == "not_an_image.jpg: not an image (format not recognised)"
     assert "4 errors" in res.output and "1 file(s) without an image extension" in res.output
     assert t[t.path == "good.jpg"].x0.notna().sum() >= 1
     assert validate_manifest(out) == []
+
+
+def test_yolo_batch_calls_a_text_file_not_an_image(yolo320, coco_tiny, tmp_path):
+    """Importing ultralytics patches PIL.Image.open to install pi-heif on any unrecognised file; the YOLO batch
+    function must still give the reason shard, show and selective search give. In-process: no Ray needed."""
+    (tmp_path / "x.jpg").write_text("a text file with a .jpg name\n")
+    shutil.copy(sorted((coco_tiny / "val2017").glob("*.jpg"))[0], tmp_path / "good.jpg")
+    extractor = BoxExtractor(asdict(DetectorConfig("yolo", weights=str(yolo320), imgsz=320)), str(tmp_path),
+                             DEFAULT_MAX_PIXELS)
+    res = extractor({"image_id": np.array(["x", "good"]), "path": np.array(["x.jpg", "good.jpg"])}).to_pydict()
+    assert res["error"][0] == "x.jpg: not an image (format not recognised)", res["error"][0]
+    assert res["error"][1] is None and len(res["scores"][1]) >= 1  # real images still go through the detector
+
+
+# ---- one-line errors before Ray starts ---------------------------------------------------------------------------
+
+def test_missing_weights_is_one_line_before_ray(coco_tiny, tmp_path):
+    """A bare `nope.pt` used to pass the CLI check (ultralytics might have downloaded it), start Ray, fail in the
+    actor with pages of tracebacks and leave a staging folder. A subprocess sees everything printed, Ray's too."""
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    r = subprocess.run(ODIS + ["extract-boxes", "--detector", "yolo", "--weights", "nope.pt", "--images", str(images),
+                               "--out", "o.parquet", "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert (r.stdout + r.stderr).strip() == "error: --weights nope.pt: no such file", r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no output, no `.o.parquet.partial/`
+
+
+# ---- image ids: --id-scheme ------------------------------------------------------------------------------------
+
+def test_id_scheme_coco_keys_by_the_coco_id(ray_local, coco_tiny, tmp_path):
+    """COCO shards are keyed by the 12-digit COCO id; detector boxes must be too, or the trainer matches none."""
+    images = _link_images(coco_tiny / "train2017", tmp_path / "imgs", 3)
+    out = tmp_path / "ss.parquet"
+    common = ["--detector", "selective-search", "--imgsz", 64, "--max-boxes", 2, "--images", images, "--out", out,
+              "--quiet"]
+    _cli("extract-boxes", *common, "--id-scheme", "coco")
+    t = read_manifest(out).to_pandas()
+    assert sorted(t.image_id.unique()) == sorted(p.stem for p in images.iterdir())  # 000000008193, ...
+    assert manifest_metadata(out)["id_scheme"] == "coco" and validate_manifest(out) == []
+    # resuming with another scheme would mix two keyings of the same images in one manifest
+    res = runner.invoke(app, ["extract-boxes", *map(str, common)])
+    assert res.exit_code == 2 and "other settings" in res.output and "id_scheme" in res.output
+
+
+def test_id_scheme_collision_is_refused_before_anything(coco_tiny, tmp_path):
+    images = tmp_path / "imgs"
+    (images / "a").mkdir(parents=True)
+    (images / "b").mkdir()
+    src = sorted((coco_tiny / "val2017").glob("*.jpg"))[0]
+    (images / "a" / "000000000139.jpg").symlink_to(src)
+    (images / "b" / "139.jpg").symlink_to(src)  # the same coco id, 000000000139
+    out = tmp_path / "o.parquet"
+    res = runner.invoke(app, ["extract-boxes", "--detector", "selective-search", "--id-scheme", "coco", "--images",
+                              str(images), "--out", str(out), "--quiet"])
+    assert res.exit_code == 2 and "'000000000139'" in res.output and "a/000000000139.jpg, b/139.jpg" in res.output
+    assert not out.exists() and not staging_dir(out).exists()
+    res = runner.invoke(app, ["extract-boxes", "--detector", "selective-search", "--id-scheme", "nope", "--images",
+                              str(images), "--out", str(out), "--quiet"])
+    assert res.exit_code == 2 and "--id-scheme 'nope'" in res.output
 
 
 # ---- YOLO recall against COCO ground truth --------------------------------------------------------------------
@@ -256,7 +322,7 @@ def test_mavl_on_a_tiny_random_owlvit(ray_local, coco_tiny, tmp_path):
 def test_mavl_without_weights_is_a_clear_error(tmp_path, coco_tiny):
     res = runner.invoke(app, ["extract-boxes", "--detector", "mavl", "--images", str(coco_tiny / "val2017"),
                               "--out", str(tmp_path / "m.parquet"), "--weights", str(tmp_path / "none")])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 2 and "no such file" in res.output
 
 
 def test_selective_search_on_real_images(ray_local, coco_tiny, tmp_path):

@@ -103,8 +103,10 @@ def open_backbone(backbone, arch=None):
 
     try:
         return load_backbone(backbone, arch=arch)
-    except RuntimeError as e:  # torch's size-mismatch report
-        raise ValueError(f"{backbone}: does not fit {arch or 'its recorded architecture'}: {e}") from None
+    except RuntimeError as e:  # torch's size-mismatch report: one line per tensor, the first says enough
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]
+        more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
+        raise ValueError(f"{backbone}: does not fit {arch or 'its recorded architecture'}: {lines[0]}{more}") from None
 
 
 def _setup(backbone, arch, size, mode, box_select, boxes, device):
