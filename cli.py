@@ -815,4 +815,4 @@ def demo(
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="odis")  # `python -m cli` (torchrun) reads like the console command
