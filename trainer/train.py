@@ -181,8 +181,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
     state = load_checkpoint(ck, distiller, opt) if ck else State()
     model = distiller
     if dd.world > 1:
+        # Buffers (the centers) are all-reduced by the loss itself, not re-broadcast from rank 0 every forward;
+        # the one sync at init is harmless: every rank starts from the same seed or checkpoint.
         model = torch.nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            distiller, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
     data_states = state.extra.get("data") or []
     loader = make_train_loader(cfg, distiller.student.backbone.patch_size, dd.rank, dd.world,
@@ -265,7 +267,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
         export_backbone(distiller.teacher.backbone, out / "backbone.safetensors")
         log.plot()
         log.info(f"done: {out / 'backbone.safetensors'} (teacher backbone, timm names)")
-    final = log.last
+    final = log.last if dd.main else None  # one summary line under torchrun, not one per rank
     log.close()
     if dd.world > 1:
         dist.barrier()
