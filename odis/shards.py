@@ -86,6 +86,8 @@ def list_shards(spec) -> list[str]:
     if p.suffix == ".json":
         return [str(p.parent / sh["name"]) for sh in read_index(p)["shards"]]
     paths = _braceexpand(str(p))
+    if paths == [str(p)] and not p.exists():  # a plain path, neither a folder, an index nor a shard
+        raise FileNotFoundError(f"{s}: no such shard folder, index.json or .tar file")
     missing = [x for x in paths if not Path(x).is_file()]
     if missing:
         raise FileNotFoundError(f"{s}: {len(missing)} of {len(paths)} shard(s) not found, e.g. {missing[0]}")

@@ -156,6 +156,8 @@ def test_list_shards_forms(good, tmp_path):
     assert list_shards(f"pipe:cat {good}/tin-{{000000..000001}}.tar") == [f"pipe:cat {w}" for w in want[:2]]
     with pytest.raises(FileNotFoundError, match="6 of 10 shard.s. not found, e.g. .*tin-000004.tar"):
         list_shards(f"{good}/tin-{{000000..000009}}.tar")
+    with pytest.raises(FileNotFoundError, match="shards/nope: no such shard folder, index.json or .tar file"):
+        list_shards("shards/nope")
     # A folder without an index: its *.tar files, never a temporary .partial.
     bare = tmp_path / "bare"
     bare.mkdir()
