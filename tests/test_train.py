@@ -118,20 +118,33 @@ def test_killed_run_resumes_from_its_last_checkpoint(tin_shards, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 14
 
 
-def test_ddp_two_cpu_processes(tin_shards, tmp_path):
-    """torchrun with gloo: the ranks train on different samples and end with identical weights (the trainer
-    compares them across ranks at the end and fails otherwise)."""
-    out = tmp_path / "ddp"
+def _torchrun(shards: Path, out: Path, *extra: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-           "-m", "cli", "train", "--shards", str(tin_shards), "--out", str(out), "--quiet", *SMALL,
-           "max_steps=4", "data.num_workers=1"]
+           "-m", "cli", "train", "--shards", str(shards), "--out", str(out), "--quiet", *SMALL,
+           "data.num_workers=1", *extra]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "2 process(es)" in res.stdout + res.stderr
-    assert (out / "backbone.safetensors").is_file()
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert len(ck["data"]) == 2  # each rank's data position
+    return res.stdout + res.stderr
+
+
+def test_ddp_two_cpu_processes_and_their_resume(tin_shards, tmp_path):
+    """torchrun with gloo: the ranks train on different samples and end with identical weights (the trainer
+    compares them across ranks at the end and fails otherwise); a run stopped at step 2 and resumed ends exactly
+    where the uninterrupted one does, each rank continuing its own data and drop-path streams."""
+    straight, split = tmp_path / "ddp", tmp_path / "ddp-split"
+    assert "2 process(es)" in _torchrun(tin_shards, straight, "max_steps=4")
+    assert (straight / "backbone.safetensors").is_file()
+    ck = torch.load(straight / "checkpoint.pt", weights_only=True)
+    assert len(ck["data"]) == 2 and len(ck["rng"]) == 2  # each rank's data position and random state
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+    _torchrun(tin_shards, split, "max_steps=2")
+    assert "resumed from" in _torchrun(tin_shards, split, "max_steps=4", "--resume", "auto")
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["distiller"]
+    b = torch.load(split / "checkpoint.pt", weights_only=True)["distiller"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
 
 
 def test_ranks_draw_different_samples(tin_shards):

@@ -80,12 +80,13 @@ class State:
 
 
 def rng_state() -> dict:
-    """Every RNG the loop touches, as tensors and plain types (loadable with weights_only=True)."""
+    """Every RNG this process's loop touches (its own GPU's only), as tensors and plain types (loadable with
+    weights_only=True). The checkpoint holds one per rank: each rank draws its own drop-path masks."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
@@ -93,17 +94,18 @@ def set_rng_state(s: dict) -> None:
     n = s["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(s["python"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if torch.cuda.is_available() and isinstance(s.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(s["cuda"])
 
 
 def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, state: State, cfg: Config,
-                    data_states: list[dict]) -> None:
+                    data_states: list[dict], rng_states: list[dict]) -> None:
     """Atomic: written to a temporary file, then renamed over the old checkpoint."""
     payload = {
         "step": state.step, "bad_steps": state.bad_steps, "bad_in_a_row": state.bad_in_a_row,
         "data": data_states,  # each rank's exact data position
-        "distiller": distiller.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
+        "rng": rng_states,  # each rank's random state
+        "distiller": distiller.state_dict(), "optimizer": opt.state_dict(),
         "config": to_dict(cfg), "method": cfg.method,
         # what load_backbone reads: the teacher backbone under timm names
         "backbone_config": distiller.teacher.backbone.config(),
@@ -210,10 +212,12 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
     it = iter(loader)
     if state.step < stop:
         it = itertools.chain([next(it)], it)
-    if ck:
-        set_rng_state(state.extra["rng"])
-    else:  # a different stream of randomness (drop-path) per rank
-        torch.manual_seed(cfg.seed * 7919 + dd.rank)
+    rngs = state.extra.get("rng") or []
+    rngs = [rngs] if isinstance(rngs, dict) else rngs  # a checkpoint of an older odis: rank 0's state only
+    if ck and len(rngs) == dd.world:
+        set_rng_state(rngs[dd.rank])
+    else:  # a different stream of randomness (drop-path) per rank; a resume on another number of processes
+        torch.manual_seed(cfg.seed * 7919 + dd.rank + 104729 * state.step)  # cannot continue the old streams
     while state.step < stop:
         batch = next(it)
         now = time.perf_counter()
@@ -257,9 +261,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
             log.write(row)
             t_last, wait = now, 0.0
         if state.step % cfg.checkpoint_every == 0 or state.step == stop:
-            states = _gather(loader.state_dict(), dd)
+            per_rank = _gather((loader.state_dict(), rng_state()), dd)
             if dd.main:
-                save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg, states)
+                save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg, [d for d, _ in per_rank],
+                                [r for _, r in per_rank])
         t_wait = time.perf_counter()
     _check_ranks_agree(distiller, dd)
     if dd.main:
