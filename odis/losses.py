@@ -130,4 +130,7 @@ class Centers(nn.Module):
                 continue
             batch = _all_reduce_mean(logits.float().reshape(-1, logits.shape[-1]).mean(0, keepdim=True))
             buf = getattr(self, name)
-            buf.mul_(self.momentum).add_(batch, alpha=1 - self.momentum)
+            # A non-finite batch (the step the trainer then skips) must not poison the center for good; the check
+            # is on the all-reduced value, so every rank decides alike, and stays on the device (no sync).
+            ema = buf * self.momentum + batch * (1 - self.momentum)
+            buf.copy_(torch.where(torch.isfinite(batch).all(), ema, buf))

@@ -109,6 +109,10 @@ def test_centers_ema():
     torch.testing.assert_close(c.patch, 0.1 * logits.mean(0, keepdim=True))
     c.update(logits, None)
     torch.testing.assert_close(c.obj, (0.9 * 0.1 + 0.1) * logits.mean(0, keepdim=True))
+    # a batch with a non-finite logit (a step the trainer skips) leaves the center as it was
+    before = c.obj.clone()
+    c.update(logits.masked_fill(logits == 3, float("nan")), None)
+    torch.testing.assert_close(c.obj, before)
 
 
 def _ref_sinkhorn(t, temp, n_iter):
