@@ -24,13 +24,17 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        v = torch.empty(out_dim, bottleneck_dim)
-        nn.init.trunc_normal_(v, std=0.02)
-        self.last_layer_v = nn.Parameter(v)
+        # iBOT/DINO create the last layer after their trunc-normal init pass: it keeps nn.Linear's default init,
+        # U(+-1/sqrt(bottleneck)). Its scale matters under weight norm: the prototypes move by lr / ||v||.
+        self.last_layer_v = nn.Parameter(nn.Linear(bottleneck_dim, out_dim, bias=False).weight.detach().clone())
         # weight_g = 1; norm_last_layer=True freezes it (DINO's default), the ViT-S iBOT recipe trains it.
         self.last_layer_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype != torch.float32 else 1e-12)
+        """Logits in float32, also under bf16 autocast: the teacher divides them by 0.04, which turns bf16's
+        8-bit mantissa into ~10x larger errors in its probabilities than the fp16 of iBOT and DINOv2 (on a GPU the
+        trainer allows TF32 for this matmul, about fp16's precision)."""
+        x = F.normalize(self.mlp(x).float(), dim=-1)
         w = self.last_layer_g * F.normalize(self.last_layer_v, dim=1)
-        return F.linear(x, w.to(x.dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, w.float())

@@ -204,6 +204,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
             log.info("boxes: " + ", ".join(f"{k} {v}" for k, v in loader.box_report.items()))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 head logits (odis/heads.py) at TF32 speed
     distiller.train()
     t_wait = t_last = time.perf_counter()
     wait = 0.0
