@@ -88,8 +88,23 @@ class OdisViT(nn.Module):
         t = self.vit.patch_embed(x)  # [B, gh, gw, D] (dynamic image size keeps the grid)
         if patch_mask is not None:
             t = torch.where(patch_mask[..., None].bool(), self.mask_token.to(t.dtype), t)
-        t = self.vit._pos_embed(t)
+        t = self._pos_embed(t)
         return self.vit.norm_pre(self.vit.patch_drop(t))
+
+    def _pos_embed(self, t: torch.Tensor) -> torch.Tensor:
+        """timm's `_pos_embed`, except on a grid other than the training one (local crops, other eval sizes):
+        there the position embeddings are resized as DINO/iBOT's `interpolate_pos_encoding` does (bicubic with
+        scale factor (g + 0.1) / g0, no antialiasing); timm resizes to the size and antialiases when shrinking,
+        which blurs the small grids of local crops."""
+        v = self.vit
+        b, gh, gw, d = t.shape
+        gh0, gw0 = v.patch_embed.grid_size
+        if (gh, gw) == (gh0, gw0) or v.reg_token is not None or v.no_embed_class or v.num_prefix_tokens != 1:
+            return v._pos_embed(t)
+        grid = v.pos_embed[:, 1:].reshape(1, gh0, gw0, d).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((gh + 0.1) / gh0, (gw + 0.1) / gw0), mode="bicubic")
+        pos = torch.cat([v.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d)], dim=1)
+        return v.pos_drop(torch.cat([v.cls_token.expand(b, -1, -1), t.reshape(b, -1, d)], dim=1) + pos)
 
     def blocks(self, x: torch.Tensor, obj_mask: torch.Tensor | None, upto: int | None = None):
         """Run the blocks (all, or the first `upto`), yielding the tokens after each one."""

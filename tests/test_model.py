@@ -104,6 +104,35 @@ def test_empty_box_is_finite_forward_and_backward(impl):
     assert torch.isfinite(x.grad).all()
 
 
+def _ibot_interpolate_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, patch: int) -> torch.Tensor:
+    """iBOT's VisionTransformer.interpolate_pos_encoding (models/vision_transformer.py), transcribed."""
+    import math
+
+    n = pos_embed.shape[1] - 1
+    class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("size", [32, 24, 96])
+def test_position_embeddings_of_other_sizes_are_ibots(vit, size):
+    """Local crops (and other input sizes) get iBOT's bicubic resize of the position embeddings, not timm's
+    antialiased one; the training size gets timm's own embeddings unchanged."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        tokens = vit.vit.patch_embed(x).flatten(1, 2)
+        ref = torch.cat([vit.vit.cls_token.expand(2, -1, -1), tokens], 1) + _ibot_interpolate_pos_encoding(
+            vit.vit.pos_embed, size, size, 8)
+        torch.testing.assert_close(vit.embed(x), ref, rtol=0, atol=1e-6)
+        native = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(vit.embed(native), vit.vit._pos_embed(vit.vit.patch_embed(native)))
+
+
 def test_mask_token_replaces_masked_patches(vit, images):
     mim = torch.zeros(4, 8, 8, dtype=torch.bool)
     mim[:, 0, 0] = True
