@@ -37,6 +37,42 @@ def test_gradients_reach_only_the_student(method):
                for p in d.student.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("method", ["odis", "ibot", "dino"])
+def test_each_network_sees_its_masks(method, monkeypatch):
+    """Which backbone call gets which mask (ODIS §3, iBOT main_ibot.py): the teacher sees the globals unmasked
+    (odis: OBJ masked to the box); the student sees the globals with the MIM masks (odis: and the box) and the
+    locals plain. And the EMA centers move to 0.1 x the batch mean of the teacher's OBJ logits."""
+    from odis.model import OdisViT
+
+    d, v = _distiller(method), _views()
+    calls, forward = [], OdisViT.forward
+
+    def spy(self, x, obj_mask=None, patch_mask=None):
+        out = forward(self, x, obj_mask=obj_mask, patch_mask=patch_mask)
+        who = "teacher" if self is d.teacher.backbone else "student"
+        calls.append((who, x.shape[-1], obj_mask, patch_mask, out[0].detach()))
+        return out
+
+    monkeypatch.setattr(OdisViT, "forward", spy)
+    d(v, teacher_temp=0.04)
+    seen = [(who, size) for who, size, *_ in calls]
+    assert seen == [("teacher", 32), ("student", 32), ("student", 16)]
+    (_, _, t_obj, t_mim, t_tok), (_, _, s_obj, s_mim, _), (_, _, l_obj, l_mim, _) = calls
+    box, mim = v.obj_mask.flatten(0, 1), v.mim_mask.flatten(0, 1)
+    assert t_mim is None and l_obj is None and l_mim is None
+    if method == "odis":
+        assert torch.equal(t_obj, box) and torch.equal(s_obj, box)
+    else:
+        assert t_obj is None and s_obj is None
+    if method == "dino":
+        assert s_mim is None
+    else:
+        assert torch.equal(s_mim, mim)
+    with torch.no_grad():
+        t_logits = d.teacher.head(t_tok)
+    torch.testing.assert_close(d.centers.obj, 0.1 * t_logits.mean(0, keepdim=True))
+
+
 def test_methods_differ_only_where_they_should():
     v = _views()
     o, i = _distiller("odis"), _distiller("ibot")
