@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import load_config
-from trainer.train import train
+from trainer.train import build_distiller, train
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny but complete recipe: ViT-tiny with 2 blocks, 8-px patches, 32-px globals, 2 x 16-px locals.
@@ -69,12 +69,25 @@ def test_short_run_writes_a_loadable_backbone(tin_shards, tmp_path):
     assert final["step"] == 12
     for name in ("config.yaml", "checkpoint.pt", "backbone.safetensors", "metrics.csv", "plots/loss.png"):
         assert (out / name).is_file(), name
+    exported = load_file(str(out / "backbone.safetensors"))
     vit = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=2, img_size=32, num_classes=0)
-    vit.load_state_dict(load_file(str(out / "backbone.safetensors")), strict=True)
-    # the exported backbone is the teacher's, not the initial weights
-    fresh = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=2, img_size=32, num_classes=0)
-    assert not torch.equal(vit.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
+    vit.load_state_dict(exported, strict=True)
     assert load_config(out / "config.yaml") == _cfg(tin_shards, out, "max_steps=12")
+    # the exported backbone is the teacher's; the teacher followed the student by EMA (moved from its initial
+    # weights, yet not equal to the student); the head's last layer stayed frozen through epoch 1 (12 of 18 steps)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    w = ck["distiller"]
+    assert all(torch.equal(v, ck["teacher_backbone"][k]) for k, v in exported.items())
+    assert all(torch.equal(v, w[f"teacher.backbone.vit.{k}"]) for k, v in exported.items())
+    cfg = _cfg(tin_shards, out, "max_steps=12")
+    torch.manual_seed(cfg.seed)  # as train() does before building the networks
+    init = build_distiller(cfg).state_dict()
+    qkv = "backbone.vit.blocks.0.attn.qkv.weight"
+    assert not torch.equal(w[f"teacher.{qkv}"], init[f"teacher.{qkv}"])
+    assert not torch.equal(w[f"teacher.{qkv}"], w[f"student.{qkv}"])
+    for name in ("student.head.last_layer_v", "student.head.last_layer_g"):
+        assert torch.equal(w[name], init[name]), name
+    assert not torch.equal(w["student.head.mlp.0.weight"], init["student.head.mlp.0.weight"])
 
 
 def test_resume_continues_with_the_same_losses(tin_shards, tmp_path):
@@ -176,5 +189,6 @@ def test_partial_manifest_reports_counts(tin_shards, tmp_path):
     text = res.stdout + res.stderr
     assert "boxes:" in text
     report = text[text.index("boxes:"):].splitlines()[0]
-    assert "30" in report and "5" in report, report  # 30 matched images, 5 manifest ids in no shard
+    assert "shard_images_with_manifest_boxes 30," in report and "manifest_ids_not_in_shards 5" in report, report
+    assert "only 30 of 150 shard images are in this manifest" in text  # fewer than half: said
     assert len(index["shards"]) >= 1
