@@ -282,13 +282,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
 
 
 def _check_ranks_agree(distiller: Distiller, dd: Dist) -> None:
-    """DDP keeps replicas identical; a silent divergence (e.g. a rank skipping a step alone) must not pass."""
+    """DDP keeps replicas identical; a silent divergence (e.g. a rank skipping a step alone, or centers that were
+    not all-reduced: buffers are checked too) must not pass."""
     if dd.world == 1:
         return
-    sums = _gather([float(p.detach().double().sum()) for p in (*distiller.student.parameters(),
-                                                                 *distiller.teacher.parameters())], dd)
+    sums = _gather([float(t.detach().double().sum()) for t in (*distiller.parameters(), *distiller.buffers())], dd)
     if any(s != sums[0] for s in sums[1:]):
-        raise RuntimeError("the processes ended with different weights: the replicas diverged")
+        raise RuntimeError("the processes ended with different weights or centers: the replicas diverged")
 
 
 def _gather(obj, dd: Dist) -> list:
