@@ -176,3 +176,23 @@ def test_obj_attention_respects_box(vit, images):
     assert att.shape == (4, vit.num_heads, 8, 8)
     assert float(att[..., 4:, :].sum()) == 0.0 and float(att[..., :, 4:].sum()) == 0.0
     assert (att.sum((-1, -2)) <= 1.0 + 1e-5).all() and (att.sum((-1, -2)) > 0.5).all()
+
+
+def test_intermediate_obj_ends_with_the_final_obj_token(vit, images):
+    """The linear probe's features: the normed OBJ token of each of the last n blocks, the last one being the
+    model's own output (with and without a box)."""
+    vit.attn_impl = "mask"
+    box = torch.zeros(4, 8, 8, dtype=torch.bool)
+    box[:, 1:6, 2:7] = True
+    with torch.no_grad():
+        for om in (None, box):
+            final = vit(images, obj_mask=om)[0]
+            four = vit.intermediate_obj(images, 4, obj_mask=om)
+            assert len(four) == 4 and all(t.shape == final.shape for t in four)
+            torch.testing.assert_close(four[-1], final)
+            torch.testing.assert_close(vit.intermediate_obj(images, 1, obj_mask=om)[0], final)
+            # the earlier ones are the earlier blocks, each after the final norm
+            x = vit.embed(images)
+            outs = [t[:, 0] for t in vit.blocks(x, om)]
+            torch.testing.assert_close(four[0], vit.vit.norm(outs[-4]))
+            assert (four[0] - final).abs().max() > 1e-3

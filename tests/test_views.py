@@ -247,3 +247,17 @@ def test_random_resized_crop_positions_are_uniform():
     tops = [random_resized_crop(12, 12, (0.25, 0.25), (1.0, 1.0), 8, rng).top for _ in range(7000)]
     counts = np.bincount(tops, minlength=7)
     assert len(counts) == 7 and counts.min() > 850 and counts.max() < 1150  # 6x6 crops: tops 0..6
+
+
+def test_view_maker_from_config_carries_every_setting():
+    """Each data.* view setting of the trainer's config reaches the ViewMaker (none silently left at default)."""
+    from trainer.config import load_config
+
+    cfg = load_config(overrides=["data.global_size=96", "data.local_size=48", "data.n_local=3",
+                                 "data.global_scale=[0.3,0.9]", "data.local_scale=[0.1,0.2]",
+                                 "data.box_sampling=area", "data.max_crop_tries=7", "data.min_visible=0.6",
+                                 "data.mask_prob=0.3", "data.mask_ratio=[0.2,0.4]", "data.local_object_aware=true"])
+    vm = ViewMaker.from_config(cfg.data, 8, "odis")
+    got = (vm.global_size, vm.local_size, vm.n_local, vm.global_scale, vm.local_scale, vm.box_sampling,
+           vm.max_tries, vm.min_visible, vm.mask_prob, vm.mask_ratio, vm.local_object_aware, vm.patch_size)
+    assert got == (96, 48, 3, (0.3, 0.9), (0.1, 0.2), "area", 7, 0.6, 0.3, (0.2, 0.4), True, 8)
