@@ -228,6 +228,28 @@ def test_cli_knn_manifest_ids_must_match_the_shards(tiny_shards, backbone, tmp_p
     assert "train: whole image used for 9 (not in manifest)" in r.output
 
 
+def test_knn_size_and_box_select_change_the_features(tiny_shards, backbone, tmp_path):
+    """--size and --box-select reach the features (read back from the cache), not only the result's record."""
+    from odis.eval.features import load_features
+    from odis.eval.protocols import run_knn
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+
+    cols = empty_columns()  # two boxes per image: the larger one scores lower
+    for iid in (tiny_shards / "ids.txt").read_text().split():
+        add_row(cols, iid, f"{iid}.JPEG", 64, 64, "yolo", box=(0, 0, 48, 48), score=0.2)
+        add_row(cols, iid, f"{iid}.JPEG", 64, 64, "yolo", box=(40, 40, 64, 64), score=0.9)
+    man = str(write_manifest(table_from_columns(cols), tmp_path / "two.parquet", make_metadata("yolo", None, "stem")))
+    feats = {}
+    for name, kw in (("largest", {}), ("score", {"box_select": "score"}), ("size48", {"size": 48})):
+        cache = tmp_path / name
+        res = run_knn(backbone, str(tiny_shards / "train"), str(tiny_shards / "val"), mode="mask", boxes=man,
+                      ks=(5,), workers=0, cache=str(cache), progress=False, **kw)
+        assert res["size"] == kw.get("size", SIZE) and res["box_select"] == kw.get("box_select", "largest")
+        feats[name] = load_features(next(cache.glob("train-*.safetensors"))).feats
+    assert (feats["largest"] - feats["score"]).norm(dim=1).min() > 1e-3  # every image: another box
+    assert (feats["largest"] - feats["size48"]).norm(dim=1).min() > 1e-3
+
+
 def test_cli_knn_refuses_train_and_val_with_other_classes(tiny_imagenet, backbone, tmp_path):
     wnids = sorted(p.name for p in (tiny_imagenet / "train").iterdir() if p.is_dir())
     for name, classes in (("a", wnids[:2]), ("b", wnids[1:3])):
