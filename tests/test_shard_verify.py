@@ -136,6 +136,38 @@ def test_decode_catches_garbage_image(shards):
     assert code == 1 and [x["kind"] for x in rep["problems"]] == ["decode"]
 
 
+def test_label_past_the_class_list_and_wrong_json_size_and_exif_rotation(shards):
+    """Three contract breaks found only by reading the samples: a label index outside the index's class list, a
+    json size the image does not have (--decode), an EXIF orientation left in a stored image (--decode)."""
+    from PIL import Image
+
+    def rotated(jpg: bytes) -> bytes:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees on display
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpg)).save(buf, "JPEG", exif=exif.tobytes())
+        return buf.getvalue()
+
+    def edit(ms):
+        out = []
+        for i, (n, data) in enumerate(ms):
+            if i in (1, 3):  # the first two jsons: label 2 of 2 classes, then a 65-px width
+                meta = json.loads(data)
+                meta.update({"label": 2} if i == 1 else {"width": 65})
+                data = json.dumps(meta).encode()
+            if i == 4:  # the third image: an EXIF rotation
+                data = rotated(data)
+            out.append((n, data))
+        return out
+
+    rewrite(shards, "tin-000001.tar", edit)
+    code, rep = verify(shards)
+    assert code == 1 and [(x["kind"], "label 2" in x["message"]) for x in rep["problems"]] == [("bad-json", True)]
+    code, rep = verify(shards, "--decode")
+    found = sorted((x["kind"], x["message"].split(" ")[0]) for x in rep["problems"])
+    assert code == 1 and found == [("bad-json", "label"), ("decode", "EXIF"), ("decode", "decoded")], found
+
+
 def test_verify_api_report(shards):
     (shards / "tin-000000.tar").unlink()
     rep = verify_shards(shards)
