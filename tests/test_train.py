@@ -192,3 +192,30 @@ def test_partial_manifest_reports_counts(tin_shards, tmp_path):
     assert "shard_images_with_manifest_boxes 30," in report and "manifest_ids_not_in_shards 5" in report, report
     assert "only 30 of 150 shard images are in this manifest" in text  # fewer than half: said
     assert len(index["shards"]) >= 1
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tin_shards, tmp_path, monkeypatch):
+    """A non-finite loss skips its step (no update, counted); max_bad_steps of them in a row stop the run with a
+    clear error. The EMA centers survive the skipped steps."""
+    from odis.distill import Distiller
+
+    forward, calls, poison = Distiller.forward, [0], set()
+
+    def maybe_nan(self, views, teacher_temp):
+        out = forward(self, views, teacher_temp)
+        calls[0] += 1
+        if calls[0] in poison:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Distiller, "forward", maybe_nan)
+    poison.update({3, 4})
+    out = tmp_path / "nan"
+    train(_cfg(tin_shards, out, "max_steps=6"), progress=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (ck["step"], ck["bad_steps"], ck["bad_in_a_row"]) == (6, 2, 0)
+    assert torch.isfinite(ck["distiller"]["centers.obj"]).all()
+    calls[0] = 0
+    poison.update(range(1, 100))
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 2"):
+        train(_cfg(tin_shards, tmp_path / "nan2", "max_steps=6", "max_bad_steps=3"), progress=False)
