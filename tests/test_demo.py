@@ -42,6 +42,10 @@ def test_demo_tiny_end_to_end(tmp_path):
         assert set(modes) == {"none", "mask"}, name
         for mode, r in modes.items():
             assert math.isfinite(r["top1"]) and 0 <= r["top1"] <= r["top5"] <= 100, (name, mode, r)
+        # `mask` really used a box for every image (none fell back to the whole image)
+        full = json.loads((out / "knn" / f"{name}-mask.json").read_text())
+        assert full["box_mode"] == "mask" and full["n_val"] > 0
+        assert all(c["no_box"] == c["not_in_manifest"] == 0 for c in full["counts"].values()), full["counts"]
     for name in ("ibot", "odis"):
         assert math.isfinite(res["final_loss"][name]) and res["final_loss"][name] > 0
         assert (out / "runs" / name / "backbone.safetensors").is_file()
