@@ -94,7 +94,7 @@ def test_resume_continues_with_the_same_losses(tin_shards, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(_cfg(tin_shards, straight, "max_steps=10"), progress=False)
     train(_cfg(tin_shards, split, "max_steps=4"), progress=False)
-    train(_cfg(tin_shards, split, "max_steps=10"), resume="auto", progress=False)
+    train(_cfg(tin_shards, split, "max_steps=10"), resume=str(split / "checkpoint.pt"), progress=False)
     a, b = _losses(straight), _losses(split)
     assert [r[0] for r in b] == list(range(1, 11))  # no duplicated or missing rows after the resume
     for ra, rb in zip(a, b):
@@ -219,3 +219,28 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tin_shards, tmp_path, m
     poison.update(range(1, 100))
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 2"):
         train(_cfg(tin_shards, tmp_path / "nan2", "max_steps=6", "max_bad_steps=3"), progress=False)
+
+
+def test_dino_run_and_the_lr_warmup_in_the_metrics(tin_shards, tmp_path):
+    """--method dino end to end (OBJ/CLS loss only), and the logged schedules: lr rising linearly through the
+    warm-up epoch, the teacher temperature from its start value."""
+    out = tmp_path / "dino"
+    final = train(_cfg(tin_shards, out, "method=dino", "max_steps=6"), progress=False)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert final["step"] == 6 and all(r["loss_patch"] in ("", None) for r in rows)
+    assert all(float(r["loss"]) == pytest.approx(float(r["loss_obj"])) for r in rows)
+    lr = [float(r["lr"]) for r in rows]
+    assert all(b > a for a, b in zip(lr, lr[1:])) and lr[1] - lr[0] == pytest.approx(lr[2] - lr[1], rel=1e-6)
+    assert float(rows[0]["teacher_temp"]) == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.bogus=3", "unknown config key 'data.bogus'"),
+    ("data.batch_size=abc", "config key 'data.batch_size' expects int, got 'abc'"),
+    ("data.box_sampling=weird", "data.box_sampling must be uniform|area, got 'weird'"),
+    ("method=foo", "method must be one of"),
+    ("nodot", "must look like key.sub=value"),
+])
+def test_bad_config_overrides_are_named(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("|", r"\|")):
+        load_config(overrides=[override])
