@@ -162,20 +162,23 @@ class OdisViT(nn.Module):
 
 
 def _split_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
-    """timm `Attention` with only the OBJ query row masked: the other rows in one unmasked SDPA call (flash
-    attention stays available to them), the OBJ row in a second, masked one of length 1.
+    """timm `Attention.forward` with only the OBJ query row masked: the other rows in one unmasked SDPA call (flash
+    attention stays available to them), the OBJ row in a second, masked one of length 1. Everything else as timm
+    does it (head dim, attention dropout, norm, gate), so any timm ViT attention works alike.
 
     The two outputs are joined token-major ([B,N,H,D]), so the join is the only copy (the flash kernel writes
     its output token-major, which is why timm's transpose + reshape after it copies nothing)."""
-    b, n, c = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    b, n, _ = x.shape
+    h, hd = attn.num_heads, attn.head_dim
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(x).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
-    obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask)
-    out = torch.cat([obj.transpose(1, 2), rest.transpose(1, 2)], dim=1).reshape(b, n, c)
-    return attn.proj_drop(attn.proj(attn.norm(out)))
+    p = attn.attn_drop.p if attn.training else 0.0
+    rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, dropout_p=p)
+    obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask, dropout_p=p)
+    out = attn.norm(torch.cat([obj.transpose(1, 2), rest.transpose(1, 2)], dim=1).reshape(b, n, h * hd))
+    return attn.proj_drop(attn.proj(out if gate is None else out * gate))
 
 
 # ---- export and loading --------------------------------------------------------------------------------------
