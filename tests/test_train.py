@@ -244,3 +244,20 @@ def test_dino_run_and_the_lr_warmup_in_the_metrics(tin_shards, tmp_path):
 def test_bad_config_overrides_are_named(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("|", r"\|")):
         load_config(overrides=[override])
+
+
+def test_every_recipe_loads_and_the_vit_s_one_is_ibots():
+    """configs/*.yaml all load (keys and types checked); the ViT-S/16 IN1K recipe has iBOT's published values
+    (REFERENCE-hparams.md: the 800-epoch ViT-S/16 command, 16 GPUs x 64)."""
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+    c = load_config(REPO / "configs" / "vit_small_in1k.yaml")
+    got = (c.model.arch, c.model.out_dim, c.model.norm_last_layer, c.model.drop_path_rate, c.data.global_size,
+           c.data.local_size, c.data.n_local, tuple(c.data.global_scale), tuple(c.data.local_scale),
+           c.data.batch_size, c.optim.epochs, c.optim.lr, c.optim.min_lr, c.optim.warmup_epochs,
+           c.optim.weight_decay, c.optim.weight_decay_end, c.optim.momentum_teacher, c.optim.clip_grad,
+           c.optim.freeze_last_layer_epochs, c.loss.warmup_teacher_temp, c.loss.teacher_temp,
+           c.loss.warmup_teacher_temp_epochs, c.loss.student_temp, c.loss.center_momentum)
+    assert got == ("vit_small_patch16_224", 8192, False, 0.1, 224, 96, 10, (0.25, 1.0), (0.05, 0.25), 64, 800,
+                   5e-4, 1e-6, 10, 0.04, 0.4, 0.996, 3.0, 1, 0.04, 0.07, 30, 0.1, 0.9)
+    assert (c.data.mask_prob, tuple(c.data.mask_ratio)) == (0.5, (0.1, 0.5))
