@@ -43,7 +43,8 @@ def draw_boxes(img: Image.Image, boxes, labels=None, color=BOX_COLOR, width: int
     font = _font(max(10, round(max(out.size) / 22)))
     for i, b in enumerate(np.asarray(boxes, float).reshape(-1, 4)):
         x0, y0, x1, y1 = b
-        d.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=width)
+        # at least one pixel: a box thinner than a pixel at this scale is still drawn (PIL refuses x1 < x0)
+        d.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=width)
         if labels is not None and labels[i] is not None:
             text = str(labels[i])
             tb = d.textbbox((x0, y0), text, font=font)

@@ -51,6 +51,23 @@ def test_show_boxes_grid(coco_manifest, coco_tiny, tmp_path):
     assert "6 images" in r.output
 
 
+def test_show_boxes_ids_and_min_score_choose_what_is_drawn(coco_manifest, coco_tiny, tmp_path):
+    from odis.manifest import read_manifest
+
+    df = read_manifest(coco_manifest).to_pandas().dropna(subset=["x0"])
+    per_image = df.groupby("image_id").size().sort_values()
+    ids = list(per_image.index[-2:])  # the two images with most boxes, in this order
+    out = tmp_path / "ids.png"
+    base = ["show", "boxes", coco_manifest, "--images", coco_tiny / "val2017", "--out", out, "--cell", "100"]
+    r = _odis(*base, "--ids", ",".join(ids))
+    assert r.exit_code == 0 and f"2 images, {per_image[ids].sum()} boxes" in r.output, r.output
+    # GT boxes score 1.0: a threshold above it hides them all
+    r = _odis(*base, "--ids", ",".join(ids), "--min-score", "1.5")
+    assert r.exit_code == 0 and "2 images, 0 boxes" in r.output, r.output
+    r = _odis(*base, "--ids", "nope")
+    assert r.exit_code == 2 and "not in the manifest: ['nope']" in r.output
+
+
 def test_show_boxes_unreadable_image_is_a_red_cell(coco_manifest, tmp_path):
     out = tmp_path / "grid.png"
     r = _odis("show", "boxes", coco_manifest, "--images", tmp_path / "nowhere", "--out", out, "--n", "2",
