@@ -128,6 +128,14 @@ def test_coco_resize_scales_boxes_exactly(coco_tiny, coco_manifest, tmp_path):
         np.testing.assert_allclose(np.array(meta["boxes"]).reshape(-1, 4), want, rtol=1e-12, atol=1e-9)
         assert meta["label"] is None
     odis("verify", out, "--decode")
+    # --quality sets the re-encoding's JPEG quality; --prefix names the shards
+    low = tmp_path / "low"
+    odis("shard", "--images", coco_tiny / "train2017", "--out", low, "--resize-short", 128, "--quality", 30,
+         "--prefix", "coco-q30", "--id-scheme", "coco", "--num-workers", 1)
+    assert sorted(p.name for p in low.glob("*.tar")) == ["coco-q30-000000.tar"]
+    small = read_plain(low)
+    assert set(small) == set(got)
+    assert sum(len(x["jpg"]) for x in small.values()) < 0.6 * sum(len(x["jpg"]) for x in got.values())
 
 
 def test_tiny_imagenet_folder_labels(tin_root, tmp_path):
