@@ -567,10 +567,11 @@ def _show_box(text: Optional[str]):
 
 def _fit_box(b: Optional[list], width: int, height: int) -> Optional[list]:
     """--box clipped to the image, with a warning when it reaches outside; an error when nothing of it is inside."""
+    from odis.boxes import clip_boxes
+
     if b is None:
         return None
-    clipped = [min(max(b[0], 0), width), min(max(b[1], 0), height), min(max(b[2], 0), width),
-               min(max(b[3], 0), height)]
+    clipped = clip_boxes(b, width, height).tolist()
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         fail(f"--box {b} lies outside the {width}x{height} image")
     if clipped != b:

@@ -120,7 +120,7 @@ def test_show_attention_masked_to_the_box(coco_tiny, tmp_path):
     # a box reaching past the 640 x 424 image is clipped and said; one wholly outside is refused
     r = _odis("show", "attention", "--backbone", tmp_path / "b.safetensors", "--image", coco_tiny / "val2017" /
               COCO_IMG, "--box", "280,150,1000,400", "--out", out)
-    assert r.exit_code == 0 and "clipped to [280.0, 150.0, 640, 400.0]" in r.output, r.output
+    assert r.exit_code == 0 and "clipped to [280.0, 150.0, 640.0, 400.0]" in r.output, r.output
     r = _odis("show", "attention", "--backbone", tmp_path / "b.safetensors", "--image", coco_tiny / "val2017" /
               COCO_IMG, "--box", "700,10,900,50", "--out", out)
     assert r.exit_code == 2 and "lies outside the 640x424 image" in r.output, r.output
