@@ -86,6 +86,23 @@ def image_id_for(relpath: str, scheme: str = "path") -> str:
     raise ValueError(f"image_id_for: unknown scheme {scheme!r}, expected one of {ID_SCHEMES}")
 
 
+def image_ids_of(relpaths, scheme: str) -> dict[str, str]:
+    """relpath -> image_id for a whole file list. ValueError naming the file when a name has no id under `scheme`,
+    and when two files share one id: a key names one sample at every later stage (manifest, shard, train)."""
+    ids: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for r in relpaths:
+        try:
+            i = image_id_for(r, scheme)
+        except ValueError as e:
+            raise ValueError(f"{r}: {str(e).removeprefix('image_id_for: ')}") from None
+        if i in owner:
+            raise ValueError(f"image_id {i!r} (--id-scheme {scheme}) is shared by {owner[i]}, {r}; ids must be "
+                             "unique: use --id-scheme path (ids from the whole relative path)")
+        owner[i], ids[r] = r, i
+    return ids
+
+
 # ---- building tables ---------------------------------------------------------------------------------------
 
 def empty_columns() -> dict[str, list]:

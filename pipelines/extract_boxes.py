@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
-from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_id_for, image_ids_in,
+from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_ids_in, image_ids_of,
                            make_metadata, manifest_files, manifest_metadata, sha256_of, table_from_columns,
                            write_manifest)
 from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector, check_detector
@@ -223,26 +223,6 @@ def resolve_detector(name: str, **options) -> DetectorConfig:
     return DetectorConfig(name=name, **{**DEFAULTS.get(name, {}), **opts})
 
 
-def _id_of(rel: str, scheme: str) -> str:
-    try:
-        return image_id_for(rel, scheme)
-    except ValueError as e:  # e.g. no digits in the name for "coco"
-        raise ValueError(f"--id-scheme {scheme}: {str(e).removeprefix('image_id_for: ')}") from None
-
-
-def _check_unique(items: list[dict], scheme: str) -> None:
-    """Two files with one id would be one image to every later stage (shard, train): refuse before starting."""
-    seen, dups = {}, {}
-    for it in items:
-        first = seen.setdefault(it["image_id"], it["path"])
-        if first != it["path"]:
-            dups.setdefault(it["image_id"], [first]).append(it["path"])
-    if dups:
-        iid, paths = next(iter(dups.items()))
-        raise ValueError(f"--id-scheme {scheme}: {len(dups)} image id(s) shared by several files, e.g. {iid!r}: "
-                         f"{', '.join(paths[:3])}; use --id-scheme path (ids from the whole relative path)")
-
-
 def _list(cfg: ExtractConfig) -> tuple[list[dict], int]:
     """({image_id, path} of every image to cover, sorted by path; number of non-image files)."""
     if cfg.id_scheme not in ID_SCHEMES:
@@ -250,9 +230,8 @@ def _list(cfg: ExtractConfig) -> tuple[list[dict], int]:
     rels, others = list_images(cfg.images)
     if cfg.limit is not None:
         rels = rels[: cfg.limit]
-    items = [{"image_id": _id_of(rel, cfg.id_scheme), "path": rel} for rel in rels]
-    _check_unique(items, cfg.id_scheme)
-    return items, len(others)
+    ids = image_ids_of(rels, cfg.id_scheme)  # two files with one id: refused before starting
+    return [{"image_id": ids[rel], "path": rel} for rel in rels], len(others)
 
 
 def _not_done(items: list[dict], out: Path, staging: Path) -> list[dict]:

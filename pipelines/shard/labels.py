@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from odis.manifest import image_id_for, manifest_metadata, read_manifest, sha256_of
+from odis.manifest import image_ids_of, manifest_metadata, read_manifest, sha256_of
 from pipelines.shard.settings import ShardError, ShardSettings
 
 
@@ -19,18 +19,11 @@ def id_scheme(s: ShardSettings) -> str:
 
 
 def image_ids(relpaths: list[str], scheme: str) -> dict[str, str]:
-    """relpath -> image_id; two files with one key are an error (a key names one sample in webdataset)."""
-    ids, owner = {}, {}
-    for r in relpaths:
-        try:
-            i = image_id_for(r, scheme)
-        except ValueError as e:
-            raise ShardError(f"{r}: {e}") from None
-        if i in owner:
-            raise ShardError(f"image_id {i!r} (scheme {scheme}) is shared by {owner[i]!r} and {r!r}; keys must "
-                             f"be unique: use --id-scheme path")
-        owner[i], ids[r] = r, i
-    return ids
+    """relpath -> image_id (odis.manifest.image_ids_of), its errors as ShardError."""
+    try:
+        return image_ids_of(relpaths, scheme)
+    except ValueError as e:
+        raise ShardError(str(e)) from None
 
 
 def labels_for(s: ShardSettings, relpaths: list[str]) -> tuple[dict, list[str] | None, list[dict]]:
