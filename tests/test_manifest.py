@@ -33,6 +33,18 @@ def test_image_id_distinguishes_paths_that_sanitise_alike(a, b):
         assert image_id_for(a) != image_id_for(b)
 
 
+@settings(max_examples=500)
+@given(st.text(max_size=40) | st.text(st.characters(max_codepoint=127), max_size=40))
+def test_id_sanitiser_equals_the_regex_rule(text):
+    """The ASCII byte-table shortcut keeps exactly what the documented rule keeps: ids are the manifest/shard
+    contract, a shortcut that changed one character would orphan every box of that image."""
+    import re
+
+    from odis.manifest import _sanitise
+
+    assert _sanitise(text) == re.sub(r"[^\w\-]", "_", text)
+
+
 def test_image_id_schemes_and_collision_cases():
     # the classic collisions of plain replacement get different ids
     assert len({image_id_for(p) for p in ["a/b.jpg", "a_b.jpg", "a/b_jpg", "a.b/jpg", "a/b.png"]}) == 5

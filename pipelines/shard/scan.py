@@ -6,6 +6,7 @@ import os
 from typing import NamedTuple
 
 from odis.imageio import IMAGE_EXTENSIONS
+from pipelines.shard.native import native
 
 
 class Scan(NamedTuple):
@@ -21,35 +22,34 @@ def scan_images(root: str) -> Scan:
     Folders reached through symbolic links are walked like real ones (a dataset is often assembled from links),
     but each folder (device, inode) is walked once: a link back to an ancestor would loop forever, and a second
     link to the same folder would put every image in twice. The walk is depth-first, each folder's entries in
-    name order, so the same path to a folder is the one kept on every run; the others are listed in the warnings. Strings and
-    os.scandir, not pathlib: pathlib cost ~100 µs a file, minutes on ImageNet."""
+    name order, so the same path to a folder is the one kept on every run; the others are listed in the warnings.
+    Strings and folder listings, not pathlib: pathlib cost ~100 µs a file, minutes on ImageNet."""
     images, others, warnings = [], [], []
     seen: dict[tuple[int, int], str] = {}
     stack = [("", root)]  # (relative path + "/", path on disk); subfolders pushed in reverse name order
     while stack:
         prefix, path = stack.pop()
-        entries = _list_folder(prefix, path, seen, warnings)
         subdirs = []
-        for e in entries:
-            rel = prefix + e.name
-            try:
-                if e.is_dir():  # follows symbolic links
-                    subdirs.append((rel + "/", e.path))
-                    continue
-                size = e.stat().st_size
-            except OSError as err:  # a broken link, a file gone since listing, no permission
-                warnings.append({"path": rel, "reason": f"cannot read ({err.strerror or err}): left out"})
-                continue
-            if e.name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append((rel, size))
+        for name, kind, value in _list_folder(prefix, path, seen, warnings):
+            rel = prefix + name
+            if kind == FOLDER:
+                subdirs.append((rel + "/", os.path.join(path, name)))
+            elif kind == UNREADABLE:  # a broken link, a file gone since listing, no permission
+                warnings.append({"path": rel, "reason": f"cannot read ({value}): left out"})
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append((rel, value))
             else:
                 others.append(rel)
         stack += reversed(subdirs)
     return Scan(sorted(images), sorted(others), warnings)
 
 
-def _list_folder(prefix: str, path: str, seen: dict, warnings: list) -> list[os.DirEntry]:
-    """The visible entries of a folder not walked before, sorted by name; [] (and a warning) otherwise."""
+FILE, FOLDER, UNREADABLE = 0, 1, 2  # an entry's kind; its value: the size, -, the reason
+
+
+def _list_folder(prefix: str, path: str, seen: dict, warnings: list) -> list[tuple[str, int, int | str]]:
+    """(name, kind, value) of the visible entries of a folder not walked before, sorted by name; [] (and a
+    warning) otherwise."""
     shown = prefix.rstrip("/") or "."
     try:
         st = os.stat(path)
@@ -59,8 +59,27 @@ def _list_folder(prefix: str, path: str, seen: dict, warnings: list) -> list[os.
                              "walked twice"})
             return []
         seen[key] = shown
-        with os.scandir(path) as it:
-            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        return sorted(_entries(path))  # names are unique: the order is by name
     except OSError as err:
         warnings.append({"path": shown, "reason": f"cannot list this folder ({err.strerror or err}): left out"})
         return []
+
+
+def _entries_python(path: str) -> list[tuple[str, int, int | str]]:
+    """The folder's visible entries, unsorted: is_dir() and stat() follow symbolic links."""
+    out = []
+    with os.scandir(path) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            try:
+                out.append((e.name, FOLDER, 0) if e.is_dir() else (e.name, FILE, e.stat().st_size))
+            except OSError as err:
+                out.append((e.name, UNREADABLE, err.strerror or str(err)))
+    return out
+
+
+def _entries(path: str) -> list[tuple[str, int, int | str]]:
+    """_entries_python, in C when built (_fastpack.list_folder)."""
+    fast = native("list_folder")
+    return fast(path) if fast else _entries_python(path)

@@ -65,6 +65,16 @@ class TarWriter:
         if self._pending_bytes >= self.BATCH_BYTES or len(self._pieces) >= self.BATCH_PIECES:
             self._flush()
 
+    def add_packed(self, data: bytes) -> None:
+        """Append members already laid out as tar blocks (headers, data, padding), e.g. by _fastpack."""
+        if data:
+            self._pieces += (self._small, data)
+            self._small = bytearray()
+            self._pending_bytes += len(data)
+            self.nbytes += len(data)
+            if self._pending_bytes >= self.BATCH_BYTES or len(self._pieces) >= self.BATCH_PIECES:
+                self._flush()
+
     def add(self, *members: tuple[str, bytes]) -> None:
         """Append members (name, data) in this order."""
         for name, data in members:
@@ -122,6 +132,7 @@ _USTAR = _ustar_template()
 _USTAR_SUM = sum(_USTAR)  # checksum of the fixed fields (name and size zero, checksum field as spaces)
 _MODE_TO_SIZE, _MTIME_TO_SUM, _TYPE_TO_END = bytes(_USTAR[100:124]), bytes(_USTAR[136:148]), bytes(_USTAR[156:])
 _ZEROS = bytes(512)
+USTAR_TEMPLATE = bytes(_USTAR)  # what _fastpack fills in the same way
 
 
 def tar_header(name: str, size: int) -> bytes:

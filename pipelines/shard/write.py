@@ -11,12 +11,15 @@ from odis.imageio import ImageDecodeError
 from odis.shards import shard_name
 from pipelines.shard.image import prepare_image
 from pipelines.shard.meta import encode_meta, sample_meta
+from pipelines.shard.native import native
 from pipelines.shard.settings import Item, ShardSettings
-from pipelines.shard.tar import TarWriter
+from pipelines.shard.tar import USTAR_TEMPLATE, TarWriter
 
 STATE_DIR = ".odis-shard"  # per-shard records of a run in progress, next to the shards
 # Hidden test hook: seconds to sleep after each sample, so that a test can kill a run mid-shard deterministically.
 SLEEP_ENV = "ODIS_SHARD_TEST_SLEEP"
+FAST_BATCH = 32  # samples per _fastpack call: its ~120 KB result stays below malloc's mmap threshold (bigger
+# batches page-faulted fresh memory on every call: 8 µs an image instead of 5.5, measured on 2 KB JPEGs)
 
 
 def write_shard(s: ShardSettings, index: int, items: list[Item],
@@ -41,10 +44,26 @@ def write_shard(s: ShardSettings, index: int, items: list[Item],
 
 def _add_samples(tar: TarWriter, s: ShardSettings, items: list[Item], root: int,
                  progress: Callable[[int, int], None] | None) -> tuple[int, list[dict], list[dict]]:
-    """Read, check and append each item; returns (samples written, skipped files, warnings), each with its path."""
+    """Read, check and append each item; returns (samples written, skipped files, warnings), each with its path.
+
+    Runs of plain JPEGs go through the C fast path (_fastpack, when built) in batches; it stops at the first item
+    it cannot write byte for byte as the Python path would, which then takes that one item."""
     skipped, warnings, count = [], [], 0
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
-    for it in items:
+    fast = native("pack") if s.check == "header" else None  # it checks headers; --check decode is Python's
+    batch = 1 if sleep else FAST_BATCH
+    i = 0
+    while i < len(items):
+        if fast:
+            nxt, data, nbytes = fast(root, items, i, i + batch, USTAR_TEMPLATE, s.max_pixels, s.resize_short or 0)
+            if nxt > i:
+                tar.add_packed(data)
+                count += nxt - i
+                _after(progress, nxt - i, nbytes, sleep)
+                i = nxt
+                continue
+        it = items[i]
+        i += 1
         try:
             data = read_file(it.relpath, it.size, root)
             p = prepare_image(data, it.relpath, s)
@@ -56,11 +75,15 @@ def _add_samples(tar: TarWriter, s: ShardSettings, items: list[Item], root: int,
             warnings.append({"path": it.relpath, "reason": warning})
         tar.add_sample(it.image_id, p.ext, p.data, encode_meta(meta))
         count += 1
-        if progress:
-            progress(1, len(data))
-        if sleep:
-            time.sleep(sleep)
+        _after(progress, 1, len(data), sleep)
     return count, skipped, warnings
+
+
+def _after(progress: Callable[[int, int], None] | None, n: int, nbytes: int, sleep: float) -> None:
+    if progress:
+        progress(n, nbytes)
+    if sleep:
+        time.sleep(sleep)
 
 
 def read_file(relpath: str, size: int, root: int) -> bytes:
