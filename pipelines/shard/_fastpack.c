@@ -23,14 +23,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define NAME_MAX_USTAR 100
+#define NAME_MAX_USTAR 100  /* a longer name takes a PAX header: the Python path */
 #define MAX_FILE_SIZE (1 << 30)   /* larger files take the Python path (and are no small-file concern) */
 
 typedef struct {
@@ -146,54 +145,96 @@ static int jpeg_complete(const unsigned char *d, size_t n) {
     return 0;
 }
 
-/* tar.py's tar_header for a short ASCII name: the template with name, size and checksum filled in. */
-static void header(char *h, const char *tmpl, const char *name, size_t name_len, size_t size) {
-    memcpy(h, tmpl, 512);
-    memcpy(h, name, name_len);
-    snprintf(h + 124, 12, "%011zo", size);
-    memset(h + 148, ' ', 8);
+/* Decimal digits of v at p; returns the end. (snprintf costs ~0.15 us a call: seven a sample were a fifth of
+ * the user time here.) */
+static char *put_int(char *p, long long v) {
+    char tmp[24];
+    int n = 0;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        *p++ = '-';
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
+static char *put(char *p, const char *s, size_t n) {
+    memcpy(p, s, n);
+    return p + n;
+}
+#define put_lit(p, literal) put(p, literal, sizeof(literal) - 1)
+
+/* The checksum-free sum of the template (name and size fields zero, checksum field spaces), set once. */
+static unsigned long template_sum(const char *tmpl) {
     unsigned long sum = 0;
     for (int k = 0; k < 512; k++)
-        sum += (unsigned char)h[k];
-    snprintf(h + 148, 8, "%06lo", sum);  /* six digits, NUL, and the template's space */
-    h[155] = ' ';
+        sum += (unsigned char)tmpl[k];
+    return sum;
+}
+
+/* tar.py's tar_header for a short ASCII name: the template with name, size (11 octal digits, NUL) and checksum
+ * (6 octal digits, NUL, space) filled in; the checksum is the template's sum plus what was filled in. */
+static void header(char *h, const char *tmpl, unsigned long sum, const char *id, size_t id_len, const char *ext,
+                   size_t size) {
+    memcpy(h, tmpl, 512);
+    char *end = put(put(h, id, id_len), ext, strlen(ext));
+    for (char *c = h; c < end; c++)
+        sum += (unsigned char)*c;
+    for (int k = 10; k >= 0; k--, size >>= 3) {
+        h[124 + k] = (char)('0' + (size & 7));
+        sum += (unsigned char)h[124 + k];
+    }
+    for (int k = 5; k >= 0; k--, sum >>= 3)
+        h[148 + k] = (char)('0' + (sum & 7));
+    h[154] = '\0';
 }
 
 static size_t padded(size_t n) { return (n + 511) / 512 * 512; }
 
+/* meta.py's encode_meta for a sample without boxes: json.dumps(meta, sort_keys=True) byte for byte. */
+static size_t meta_json(char *p, const Job *job, long w, long h) {
+    char *start = p;
+    p = put_lit(p, "{\"boxes\": [], \"height\": ");
+    p = put_int(p, h);
+    p = put_lit(p, ", \"image_id\": \"");
+    p = put(p, job->id, (size_t)job->id_len);
+    p = put_lit(p, "\", \"label\": ");
+    p = job->has_label ? put_int(p, job->label) : put_lit(p, "null");
+    p = put_lit(p, ", \"scores\": [], \"width\": ");
+    p = put_int(p, w);
+    *p++ = '}';
+    return (size_t)(p - start);
+}
+
 /* Phase 2, without the GIL: one sample appended to out; 0 (nothing appended) if Python must take it. */
-static int pack_one(int root, const Job *job, const char *tmpl, long long max_pixels, long resize_short, Buf *out) {
-    char name[NAME_MAX_USTAR + 1], json[256];
-    if (reserve(out, 512 + padded((size_t)job->size + 1) + 512 + 512))
+static int pack_one(int root, const Job *job, const char *tmpl, unsigned long sum, long long max_pixels,
+                    long resize_short, Buf *out) {
+    /* the image's header and padded data, then the json's header and padded json (< 512 bytes: id <= 95) */
+    if (reserve(out, 512 + padded((size_t)job->size + 1) + 1024))
         return 0;
     int fd = openat(root, PyBytes_AS_STRING(job->path), O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
-    char *data = out->p + out->len + 512;
+    char *h = out->p + out->len, *data = h + 512;
     ssize_t got = read(fd, data, (size_t)job->size + 1);  /* +1: a file that grew since planning shows here */
     close(fd);
-    long w, h;
+    long w, ht;
     const unsigned char *u = (const unsigned char *)data;
-    if (got != job->size || !jpeg_size(u, (size_t)got, &w, &h) || (long long)w * h > max_pixels ||
-        !jpeg_complete(u, (size_t)got) || (resize_short > 0 && (w < h ? w : h) > resize_short))
+    if (got != job->size || !jpeg_size(u, (size_t)got, &w, &ht) || (long long)w * ht > max_pixels ||
+        !jpeg_complete(u, (size_t)got) || (resize_short > 0 && (w < ht ? w : ht) > resize_short))
         return 0;
-    size_t size = (size_t)got, at = out->len;
-    int n = snprintf(name, sizeof name, "%.*s.jpg", (int)job->id_len, job->id);
-    header(out->p + at, tmpl, name, (size_t)n, size);
+    size_t size = (size_t)got;
+    header(h, tmpl, sum, job->id, (size_t)job->id_len, ".jpg", size);
     memset(data + size, 0, padded(size) - size);
-    at += 512 + padded(size);
-    int m = job->has_label
-        ? snprintf(json, sizeof json, "{\"boxes\": [], \"height\": %ld, \"image_id\": \"%.*s\", \"label\": %lld, "
-                   "\"scores\": [], \"width\": %ld}", h, (int)job->id_len, job->id, job->label, w)
-        : snprintf(json, sizeof json, "{\"boxes\": [], \"height\": %ld, \"image_id\": \"%.*s\", \"label\": null, "
-                   "\"scores\": [], \"width\": %ld}", h, (int)job->id_len, job->id, w);
-    if (m < 0 || m >= (int)sizeof json || reserve(out, (at - out->len) + 512 + padded((size_t)m)))
-        return 0;
-    n = snprintf(name, sizeof name, "%.*s.json", (int)job->id_len, job->id);
-    header(out->p + at, tmpl, name, (size_t)n, (size_t)m);
-    memcpy(out->p + at + 512, json, (size_t)m);
-    memset(out->p + at + 512 + m, 0, padded((size_t)m) - (size_t)m);
-    out->len = at + 512 + padded((size_t)m);
+    char *jh = data + padded(size), *json = jh + 512;
+    size_t m = meta_json(json, job, w, ht);
+    header(jh, tmpl, sum, job->id, (size_t)job->id_len, ".json", m);
+    memset(json + m, 0, padded(m) - m);
+    out->len = (size_t)(json + padded(m) - out->p);
     return 1;
 }
 
@@ -226,11 +267,12 @@ static PyObject *pack(PyObject *self, PyObject *args) {
         njobs++;
 
     Buf out = {0};
+    unsigned long sum = template_sum(tmpl);
     Py_ssize_t done = 0;
     long long source_bytes = 0;
     Py_BEGIN_ALLOW_THREADS
     for (; done < njobs; done++) {
-        if (!pack_one(root, &jobs[done], tmpl, max_pixels, resize_short, &out))
+        if (!pack_one(root, &jobs[done], tmpl, sum, max_pixels, resize_short, &out))
             break;
         source_bytes += jobs[done].size;
     }

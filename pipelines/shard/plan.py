@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,13 @@ def split_items(items: list[Item], max_samples: int | None, max_size: int | None
 
 
 def _fingerprint(plan: Plan) -> str:
-    body = {"settings": plan.settings.output_settings(), "id_scheme": plan.id_scheme, "inputs": plan.inputs,
-            "shards": [[(it.relpath, it.size) for it in sh] for sh in plan.shards]}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    """SHA-256 of what decides the shards' bytes: settings, key rule, inputs, and each shard's files and sizes.
 
+    The file lists are hashed as NUL-joined paths plus packed sizes, not as json (1.5 µs a file on small images,
+    a tenth of `odis shard`'s cost there)."""
+    head = {"settings": plan.settings.output_settings(), "id_scheme": plan.id_scheme, "inputs": plan.inputs}
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    for shard in plan.shards:
+        h.update(b"\1" + "\0".join([it.relpath for it in shard]).encode("utf-8", "surrogateescape"))
+        h.update(b"\2" + array("q", [it.size for it in shard]).tobytes())
+    return h.hexdigest()
