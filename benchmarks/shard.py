@@ -8,7 +8,8 @@ Anchor: GNU `tar -cf` of exactly the files odis shards (same list, same output d
 `odis shard` fsyncs every shard before renaming it. Both write into an empty place: the previous run's output is
 deleted before the clock starts (freeing its cached pages took 5 µs an image here, as long as packing one). Both run on one core (odis: --num-workers 1), interleaved,
 best of --repeats on warm page cache. The ratio is tar time / odis time (target >= 0.8). With --resize-short 256
-every image is decoded, resized and re-encoded: images/s per core (one worker process).
+every image is decoded, resized and re-encoded: images/s per core (one worker process). --no-native times the
+Python path alone (an install without a C compiler).
 odis is called through `pipelines.shard.run_shard` (what the CLI calls; no process start-up in the timing).
 Appends a row to BENCHMARKS.md.
 """
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from odis.imageio import list_images  # noqa: E402
 from pipelines.shard import ShardSettings, run_shard  # noqa: E402
+from pipelines.shard.native import NATIVE_ENV, native  # noqa: E402
 
 SHARED = Path(os.environ.get("ODIS_SHARED", REPO.parent / "shared"))
 # name -> (images root, copies, whether --resize-short 256 resizes anything: Tiny-ImageNet images are 64 px).
@@ -145,7 +147,14 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="also bench N generated ImageNet-like JPEGs")
     ap.add_argument("--workers", type=int, default=1, help="also time odis shard with N worker processes")
     ap.add_argument("--only-given", action="store_true", help="skip the shared coco/tiny-imagenet sets")
+    ap.add_argument("--no-native", action="store_true", help="odis shard without its C part (ODIS_SHARD_NATIVE=0, "
+                    "as installed without a C compiler)")
     args = ap.parse_args()
+    if args.no_native:
+        os.environ[NATIVE_ENV] = "0"
+    elif native("pack") is None:
+        sys.exit("pipelines/shard/_fastpack is not built (pip install -e . with a C compiler), or ODIS_SHARD_NATIVE=0: "
+                 "pass --no-native to time the Python path on purpose")
     work = Path(args.work or tempfile.mkdtemp(prefix="odis-bench-shard-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
