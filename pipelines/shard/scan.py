@@ -15,6 +15,9 @@ class Scan(NamedTuple):
     warnings: list[dict]            # {"path", "reason"}: folders and files left out, and why
 
 
+FILE, FOLDER, UNREADABLE = 0, 1, 2  # a folder entry's kind; its value: the size, 0, the reason
+
+
 def scan_images(root: str) -> Scan:
     """odis.imageio.list_images (same extensions, hidden entries skipped, POSIX paths relative to `root`), plus
     each file's size, and symlinked folders followed.
@@ -42,9 +45,6 @@ def scan_images(root: str) -> Scan:
                 others.append(rel)
         stack += reversed(subdirs)
     return Scan(sorted(images), sorted(others), warnings)
-
-
-FILE, FOLDER, UNREADABLE = 0, 1, 2  # an entry's kind; its value: the size, -, the reason
 
 
 def _list_folder(prefix: str, path: str, seen: dict, warnings: list) -> list[tuple[str, int, int | str]]:
