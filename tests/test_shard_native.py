@@ -142,7 +142,8 @@ def test_list_folder_equals_scandir(tmp_path):
 
 
 def test_pack_hands_over_at_the_first_item_it_cannot_write(tin_root):
-    """pack stops before a sample with boxes, a bool label or a missing file, and packs the plain ones before."""
+    """pack stops before a sample with boxes, a bool label, a missing file or a file of another size than planned,
+    and packs the plain ones before."""
     from pipelines.shard.tar import USTAR_TEMPLATE
 
     s = ShardSettings(images=str(tin_root), out="unused")
@@ -152,10 +153,13 @@ def test_pack_hands_over_at_the_first_item_it_cannot_write(tin_root):
     try:
         for bad in (items[3]._replace(boxes=((0, 0, 1, 1),)), items[3]._replace(label=True),
                     items[3]._replace(relpath="missing.jpg"), items[3]._replace(size=items[3].size - 1)):
-            nxt, data, nbytes = pack(root, items[:3] + [bad] + items[4:], 0, 6, USTAR_TEMPLATE, 10**9, 0)
+            nxt, data, nbytes, read = pack(root, items[:3] + [bad] + items[4:], 0, 6, USTAR_TEMPLATE, 10**9, 0)
             assert nxt == 3 and nbytes == sum(it.size for it in items[:3]) and len(data) % 512 == 0
+            assert read is None  # not read, or not read as planned: Python reads it itself
         assert pack(root, items, 0, 6, USTAR_TEMPLATE, 10**9, 0)[0] == 6
-        assert pack(root, items, 0, 6, USTAR_TEMPLATE, 10**9, 63)[0] == 0  # 64 px > --resize-short 63
+        # read whole but not for the C path (64 px > --resize-short 63): its bytes come back, not read twice
+        nxt, data, nbytes, read = pack(root, items, 0, 6, USTAR_TEMPLATE, 10**9, 63)
+        assert (nxt, data, nbytes) == (0, b"", 0) and read == (tin_root / items[0].relpath).read_bytes()
     finally:
         os.close(root)
     assert Image.open(tin_root / items[0].relpath).size == (64, 64)

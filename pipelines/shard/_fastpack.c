@@ -10,8 +10,10 @@
  * errors. The shards are byte-identical with and without this module (tests/test_shard_native.py); without a
  * C compiler the package installs without it and write.py runs alone.
  *
- * pack(root_fd, items, start, stop, template, max_pixels, resize_short) -> (next, data, source_bytes)
- *   items: list of Item tuples (relpath, image_id, size, label, boxes, ...); items[start:next] were packed
+ * pack(root_fd, items, start, stop, template, max_pixels, resize_short) -> (next, data, source_bytes, read)
+ *   items: list of Item tuples (relpath, image_id, size, label, boxes, ...); items[start:next] were packed;
+ *   read: the bytes of items[next] when it was read whole but is not for this path (an EXIF JPEG, a PNG, ...),
+ *   so that Python does not read large photos twice; else None
  *   template: the 512-byte ustar header of tar.py with name, size and checksum fields still blank
  *
  * list_folder(path) -> [(name, kind, size or reason), ...]: scan.py's folder listing (the same tuples as its
@@ -210,23 +212,29 @@ static size_t meta_json(char *p, const Job *job, long w, long h) {
     return (size_t)(p - start);
 }
 
-/* Phase 2, without the GIL: one sample appended to out; 0 (nothing appended) if Python must take it. */
+enum { HANDED_OVER = 0, PACKED = 1, READ_NOT_PLAIN = 2 };
+
+/* Phase 2, without the GIL: one sample appended to out (PACKED), or Python must take it: HANDED_OVER, or
+ * READ_NOT_PLAIN when the file was read whole as planned (its bytes lie after out's end, at out->p + out->len +
+ * 512: Python gets them instead of reading the file again). */
 static int pack_one(int root, const Job *job, const char *tmpl, unsigned long sum, long long max_pixels,
                     long resize_short, Buf *out) {
     /* the image's header and padded data, then the json's header and padded json (< 512 bytes: id <= 95) */
     if (reserve(out, 512 + padded((size_t)job->size + 1) + 1024))
-        return 0;
+        return HANDED_OVER;
     int fd = openat(root, PyBytes_AS_STRING(job->path), O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return HANDED_OVER;
     char *h = out->p + out->len, *data = h + 512;
     ssize_t got = read(fd, data, (size_t)job->size + 1);  /* +1: a file that grew since planning shows here */
     close(fd);
     long w, ht;
     const unsigned char *u = (const unsigned char *)data;
-    if (got != job->size || !jpeg_size(u, (size_t)got, &w, &ht) || (long long)w * ht > max_pixels ||
-        !jpeg_complete(u, (size_t)got) || (resize_short > 0 && (w < ht ? w : ht) > resize_short))
-        return 0;
+    if (got != job->size)
+        return HANDED_OVER;
+    if (!jpeg_size(u, (size_t)got, &w, &ht) || (long long)w * ht > max_pixels || !jpeg_complete(u, (size_t)got) ||
+        (resize_short > 0 && (w < ht ? w : ht) > resize_short))
+        return READ_NOT_PLAIN;
     size_t size = (size_t)got;
     header(h, tmpl, sum, job->id, (size_t)job->id_len, ".jpg", size);
     memset(data + size, 0, padded(size) - size);
@@ -235,7 +243,7 @@ static int pack_one(int root, const Job *job, const char *tmpl, unsigned long su
     header(jh, tmpl, sum, job->id, (size_t)job->id_len, ".json", m);
     memset(json + m, 0, padded(m) - m);
     out->len = (size_t)(json + padded(m) - out->p);
-    return 1;
+    return PACKED;
 }
 
 static PyObject *pack(PyObject *self, PyObject *args) {
@@ -270,22 +278,30 @@ static PyObject *pack(PyObject *self, PyObject *args) {
     unsigned long sum = template_sum(tmpl);
     Py_ssize_t done = 0;
     long long source_bytes = 0;
+    int last = HANDED_OVER;
     Py_BEGIN_ALLOW_THREADS
     for (; done < njobs; done++) {
-        if (!pack_one(root, &jobs[done], tmpl, sum, max_pixels, resize_short, &out))
+        if ((last = pack_one(root, &jobs[done], tmpl, sum, max_pixels, resize_short, &out)) != PACKED)
             break;
         source_bytes += jobs[done].size;
     }
     Py_END_ALLOW_THREADS
 
+    PyObject *read = Py_None, *data = PyBytes_FromStringAndSize(out.p ? out.p : "", (Py_ssize_t)out.len);
+    if (last == READ_NOT_PLAIN && done < njobs)
+        read = PyBytes_FromStringAndSize(out.p + out.len + 512, jobs[done].size);
+    else
+        Py_INCREF(read);
     for (Py_ssize_t k = 0; k < njobs; k++)
         Py_XDECREF(jobs[k].path);
     free(jobs);
-    PyObject *data = PyBytes_FromStringAndSize(out.p ? out.p : "", (Py_ssize_t)out.len);
     free(out.p);
-    if (!data)
+    if (!data || !read) {
+        Py_XDECREF(data);
+        Py_XDECREF(read);
         return NULL;
-    return Py_BuildValue("nNL", start + done, data, source_bytes);
+    }
+    return Py_BuildValue("nNLN", start + done, data, source_bytes, read);
 }
 
 enum { FILE_ENTRY = 0, FOLDER_ENTRY = 1, UNREADABLE_ENTRY = 2 };
