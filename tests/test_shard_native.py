@@ -95,6 +95,35 @@ def test_same_shards_with_a_manifest(coco_tiny, tiny_imagenet, tmp_path, monkeyp
     assert fast_index == py_index and fast == py
 
 
+def test_same_shards_with_small_boxed_images(tiny_imagenet, tin_root, tmp_path, monkeypatch):
+    """Tiny-ImageNet with its GT boxes: the C path writes boxes that lie inside their image; one box to clip, one
+    row of another image size and an image with two boxes are in the set too."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from odis.importers import import_tiny_imagenet
+    from odis.manifest import SCHEMA
+
+    imp = import_tiny_imagenet(tiny_imagenet)
+    df = imp.table.to_pandas()
+    ids = sorted(p.stem for p in (tin_root / TIN_CLASSES[0] / "images").iterdir())
+    df.loc[df.image_id == ids[0], "x1"] = 70.5                  # outside the 64-px image: clipped, said
+    df.loc[df.image_id == ids[1], "width"] = 100                # the manifest saw another size: boxes left out
+    extra = df[df.image_id == ids[2]].assign(x0=1.25, score=0.5)  # a second box
+    df = pa.Table.from_pandas(pd.concat([df, extra], ignore_index=True), schema=SCHEMA, preserve_index=False)
+    manifest = write_manifest(df, tmp_path / "tin.parquet", imp.metadata)
+
+    def run(tag):
+        out = tmp_path / tag
+        index = run_shard(ShardSettings(images=str(tin_root), out=str(out), prefix="s", labels="folder",
+                                        manifest=str(manifest), max_samples=70))
+        return _what_matters(index), _shards(out)
+
+    (fast_index, fast), (py_index, py) = _both(monkeypatch, run)
+    assert fast_index == py_index and fast == py
+    assert {w["path"].rsplit("/", 1)[-1].split(".")[0] for w in fast_index["warnings"]} >= {ids[0], ids[1]}
+
+
 def test_file_changed_after_planning(tin_root, tmp_path, monkeypatch):
     """A file that grew or shrank since the plan is read whole by the Python path, in both modes."""
     s = ShardSettings(images=str(tin_root), out=str(tmp_path / "out"), prefix="s")
@@ -142,8 +171,8 @@ def test_list_folder_equals_scandir(tmp_path):
 
 
 def test_pack_hands_over_at_the_first_item_it_cannot_write(tin_root):
-    """pack stops before a sample with boxes, a bool label, a missing file or a file of another size than planned,
-    and packs the plain ones before."""
+    """pack stops before a sample with a bool label, boxes it would not write as they are, a missing file or a
+    file of another size than planned, and packs the plain ones before."""
     from pipelines.shard.tar import USTAR_TEMPLATE
 
     s = ShardSettings(images=str(tin_root), out="unused")
@@ -151,12 +180,20 @@ def test_pack_hands_over_at_the_first_item_it_cannot_write(tin_root):
     root = os.open(tin_root, os.O_RDONLY | os.O_DIRECTORY)
     pack = native("pack")
     try:
-        for bad in (items[3]._replace(boxes=((0, 0, 1, 1),)), items[3]._replace(label=True),
+        int_box = items[3]._replace(boxes=((0, 0, 1, 1),), scores=(1.0,), manifest_wh=(64, 64))  # json: 0, not 0.0
+        for bad in (int_box, items[3]._replace(label=True),
                     items[3]._replace(relpath="missing.jpg"), items[3]._replace(size=items[3].size - 1)):
             nxt, data, nbytes, read = pack(root, items[:3] + [bad] + items[4:], 0, 6, USTAR_TEMPLATE, 10**9, 0)
             assert nxt == 3 and nbytes == sum(it.size for it in items[:3]) and len(data) % 512 == 0
             assert read is None  # not read, or not read as planned: Python reads it itself
         assert pack(root, items, 0, 6, USTAR_TEMPLATE, 10**9, 0)[0] == 6
+        inside = items[0]._replace(boxes=((0.0, 2.5, 64.0, 40.0), (1.0, 1.0, 2.0, 2.0)), scores=(0.9, None),
+                                   manifest_wh=(64, 64))
+        for handed_over in (inside._replace(manifest_wh=(64, 65)), inside._replace(boxes=((-0.5, 0.0, 1.0, 1.0),)),
+                            inside._replace(scores=(1, 0.5))):  # another size, to clip, an int score
+            assert pack(root, [inside, handed_over], 0, 2, USTAR_TEMPLATE, 10**9, 0)[0] == 1
+        data = pack(root, [inside], 0, 1, USTAR_TEMPLATE, 10**9, 0)[1]
+        assert b'"boxes": [[0.0, 2.5, 64.0, 40.0], [1.0, 1.0, 2.0, 2.0]]' in data and b'"scores": [0.9, null]' in data
         # read whole but not for the C path (64 px > --resize-short 63): its bytes come back, not read twice
         nxt, data, nbytes, read = pack(root, items, 0, 6, USTAR_TEMPLATE, 10**9, 63)
         assert (nxt, data, nbytes) == (0, b"", 0) and read == (tin_root / items[0].relpath).read_bytes()

@@ -1,11 +1,12 @@
-/* The common sample of `odis shard`, packed in C: a plain JPEG stored unchanged, without boxes.
+/* The common sample of `odis shard`, packed in C: a plain JPEG stored unchanged, its boxes (if any) inside it.
  *
  * Why: on small images (Tiny-ImageNet's 2 KB files) the Python loop of write.py costs ~20 us a sample, twice
  * what GNU tar spends on a file, while its system calls (open, read, close) take ~4.5 us. This module does exactly
  * what write.py does for such a sample -- read the file, check it the way prepare_image(check="header") does
  * (jpeg_size, max_pixels, the end marker, the --resize-short threshold), write KEY.jpg and KEY.json as
- * TarWriter would -- and hands back everything else: at the first item it cannot handle byte for byte (boxes,
- * an unusual key or label, a file that fails to open or read as planned, a JPEG with EXIF/XMP, a PNG, ...)
+ * TarWriter would -- and hands back everything else: at the first item it cannot handle byte for byte (boxes
+ * to clip or of another image size, an unusual key, label or score, a file that fails to open or read as
+ * planned, a JPEG with EXIF/XMP, a PNG, ...)
  * it stops and returns that item's index, and write.py takes it through the Python path, which also words the
  * errors. The shards are byte-identical with and without this module (tests/test_shard_native.py); without a
  * C compiler the package installs without it and write.py runs alone.
@@ -24,6 +25,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +43,12 @@ typedef struct {
     Py_ssize_t size;
     long long label;
     int has_label;
+    char *boxes_json;   /* json.dumps(boxes) ", \"height\"..." is built around it; NULL: no boxes (malloc'd) */
+    size_t boxes_len;
+    char *scores_json;  /* json.dumps(scores) (malloc'd with boxes_json) */
+    size_t scores_len;
+    double extent[4];   /* min x0, min y0, max x1, max y1 over the boxes: inside the image or Python clips */
+    long manifest_w, manifest_h;  /* the manifest's image size: another size, and Python leaves the boxes out */
 } Job;
 
 typedef struct {
@@ -62,6 +70,77 @@ static int reserve(Buf *b, size_t extra) {
     return 0;
 }
 
+static int put_text(Buf *b, const char *s, size_t n) {
+    if (reserve(b, n))
+        return 0;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 1;
+}
+
+/* json.dumps of x, for an exact finite float (float.__repr__, as json's encoder) or None; 0 for anything else. */
+static int put_json_number(Buf *b, PyObject *x) {
+    if (x == Py_None)
+        return put_text(b, "null", 4);
+    if (!PyFloat_CheckExact(x) || !isfinite(PyFloat_AS_DOUBLE(x)))
+        return 0;
+    PyObject *r = PyObject_Repr(x);
+    Py_ssize_t n = 0;
+    const char *t = r ? PyUnicode_AsUTF8AndSize(r, &n) : NULL;
+    int ok = t && put_text(b, t, (size_t)n);
+    Py_XDECREF(r);
+    PyErr_Clear();
+    return ok;
+}
+
+/* The boxes and scores of an item as meta.py writes them when the image is stored at the manifest's size and
+ * every box lies inside it: json.dumps([list(b) for b in boxes]) and json.dumps(list(scores)), one buffer. */
+static int boxes_of(PyObject *item, Job *job) {
+    if (PyTuple_GET_SIZE(item) < 7)
+        return 0;
+    PyObject *boxes = PyTuple_GET_ITEM(item, 4), *scores = PyTuple_GET_ITEM(item, 5);
+    PyObject *wh = PyTuple_GET_ITEM(item, 6);
+    if (!PyTuple_Check(scores) || !PyTuple_Check(wh) || PyTuple_GET_SIZE(wh) != 2 ||
+        !PyLong_CheckExact(PyTuple_GET_ITEM(wh, 0)) || !PyLong_CheckExact(PyTuple_GET_ITEM(wh, 1)))
+        return 0;
+    job->manifest_w = PyLong_AsLong(PyTuple_GET_ITEM(wh, 0));
+    job->manifest_h = PyLong_AsLong(PyTuple_GET_ITEM(wh, 1));
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    Buf b = {0};
+    int ok = put_text(&b, "[", 1);
+    for (Py_ssize_t k = 0; ok && k < PyTuple_GET_SIZE(boxes); k++) {
+        PyObject *box = PyTuple_GET_ITEM(boxes, k);
+        ok = PyTuple_Check(box) && PyTuple_GET_SIZE(box) == 4 && put_text(&b, k ? ", [" : "[", k ? 3 : 1);
+        for (int c = 0; ok && c < 4; c++) {
+            PyObject *v = PyTuple_GET_ITEM(box, c);
+            ok = v != Py_None && (!c || put_text(&b, ", ", 2)) && put_json_number(&b, v);
+            if (ok) {
+                double x = PyFloat_AS_DOUBLE(v);
+                if (k == 0 || (c < 2 ? x < job->extent[c] : x > job->extent[c]))
+                    job->extent[c] = x;
+            }
+        }
+        ok = ok && put_text(&b, "]", 1);
+    }
+    ok = ok && put_text(&b, "]", 1);
+    job->boxes_len = b.len;
+    ok = ok && put_text(&b, "[", 1);
+    for (Py_ssize_t k = 0; ok && k < PyTuple_GET_SIZE(scores); k++)
+        ok = (!k || put_text(&b, ", ", 2)) && put_json_number(&b, PyTuple_GET_ITEM(scores, k));
+    ok = ok && put_text(&b, "]", 1);
+    if (!ok) {
+        free(b.p);
+        return 0;
+    }
+    job->boxes_json = b.p;
+    job->scores_json = b.p + job->boxes_len;
+    job->scores_len = b.len - job->boxes_len;
+    return 1;
+}
+
 /* Phase 1, with the GIL: the fields of item i, or 0 if the item is not for this path. */
 static int job_of(PyObject *item, Job *job) {
     if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 5)
@@ -69,7 +148,7 @@ static int job_of(PyObject *item, Job *job) {
     PyObject *relpath = PyTuple_GET_ITEM(item, 0), *id = PyTuple_GET_ITEM(item, 1);
     PyObject *size = PyTuple_GET_ITEM(item, 2), *label = PyTuple_GET_ITEM(item, 3);
     PyObject *boxes = PyTuple_GET_ITEM(item, 4);
-    if (!PyTuple_Check(boxes) || PyTuple_GET_SIZE(boxes) != 0)
+    if (!PyTuple_Check(boxes))
         return 0;
     if (!PyUnicode_Check(relpath) || !PyUnicode_Check(id) || !PyUnicode_IS_ASCII(id) || !PyLong_CheckExact(size))
         return 0;
@@ -100,13 +179,14 @@ static int job_of(PyObject *item, Job *job) {
     } else {
         return 0;
     }
-    job->path = PyUnicode_EncodeFSDefault(relpath);
-    if (!job->path) {
-        PyErr_Clear();
+    if (PyTuple_GET_SIZE(boxes) && !boxes_of(item, job))
         return 0;
-    }
-    if ((Py_ssize_t)strlen(PyBytes_AS_STRING(job->path)) != PyBytes_GET_SIZE(job->path)) {
-        Py_CLEAR(job->path);  /* an embedded NUL: let os.open say so */
+    job->path = PyUnicode_EncodeFSDefault(relpath);
+    if (!job->path || (Py_ssize_t)strlen(PyBytes_AS_STRING(job->path)) != PyBytes_GET_SIZE(job->path)) {
+        PyErr_Clear();  /* an embedded NUL: let os.open say so */
+        Py_CLEAR(job->path);
+        free(job->boxes_json);
+        job->boxes_json = NULL;
         return 0;
     }
     return 1;
@@ -197,16 +277,23 @@ static void header(char *h, const char *tmpl, unsigned long sum, const char *id,
 
 static size_t padded(size_t n) { return (n + 511) / 512 * 512; }
 
-/* meta.py's encode_meta for a sample without boxes: json.dumps(meta, sort_keys=True) byte for byte. */
+/* An upper bound of meta_json's length. */
+static size_t meta_json_max(const Job *job) { return 160 + (size_t)job->id_len + job->boxes_len + job->scores_len; }
+
+/* meta.py's encode_meta: json.dumps(meta, sort_keys=True) byte for byte. */
 static size_t meta_json(char *p, const Job *job, long w, long h) {
     char *start = p;
-    p = put_lit(p, "{\"boxes\": [], \"height\": ");
+    p = put_lit(p, "{\"boxes\": ");
+    p = job->boxes_json ? put(p, job->boxes_json, job->boxes_len) : put_lit(p, "[]");
+    p = put_lit(p, ", \"height\": ");
     p = put_int(p, h);
     p = put_lit(p, ", \"image_id\": \"");
     p = put(p, job->id, (size_t)job->id_len);
     p = put_lit(p, "\", \"label\": ");
     p = job->has_label ? put_int(p, job->label) : put_lit(p, "null");
-    p = put_lit(p, ", \"scores\": [], \"width\": ");
+    p = put_lit(p, ", \"scores\": ");
+    p = job->boxes_json ? put(p, job->scores_json, job->scores_len) : put_lit(p, "[]");
+    p = put_lit(p, ", \"width\": ");
     p = put_int(p, w);
     *p++ = '}';
     return (size_t)(p - start);
@@ -219,8 +306,8 @@ enum { HANDED_OVER = 0, PACKED = 1, READ_NOT_PLAIN = 2 };
  * 512: Python gets them instead of reading the file again). */
 static int pack_one(int root, const Job *job, const char *tmpl, unsigned long sum, long long max_pixels,
                     long resize_short, Buf *out) {
-    /* the image's header and padded data, then the json's header and padded json (< 512 bytes: id <= 95) */
-    if (reserve(out, 512 + padded((size_t)job->size + 1) + 1024))
+    /* the image's header and padded data, then the json's header and padded json */
+    if (reserve(out, 512 + padded((size_t)job->size + 1) + 512 + padded(meta_json_max(job))))
         return HANDED_OVER;
     int fd = openat(root, PyBytes_AS_STRING(job->path), O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -235,6 +322,9 @@ static int pack_one(int root, const Job *job, const char *tmpl, unsigned long su
     if (!jpeg_size(u, (size_t)got, &w, &ht) || (long long)w * ht > max_pixels || !jpeg_complete(u, (size_t)got) ||
         (resize_short > 0 && (w < ht ? w : ht) > resize_short))
         return READ_NOT_PLAIN;
+    if (job->boxes_json && (job->manifest_w != w || job->manifest_h != ht || job->extent[0] < 0 ||
+                            job->extent[1] < 0 || job->extent[2] > w || job->extent[3] > ht))
+        return READ_NOT_PLAIN;  /* boxes of another size, or to clip: meta.py's warnings and clipping */
     size_t size = (size_t)got;
     header(h, tmpl, sum, job->id, (size_t)job->id_len, ".jpg", size);
     memset(data + size, 0, padded(size) - size);
@@ -292,8 +382,10 @@ static PyObject *pack(PyObject *self, PyObject *args) {
         read = PyBytes_FromStringAndSize(out.p + out.len + 512, jobs[done].size);
     else
         Py_INCREF(read);
-    for (Py_ssize_t k = 0; k < njobs; k++)
+    for (Py_ssize_t k = 0; k < njobs; k++) {
         Py_XDECREF(jobs[k].path);
+        free(jobs[k].boxes_json);
+    }
     free(jobs);
     free(out.p);
     if (!data || !read) {
