@@ -62,8 +62,7 @@ class TarWriter:
         """One webdataset sample: KEY.EXT (the image) and KEY.json."""
         self._member(f"{key}.{ext}", data)
         self._member(f"{key}.json", meta)
-        if self._pending_bytes >= self.BATCH_BYTES or len(self._pieces) >= self.BATCH_PIECES:
-            self._flush()
+        self._flush_if_full()
 
     def add_packed(self, data: bytes) -> None:
         """Append members already laid out as tar blocks (headers, data, padding), e.g. by _fastpack."""
@@ -72,13 +71,15 @@ class TarWriter:
             self._small = bytearray()
             self._pending_bytes += len(data)
             self.nbytes += len(data)
-            if self._pending_bytes >= self.BATCH_BYTES or len(self._pieces) >= self.BATCH_PIECES:
-                self._flush()
+            self._flush_if_full()
 
     def add(self, *members: tuple[str, bytes]) -> None:
         """Append members (name, data) in this order."""
         for name, data in members:
             self._member(name, data)
+        self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
         if self._pending_bytes >= self.BATCH_BYTES or len(self._pieces) >= self.BATCH_PIECES:
             self._flush()
 

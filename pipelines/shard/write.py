@@ -52,25 +52,24 @@ def _add_samples(tar: TarWriter, s: ShardSettings, items: list[Item], root: int,
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     fast = native("pack") if s.check == "header" else None  # it checks headers; --check decode is Python's
     batch = 1 if sleep else FAST_BATCH
-    i, data = 0, None  # data: the next item's bytes when the C path read them and handed the item over
+    i, handed = 0, None  # handed: items[i]'s bytes when the C path read them and handed the item over
     while i < len(items):
-        if fast and data is None:
-            nxt, packed, nbytes, data = fast(root, items, i, i + batch, USTAR_TEMPLATE, s.max_pixels,
-                                             s.resize_short or 0)
+        if fast and handed is None:
+            nxt, packed, nbytes, handed = fast(root, items, i, i + batch, USTAR_TEMPLATE, s.max_pixels,
+                                               s.resize_short or 0)
             if nxt > i:
                 tar.add_packed(packed)
                 count += nxt - i
                 _after(progress, nxt - i, nbytes, sleep)
                 i = nxt
                 continue
-        it = items[i]
+        it, data, handed = items[i], handed, None
         i += 1
         try:
             data = read_file(it.relpath, it.size, root) if data is None else data
             p = prepare_image(data, it.relpath, s)
         except (ImageDecodeError, OSError) as e:
             skipped.append({"path": it.relpath, "reason": _reason(e, it.relpath)})
-            data = None
             continue
         meta, warning = sample_meta(it, p)
         if warning:
@@ -78,7 +77,6 @@ def _add_samples(tar: TarWriter, s: ShardSettings, items: list[Item], root: int,
         tar.add_sample(it.image_id, p.ext, p.data, encode_meta(meta))
         count += 1
         _after(progress, 1, len(data), sleep)
-        data = None
     return count, skipped, warnings
 
 
