@@ -25,7 +25,7 @@ Presets (3 methods x 2 datasets, 3 seeds (smoke: 1), equal steps for every metho
          classes, 3000 gray 32-px mnist scenes of one or two digits
   gpu    <= 8 min on one H100/H200: vit_tiny/8 at 64 px, ti 50 classes, 4500 gray 64-px mnist scenes of two
          digits, 6 jobs at a time (with the cpu preset's Sinkhorn teacher + KoLeo, and object-aware local crops for
-         odis; not yet run on a GPU)
+         odis); 348 s on an H200 (BENCHMARKS.md)
 
 benchmarks/mnist_variants.py runs single variants of the mnist scenes (iBOT vs ODIS), the search behind the gpu
 preset's scenes.
@@ -94,7 +94,7 @@ PRESETS = {
     # where ODIS beat iBOT, a little more with object-aware local crops (README, benchmarks/mnist_variants.py);
     # colour scenes did not learn there.
     "gpu": Preset(ti_classes=50, mnist_train=4500, mnist_val=1000, recipe="configs/tiny_cpu.yaml",
-                  epochs={"ti": 15, "mnist": 9}, batch_size=256, workers=2, concurrency=6, budget_s=420,
+                  epochs={"ti": 30, "mnist": 18}, batch_size=256, workers=2, concurrency=6, budget_s=420,
                   est_job_s=120, overrides=("data.shuffle_buffer=2000", "log_every=10", "loss.centering=sinkhorn",
                                             "loss.lambda_koleo=0.5", "data.local_object_aware=true"),
                   synth={"size": 64, "objects": (2, 2), "scale": (0.4, 0.5), "max_iou": 0.1, "clutter": 0.3,

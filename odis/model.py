@@ -7,8 +7,8 @@ are added. The wrapped timm model keeps timm's own parameter names, so the expor
 
 Two implementations of the masked attention give the same outputs (tested):
 - `mask`:  one boolean `attn_mask [B,1,N,N]` built once per batch and passed to every timm block (SDPA with a mask);
-- `split`: the patch rows run unmasked SDPA (so flash attention stays available) and the OBJ query row runs
-           alone with its `[B,1,1,N]` mask; chosen where it is faster (benchmarks/step.py).
+- `split` (the default): the patch rows run unmasked SDPA (so flash attention stays available) and the OBJ query
+           row runs alone with its `[B,1,1,N]` mask; faster on a GPU, level on CPU (benchmarks/step.py).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class OdisViT(nn.Module):
     """timm ViT + iBOT mask token + [OBJ] masked attention. Outputs (OBJ [B,D], patches [B,N,D]) after the norm."""
 
     def __init__(self, arch: str = "vit_small_patch16_224", img_size: int = 224, patch_size: int | None = None,
-                 drop_path_rate: float = 0.0, attn_impl: str = "mask", depth: int | None = None):
+                 drop_path_rate: float = 0.0, attn_impl: str = "split", depth: int | None = None):
         super().__init__()
         kwargs = dict(img_size=img_size, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
         if patch_size is not None:
