@@ -100,9 +100,16 @@ def image_ids_of(relpaths, scheme: str) -> dict[str, str]:
     and when two files share one id: a key names one sample at every later stage (manifest, shard, train)."""
     ids: dict[str, str] = {}
     owner: dict[str, str] = {}
+    sha1, table = hashlib.sha1, _SAFE_ASCII
     for r in relpaths:
         try:
-            i = image_id_for(r, scheme)
+            if scheme == "path" and r.isascii() and "\\" not in r and r[:1] not in ("/", ""):
+                # image_id_for's "path" rule inlined for what nearly every path is (ASCII is already NFC):
+                # 0.5 µs a file instead of 1.3 on small images, where it was a tenth of `odis shard`'s cost
+                b = r.encode("ascii")
+                i = f"{b.translate(table).decode('ascii')}-{sha1(b).hexdigest()[:10]}"
+            else:
+                i = image_id_for(r, scheme)
         except ValueError as e:
             raise ValueError(f"{r}: {str(e).removeprefix('image_id_for: ')}") from None
         if i in owner:

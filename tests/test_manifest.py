@@ -45,6 +45,27 @@ def test_id_sanitiser_equals_the_regex_rule(text):
     assert _sanitise(text) == re.sub(r"[^\w\-]", "_", text)
 
 
+@settings(max_examples=300)
+@given(st.lists(st.text(max_size=30) | st.text(st.characters(max_codepoint=127), max_size=30), max_size=6,
+                unique=True))
+def test_image_ids_of_equals_image_id_for(paths):
+    """image_ids_of inlines the "path" rule for plain ASCII paths: every id must be image_id_for's, whatever the
+    path (backslashes, a leading '/', non-ASCII, empty: those take image_id_for itself and its errors)."""
+    from odis.manifest import image_ids_of
+
+    try:
+        expected = {p: image_id_for(p) for p in paths}
+    except ValueError:
+        with pytest.raises(ValueError):
+            image_ids_of(paths, "path")
+        return
+    if len(set(expected.values())) < len(expected):  # e.g. 'a' and '/a': one file, one id, refused
+        with pytest.raises(ValueError, match="shared by"):
+            image_ids_of(paths, "path")
+    else:
+        assert image_ids_of(paths, "path") == expected
+
+
 def test_image_id_schemes_and_collision_cases():
     # the classic collisions of plain replacement get different ids
     assert len({image_id_for(p) for p in ["a/b.jpg", "a_b.jpg", "a/b_jpg", "a.b/jpg", "a/b.png"]}) == 5

@@ -32,16 +32,21 @@ def scan_images(root: str) -> Scan:
     stack = [("", root)]  # (relative path + "/", path on disk); subfolders pushed in reverse name order
     while stack:
         prefix, path = stack.pop()
+        entries = _list_folder(prefix, path, seen, warnings)
+        # the common case, a folder of image files, in one comprehension: the loop below cost 1 µs a file
+        files = [(prefix + name, value) for name, kind, value in entries
+                 if kind == FILE and name.lower().endswith(IMAGE_EXTENSIONS)]
+        images += files
+        if len(files) == len(entries):
+            continue
         subdirs = []
-        for name, kind, value in _list_folder(prefix, path, seen, warnings):
+        for name, kind, value in entries:
             rel = prefix + name
             if kind == FOLDER:
                 subdirs.append((rel + "/", os.path.join(path, name)))
             elif kind == UNREADABLE:  # a broken link, a file gone since listing, no permission
                 warnings.append({"path": rel, "reason": f"cannot read ({value}): left out"})
-            elif name.lower().endswith(IMAGE_EXTENSIONS):
-                images.append((rel, value))
-            else:
+            elif not name.lower().endswith(IMAGE_EXTENSIONS):
                 others.append(rel)
         stack += reversed(subdirs)
     return Scan(sorted(images), sorted(others), warnings)
