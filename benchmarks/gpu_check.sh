@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks, in one script for a lent H100/H200 (no network, no pip install of this repo), most important first
-# so that a run cut short still answers it:
-#   1. benchmarks/mini_repro.py --preset gpu (issue 7: DINO vs iBOT vs ODIS, 3 seeds, <= 8 min; its own time guard);
-#   2. step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96) with both attention implementations, one
-#      profiled step of each (operator tables: where odis's extra time goes), and the SDPA backends with the OBJ
-#      mask against the unmasked floor;
-#   3. if .devdata/coco/shards exists: end-to-end training img/s with 14 loader workers (ODIS and iBOT, ViT-S/16).
+# The GPU checks, in one script for a lent H100/H200 (no network, no pip install of this repo). PARTS picks them, in
+# the order given (default "step train"), so that the most wanted one runs first and a run cut short still answers it:
+#   step   step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96) with both attention implementations, one
+#          profiled step of each (operator tables: where odis's extra time goes), and the SDPA backends with the
+#          OBJ mask against the unmasked floor (~1 min);
+#   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
+#   train  if .devdata/coco/shards exists: end-to-end training img/s with 14 loader workers (ODIS and iBOT).
 # Prepare here (CPU machine), then carry .devdata/mini_repro/gpu and .whl:
 #   python3 benchmarks/mini_repro.py prepare --preset gpu
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl timm==1.0.31 webdataset==1.0.2 braceexpand==0.1.7
-# There:  OUT=/some/dir bash benchmarks/gpu_check.sh          (MINI_BUDGET_S: mini_repro's guard, default 420)
+# There:  OUT=/some/dir PARTS="step mini" bash benchmarks/gpu_check.sh   (MINI_BUDGET_S: mini_repro's guard, 420)
 set -uo pipefail
 OUT=${OUT:?set OUT}
 export PYTHONUNBUFFERED=1
@@ -25,25 +25,35 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/
 python3 -c "import torch, timm, sys; print(sys.version.split()[0], torch.__version__, timm.__version__)" | tee -a $OUT/gpu.txt
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 
-if [ -d .devdata/mini_repro/gpu ]; then
-  timeout $(( ${MINI_BUDGET_S:-420} + 40 )) python3 benchmarks/mini_repro.py run --preset gpu --data .devdata/mini_repro \
-    --results /tmp/mr --budget-s ${MINI_BUDGET_S:-420} 2>&1 | tee $OUT/mini_repro.log
-  cp /tmp/mr/mini_repro.md /tmp/mr/mini_repro.json /tmp/mr/BENCHMARKS-row.md $OUT/ 2>/dev/null
-  # one archive: the device tool returns a limited number of files, and 48 logs crowded out the profiles
-  (cd /tmp/mr && tar czf $OUT/mini_logs.tgz logs runs/*/metrics.csv 2>/dev/null)
-fi
+mini() {
+  if [ -d .devdata/mini_repro/gpu ]; then
+    timeout $(( ${MINI_BUDGET_S:-420} + 40 )) python3 benchmarks/mini_repro.py run --preset gpu --data .devdata/mini_repro \
+      --results /tmp/mr --budget-s ${MINI_BUDGET_S:-420} 2>&1 | tee $OUT/mini_repro.log
+    cp /tmp/mr/mini_repro.md /tmp/mr/mini_repro.json /tmp/mr/BENCHMARKS-row.md $OUT/ 2>/dev/null
+    # one archive: the device tool returns a limited number of files, and 48 logs crowded out the profiles
+    (cd /tmp/mr && tar czf $OUT/mini_logs.tgz logs runs/*/metrics.csv 2>/dev/null)
+  fi
+}
 
-for impl in mask split; do
-  timeout ${STEP_TIMEOUT_S:-70} python3 benchmarks/step.py --preset gpu --attn-impl $impl --iters 10 --warmup 3 \
-    --machine "$GPU" --json $OUT/step_$impl.json --profile $OUT/profile_$impl 2>&1 | tail -30
-done
-
-if [ -d .devdata/coco/shards ]; then
-  for method in odis ibot; do
-    timeout 120 python3 -m cli train --shards .devdata/coco/shards -c configs/vit_small_coco.yaml --method $method \
-      --out /tmp/runs/$method --max-steps 60 --quiet data.batch_size=128 data.num_workers=14 log_every=10 \
-      checkpoint_every=100000 2>&1 | tail -5
-    cp /tmp/runs/$method/metrics.csv $OUT/train_$method.csv 2>/dev/null
+step() {
+  for impl in mask split; do
+    timeout ${STEP_TIMEOUT_S:-70} python3 benchmarks/step.py --preset gpu --attn-impl $impl --iters 10 --warmup 3 \
+      --machine "$GPU" --json $OUT/step_$impl.json --profile $OUT/profile_$impl 2>&1 | tail -30
   done
-fi
+}
+
+train() {
+  if [ -d .devdata/coco/shards ]; then
+    for method in odis ibot; do
+      timeout 120 python3 -m cli train --shards .devdata/coco/shards -c configs/vit_small_coco.yaml --method $method \
+        --out /tmp/runs/$method --max-steps 60 --quiet data.batch_size=128 data.num_workers=14 log_every=10 \
+        checkpoint_every=100000 2>&1 | tail -5
+      cp /tmp/runs/$method/metrics.csv $OUT/train_$method.csv 2>/dev/null
+    done
+  fi
+}
+
+for part in ${PARTS:-step train}; do
+  "$part"
+done
 cp BENCHMARKS.md $OUT/BENCHMARKS.md
