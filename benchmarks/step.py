@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from odis.distill import Distiller, Views  # noqa: E402
 from odis.losses import loss_obj, loss_patch, teacher_probs  # noqa: E402
+from odis.model import ATTN_IMPLS, DEFAULT_ATTN_IMPL  # noqa: E402
 
 PRESETS = {
     "cpu": dict(arch="vit_tiny_patch16_224", patch=8, gsize=64, lsize=32, n_local=6, out_dim=1024, batch=64),
@@ -172,7 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--attn-impl", default="split", choices=["mask", "split"])
+    ap.add_argument("--attn-impl", default=DEFAULT_ATTN_IMPL, choices=ATTN_IMPLS)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)

@@ -21,7 +21,7 @@ from torch import nn
 
 from odis.heads import DINOHead
 from odis.losses import Centers, koleo, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
-from odis.model import OdisViT
+from odis.model import DEFAULT_ATTN_IMPL, OdisViT
 
 METHODS = ("odis", "ibot", "dino")
 CENTERINGS = ("center", "sinkhorn")  # iBOT/ODIS's EMA center, or DINOv2's Sinkhorn-Knopp
@@ -49,7 +49,7 @@ class Distiller(nn.Module):
                  drop_path_rate: float = 0.1, out_dim: int = 8192, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, norm_last_layer: bool = False, student_temp: float = 0.1,
                  center_momentum: float = 0.9, lambda_obj: float = 1.0, lambda_patch: float = 1.0,
-                 attn_impl: str = "split", depth: int | None = None, centering: str = "center",
+                 attn_impl: str = DEFAULT_ATTN_IMPL, depth: int | None = None, centering: str = "center",
                  lambda_koleo: float = 0.0):
         super().__init__()
         if method not in METHODS:

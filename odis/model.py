@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTN_IMPLS = ("mask", "split")
+DEFAULT_ATTN_IMPL = "split"  # the faster on a GPU, level on CPU (BENCHMARKS.md); trainer/config.py too
 
 
 def obj_attn_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
@@ -48,7 +49,7 @@ class OdisViT(nn.Module):
     """timm ViT + iBOT mask token + [OBJ] masked attention. Outputs (OBJ [B,D], patches [B,N,D]) after the norm."""
 
     def __init__(self, arch: str = "vit_small_patch16_224", img_size: int = 224, patch_size: int | None = None,
-                 drop_path_rate: float = 0.0, attn_impl: str = "split", depth: int | None = None):
+                 drop_path_rate: float = 0.0, attn_impl: str = DEFAULT_ATTN_IMPL, depth: int | None = None):
         super().__init__()
         kwargs = dict(img_size=img_size, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
         if patch_size is not None:

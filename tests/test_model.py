@@ -196,3 +196,11 @@ def test_intermediate_obj_ends_with_the_final_obj_token(vit, images):
             outs = [t[:, 0] for t in vit.blocks(x, om)]
             torch.testing.assert_close(four[0], vit.vit.norm(outs[-4]))
             assert (four[0] - final).abs().max() > 1e-3
+
+
+def test_trainer_default_attention_is_the_models():
+    """trainer/config.py keeps its own literal (it does not import torch): it must name odis.model's default."""
+    from odis.model import DEFAULT_ATTN_IMPL
+    from trainer.config import ModelConfig
+
+    assert ModelConfig().attn_impl == DEFAULT_ATTN_IMPL

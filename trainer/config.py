@@ -25,9 +25,8 @@ class ModelConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = False  # iBOT ViT-S recipe
-    # split | mask: two equal implementations of the OBJ masked attention. split is the default: on an H200 (bf16,
-    # ViT-S/16) it keeps flash attention for the patch rows, 7.3 ms a masked forward against 8.2 ms (mask, cuDNN)
-    # and a 1.034 odis/ibot step ratio against 1.055; on CPU the two are level (BENCHMARKS.md).
+    # split | mask: two equal implementations of the OBJ masked attention (odis/model.py); split, the default
+    # (odis.model.DEFAULT_ATTN_IMPL), keeps flash attention for the patch rows: the faster on a GPU (BENCHMARKS.md)
     attn_impl: str = "split"
 
 
