@@ -99,10 +99,18 @@ def image_id_for(relpath: str, scheme: str = "path") -> str:
 
 
 def image_ids_of(relpaths, scheme: str) -> dict[str, str]:
-    """relpath -> image_id for a whole file list. ValueError naming the file when a name has no id under `scheme`,
-    and when two files share one id: a key names one sample at every later stage (manifest, shard, train)."""
-    ids: dict[str, str] = {}
-    owner: dict[str, str] = {}
+    """relpath -> image_id for a whole file list (see image_id_list)."""
+    relpaths = list(relpaths)
+    return dict(zip(relpaths, image_id_list(relpaths, scheme)))
+
+
+def image_id_list(relpaths: list[str], scheme: str) -> list[str]:
+    """image_id_for of each path, in order. ValueError naming the file when a name has no id under `scheme`, and
+    when two files share one id: a key names one sample at every later stage (manifest, shard, train)."""
+    ids = _plain_path_ids(relpaths) if scheme == "path" else None
+    if ids is not None and len(set(ids)) == len(ids):
+        return ids
+    ids, owner = [], {}
     for r in relpaths:
         try:
             i = image_id_for(r, scheme)
@@ -111,8 +119,28 @@ def image_ids_of(relpaths, scheme: str) -> dict[str, str]:
         if i in owner:
             raise ValueError(f"image_id {i!r} (--id-scheme {scheme}) is shared by {owner[i]}, {r}; ids must be "
                              "unique: use --id-scheme path (ids from the whole relative path)")
-        owner[i], ids[r] = r, i
+        owner[i] = r
+        ids.append(i)
     return ids
+
+
+_SAFE_ASCII_NUL = b"\0" + _SAFE_ASCII[1:]  # _SAFE_ASCII that keeps NUL, the separator of _plain_path_ids
+
+
+def _plain_path_ids(relpaths: list[str]) -> list[str] | None:
+    """The "path" ids of a list of plain paths (ASCII, no '\\', none empty or starting with '/'), the same as
+    image_id_for's, but sanitised by one translate of the NUL-joined list: 0.7 µs a path instead of 1.8, which was
+    a tenth of `odis shard`'s time on small images. None when any path is not plain (image_id_for then)."""
+    try:
+        joined = "\0".join(relpaths)
+    except TypeError:  # not all str
+        return None
+    if (not joined.isascii() or "\\" in joined or joined.count("\0") != len(relpaths) - 1 or not relpaths
+            or joined[:1] in ("", "/", "\0") or joined[-1] == "\0" or "\0\0" in joined or "\0/" in joined):
+        return None
+    raw = joined.encode("ascii")
+    safe = raw.translate(_SAFE_ASCII_NUL).decode("ascii").split("\0")
+    return [f"{name}-{hashlib.sha1(path).hexdigest()[:10]}" for name, path in zip(safe, raw.split(b"\0"))]
 
 
 # ---- building tables ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from odis.manifest import (SCHEMA, ManifestError, add_row, empty_columns, image_id_for, image_ids_in,
-                           make_metadata, manifest_files, manifest_metadata, merge_manifests, plot_stats,
+                           image_id_list, make_metadata, manifest_files, manifest_metadata, merge_manifests, plot_stats,
                            read_manifest, summary_stats, table_from_columns, validate_manifest, write_manifest)
 
 path_part = st.text(alphabet=st.characters(blacklist_characters="/\\\x00", blacklist_categories=("Cs",)),
@@ -60,6 +60,29 @@ def test_path_ids_follow_the_documented_rule(path):
         return
     safe = re.sub(r"[^\w\-]", "_", rel)
     assert image_id_for(path) == f"{safe}-{hashlib.sha1(rel.encode('utf-8')).hexdigest()[:10]}"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.text(st.characters(max_codepoint=127), max_size=8) | st.text(max_size=8) |
+                st.sampled_from(["a/b.jpg", "/a/b.jpg", "a\\b.jpg", "a\x00b", ""]), max_size=8))
+def test_id_list_equals_the_ids_one_by_one(paths):
+    """image_id_list sanitises plain lists in one pass: it must give image_id_for's ids, or its errors (an empty
+    path, two paths with one id) naming the file, whatever the list holds."""
+    expected, error = [], None
+    for p in paths:  # the first problem in list order is the one reported
+        try:
+            expected.append(image_id_for(p))
+        except ValueError:
+            error = "empty path"
+            break
+        if expected[-1] in expected[:-1]:
+            error = "is shared by"
+            break
+    if error:
+        with pytest.raises(ValueError, match=error):
+            image_id_list(paths, "path")
+        return
+    assert image_id_list(paths, "path") == expected
 
 
 def test_image_id_schemes_and_collision_cases():

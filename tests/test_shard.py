@@ -322,6 +322,8 @@ def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     assert "not in a class folder" in r.output and ".jpg" in r.output
     r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--max-size", "lots", code=2)
     assert "--max-size 'lots'" in r.output
+    r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--max-samples", 0, code=2)
+    assert "--max-samples must be >= 1, got 0" in r.output
     r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--labels", "coco", code=2)
     assert "instances_train.json not found" in r.output
     r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--manifest", coco_manifest, code=2)

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from odis.manifest import image_ids_of, manifest_metadata, read_manifest, sha256_of
+from odis.manifest import image_id_list, manifest_metadata, read_manifest, sha256_of
 from pipelines.shard.settings import ShardError, ShardSettings
 
 
@@ -18,10 +18,10 @@ def id_scheme(s: ShardSettings) -> str:
     return s.id_scheme or from_manifest or ("coco" if s.labels == "coco" else "path")
 
 
-def image_ids(relpaths: list[str], scheme: str) -> dict[str, str]:
-    """relpath -> image_id (odis.manifest.image_ids_of), its errors as ShardError."""
+def image_ids(relpaths: list[str], scheme: str) -> list[str]:
+    """The image_id of each relpath, in order (odis.manifest.image_id_list), its errors as ShardError."""
     try:
-        return image_ids_of(relpaths, scheme)
+        return image_id_list(relpaths, scheme)
     except ValueError as e:
         raise ShardError(str(e)) from None
 

@@ -11,7 +11,9 @@ import hashlib
 import json
 import random
 from array import array
+from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 from odis.manifest import sha256_of
@@ -44,8 +46,11 @@ def build_plan(s: ShardSettings) -> Plan:
     scheme = id_scheme(s)
     ids = image_ids(relpaths, scheme)
     labels, classes, warnings = labels_for(s, relpaths)
-    boxes, inputs, box_warnings = manifest_boxes(s, set(ids.values()))
-    items = [_item(r, ids[r], size, labels.get(r), boxes.get(ids[r])) for r, size in scan.images]
+    boxes, inputs, box_warnings = manifest_boxes(s, set(ids))
+    # Item(relpath, image_id, size, label, boxes, scores, manifest (w, h)), built without NamedTuple's Python-level
+    # __new__ (1 µs a file, a tenth of planning on small images)
+    items = [_new_item(Item, (r, i, size, labels.get(r), *boxes.get(i, _NO_BOXES)))
+             for (r, size), i in zip(scan.images, ids)]
     random.Random(s.seed).shuffle(items)
     plan = Plan(s, split_items(items, s.max_samples, s.max_size), classes, scheme, inputs, scan.others,
                 scan.warnings + warnings + box_warnings)
@@ -55,32 +60,37 @@ def build_plan(s: ShardSettings) -> Plan:
     return plan
 
 
-_new_item = tuple.__new__  # Item(...) runs NamedTuple's Python-level __new__: 1 µs a file, a tenth of planning
-
-
-def _item(relpath: str, image_id: str, size: int, label: int | None, boxes: tuple | None) -> Item:
-    """Item(relpath, image_id, size, label, *boxes) for boxes = (boxes, scores, manifest (w, h)) or None."""
-    return _new_item(Item, (relpath, image_id, size, label, *boxes) if boxes else
-                     (relpath, image_id, size, label, (), (), None))
+_new_item = tuple.__new__
+_NO_BOXES = ((), (), None)  # an image the manifest does not list: no boxes, no scores, no manifest size
 
 
 def estimated_bytes(item: Item) -> int:
     """Tar bytes of a sample as planned: two 512-byte headers, the image and its json, padded to 512."""
-    return 1024 + -(-item.size // 512) * 512 + -(-(160 + len(item.image_id) + 60 * len(item.boxes)) // 512) * 512
+    return _estimates([item])[0]
+
+
+def _estimates(items: list[Item]) -> list[int]:
+    """estimated_bytes of each item, in one comprehension (a call per item cost 1 µs)."""
+    return [1024 + -(-it.size // 512) * 512 + -(-(160 + len(it.image_id) + 60 * len(it.boxes)) // 512) * 512
+            for it in items]
 
 
 def split_items(items: list[Item], max_samples: int | None, max_size: int | None) -> list[list[Item]]:
-    """Cut the shuffled items into consecutive shards; a shard holds at least one item even if it is larger."""
-    shards, cur, cur_bytes = [], [], 0
-    for it in items:
-        b = estimated_bytes(it)
-        if cur and ((max_samples and len(cur) >= max_samples) or (max_size and cur_bytes + b > max_size)):
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(it)
-        cur_bytes += b
-    if cur:
-        shards.append(cur)
+    """Cut the shuffled items into consecutive shards, greedily: a shard closes when it holds max_samples items or
+    the next item would take it over max_size bytes; it holds at least one item even if that is larger.
+
+    The cuts are found by bisection on the running byte total, not by a loop over the items (1 µs a file)."""
+    if not max_size:
+        step = max_samples or len(items) or 1
+        return [items[i:i + step] for i in range(0, len(items), step)]
+    ends = list(accumulate(_estimates(items), initial=0))  # ends[k]: bytes of items[:k]
+    shards, i = [], 0
+    while i < len(items):
+        j = max(i + 1, bisect_right(ends, ends[i] + max_size) - 1)  # items[i:j] fit, items[i:j+1] would not
+        if max_samples:
+            j = min(j, i + max_samples)
+        shards.append(items[i:j])
+        i = j
     return shards
 
 

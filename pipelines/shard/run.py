@@ -49,6 +49,9 @@ def _normalise(s: ShardSettings) -> ShardSettings:
         raise ShardError(f"--manifest {s.manifest}: no such file or folder")
     if s.check not in ("header", "decode"):
         raise ShardError(f"--check must be header or decode, got {s.check!r}")
+    for flag, value in (("--max-samples", s.max_samples), ("--max-size", s.max_size)):
+        if value is not None and value < 1:
+            raise ShardError(f"{flag} must be >= 1, got {value}")
     if s.resize_short is not None and s.resize_short < 1:
         raise ShardError(f"--resize-short must be >= 1, got {s.resize_short}")
     prefix = s.prefix or out.name
