@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks, in one script for a lent H100/H200 (no network, no pip install of this repo). PARTS picks them, in
 # the order given (default "step train"), so that the most wanted one runs first and a run cut short still answers it:
-#   step   step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96) with both attention implementations, one
-#          profiled step of each (operator tables: where odis's extra time goes), and the SDPA backends with the
-#          OBJ mask against the unmasked floor (~1 min);
+#   step   step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96): split attention eager, then compiled
+#          (torch.compile, --compile), then mask attention; one profiled step of odis and ibot each (operator
+#          tables: where odis's extra time goes), and the SDPA backends with the OBJ mask against the unmasked
+#          floor (~1 min eager, a few more compiling);
 #   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
 #   train  if .devdata/coco/shards exists: end-to-end training img/s with 14 loader workers (ODIS and iBOT).
 # Prepare here (CPU machine), then carry .devdata/mini_repro/gpu and .whl:
@@ -36,9 +37,13 @@ mini() {
 }
 
 step() {
-  for impl in mask split; do
-    timeout ${STEP_TIMEOUT_S:-70} python3 benchmarks/step.py --preset gpu --attn-impl $impl --iters 10 --warmup 3 \
-      --machine "$GPU" --json $OUT/step_$impl.json --profile $OUT/profile_$impl 2>&1 | tail -30
+  # eager split (the default) with its profile, then the same compiled (model.compile=true), then eager mask
+  for run in "split" "split --compile" "mask"; do
+    set -- $run
+    tag=$1${2:+_compiled}
+    timeout ${STEP_TIMEOUT_S:-$([ -n "${2:-}" ] && echo 300 || echo 70)} python3 benchmarks/step.py --preset gpu \
+      --attn-impl $1 ${2:-} --iters 10 --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json \
+      --profile $OUT/profile_$tag 2>&1 | tail -30
   done
 }
 

@@ -74,6 +74,13 @@ class Distiller(nn.Module):
         self.student_temp = student_temp
         self.lambda_obj, self.lambda_patch, self.lambda_koleo = lambda_obj, lambda_patch, lambda_koleo
 
+    def compile_backbones(self) -> None:
+        """torch.compile the student's and the teacher's backbone in place: parameter names, state dicts,
+        checkpoints and the EMA update are unchanged. Static shapes: a step holds two image sizes (global and
+        local crops), each its own graph, instead of one graph with symbolic sizes."""
+        for net in (self.student, self.teacher):
+            net.backbone.compile(dynamic=False)
+
     @property
     def uses_patch_loss(self) -> bool:
         return self.method in ("odis", "ibot")

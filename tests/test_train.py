@@ -105,6 +105,28 @@ def test_resume_continues_with_the_same_losses(tin_shards, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_compiled_backbones_train_like_eager_ones(tin_shards, tmp_path):
+    """model.compile=true (torch.compile of both backbones, inductor's C++ on a CPU) changes the speed, not the
+    training: the same losses step for step, and checkpoints and the export under the usual names."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    steps = ["max_steps=3", "model.drop_path_rate=0.0"]  # drop-path draws differ between eager and compiled code
+    train(_cfg(tin_shards, eager, *steps), progress=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train(_cfg(tin_shards, compiled, *steps, "model.compile=true"), progress=False)
+    # compiled for real: the teacher's and the student's global views, the student's local views
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
+    a, b = _losses(eager), _losses(compiled)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert ra == pytest.approx(rb, rel=1e-4, abs=1e-5), (ra, rb)
+    wa = torch.load(eager / "checkpoint.pt", weights_only=True)["distiller"]
+    wb = torch.load(compiled / "checkpoint.pt", weights_only=True)["distiller"]
+    assert wa.keys() == wb.keys()
+    exported = [load_file(str(run / "backbone.safetensors")).keys() for run in (eager, compiled)]
+    assert exported[0] == exported[1]
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tin_shards, tmp_path):
     """SIGKILL in the middle of a run; the checkpoint on disk stays whole and the rerun finishes the job."""
     out = tmp_path / "killed"

@@ -28,6 +28,10 @@ class ModelConfig:
     # split | mask: two equal implementations of the OBJ masked attention (odis/model.py); split, the default
     # (odis.model.DEFAULT_ATTN_IMPL), keeps flash attention for the patch rows: the faster on a GPU (BENCHMARKS.md)
     attn_impl: str = "split"
+    # torch.compile both backbones (odis.distill.Distiller.compile_backbones): fuses the many small operations of a
+    # ViT step, which on a GPU otherwise wait on kernel launches; the first steps compile (~1-2 min). Off by default:
+    # eager runs start at once and need no C++ compiler (torch's CPU backend builds C++)
+    compile: bool = False
 
 
 @dataclass

@@ -178,6 +178,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     distiller = build_distiller(cfg).to(device)
+    if cfg.model.compile:
+        distiller.compile_backbones()  # before DDP wraps it; compiles lazily at the first steps
     opt = torch.optim.AdamW(distiller.param_groups(), lr=0.0)
     ck = resolve_resume(resume, out)
     state = load_checkpoint(ck, distiller, opt) if ck else State()
