@@ -210,7 +210,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if not args.no_record:
         flags = f"--preset {preset} --attn-impl {args.attn_impl}" + (" --compile" if args.compile else "")
-        row = (f"| {date.today()} | {machine} | `python benchmarks/step.py {flags}` | odis {res['odis']*1e3:.0f} ms vs ibot {res['ibot']*1e3:.0f} ms per step "
+        row = (f"| {date.today()} | {machine} | `python benchmarks/step.py {flags}` | odis {res['odis']*1e3:.0f} ms "
+               f"vs ibot {res['ibot']*1e3:.0f} ms per step "
                f"(ratio {ratio_mask:.3f}); reference-way ibot {res['ibot-reference']*1e3:.0f} ms "
                f"({speedup:.2f}x slower than ours); batch {p['batch']}, {p['arch']}/{p['patch']}, "
                f"{p['gsize']}px x2 + {p['lsize']}px x{p['n_local']}, K={p['out_dim']} |\n")
