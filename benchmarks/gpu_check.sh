@@ -38,12 +38,14 @@ mini() {
 
 step() {
   # eager split (the default) with its profile, then the same compiled (model.compile=true), then eager mask
-  for run in "split" "split --compile" "mask"; do
+  for run in "split" "split --compile --no-reference" "mask"; do
     set -- $run
-    tag=$1${2:+_compiled}
-    timeout ${STEP_TIMEOUT_S:-$([ -n "${2:-}" ] && echo 300 || echo 70)} python3 benchmarks/step.py --preset gpu \
-      --attn-impl $1 ${2:-} --iters 10 --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json \
-      --profile $OUT/profile_$tag 2>&1 | tail -30
+    impl=$1
+    shift
+    tag=$impl${1:+_compiled}
+    limit=$([ $# -gt 0 ] && echo 300 || echo 70)  # compiling takes minutes
+    timeout ${STEP_TIMEOUT_S:-$limit} python3 benchmarks/step.py --preset gpu --attn-impl $impl "$@" --iters 10 \
+      --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json --profile $OUT/profile_$tag 2>&1 | tail -30
   done
 }
 
