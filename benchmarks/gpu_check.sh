@@ -12,6 +12,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl timm==1.0.31 webdataset==1.0.2 braceexpand==0.1.7
 # There:  OUT=/some/dir PARTS="step mini" bash benchmarks/gpu_check.sh   (MINI_BUDGET_S: mini_repro's guard, 420)
+# The device tool returns at most 8 files from $OUT: there go gpu.txt, BENCHMARKS.md, step_*.json (3), mini_repro.md
+# and .json; everything else (profiles, logs, metrics) goes into $OUT/aux.tgz, packed again after every part, so
+# that a run cut short still returns what it had.
 set -uo pipefail
 OUT=${OUT:?set OUT}
 export PYTHONUNBUFFERED=1
@@ -25,14 +28,21 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, timm, sys; print(sys.version.split()[0], torch.__version__, timm.__version__)" | tee -a $OUT/gpu.txt
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+AUX=/tmp/aux
+mkdir -p $AUX
+
+pack() {
+  tar czf $OUT/aux.tgz -C $AUX .
+  cp BENCHMARKS.md $OUT/BENCHMARKS.md
+}
 
 mini() {
   if [ -d .devdata/mini_repro/gpu ]; then
     timeout $(( ${MINI_BUDGET_S:-420} + 40 )) python3 benchmarks/mini_repro.py run --preset gpu --data .devdata/mini_repro \
-      --results /tmp/mr --budget-s ${MINI_BUDGET_S:-420} 2>&1 | tee $OUT/mini_repro.log
-    cp /tmp/mr/mini_repro.md /tmp/mr/mini_repro.json /tmp/mr/BENCHMARKS-row.md $OUT/ 2>/dev/null
-    # one archive: the device tool returns a limited number of files, and 48 logs crowded out the profiles
-    (cd /tmp/mr && tar czf $OUT/mini_logs.tgz logs runs/*/metrics.csv 2>/dev/null)
+      --results /tmp/mr --budget-s ${MINI_BUDGET_S:-420} 2>&1 | tee $AUX/mini_repro.log
+    cp /tmp/mr/mini_repro.md /tmp/mr/mini_repro.json $OUT/ 2>/dev/null
+    cp /tmp/mr/BENCHMARKS-row.md $AUX/ 2>/dev/null
+    (cd /tmp/mr && tar czf $AUX/mini_logs.tgz logs runs/*/metrics.csv 2>/dev/null)
   fi
 }
 
@@ -45,7 +55,8 @@ step() {
     tag=$impl${1:+_compiled}
     limit=$([ $# -gt 0 ] && echo 300 || echo 70)  # compiling takes minutes
     timeout ${STEP_TIMEOUT_S:-$limit} python3 benchmarks/step.py --preset gpu --attn-impl $impl "$@" --iters 10 \
-      --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json --profile $OUT/profile_$tag 2>&1 | tail -30
+      --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json --profile $AUX/profile_$tag 2>&1 | tail -30
+    pack
   done
 }
 
@@ -55,12 +66,12 @@ train() {
       timeout 120 python3 -m cli train --shards .devdata/coco/shards -c configs/vit_small_coco.yaml --method $method \
         --out /tmp/runs/$method --max-steps 60 --quiet data.batch_size=128 data.num_workers=14 log_every=10 \
         checkpoint_every=100000 2>&1 | tail -5
-      cp /tmp/runs/$method/metrics.csv $OUT/train_$method.csv 2>/dev/null
+      cp /tmp/runs/$method/metrics.csv $AUX/train_$method.csv 2>/dev/null
     done
   fi
 }
 
 for part in ${PARTS:-step train}; do
   "$part"
+  pack
 done
-cp BENCHMARKS.md $OUT/BENCHMARKS.md
