@@ -29,10 +29,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/
 python3 -c "import torch, timm, sys; print(sys.version.split()[0], torch.__version__, timm.__version__)" | tee -a $OUT/gpu.txt
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 AUX=/tmp/aux
-mkdir -p $AUX
+rm -rf $AUX && mkdir -p $AUX  # a machine kept warm still holds the last call's files
 
-pack() {
-  tar czf $OUT/aux.tgz -C $AUX .
+pack() {  # a new archive replaces the old one whole: a run cut off while packing keeps the previous one
+  tar czf $OUT/.aux.tgz.tmp -C $AUX . && mv $OUT/.aux.tgz.tmp $OUT/aux.tgz
   cp BENCHMARKS.md $OUT/BENCHMARKS.md
 }
 
@@ -48,13 +48,13 @@ mini() {
 
 step() {
   # eager split (the default) with its profile, then the same compiled (model.compile=true), then eager mask
-  for run in "split" "split --compile --no-reference" "mask"; do
+  for run in "split" "split --compile" "mask"; do
     set -- $run
     impl=$1
     shift
     tag=$impl${1:+_compiled}
-    limit=$([ $# -gt 0 ] && echo 300 || echo 70)  # compiling takes minutes
-    timeout ${STEP_TIMEOUT_S:-$limit} python3 benchmarks/step.py --preset gpu --attn-impl $impl "$@" --iters 10 \
+    limit=$([ $# -gt 0 ] && echo ${COMPILE_TIMEOUT_S:-300} || echo ${STEP_TIMEOUT_S:-70})  # compiling: minutes
+    timeout $limit python3 benchmarks/step.py --preset gpu --attn-impl $impl "$@" --iters 10 \
       --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json --profile $AUX/profile_$tag 2>&1 | tail -30
     pack
   done

@@ -76,8 +76,8 @@ class Distiller(nn.Module):
 
     def compile_backbones(self) -> None:
         """torch.compile the student's and the teacher's backbone in place: parameter names, state dicts,
-        checkpoints and the EMA update are unchanged. Static shapes: a step holds two image sizes (global and
-        local crops), each its own graph, instead of one graph with symbolic sizes."""
+        checkpoints and the EMA update are unchanged. Static shapes: a graph for each crop size and set of masks
+        (a training step has three: teacher globals, student globals, student locals), none with symbolic sizes."""
         for net in (self.student, self.teacher):
             net.backbone.compile(dynamic=False)
 

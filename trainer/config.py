@@ -29,8 +29,8 @@ class ModelConfig:
     # (odis.model.DEFAULT_ATTN_IMPL), keeps flash attention for the patch rows: the faster on a GPU (BENCHMARKS.md)
     attn_impl: str = "split"
     # torch.compile both backbones (odis.distill.Distiller.compile_backbones): fuses the many small operations of a
-    # ViT step, for GPUs; the first steps compile (1.5 min for benchmarks/step.py's CPU model). Off by default: eager
-    # runs start at once, and on a CPU compiled steps were slower and need a C++ compiler (BENCHMARKS.md)
+    # ViT step, for GPUs; the first steps are slow while it compiles. Off by default: eager runs start at once, and
+    # on a CPU compiled steps were slower and need a C++ compiler (BENCHMARKS.md)
     compile: bool = False
 
 
