@@ -47,3 +47,14 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def compiled_graphs():
+    """A function giving the number of graphs torch.compile has built since the test began: a compiled path that
+    silently ran eager builds none."""
+    import torch
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
