@@ -26,7 +26,8 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
-python3 -c "import torch, timm, sys; print(sys.version.split()[0], torch.__version__, timm.__version__)" | tee -a $OUT/gpu.txt
+python3 -c "import torch, timm, sys; print(sys.version.split()[0], torch.__version__, timm.__version__)" \
+  | tee -a $OUT/gpu.txt
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 AUX=/tmp/aux
 rm -rf $AUX && mkdir -p $AUX  # a machine kept warm still holds the last call's files
@@ -38,8 +39,8 @@ pack() {  # a new archive replaces the old one whole: a run cut off while packin
 
 mini() {
   if [ -d .devdata/mini_repro/gpu ]; then
-    timeout $(( ${MINI_BUDGET_S:-420} + 40 )) python3 benchmarks/mini_repro.py run --preset gpu --data .devdata/mini_repro \
-      --results /tmp/mr --budget-s ${MINI_BUDGET_S:-420} 2>&1 | tee $AUX/mini_repro.log
+    timeout $(( ${MINI_BUDGET_S:-420} + 40 )) python3 benchmarks/mini_repro.py run --preset gpu \
+      --data .devdata/mini_repro --results /tmp/mr --budget-s ${MINI_BUDGET_S:-420} 2>&1 | tee $AUX/mini_repro.log
     cp /tmp/mr/mini_repro.md /tmp/mr/mini_repro.json $OUT/ 2>/dev/null
     cp /tmp/mr/BENCHMARKS-row.md $AUX/ 2>/dev/null
     (cd /tmp/mr && tar czf $AUX/mini_logs.tgz logs runs/*/metrics.csv 2>/dev/null)

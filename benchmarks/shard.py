@@ -6,8 +6,10 @@
 
 Anchor: GNU `tar -cf` of exactly the files odis shards (same list, same output disk), followed by an fsync, since
 `odis shard` fsyncs every shard before renaming it. Both write into an empty place: the previous run's output is
-deleted before the clock starts (freeing its cached pages took 5 µs an image here, as long as packing one). Both run on one core (odis: --num-workers 1), interleaved,
-best of --repeats on warm page cache. The ratio is tar time / odis time (target >= 0.8). With --resize-short 256
+deleted before the clock starts (freeing its cached pages took 5 µs an image here, as long as packing one). Both
+run on one core (odis: --num-workers 1), interleaved, best of --repeats on warm page cache. The ratio is tar time /
+odis time (target >= 0.8); odis's time is also split per image into scan/plan/index (everything but the writing,
+from the index's own write time) and write. With --resize-short 256
 every image is decoded, resized and re-encoded: images/s per core (one worker process). --no-native times the
 Python path alone (an install without a C compiler).
 odis is called through `pipelines.shard.run_shard` (what the CLI calls; no process start-up in the timing).
