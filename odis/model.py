@@ -65,6 +65,8 @@ class OdisViT(nn.Module):
         self.num_heads = self.vit.blocks[0].attn.num_heads
         self.num_prefix = self.vit.num_prefix_tokens
         self.attn_impl = attn_impl
+        # iBOT/DINO initialise [CLS] (here [OBJ]) as trunc_normal(std .02); timm uses normal(std 1e-6).
+        nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
         # iBOT initialises its masked embedding to zeros.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
 

@@ -8,9 +8,11 @@ import math
 
 
 def cosine(it: int, total: int, start: float, end: float, warmup: int = 0, warmup_start: float = 0.0) -> float:
-    """Linear warm-up from `warmup_start` to `start` over `warmup` steps, then cosine from `start` to `end`."""
+    """Linear warm-up from `warmup_start` to `start` over `warmup` steps, then cosine from `start` to `end`.
+
+    The warm-up is iBOT's `np.linspace(warmup_start, start, warmup)`: it reaches `start` at its last step."""
     if it < warmup:
-        return warmup_start + (start - warmup_start) * it / warmup
+        return warmup_start + (start - warmup_start) * it / max(warmup - 1, 1)
     span = max(total - warmup, 1)
     t = min(it - warmup, span)
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t / span))

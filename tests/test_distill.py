@@ -1,8 +1,11 @@
 """The meta-architecture: what each network sees, where gradients go, EMA, freezing, schedules."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from odis.distill import Distiller, Views, clip_gradients
 from odis import schedules
@@ -146,6 +149,29 @@ def test_schedules_endpoints():
     assert schedules.lr(999, 10, 100, 5e-4, 1e-6, 10, 512) == pytest.approx(1e-6, abs=1e-8)
     assert schedules.teacher_momentum(0, 100, 0.996) == 0.996
     assert schedules.teacher_momentum(100, 100, 0.996) == 1.0
+
+
+def _ibot_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """iBOT's utils.cosine_scheduler, transcribed."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0 else []
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup_schedule, schedule))
+
+
+@settings(max_examples=60, deadline=None)
+@given(epochs=st.integers(2, 12), spe=st.integers(1, 9), warmup=st.integers(0, 2), batch=st.sampled_from([64, 1024]))
+def test_schedules_equal_ibots_cosine_scheduler_at_every_step(epochs, spe, warmup, batch):
+    peak = 5e-4 * batch / 256
+    lrs = _ibot_cosine_scheduler(peak, 1e-6, epochs, spe, warmup_epochs=warmup)
+    wds = _ibot_cosine_scheduler(0.04, 0.4, epochs, spe)
+    moms = _ibot_cosine_scheduler(0.996, 1, epochs, spe)
+    total = epochs * spe
+    for it in range(total):
+        assert schedules.lr(it, spe, epochs, 5e-4, 1e-6, warmup, batch) == pytest.approx(lrs[it], rel=1e-12)
+        assert schedules.weight_decay(it, total, 0.04, 0.4) == pytest.approx(wds[it], rel=1e-12)
+        assert schedules.teacher_momentum(it, total, 0.996) == pytest.approx(moms[it], rel=1e-12)
 
 
 @pytest.mark.parametrize("method", ["odis", "ibot", "dino"])

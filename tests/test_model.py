@@ -146,6 +146,13 @@ def test_mask_token_replaces_masked_patches(vit, images):
     torch.testing.assert_close(t[:, 2:], ref[:, 2:])
 
 
+def test_obj_token_starts_as_ibots_cls_token():
+    """iBOT/DINO draw [CLS] from trunc_normal(std .02); timm's default (std 1e-6) would start [OBJ] at ~zero."""
+    torch.manual_seed(0)
+    tok = OdisViT("vit_small_patch16_224", img_size=32, depth=1).vit.cls_token.detach()
+    assert 0.015 < tok.std().item() < 0.025
+
+
 def test_export_loads_into_timm_strict_with_identical_features(vit, images, tmp_path):
     path = tmp_path / "backbone.safetensors"
     export_backbone(vit, path)
