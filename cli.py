@@ -4,6 +4,7 @@ Each stage of the flow has its section below (boxes, shards, training, evaluatio
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -336,7 +337,10 @@ def train(
                                "recipe; on a small CPU machine start from configs/tiny_cpu.yaml)."),
     method: str = typer.Option(None, help="odis | ibot | dino (overrides the recipe; default odis)."),
     out: str = typer.Option(None, help="Run folder (default: the recipe's `out`)."),
-    resume: str = typer.Option(None, help="'auto' (continue from OUT/checkpoint.pt if present) or a checkpoint."),
+    resume: str = typer.Option(None, help="'auto' (continue from OUT/checkpoint.pt if present) or a checkpoint. "
+                               "It must have been trained with the same recipe (a changed setting is refused)."),
+    overwrite: bool = typer.Option(False, help="Start over in an --out that already holds a run (removes its "
+                                   "checkpoint, export, metrics, config, tb/ and plots/; nothing else)."),
     max_steps: int = typer.Option(None, help="Stop after this many steps (the schedules still span the epochs)."),
     device: str = typer.Option(None, help="auto | cpu | cuda (default auto: the GPU when there is one)."),
     box_sampling: str = typer.Option(None, help="uniform | area: how one box per image is drawn each step."),
@@ -355,7 +359,8 @@ def train(
     for key, value in (("data.shards", shards), ("data.boxes", boxes), ("method", method), ("out", out),
                        ("max_steps", max_steps), ("device", device), ("data.box_sampling", box_sampling)):
         if value is not None:
-            overrides.append(f"{key}={value}")
+            # overrides are parsed as YAML: a path such as `runs/exp #3` or `2024-01-01` must stay the string given
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     try:
         cfg = load_config(config, overrides)
     except (ValueError, FileNotFoundError) as e:
@@ -363,7 +368,7 @@ def train(
     if not cfg.data.shards:
         fail("no training data: give --shards (or data.shards in the config)")
     try:
-        final = run_training(cfg, resume=resume, progress=not quiet)
+        final = run_training(cfg, resume=resume, progress=not quiet, overwrite=overwrite)
     except (FileNotFoundError, FloatingPointError, ValueError) as e:
         fail(str(e))
     if final:

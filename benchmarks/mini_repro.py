@@ -235,7 +235,7 @@ def cmd_job(args) -> None:
     else:
         from trainer.train import train
 
-        final = train(cfg, progress=False)
+        final = train(cfg, progress=False, overwrite=True)  # a rerun of the job starts it over
     t_train = time.perf_counter() - t0
     result = {"dataset": args.dataset, "method": args.method, "seed": args.seed, "train_s": round(t_train, 1),
               "steps": final.get("step", 0), "final_loss": final.get("loss"), "knn": {}}

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
                 mr.untrained(p, cfg, seed, out)
                 final = {}
             else:
-                final = train(cfg, progress=False)
+                final = train(cfg, progress=False, overwrite=True)
             knn = {mode: run_knn(out, str(data / "mnist-train"), str(data / "mnist-val"), mode=mode, ks=(20,),
                                  batch_size=256, workers=1, device=cfg.device)["results"][0]["top1"]
                    for mode in mr.BOX_MODES}

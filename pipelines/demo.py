@@ -152,7 +152,7 @@ def _odis(args: list, log: Path) -> None:
 def train_network(out: Path, name: str, method: str, shards: Path, size: DemoSize, steps: _Steps) -> Path:
     """ODIS takes its boxes from the shards' json; iBOT ignores them (random crops)."""
     run = out / "runs" / name
-    cmd = ["train", "-c", RECIPE, "--shards", shards, "--method", method, "--out", run, "--quiet",
+    cmd = ["train", "-c", RECIPE, "--shards", shards, "--method", method, "--out", run, "--quiet", "--overwrite",
            f"optim.epochs={size.epochs}", f"data.batch_size={size.batch_size}"]
     steps.run(f"train {name}", ["odis", *cmd], lambda: _odis(cmd, out / "logs" / f"train-{name}.log"))
     return run

@@ -3,6 +3,7 @@ and a box manifest that only partly matches the shards."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -52,7 +53,9 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _cfg(shards: Path, out: Path, *extra: str):
-    return load_config(overrides=[*SMALL, f"data.shards={shards}", f"out={out}", *extra])
+    # quoted: overrides are YAML, and a path may hold '#' or ': '
+    return load_config(overrides=[*SMALL, f"data.shards={json.dumps(str(shards))}", f"out={json.dumps(str(out))}",
+                                  *extra])
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float, float]]:
@@ -229,16 +232,49 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tin_shards, tmp_path, m
         return out
 
     monkeypatch.setattr(Distiller, "forward", maybe_nan)
-    poison.update({3, 4})
+    poison.update({3, 6})
     out = tmp_path / "nan"
-    train(_cfg(tin_shards, out, "max_steps=6"), progress=False)
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert (ck["step"], ck["bad_steps"], ck["bad_in_a_row"]) == (6, 2, 0)
+    train(_cfg(tin_shards, out, "max_steps=6", "checkpoint_every=3"), progress=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)  # a bad last step still ends with a checkpoint
+    assert (ck["step"], ck["bad_steps"], ck["bad_in_a_row"]) == (6, 2, 1)
+    assert [r[0] for r in _losses(out)] == list(range(1, 7))  # and bad steps are logged rows
     assert torch.isfinite(ck["distiller"]["centers.obj"]).all()
     calls[0] = 0
     poison.update(range(1, 100))
     with pytest.raises(FloatingPointError, match="3 non-finite losses in a row at step 2"):
         train(_cfg(tin_shards, tmp_path / "nan2", "max_steps=6", "max_bad_steps=3"), progress=False)
+
+
+def test_a_run_folder_is_never_replaced_or_mixed_silently(tin_shards, tmp_path):
+    """A fresh run refuses an --out holding a run; --overwrite removes only the run's files; a resume with another
+    recipe, or from a broken checkpoint, is refused and leaves the folder as it was. The --out is a string as
+    typed, `#` and all (options are not YAML)."""
+    out = tmp_path / "exp #3"
+    run(["train", "--shards", str(tin_shards), "--out", str(out), "--quiet", *SMALL, "max_steps=2"])
+    assert (out / "checkpoint.pt").is_file()
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_cfg(tin_shards, out, "max_steps=2"), progress=False)
+    with pytest.raises(ValueError, match=r"model.depth: 2 -> 1"):
+        train(_cfg(tin_shards, out, "max_steps=4", "model.depth=1"), resume="auto", progress=False)
+    assert load_config(out / "config.yaml").model.depth == 2
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="broken.pt: not a readable odis checkpoint"):
+        train(_cfg(tin_shards, out, "max_steps=4"), resume=str(broken), progress=False)
+    (out / "notes.txt").write_text("mine")
+    train(_cfg(tin_shards, out, "max_steps=1"), overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [r[0] for r in _losses(out)] == [1]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_gpu_processes_use_nccl_by_default(monkeypatch):
+    from trainer.train import process_group_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [process_group_backend(d) for d in ("auto", "cuda", "cuda:1", "cpu")] == ["nccl"] * 3 + ["gloo"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_group_backend("auto") == "gloo"
 
 
 def test_dino_run_and_the_lr_warmup_in_the_metrics(tin_shards, tmp_path):

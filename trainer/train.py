@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +38,18 @@ class Dist:
         return self.rank == 0
 
 
+def process_group_backend(device: str) -> str:
+    """NCCL for GPUs (`auto` included: the default recipes say auto), gloo for CPU processes."""
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if on_gpu else "gloo"
+
+
 def setup_distributed(device: str) -> Dist:
     """Join the process group that torchrun describes in the environment (a no-op for one process)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return Dist()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(process_group_backend(device))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -116,14 +122,63 @@ def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer) -> State:
-    # weights_only=True: a checkpoint from elsewhere cannot run code on load.
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, cfg: Config) -> State:
+    try:  # weights_only=True: a checkpoint from elsewhere cannot run code on load.
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        changed = config_changes(ck["config"], to_dict(cfg))
+    except Exception as e:  # noqa: BLE001 -- truncated, not a checkpoint, not odis's: say which file
+        raise ValueError(f"{path}: not a readable odis checkpoint ({type(e).__name__}: {e})") from None
+    if changed:
+        raise ValueError(f"{path} was trained with another configuration; resuming would not continue that run:\n  "
+                         + "\n  ".join(changed) + "\nStart a new run with another --out, or resume with the old "
+                         "values (its config.yaml beside the checkpoint: -c that file).")
     distiller.load_state_dict(ck["distiller"])  # strict: a mismatch is an error, never silently random weights
     opt.load_state_dict(ck["optimizer"])
     # The RNG state is applied by the caller once the data loader has started (starting it draws from torch's RNG).
     return State(step=ck["step"], bad_steps=ck["bad_steps"], bad_in_a_row=ck["bad_in_a_row"],
                  extra={"data": ck.get("data") or [], "rng": ck["rng"]})
+
+
+# What a resume may change: where the data and the run live, how often to log, and how to run the same
+# computation. Anything else (model, method, losses, schedules, batch, views, seed) changes what is trained.
+RESUME_MAY_CHANGE = {"out", "max_steps", "log_every", "checkpoint_every", "max_bad_steps", "device",
+                     "data.shards", "data.boxes", "data.num_workers", "model.compile"}
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every setting that differs and may not change on resume (keys in both only: a
+    setting added by a newer odis is not a change)."""
+    changes = []
+    for key in old.keys() & new.keys():
+        name, a, b = prefix + key, old[key], new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b and name not in RESUME_MAY_CHANGE:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return sorted(changes)
+
+
+# A run folder's own files: what --overwrite removes (and nothing else in the folder).
+RUN_FILES = (CHECKPOINT, "backbone.safetensors", "metrics.csv", "config.yaml", "tb", "plots")
+
+
+def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, dd: Dist) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run. A fresh run never replaces a finished or
+    resumable one unless asked (`overwrite`: only the run's own files are removed)."""
+    ck = resolve_resume(resume, out)
+    if ck is not None and overwrite:
+        raise ValueError(f"--resume and --overwrite contradict each other ({ck} exists): choose one")
+    old = [name for name in (CHECKPOINT, "backbone.safetensors") if (out / name).is_file()]
+    if ck is None and old and not overwrite:
+        raise ValueError(f"{out} already holds a run ({', '.join(old)}): --resume auto continues it, --overwrite "
+                         "starts over (removing its files), or choose another --out")
+    if ck is None and overwrite and dd.main:
+        for name in RUN_FILES:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if dd.world > 1:
+        dist.barrier()  # no rank may start before rank 0 has cleared the folder
+    return ck
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
@@ -166,23 +221,29 @@ def to_views(batch: dict, device: torch.device, method: str, step: int, seed: in
     return Views(g, loc if loc is not None and loc.shape[0] else None, obj, valid, mim)
 
 
-def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
+def train(cfg: Config, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Run (or continue) a training run into cfg.out. Returns the final metrics of rank 0."""
     from trainer.data import make_train_loader
 
     dd = setup_distributed(cfg.device)
     device = pick_device(cfg.device, dd)
     out = Path(cfg.out)
-    if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder")
+    ck = prepare_run_folder(out, resume, overwrite, dd)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     distiller = build_distiller(cfg).to(device)
     if cfg.model.compile:
         distiller.compile_backbones()  # before DDP wraps it; compiles lazily at the first steps
     opt = torch.optim.AdamW(distiller.param_groups(), lr=0.0)
-    ck = resolve_resume(resume, out)
-    state = load_checkpoint(ck, distiller, opt) if ck else State()
+    state = load_checkpoint(ck, distiller, opt, cfg) if ck else State()
+    steps = _gather(state.step, dd)
+    if any(st != steps[0] for st in steps):
+        raise ValueError(f"the processes start from different steps {steps}: every node must see the same {out} "
+                         "(put --out on a filesystem all nodes share)")
+    if dd.main:  # written once the checkpoint (if any) has loaded: a refused resume leaves the folder as it was
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     model = distiller
     if dd.world > 1:
         # Buffers (the centers) are all-reduced by the loss itself, not re-broadcast from rank 0 every forward;
@@ -210,58 +271,26 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
     distiller.train()
     t_wait = t_last = time.perf_counter()
     wait = 0.0
-    # Starting the loader's workers draws from torch's RNG, so the first batch is fetched before the RNG state is
-    # set - in fresh and resumed runs alike - or a resumed run's drop-path would see shifted random numbers.
-    it = iter(loader)
-    if state.step < stop:
-        it = itertools.chain([next(it)], it)
-    rngs = state.extra.get("rng") or []
-    rngs = [rngs] if isinstance(rngs, dict) else rngs  # a checkpoint of an older odis: rank 0's state only
-    if ck and len(rngs) == dd.world:
-        set_rng_state(rngs[dd.rank])
-    else:  # a different stream of randomness (drop-path) per rank; a resume on another number of processes
-        torch.manual_seed(cfg.seed * 7919 + dd.rank + 104729 * state.step)  # cannot continue the old streams
+    it = start_batches(loader, state, cfg.seed, dd, resumed=ck is not None, stop=stop)
     while state.step < stop:
         batch = next(it)
         now = time.perf_counter()
         wait += now - t_wait
         sched = set_schedules(opt, cfg, state.step, spe, total, batch_total)
-        views = to_views(batch, device, cfg.method, state.step, cfg.seed, dd.rank)
         with amp:
-            parts = model(views, teacher_temp=sched["teacher_temp"])
-        loss = parts["loss"]
-        if not _all_finite(loss, dd):
-            state.bad_steps += 1
-            state.bad_in_a_row += 1
-            opt.zero_grad(set_to_none=True)
-            if state.bad_in_a_row >= cfg.max_bad_steps:
-                raise FloatingPointError(
-                    f"{state.bad_in_a_row} non-finite losses in a row at step {state.step}: stopping. Lower "
-                    f"optim.lr, check the data, or resume from the last checkpoint in {out}")
-            state.step += 1
-            t_wait = time.perf_counter()
-            continue
-        state.bad_in_a_row = 0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.clip_grad:
-            clip_gradients(distiller.student, cfg.optim.clip_grad)
-        if state.step // spe < cfg.optim.freeze_last_layer_epochs:
-            distiller.cancel_last_layer_grads()
-        opt.step()
-        distiller.update_teacher(sched["momentum"])
+            parts = model(to_views(batch, device, cfg.method, state.step, cfg.seed, dd.rank),
+                          teacher_temp=sched["teacher_temp"])
+        optimise(parts["loss"], distiller, opt, cfg, state, sched["momentum"], epoch=state.step // spe, dd=dd)
         state.step += 1
         if state.step % cfg.log_every == 0 or state.step == stop:
             now = time.perf_counter()
-            row = {"step": state.step, "epoch": round(state.step / spe, 4),
-                   **{k: v.detach().float() for k, v in parts.items()}, **sched}
-            row = log.reduce(row, dd)
             n_steps = cfg.log_every if state.step % cfg.log_every == 0 else max(1, state.step % cfg.log_every)
-            row.update({"img_per_s": n_steps * batch_total / max(now - t_last, 1e-9),
-                        "data_wait": wait / max(now - t_last, 1e-9),
-                        "fallbacks": float(batch["fallbacks"].float().mean()) if "fallbacks" in batch else 0.0,
-                        "bad_steps": state.bad_steps})
-            log.write(row)
+            row = log.reduce({"step": state.step, "epoch": round(state.step / spe, 4),
+                              **{k: v.detach().float() for k, v in parts.items()}, **sched}, dd)
+            seconds = max(now - t_last, 1e-9)
+            log.write({**row, "img_per_s": n_steps * batch_total / seconds, "data_wait": wait / seconds,
+                       "fallbacks": float(batch["fallbacks"].float().mean()) if "fallbacks" in batch else 0.0,
+                       "bad_steps": state.bad_steps})
             t_last, wait = now, 0.0
         if state.step % cfg.checkpoint_every == 0 or state.step == stop:
             per_rank = _gather((loader.state_dict(), rng_state()), dd)
@@ -281,6 +310,46 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> dict
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def start_batches(loader, state: State, seed: int, dd: Dist, resumed: bool, stop: int):
+    """The loader's batches, with this rank's RNG set as the checkpoint left it (or freshly seeded).
+
+    Starting the loader's workers draws from torch's RNG, so the first batch is fetched before the RNG state is
+    set - in fresh and resumed runs alike - or a resumed run's drop-path would see shifted random numbers."""
+    it = iter(loader)
+    if state.step < stop:
+        it = itertools.chain([next(it)], it)
+    rngs = state.extra.get("rng") or []
+    rngs = [rngs] if isinstance(rngs, dict) else rngs  # a checkpoint of an older odis: rank 0's state only
+    if resumed and len(rngs) == dd.world:
+        set_rng_state(rngs[dd.rank])
+    else:  # a different stream of randomness (drop-path) per rank; a resume on another number of processes
+        torch.manual_seed(seed * 7919 + dd.rank + 104729 * state.step)  # cannot continue the old streams
+    return it
+
+
+def optimise(loss: torch.Tensor, distiller: Distiller, opt: torch.optim.Optimizer, cfg: Config, state: State,
+             momentum: float, epoch: int, dd: Dist) -> None:
+    """Backward, clipping, last-layer freezing, the optimiser and EMA steps. A non-finite loss skips all of it on
+    every rank (counted in `state`); `cfg.max_bad_steps` of them in a row stop the run."""
+    opt.zero_grad(set_to_none=True)
+    if not _all_finite(loss, dd):
+        state.bad_steps += 1
+        state.bad_in_a_row += 1
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"{state.bad_in_a_row} non-finite losses in a row at step {state.step}: stopping. Lower "
+                f"optim.lr, check the data, or resume from the last checkpoint in {cfg.out}")
+        return
+    state.bad_in_a_row = 0
+    loss.backward()
+    if cfg.optim.clip_grad:
+        clip_gradients(distiller.student, cfg.optim.clip_grad)
+    if epoch < cfg.optim.freeze_last_layer_epochs:
+        distiller.cancel_last_layer_grads()
+    opt.step()
+    distiller.update_teacher(momentum)
 
 
 def _check_ranks_agree(distiller: Distiller, dd: Dist) -> None:
