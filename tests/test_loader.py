@@ -360,6 +360,14 @@ def test_shards_without_index_count_their_keys(tin_shards, tmp_path):
     assert take(loader, 1)[0]["global"].shape[:2] == (2, 8)
 
 
+def test_unreadable_tars_stop_with_a_clear_error(tmp_path):
+    """Shards that are not tars at all (empty files): the endless stream stops instead of retrying forever."""
+    (tmp_path / "x-000000.tar").write_bytes(b"")
+    loader = make_train_loader(tiny_cfg(str(tmp_path / "x-{000000..000000}.tar"), workers=0, epoch_samples=40), 8)
+    with pytest.raises(RuntimeError, match="unusable samples in a row in .*x-000000.tar"):
+        take(loader, 1)
+
+
 def test_unusable_shards_stop_with_a_clear_error(tmp_path):
     """Shards whose every sample is unusable: the worker stops naming the reason instead of spinning forever."""
     samples = [{"__key__": f"k{i}", "txt": b"not an image", "json": meta(f"k{i}", 0, 8, 8, [])} for i in range(20)]

@@ -301,7 +301,7 @@ class TrainStream(IterableDataset):
                                      deterministic=True)
         pipe = wds.DataPipeline(
             shards,
-            wds.tarfile_to_samples(handler=lambda e: self._count(e, counter, w)),
+            wds.tarfile_to_samples(handler=lambda e: self._count(e, counter, w)),  # unreadable tars count too
             wds.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=random.Random(f"{s.seed}/{s.rank}/{w}")),
         )
         reduction = s.views.max_reduction if s.draft else None
@@ -316,9 +316,6 @@ class TrainStream(IterableDataset):
                 if not isinstance(e, BadSample):
                     e = BadSample(f"{raw.get('__key__', '?')}: {type(e).__name__}: {e}")
                 self._count(e, counter, w)
-                if counter["in_a_row"] >= MAX_BAD_IN_A_ROW:
-                    raise RuntimeError(f"data worker {w}: {MAX_BAD_IN_A_ROW} unusable samples in a row in "
-                                       f"{s.urls[0]} ...; last: {e}. Check the shards (odis verify --decode)")
                 continue
             batch.add(out, bad=counter["bad"])
             counter["bad"] = counter["in_a_row"] = 0
@@ -326,10 +323,14 @@ class TrainStream(IterableDataset):
                 yield batch.finish(worker=w, raw_end=n + 1)
                 batch = _Batch(s.views, s.batch_size, shared=info is not None)
 
-    @staticmethod
-    def _count(exc: Exception, counter: dict, worker: int) -> bool:
+    def _count(self, exc: Exception, counter: dict, worker: int) -> bool:
+        """Count a bad sample or an unreadable shard; stop the worker when nothing usable comes any more (the
+        stream is endless: skipping forever would hang the run)."""
         counter["bad"] += 1
         counter["in_a_row"] += 1
+        if counter["in_a_row"] >= MAX_BAD_IN_A_ROW:
+            raise RuntimeError(f"data worker {worker}: {MAX_BAD_IN_A_ROW} unusable samples in a row in "
+                               f"{self.spec.urls[0]} ...; last: {exc}. Check the shards (odis verify --decode)")
         if counter["warned"] < MAX_WARNINGS_PER_WORKER:
             counter["warned"] += 1
             log.warning("data worker %d: skipped a bad sample: %s", worker, exc)
