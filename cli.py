@@ -342,7 +342,7 @@ def train(
     overwrite: bool = typer.Option(False, help="Start over in an --out that already holds a run (removes its "
                                    "checkpoint, export, metrics, config, tb/ and plots/; nothing else)."),
     max_steps: int = typer.Option(None, help="Stop after this many steps (the schedules still span the epochs)."),
-    device: str = typer.Option(None, help="auto | cpu | cuda (default auto: the GPU when there is one)."),
+    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto: the GPU when there is one)."),
     box_sampling: str = typer.Option(None, help="uniform | area: how one box per image is drawn each step."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):

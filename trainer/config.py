@@ -6,13 +6,26 @@ with every run as config.yaml.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, NamedTuple, get_type_hints
 
 import yaml
 
 METHODS = ("odis", "ibot", "dino")
+
+
+class ConfigError(ValueError):
+    """A bad setting. A ValueError, so callers (cli.py) print it as a clean error; `keys` are the dotted keys it
+    concerns, so that load_config can name the file that set them."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclass
@@ -86,7 +99,7 @@ class Config:
     method: str = "odis"  # odis | ibot | dino
     seed: int = 0
     out: str = "runs/odis"
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
     checkpoint_every: int = 500  # steps
     max_steps: int | None = None  # stop after this many steps (smoke runs, tests)
@@ -97,15 +110,149 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def validate(self) -> "Config":
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.data.box_sampling not in ("uniform", "area"):
-            raise ValueError(f"data.box_sampling must be uniform|area, got {self.data.box_sampling!r}")
-        if self.loss.centering not in ("center", "sinkhorn"):
-            raise ValueError(f"loss.centering must be center|sinkhorn, got {self.loss.centering!r}")
-        if self.data.batch_size < 1:
-            raise ValueError("data.batch_size must be >= 1")
+        """Refuse what would crash deep inside a run or silently train something else (ConfigError naming the key).
+        The ranges first: the checks after them divide by the patch size and compare epochs."""
+        for key, rule in RULES.items():
+            _require(key, functools.reduce(getattr, key.split("."), self), rule)
+        _check_within_epochs(self.optim)
+        _check_model(self)
         return self
+
+
+class Rule(NamedTuple):
+    text: str  # completes "KEY must be ..."
+    ok: Callable[[Any], bool]
+
+
+def _require(key: str, value: Any, rule: Rule) -> None:
+    if value is not None and not rule.ok(value):  # None: an optional setting left unset
+        raise ConfigError(f"{key} must be {rule.text}, got {value!r}", key)
+
+
+def _at_least(n: int) -> Rule:
+    return Rule(f">= {n}", lambda v: v >= n)
+
+
+def _choice(*options: str) -> Rule:
+    return Rule("|".join(options), lambda v: v in options)
+
+
+_COUNT = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+_POSITIVE = Rule("> 0", lambda v: v > 0)
+_UNIT = Rule("in [0, 1]", lambda v: 0 <= v <= 1)  # probabilities, EMA momenta
+_CROP_SCALE = Rule("[lo, hi] with 0 < lo <= hi <= 1 (shares of the image area)", lambda v: 0 < v[0] <= v[1] <= 1)
+
+# The range of every number and the choices of every string, by how the run uses them (trainer/train.py,
+# odis/views.py, odis/masking.py, odis/schedules.py). tests/test_config.py checks that every numeric field has one.
+RULES: dict[str, Rule] = {
+    "method": Rule(f"one of {METHODS}", lambda v: v in METHODS),
+    # torch generators take 64-bit seeds; the loop derives seed * 1_000_003 + step * 1009 + rank from it
+    "seed": Rule("in [0, 2**32)", lambda v: 0 <= v < 2**32),
+    "out": Rule("a folder name", lambda v: v.strip() != ""),
+    "device": Rule("auto|cpu|cuda|cuda:N", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None),
+    "log_every": _COUNT,  # steps: `step % log_every`
+    "checkpoint_every": _COUNT,
+    "max_steps": _COUNT,  # 0 would export an untrained backbone as if it were a run
+    "max_bad_steps": _COUNT,
+    "model.patch_size": _COUNT,
+    "model.depth": _COUNT,
+    # a probability; 1 would drop every block's branch, always: the student's blocks would never train
+    "model.drop_path_rate": Rule("in [0, 1)", lambda v: 0 <= v < 1),
+    "model.out_dim": _COUNT,
+    "model.hidden_dim": _COUNT,
+    "model.bottleneck_dim": _COUNT,
+    "data.box_sampling": _choice("uniform", "area"),
+    "data.global_size": _COUNT,  # pixels; a multiple of the patch size: _check_model
+    "data.local_size": _COUNT,
+    "data.n_local": _NON_NEGATIVE,  # 0: no local crops
+    "data.global_scale": _CROP_SCALE,
+    "data.local_scale": _CROP_SCALE,
+    "data.max_crop_tries": _COUNT,
+    "data.min_visible": Rule("in (0, 1]", lambda v: 0 < v <= 1),  # 0 would count a crop beside the box as holding it
+    "data.mask_prob": _UNIT,
+    # shares of the patch grid to mask: all of it would leave the student nothing to see
+    "data.mask_ratio": Rule("[lo, hi] with 0 <= lo <= hi < 1", lambda v: 0 <= v[0] <= v[1] < 1),
+    "data.batch_size": _COUNT,
+    "data.num_workers": _NON_NEGATIVE,  # 0: load in the training process
+    "data.shuffle_buffer": _NON_NEGATIVE,
+    "data.epoch_samples": _COUNT,  # 0 would silently mean "the index's total" (unset is null)
+    "optim.epochs": _COUNT,
+    "optim.lr": _POSITIVE,
+    "optim.min_lr": _NON_NEGATIVE,
+    "optim.warmup_epochs": _NON_NEGATIVE,  # <= epochs: _check_within_epochs
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.weight_decay_end": _NON_NEGATIVE,
+    "optim.momentum_teacher": _UNIT,
+    "optim.clip_grad": _NON_NEGATIVE,  # 0: no clipping
+    "optim.freeze_last_layer_epochs": _NON_NEGATIVE,
+    "loss.student_temp": _POSITIVE,  # temperatures divide the logits
+    "loss.warmup_teacher_temp": _POSITIVE,
+    "loss.teacher_temp": _POSITIVE,
+    # may exceed optim.epochs (the temperature then never reaches teacher_temp): short runs of long recipes
+    "loss.warmup_teacher_temp_epochs": _NON_NEGATIVE,
+    "loss.center_momentum": _UNIT,
+    "loss.centering": _choice("center", "sinkhorn"),
+    "loss.lambda_obj": _NON_NEGATIVE,  # loss weights: a negative one would maximise its loss
+    "loss.lambda_patch": _NON_NEGATIVE,
+    "loss.lambda_koleo": _NON_NEGATIVE,
+}
+
+
+def _check_within_epochs(o: OptimConfig) -> None:
+    """Warm-up and last-layer freezing are parts of the run: longer, the run would end inside them."""
+    for name in ("warmup_epochs", "freeze_last_layer_epochs"):
+        if getattr(o, name) > o.epochs:
+            raise ConfigError(f"optim.{name} must be <= optim.epochs ({o.epochs}), got {getattr(o, name)}",
+                              f"optim.{name}", "optim.epochs")
+
+
+def _check_model(cfg: Config) -> None:
+    """What timm knows: the arch exists and is a ViT with a [CLS] token, and the crops tile into its patches (timm's
+    patch embedding asserts that at the first forward, deep inside the run)."""
+    from odis.model import ATTN_IMPLS  # imports torch and timm: only when validating
+
+    m, d = cfg.model, cfg.data
+    _require("model.attn_impl", m.attn_impl, _choice(*ATTN_IMPLS))
+    native = _vit_patch_size(m.arch)  # also when patch_size overrides it: this checks the arch
+    patch = m.patch_size or native
+    if patch is None:
+        return
+    patch_key, source = (("model.patch_size", "model.patch_size") if m.patch_size else
+                         ("model.arch", f"that of model.arch {m.arch!r}"))
+    sizes = {"data.global_size": d.global_size}
+    if d.n_local:  # without local crops, local_size is unused
+        sizes["data.local_size"] = d.local_size
+    for key, size in sizes.items():
+        if size % patch:
+            raise ConfigError(f"{key} must be a multiple of the patch size {patch} ({source}), got {size}",
+                              key, patch_key)
+
+
+@functools.lru_cache(maxsize=None)
+def _vit_patch_size(arch: str) -> int | None:
+    """The patch size of timm ViT `arch`, or ConfigError when it is none that OdisViT can use (odis/model.py).
+
+    The patch size and the [CLS] token are facts of the model, not of its name (test_vit names no patch size; the
+    gap, siglip, rpn, aimv2... ViTs have no [CLS] token), so they are read from a one-block skeleton built on the
+    meta device: no weights are allocated, milliseconds. Where even that fails, the real build will say why: None."""
+    import timm
+    import torch
+
+    if not timm.is_model(arch) or not timm.models.is_model_in_modules(arch, ["vision_transformer"]):
+        near = difflib.get_close_matches(arch, timm.list_models(module="vision_transformer"), n=3, cutoff=0.6)
+        hint = (f"did you mean {', '.join(near)}?" if near else
+                "one of timm.list_models(module='vision_transformer'), e.g. vit_small_patch16_224")
+        raise ConfigError(f"model.arch must be a timm VisionTransformer name, got {arch!r} ({hint})", "model.arch")
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(arch, pretrained=False, num_classes=0, depth=1)
+    except Exception:  # noqa: BLE001 -- a skeleton the meta device cannot hold says nothing about the real model
+        return None
+    if getattr(vit, "cls_token", None) is None:
+        raise ConfigError(f"model.arch must be a ViT with a [CLS] token (ODIS turns it into [OBJ]), got {arch!r}",
+                          "model.arch")
+    return vit.patch_embed.patch_size[0]
 
 
 def to_dict(cfg: Any) -> dict:
@@ -128,64 +275,132 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if value is None:
         if type(None) in args or typ is Any:
             return None
-        raise ValueError(f"config key {key!r} may not be null")
+        raise ConfigError(f"config key {key!r} may not be null", key)
     if origin is tuple or typ is tuple:
         if not isinstance(value, (list, tuple)) or (args and len(value) != len(args)):
-            raise ValueError(f"config key {key!r} expects a list of {len(args)} numbers, got {value!r}")
+            raise ConfigError(f"config key {key!r} expects a list of {len(args)} numbers, got {value!r}", key)
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     if args and type(None) in args:  # Optional[X] / X | None
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(value, inner, key)
-    if typ is float and not isinstance(value, bool):
-        try:  # YAML reads "1e-3" (no dot) as a string
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config key {key!r} expects a number, got {value!r}") from None
+    if typ is float:
+        return _finite(value, key)
     if typ in (int, str, bool) and not isinstance(value, typ):
-        raise ValueError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
+        raise ConfigError(f"config key {key!r} expects {typ.__name__}, got {value!r}", key)
     if typ is int and isinstance(value, bool):
-        raise ValueError(f"config key {key!r} expects int, got {value!r}")
+        raise ConfigError(f"config key {key!r} expects int, got {value!r}", key)
     return value
 
 
-def _set(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
+def _finite(value: Any, key: str) -> float:
+    """A float from a number or a string (YAML reads "1e-3", without a dot, as a string). true/false are no
+    numbers, and nan/inf are refused here: nan passes no range check (every comparison is false)."""
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ConfigError(f"config key {key!r} expects a finite number, got {value!r}", key)
+    return number
+
+
+def _set(cfg: Any, dotted: Any, value: Any, prefix: str = "") -> list[str]:
+    """Set one (dotted) key, or a section from a mapping. Returns the dotted keys set, for load_config's errors."""
+    if not isinstance(dotted, str):  # YAML reads `1:` or `true:` as a number or a bool
+        key = prefix + str(dotted)
+        raise ConfigError(f"config key {key!r} must be a name, got the {type(dotted).__name__} {dotted!r}", key)
     head, _, rest = dotted.partition(".")
     hints = get_type_hints(type(cfg))
     if head not in hints:
         known = ", ".join(sorted(hints))
-        raise ValueError(f"unknown config key {prefix + head!r} (known here: {known})")
+        raise ConfigError(f"unknown config key {prefix + head!r} (known here: {known})", prefix + head)
     if rest:
-        _set(getattr(cfg, head), rest, value, prefix + head + ".")
-    elif dataclasses.is_dataclass(hints[head]):
+        return _set(getattr(cfg, head), rest, value, prefix + head + ".")
+    if dataclasses.is_dataclass(hints[head]):
         if not isinstance(value, dict):
-            raise ValueError(f"config key {prefix + head!r} is a section; give a mapping")
-        for k, v in value.items():
-            _set(getattr(cfg, head), k, v, prefix + head + ".")
-    else:
-        setattr(cfg, head, _coerce(value, hints[head], prefix + head))
+            raise ConfigError(f"config key {prefix + head!r} is a section; give a mapping", prefix + head)
+        return [done for k, v in value.items() for done in _set(getattr(cfg, head), k, v, prefix + head + ".")]
+    setattr(cfg, head, _coerce(value, hints[head], prefix + head))
+    return [prefix + head]
+
+
+def _parse_yaml(text: str, where: str, lines: bool) -> Any:
+    """YAML -> Python, or a ConfigError naming `where` (and, with `lines`, the line) of the syntax error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}{_yaml_error_line(e, text) if lines else ''}: not valid YAML: "
+                          f"{_yaml_problem(e, lines)}") from None
+
+
+def _yaml_error_line(e: yaml.YAMLError, text: str) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f", line {mark.line + 1}, column {mark.column + 1}"
+    position = getattr(e, "position", None)  # a ReaderError (a character YAML does not allow) has an offset
+    if position is None:
+        return ""
+    line = text.count("\n", 0, position) + 1
+    return f", line {line}"
+
+
+def _yaml_problem(e: yaml.YAMLError, lines: bool) -> str:
+    """The parser's problem in one line, with what it was parsing (and from which line): a missing `]` shows up
+    only at the end of the file."""
+    if getattr(e, "problem", None) is None:  # a ReaderError: its first line is the problem
+        return str(e).splitlines()[0]
+    context, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and mark is not None and lines:
+        context += f" from line {mark.line + 1}"
+    return e.problem + (f" ({context})" if context else "")
+
+
+def _read_config_file(path: Path) -> dict:
+    """The top-level mapping of a YAML config file; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # permissions, a vanished mount: cli.py prints ValueErrors, not OSErrors
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}: {e.reason}); save it "
+                          "as UTF-8") from None
+    data = _parse_yaml(text, str(path), lines=True) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping at the top level")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML: numbers, lists, null)."""
+    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML: numbers, lists, null).
+
+    Bad input raises ConfigError (a ValueError) naming the key, and the file when the file set it."""
     cfg = Config()
+    source: dict[str, str | None] = {}  # key -> the file that set it last (None: an override, which names itself)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config file must be a mapping at the top level")
-        for key, value in data.items():
+        for key, value in _read_config_file(path).items():
             try:
-                _set(cfg, key, value)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
+                source.update(dict.fromkeys(_set(cfg, key, value), str(path)))
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}", *e.keys) from None
     for item in overrides or []:
         key, eq, raw = item.partition("=")
         if not eq:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        _set(cfg, key.strip(), yaml.safe_load(raw))
-    return cfg.validate()
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        value = _parse_yaml(raw, f"override {item!r}", lines=False)
+        source.update(dict.fromkeys(_set(cfg, key.strip(), value)))
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        wheres = [source[k] for k in e.keys if k in source]
+        if not wheres or None in wheres:  # defaults only, or an override had a hand in it: the key names it
+            raise
+        raise ConfigError(f"{wheres[0]}: {e}", *e.keys) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -82,7 +82,8 @@ class MetricsLog:
 
 
 def plot_metrics(csv_path: Path, out_dir: Path) -> list[Path]:
-    """loss.png (total and parts) and schedules.png from a metrics.csv."""
+    """loss.png (total and parts) and schedules.png from a metrics.csv; a figure with nothing to show (a run that
+    logged no row) is skipped, not an error that would hide why the run logged nothing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,6 +95,8 @@ def plot_metrics(csv_path: Path, out_dir: Path) -> list[Path]:
     paths = []
     for name, cols in (("loss", ["loss", "loss_obj", "loss_patch"]), ("schedules", ["lr", "teacher_temp"])):
         cols = [c for c in cols if c in df and df[c].notna().any()]
+        if not cols:
+            continue
         fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
         for ax, c in zip(axes[0], cols):
             ax.plot(df["step"], df[c])

@@ -60,8 +60,10 @@ def pick_device(requested: str, d: Dist) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {requested} was asked for, but no CUDA device is visible (use --device "
                              "cpu or auto)")
-        torch.cuda.set_device(d.local_rank)
-        return torch.device("cuda", d.local_rank)
+        # cuda:N names the GPU of a single process; under torchrun each process takes its LOCAL_RANK's
+        index = int(requested.partition(":")[2]) if ":" in requested and d.world == 1 else d.local_rank
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
