@@ -124,7 +124,7 @@ def extract_boxes_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (sorted by path)."),
     part_size: int = typer.Option(1000, "--part-size", help="Images per parquet part (what a kill can lose)."),
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", help="Refuse larger images (decompression bombs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete --out (and its staged parts) first."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete the parts of an earlier run in --out (and its staged parts) first; nothing else."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run a class-agnostic detector over a folder as a Ray Data job and write a box manifest.

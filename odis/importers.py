@@ -10,7 +10,8 @@ Pixel conventions (boxes are half-open, 0 <= x0 < x1 <= width):
 - COCO `bbox` [x, y, w, h] is already continuous: (x, y, x + w, y + h).
 - ILSVRC/PASCAL-VOC XML are 1-based inclusive pixel indices: (xmin - 1, ymin - 1, xmax, ymax).
 - Tiny-ImageNet are 0-based inclusive: (x0, y0, x1 + 1, y1 + 1).
-All boxes are clipped to the image; boxes that are empty after clipping are dropped and counted.
+All boxes are clipped to the image; boxes that are empty after clipping, or have NaN or infinite coordinates, are
+dropped and counted (`dropped_empty`, `dropped_not_finite`).
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ import pyarrow as pa
 
 from odis.boxes import clip_boxes
 from odis.imageio import ImageDecodeError, image_size, list_images
-from odis.manifest import add_row, empty_columns, image_id_for, make_metadata, table_from_columns
+from odis.manifest import add_row, empty_columns, image_id_list, make_metadata, table_from_columns
 
 FORMATS = ("coco", "imagenet", "yolo", "tiny-imagenet")
+MAX_SIDE = 2**31 - 1  # the manifest stores width and height as int32
 
 
 class AnnotationError(ValueError):
@@ -43,10 +45,38 @@ class Imported:
     counts: Counter = field(default_factory=Counter)
 
 
-def _clip(box, width: int, height: int):
-    """The box clipped to the image, or None when it is empty after clipping."""
+def _kept_box(box, width: int, height: int, counts: Counter):
+    """The box clipped to the image, or None, counted as `dropped_not_finite` (NaN or infinite coordinates, which
+    clipping would turn into a wrong box or none) or `dropped_empty` (empty after clipping)."""
+    if not all(math.isfinite(v) for v in box):
+        counts["dropped_not_finite"] += 1
+        return None
     b = clip_boxes(np.asarray([box], dtype=np.float64), width, height)[0]
-    return b if b[2] > b[0] and b[3] > b[1] else None
+    if b[2] > b[0] and b[3] > b[1]:
+        return b
+    counts["dropped_empty"] += 1
+    return None
+
+
+def _image_ids(rels: list[str], scheme: str) -> list[str]:
+    """The ids of the files, as `odis shard` and `extract-boxes` key them; a file name that has no id (or is not
+    UTF-8, so that no manifest can hold it) or two files with one id stop the import naming the files."""
+    try:
+        for r in rels:
+            r.encode("utf-8")
+        return image_id_list(rels, scheme)
+    except UnicodeEncodeError as e:
+        raise AnnotationError(f"{r}: {e}") from None
+    except ValueError as e:
+        raise AnnotationError(str(e)) from None
+
+
+def _read_text(path: Path) -> str:
+    """A text annotation file; one that is not UTF-8 stops the import naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def _size_or_error(path: Path, rel: str):
@@ -86,17 +116,18 @@ def _coco_image_problem(img) -> str | None:
     if not isinstance(img["file_name"], str) or not img["file_name"]:
         return f"file_name must be a non-empty string, got {img['file_name']!r}"
     for key in ("width", "height"):  # 640.0 is accepted: some converters write sizes as floats
-        if not (_is_number(img[key]) and img[key] > 0 and float(img[key]).is_integer()):
-            return f"{key} must be a positive integer, got {img[key]!r}"
+        if not (_is_number(img[key]) and 0 < img[key] <= MAX_SIDE and float(img[key]).is_integer()):
+            return f"{key} must be a positive integer up to {MAX_SIDE}, got {img[key]!r}"
     return None
 
 
-def _coco_annotation_problem(ann, need_bbox: bool) -> str | None:
+def _coco_annotation_problem(ann, from_segmentation: bool, sizes: dict[int, tuple[int, int]]) -> str | None:
     """What is wrong with one `annotations` entry, or None. `bbox` is checked whenever present (and required
-    unless the boxes come from the masks)."""
+    unless the boxes come from the masks); with `from_segmentation` the mask is checked against its image."""
     if not isinstance(ann, dict):
         return f"expected an object, got {ann!r}"
-    missing = [key for key in ("image_id", "category_id") + (("bbox",) if need_bbox else ()) if key not in ann]
+    required = ("image_id", "category_id") + (() if from_segmentation else ("bbox",))
+    missing = [key for key in required if key not in ann]
     if missing:
         return f"missing key(s) {', '.join(map(repr, missing))}"
     for key in ("image_id", "category_id"):
@@ -105,7 +136,84 @@ def _coco_annotation_problem(ann, need_bbox: bool) -> str | None:
     bbox = ann.get("bbox", [0, 0, 0, 0])
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
         return f"bbox must be 4 numbers [x, y, w, h], got {bbox!r}"
+    if from_segmentation and ann.get("segmentation") and ann["image_id"] in sizes:
+        return coco_segmentation_problem(ann["segmentation"], *sizes[ann["image_id"]])
     return None
+
+
+def coco_segmentation_problem(segm, width: int, height: int) -> str | None:
+    """What is wrong with a COCO `segmentation` of a width x height image, or None. pycocotools trusts its input:
+    a NaN or far-out polygon point makes it rasterise gigabytes, and RLE runs that do not add up to the image
+    make it write past its buffer, so both are checked before it sees them."""
+    if isinstance(segm, list):
+        for k, poly in enumerate(segm):
+            problem = _polygon_problem(poly, width, height)
+            if problem:
+                return f"segmentation polygon {k}: {problem}"
+        return None
+    if isinstance(segm, dict):
+        problem = _rle_problem(segm, width, height)
+        return f"segmentation RLE: {problem}" if problem else None
+    return f"segmentation is not a polygon list or RLE, got {_short(segm)}"
+
+
+def _short(v) -> str:
+    """repr(v), cut to a line: a wrong segmentation can be thousands of numbers."""
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _polygon_problem(poly, width: int, height: int) -> str | None:
+    if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+        return (f"expected [x1, y1, x2, y2, x3, y3, ...] (an even number, at least 6, of coordinates), "
+                f"got {_short(poly)}")
+    bad = [v for v in poly if not _is_number(v)]
+    if bad:
+        return f"{bad[0]!r} is not a finite number"
+    # COCO polygons may touch the border from outside by rounding; anything further is not this image's
+    for x, y in zip(poly[0::2], poly[1::2]):
+        if not (-1 <= x <= width + 1 and -1 <= y <= height + 1):
+            return f"point ({x}, {y}) is outside the {width}x{height} image"
+    return None
+
+
+def _rle_problem(rle: dict, width: int, height: int) -> str | None:
+    missing = [key for key in ("counts", "size") if key not in rle]
+    if missing:
+        return f"missing key(s) {', '.join(map(repr, missing))}"
+    if rle["size"] != [height, width]:
+        return f"size {_short(rle['size'])} is not the image's [height, width] [{height}, {width}]"
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = _rle_string_counts(counts)
+        if counts is None:
+            return f"counts {_short(rle['counts'])} is not a compressed COCO RLE string"
+    elif not (isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts)):
+        return f"counts must be a list of non-negative integers or a compressed string, got {_short(counts)}"
+    if sum(counts) != width * height:
+        return f"the runs cover {sum(counts)} pixels, the image has {width}x{height} = {width * height}"
+    return None
+
+
+def _rle_string_counts(text: str) -> list[int] | None:
+    """The runs of a compressed COCO RLE string as pycocotools decodes them (rleFrString: 5 bits a character,
+    runs after the second stored as differences, kept as uint32), or None when the string is not one."""
+    counts, x, k = [], 0, 0
+    for ch in text:
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            return None
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if c & 0x20:  # more characters of this run follow
+            continue
+        if c & 0x10:  # negative: sign-extend
+            x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x & 0xFFFFFFFF)
+        x, k = 0, 0
+    return counts if k == 0 else None
 
 
 def _coco_category_problem(cat) -> str | None:
@@ -132,24 +240,31 @@ def _read_coco_json(ann_path: Path) -> dict:
     return data
 
 
-def _load_coco(ann_path: Path, need_bbox: bool) -> dict:
+def load_coco(ann_path: Path, from_segmentation: bool = False) -> dict:
     """The instances JSON, checked entry by entry up front so that a malformed file stops with the file and the
-    entry named (CLI: one `error:` line) instead of a traceback from deep inside the import."""
+    entry named (CLI: one `error:` line) instead of a traceback from deep inside the import (or pycocotools).
+    With `from_segmentation` the masks are checked too (and `bbox` is optional)."""
     data = _read_coco_json(ann_path)
-    checks = (("images", _coco_image_problem), ("categories", _coco_category_problem),
-              ("annotations", lambda ann: _coco_annotation_problem(ann, need_bbox)))
-    for section, problem_of in checks:
-        for k, entry in enumerate(data[section]):
-            problem = problem_of(entry)
-            if problem:
-                raise AnnotationError(f"{ann_path}: {_coco_where(section, k, entry)}: {problem}")
+    check_coco_section(ann_path, data, "images", _coco_image_problem)
+    check_coco_section(ann_path, data, "categories", _coco_category_problem)
     first: dict[int, int] = {}
     for k, img in enumerate(data["images"]):
         if img["id"] in first:  # one of the two would silently replace the other
             raise AnnotationError(f"{ann_path}: {_coco_where('images', k, img)}: duplicate id "
                                   f"(also images[index {first[img['id']]}])")
         first[img["id"]] = k
+    sizes = {img["id"]: (int(img["width"]), int(img["height"])) for img in data["images"]}
+    check_coco_section(ann_path, data, "annotations",
+                       lambda ann: _coco_annotation_problem(ann, from_segmentation, sizes))
     return data
+
+
+def check_coco_section(ann_path: Path, data: dict, section: str, problem_of) -> None:
+    """AnnotationError naming the file and the first entry of `section` for which `problem_of` says what is wrong."""
+    for k, entry in enumerate(data[section]):
+        problem = problem_of(entry)
+        if problem:
+            raise AnnotationError(f"{ann_path}: {_coco_where(section, k, entry)}: {problem}")
 
 
 def _mask_bbox(segm, height: int, width: int) -> list[float]:
@@ -175,7 +290,7 @@ def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_
     ann_path, root = Path(annotations), Path(images)
     if not ann_path.is_file():
         raise AnnotationError(f"{ann_path}: annotation file not found")
-    data = _load_coco(ann_path, need_bbox=not from_segmentation)
+    data = load_coco(ann_path, from_segmentation)
     cols, counts = empty_columns(), Counter()
     imgs = {img["id"]: img for img in data["images"]}
     by_image: dict[int, list[tuple[int, dict]]] = {}  # image id -> [(index in annotations, annotation)]
@@ -208,9 +323,8 @@ def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_
                                           f"is not a polygon list or RLE ({type(e).__name__}: {e})") from None
             else:
                 x, y, bw, bh = ann["bbox"]
-            box = _clip((x, y, x + bw, y + bh), w, h)
+            box = _kept_box((x, y, x + bw, y + bh), w, h, counts)
             if box is None:
-                counts["dropped_empty"] += 1
                 continue
             add_row(cols, iid, rel, w, h, "coco-gt", box, 1.0, ann["category_id"])
             n += 1
@@ -258,7 +372,7 @@ def parse_voc_xml(xml_path: Path) -> tuple[int, int, list[tuple[str, tuple[float
     size = root.find("size")
     if size is None:
         raise AnnotationError(f"{xml_path}: missing <size>")
-    w, h = int(num(size, "width", "size")), int(num(size, "height", "size"))
+    w, h = (_side(xml_path, num(size, key, "size"), key) for key in ("width", "height"))
     objects = []
     for k, obj in enumerate(root.findall("object")):
         bb = obj.find("bndbox")
@@ -268,6 +382,13 @@ def parse_voc_xml(xml_path: Path) -> tuple[int, int, list[tuple[str, tuple[float
         box = (num(bb, "xmin", where) - 1, num(bb, "ymin", where) - 1, num(bb, "xmax", where), num(bb, "ymax", where))
         objects.append(((obj.findtext("name") or "").strip(), box))
     return w, h, objects
+
+
+def _side(xml_path: Path, value: float, key: str) -> int:
+    """An image side from the XML: boxes are clipped to it and the manifest stores it as int32."""
+    if not (math.isfinite(value) and value.is_integer() and 0 < value <= MAX_SIDE):
+        raise AnnotationError(f"{xml_path}: size/{key}: expected a positive integer up to {MAX_SIDE}, got {value:g}")
+    return int(value)
 
 
 def import_imagenet(images: str | os.PathLike, annotations: str | os.PathLike) -> Imported:
@@ -286,9 +407,8 @@ def import_imagenet(images: str | os.PathLike, annotations: str | os.PathLike) -
     classes = sorted(wnids)
     cls_index = {w: i for i, w in enumerate(classes)}
     cols, counts = empty_columns(), Counter()
-    for rel in rels:
+    for rel, iid in zip(rels, _image_ids(rels, "stem")):
         stem = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        iid = image_id_for(rel, "stem")
         folder_wnid = rel.split("/")[-2] if rel.startswith("train/") and rel.count("/") >= 2 else None
         if stem not in parsed:
             w, h, err = _size_or_error(root / rel, rel)
@@ -299,9 +419,8 @@ def import_imagenet(images: str | os.PathLike, annotations: str | os.PathLike) -
         w, h, objects = parsed[stem]
         n = 0
         for name, box in objects:
-            b = _clip(box, w, h)
+            b = _kept_box(box, w, h, counts)
             if b is None:
-                counts["dropped_empty"] += 1
                 continue
             wnid = folder_wnid or name
             add_row(cols, iid, rel, w, h, "imagenet-gt", b, 1.0, cls_index.get(wnid))
@@ -334,7 +453,7 @@ def parse_yolo_line(line: str, where: str) -> tuple[int, tuple[float, float, flo
     parts = line.split()
     try:
         cls, vals = int(float(parts[0])), [float(v) for v in parts[1:]]
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, OverflowError):  # OverflowError: a class of inf
         raise AnnotationError(f"{where}: expected 'class cx cy w h', got {line.strip()!r}") from None
     if len(vals) == 4:
         cx, cy, bw, bh = vals
@@ -355,8 +474,7 @@ def import_yolo(images: str | os.PathLike, labels: str | os.PathLike | None = No
         raise AnnotationError(f"{lab}: labels folder not found")
     rels, _ = list_images(root)
     cols, counts = empty_columns(), Counter()
-    for rel in rels:
-        iid = image_id_for(rel, "path")
+    for rel, iid in zip(rels, _image_ids(rels, "path")):
         w, h, err = _size_or_error(root / rel, rel)
         counts["images"] += 1
         if err:
@@ -364,15 +482,14 @@ def import_yolo(images: str | os.PathLike, labels: str | os.PathLike | None = No
             counts["error_images"] += 1
             continue
         txt = _yolo_label_path(root, rel, lab)
-        lines = txt.read_text().splitlines() if txt.is_file() else []
+        lines = _read_text(txt).splitlines() if txt.is_file() else []
         n = 0
         for k, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             cls, (x0, y0, x1, y1) = parse_yolo_line(line, f"{txt}:{k}")
-            b = _clip((x0 * w, y0 * h, x1 * w, y1 * h), w, h)
+            b = _kept_box((x0 * w, y0 * h, x1 * w, y1 * h), w, h, counts)
             if b is None:
-                counts["dropped_empty"] += 1
                 continue
             add_row(cols, iid, rel, w, h, "yolo-labels", b, 1.0, cls)
             n += 1
@@ -387,64 +504,81 @@ def import_yolo(images: str | os.PathLike, labels: str | os.PathLike | None = No
 
 # ---- Tiny-ImageNet -------------------------------------------------------------------------------------------
 
-def _read_tsv(path: Path, ncols: int) -> list[list[str]]:
+def _read_tsv(path: Path, ncols: int) -> list[tuple[str, list[str]]]:
+    """(`file:line`, fields) of each non-blank line."""
     rows = []
-    for k, line in enumerate(path.read_text().splitlines(), start=1):
+    for k, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != ncols:
             raise AnnotationError(f"{path}:{k}: expected {ncols} fields, got {len(parts)}: {line!r}")
-        rows.append(parts)
+        rows.append((f"{path}:{k}", parts))
     return rows
+
+
+def _tiny_box(fields: list[str], where: str) -> tuple[float, float, float, float]:
+    """A 0-based inclusive box as (x0, y0, x1 + 1, y1 + 1), continuous pixels."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in fields)
+    except ValueError:
+        raise AnnotationError(f"{where}: expected 4 numbers, got {fields}") from None
+    return x0, y0, x1 + 1, y1 + 1
+
+
+def _tiny_boxes(root: Path, classes: list[str], wnids_file: Path) -> dict[str, tuple[str, tuple]]:
+    """relpath -> (wnid, box) from `train/<wnid>/<wnid>_boxes.txt` and `val/val_annotations.txt`."""
+    boxes: dict[str, tuple[str, tuple]] = {}
+    for wnid in classes:
+        f = root / "train" / wnid / f"{wnid}_boxes.txt"
+        if f.is_file():
+            for where, (fname, *b) in _read_tsv(f, 5):
+                boxes[f"train/{wnid}/images/{fname}"] = (wnid, _tiny_box(b, where))
+    val = root / "val" / "val_annotations.txt"
+    if val.is_file():
+        known = set(classes)
+        for where, (fname, wnid, *b) in _read_tsv(val, 6):
+            if wnid not in known:
+                raise AnnotationError(f"{where}: class {wnid!r} not in {wnids_file}")
+            boxes[f"val/images/{fname}"] = (wnid, _tiny_box(b, where))
+    return boxes
 
 
 def import_tiny_imagenet(images: str | os.PathLike) -> Imported:
     """Tiny-ImageNet-200: `train/<wnid>/images/*.JPEG` with `train/<wnid>/<wnid>_boxes.txt`, and `val/images`
     with `val/val_annotations.txt` (0-based inclusive boxes). Category = index in sorted(wnids.txt), listed in
-    `odis.classes`. Ids: the file stem (`n01443537_0`, `val_0`)."""
+    `odis.classes`. Ids: the file stem (`n01443537_0`, `val_0`). A box line naming a file that is not an image
+    under the root becomes an error row."""
     root = Path(images)
     wnids_file = root / "wnids.txt"
     if not wnids_file.is_file():
         raise AnnotationError(f"{wnids_file}: not found (is {root} a tiny-imagenet-200 folder?)")
-    classes = sorted(w.strip() for w in wnids_file.read_text().split() if w.strip())
+    classes = sorted(_read_text(wnids_file).split())
     cls_index = {w: i for i, w in enumerate(classes)}
-    boxes: dict[str, tuple[str, list[str]]] = {}  # relpath -> (wnid, [x0, y0, x1, y1])
-    for wnid in classes:
-        f = root / "train" / wnid / f"{wnid}_boxes.txt"
-        if f.is_file():
-            for fname, *b in _read_tsv(f, 5):
-                boxes[f"train/{wnid}/images/{fname}"] = (wnid, b)
-    val = root / "val" / "val_annotations.txt"
-    if val.is_file():
-        for k, (fname, wnid, *b) in enumerate(_read_tsv(val, 6), start=1):
-            if wnid not in cls_index:
-                raise AnnotationError(f"{val}:{k}: class {wnid!r} not in {wnids_file}")
-            boxes[f"val/images/{fname}"] = (wnid, b)
+    boxes = _tiny_boxes(root, classes, wnids_file)
     rels = [r for r in list_images(root)[0] if r.split("/")[0] in ("train", "val", "test")]
+    missing = sorted(set(boxes) - set(rels))
+    ids = _image_ids(rels + missing, "stem")
     cols, counts = empty_columns(), Counter()
-    for rel in rels:
-        iid = image_id_for(rel, "stem")
+    for rel, iid in zip(rels, ids):
         w, h, err = _size_or_error(root / rel, rel)
         counts["images"] += 1
         if err:
             add_row(cols, iid, rel, 0, 0, "tiny-imagenet-gt", error=err)
             counts["error_images"] += 1
             continue
-        wnid, b = boxes.get(rel, (rel.split("/")[1] if rel.startswith("train/") else None, None))
-        box = None
-        if b is not None:
-            try:
-                x0, y0, x1, y1 = (float(v) for v in b)
-            except ValueError:
-                raise AnnotationError(f"box of {rel}: expected 4 numbers, got {b}") from None
-            box = _clip((x0, y0, x1 + 1, y1 + 1), w, h)
+        wnid, box = boxes.get(rel, (rel.split("/")[1] if rel.startswith("train/") else None, None))
+        box = None if box is None else _kept_box(box, w, h, counts)
         cat = cls_index.get(wnid) if wnid else None
         if box is None:
             counts["no_box_images"] += 1
         else:
             counts["boxes"] += 1
         add_row(cols, iid, rel, w, h, "tiny-imagenet-gt", box, 1.0, cat)
+    for rel, iid in zip(missing, ids[len(rels):]):
+        what = "not an image file" if (root / rel).exists() else "file not found"
+        add_row(cols, iid, rel, 0, 0, "tiny-imagenet-gt", error=f"{rel}: {what} under {root} (named by its box line)")
+        counts["missing_files"] += 1
     meta = make_metadata("tiny-imagenet-gt", root, "stem", classes=classes)
     return Imported(table_from_columns(cols), meta, counts)
 

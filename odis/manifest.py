@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from odis import __version__
@@ -269,9 +270,14 @@ def read_manifest(path: str | os.PathLike, columns: list[str] | None = None) -> 
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise ManifestError(f"{f}: column types do not match the manifest schema ({e})") from None
         tables.append(t)
-    meta = pq.read_schema(files[0]).metadata
-    table = pa.concat_tables(tables).replace_schema_metadata(meta)
+    table = pa.concat_tables(tables).replace_schema_metadata(_odis_metadata(pq.read_schema(files[0]).metadata))
     return table.select(columns) if columns else table
+
+
+def _odis_metadata(raw: Mapping[bytes, bytes] | None) -> dict[bytes, bytes]:
+    """Only the `odis.*` keys: a writer's own keys (pandas') describe its columns, not the cast ones, and would make
+    `to_pandas()` turn them back into that writer's types."""
+    return {k: v for k, v in (raw or {}).items() if k.startswith(META_PREFIX.encode())}
 
 
 def image_ids_in(path: str | os.PathLike) -> set[str]:
@@ -287,17 +293,21 @@ def image_ids_in(path: str | os.PathLike) -> set[str]:
 _TOL = 1e-3  # float32 rounding of pixel coordinates
 
 
-def _violations(df, file: Path, limit: int) -> list[str]:
-    """Schema-level rules of one part file as messages `file: row R: column C: what is wrong`."""
+def _violations(df, nan: np.ndarray, file: Path, limit: int) -> list[str]:
+    """Schema-level rules of one part file as messages `file: row R: column C: what is wrong`. `nan` [rows, 4]
+    marks the box cells holding NaN, which pandas no longer tells apart from null."""
     out: list[str] = []
     box = df[BOX_COLUMNS]
-    nulls = box.isna().sum(axis=1)
+    nulls = (box.isna().to_numpy() & ~nan).sum(axis=1)
     err = df["error"].notna()
 
     def report(mask, column, what):
         for r in np.flatnonzero(np.asarray(mask))[: max(0, limit - len(out))]:
             out.append(f"{file}: row {r}: column {column}: {what(df.iloc[r])}")
 
+    for k, column in enumerate(BOX_COLUMNS):  # one message per row, at its first NaN
+        report(nan[:, k] & ~nan[:, :k].any(axis=1), column,
+               lambda r: "NaN is not a coordinate (a missing box is null in all four columns)")
     report(df["image_id"].isna() | (df["image_id"] == ""), "image_id", lambda r: "empty")
     report(df["image_id"].fillna("").str.contains(r"[./\\]", regex=True), "image_id",
            lambda r: f"{r.image_id!r} contains '.', '/' or '\\' (ids must be dot-free)")
@@ -329,6 +339,22 @@ def _violations(df, file: Path, limit: int) -> list[str]:
     return out
 
 
+# Types every reader accepts in place of the schema's: pandas writes its strings as large_string.
+_SAME_TYPE = {pa.large_string(): pa.string()}
+
+
+def _type_problems(raw: pa.Table, f: Path) -> list[str]:
+    out = []
+    for field in SCHEMA:
+        if field.name not in raw.column_names:
+            out.append(f"{f}: column {field.name}: missing")
+            continue
+        t = raw.schema.field(field.name).type
+        if _SAME_TYPE.get(t, t) != field.type:
+            out.append(f"{f}: column {field.name}: type {t}, expected {field.type}")
+    return out
+
+
 def validate_manifest(path: str | os.PathLike, limit: int = 50) -> list[str]:
     """Every violation (up to `limit`) as `FILE: row R: column C: problem`; an empty list means valid.
 
@@ -346,16 +372,15 @@ def validate_manifest(path: str | os.PathLike, limit: int = 50) -> list[str]:
         except (OSError, pa.ArrowException) as e:
             problems.append(f"{f}: not a readable parquet file ({e})")
             continue
-        for field in SCHEMA:
-            if field.name not in raw.column_names:
-                problems.append(f"{f}: column {field.name}: missing")
-            elif raw.schema.field(field.name).type != field.type:
-                problems.append(f"{f}: column {field.name}: type {raw.schema.field(field.name).type}, "
-                                f"expected {field.type}")
-        if any(c not in raw.column_names for c in COLUMNS):
-            continue
-        df = raw.select(COLUMNS).to_pandas()
-        problems += _violations(df, f, limit - len(problems))
+        problems += _type_problems(raw, f)
+        try:  # the value rules run on the schema's types (a column of numbers stored as text is checked as numbers)
+            table = raw.select(COLUMNS).cast(SCHEMA).replace_schema_metadata(None)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue  # a missing column, or values of another type: reported above
+        nan = np.stack([pc.fill_null(pc.is_nan(table.column(c)), False).to_numpy(zero_copy_only=False)
+                        for c in BOX_COLUMNS], axis=1)
+        df = table.to_pandas()
+        problems += _violations(df, nan, f, limit - len(problems))
         for image_id, p in zip(df["image_id"], df["path"]):
             prev = seen.setdefault(image_id, (p, str(f)))
             if prev[0] != p and len(problems) < limit:

@@ -8,7 +8,8 @@ box and writes parquet parts into a staging folder next to the output (`.NAME.pa
 (temporary name, then rename). When the job succeeds the parts move into OUT and the staging folder goes.
 
 Resume: images whose id is already in OUT or in a complete staged part are skipped, so a killed run keeps its
-finished parts and never leaves half-written or duplicated rows. `overwrite=True` starts over.
+finished parts and never leaves half-written or duplicated rows. `overwrite=True` starts over, deleting only
+the parts an earlier run wrote: an OUT that holds anything else, or that overlaps the images folder, is refused.
 
 Everything that can be checked without the detector (its files and options, the id of every image) is checked
 before Ray starts and before any output exists, so a mistake costs one line, not a job.
@@ -156,9 +157,6 @@ def staging_dir(out: Path) -> Path:
 
 
 def _check_resumable(out: Path, staging: Path, meta: dict) -> None:
-    if out.is_file():
-        raise ManifestError(f"{out} exists and is a single file; extract-boxes writes a directory of parts "
-                            "(use another --out, or --overwrite)")
     for where in (out, staging):
         if where.is_dir() and manifest_files(where):
             old = manifest_metadata(where)
@@ -166,6 +164,46 @@ def _check_resumable(out: Path, staging: Path, meta: dict) -> None:
             if diff:
                 raise ManifestError(f"{where} was made with other settings {diff} (old, new); "
                                     "use --overwrite to start over or another --out")
+
+
+def _check_out_apart(out: Path, images: Path) -> None:
+    """Refuse an --out that is, holds or lies inside --images: parts would land among the images, and
+    --overwrite would delete them."""
+    o, i = out.resolve(), images.resolve()
+    if o == i or o.is_relative_to(i) or i.is_relative_to(o):
+        how = "is" if o == i else "is inside" if o.is_relative_to(i) else "contains"
+        raise ManifestError(f"--out {out} {how} --images {images}; choose an --out outside the images folder")
+
+
+# What extract-boxes writes into OUT and its staging folder: parts, and the temporary file of a part being
+# written (write_manifest) when a run was killed.
+_OURS = re.compile(r"part-.*\.parquet|\.part-.*\.parquet\.tmp-\d+")
+
+
+def _check_only_ours(where: Path) -> None:
+    """Refuse an output (or staging) folder that holds anything extract-boxes did not write: a resume would mix
+    foreign parquet files into the manifest, and --overwrite must never delete someone else's files."""
+    if where.is_file() or where.is_symlink() and not where.is_dir():
+        raise ManifestError(f"{where} exists and is a file, not an extract-boxes output folder; "
+                            "use another --out (or remove it yourself)")
+    if not where.is_dir():
+        return
+    others = sorted(p.name for p in where.iterdir() if not (_OURS.fullmatch(p.name) and p.is_file()))
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        raise ManifestError(f"{where} holds files extract-boxes did not write ({', '.join(others[:3])}{more}); "
+                            "use another --out (extract-boxes never deletes or mixes in other files)")
+
+
+def _delete_ours(where: Path) -> None:
+    """--overwrite: remove the parts written by an earlier run, then the folder if nothing else is left (only
+    after _check_only_ours, so nothing else is in it)."""
+    if not where.is_dir():
+        return
+    for p in where.iterdir():
+        if _OURS.fullmatch(p.name):
+            p.unlink()
+    where.rmdir()
 
 
 def _ray_init(address: str | None):
@@ -271,11 +309,14 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a folder")
     check_detector(cfg.detector)
+    _check_out_apart(out, root)
     items, not_images = _list(cfg)  # before --overwrite deletes anything: a bad id scheme must not cost the output
     staging = staging_dir(out)
+    for where in (out, staging):
+        _check_only_ours(where)
     if cfg.overwrite:
-        for p in (out, staging):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for where in (out, staging):
+            _delete_ours(where)
     meta = build_metadata(cfg)
     _check_resumable(out, staging, meta)
     todo = _not_done(items, out, staging)

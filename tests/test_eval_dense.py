@@ -30,6 +30,39 @@ def test_coco_semantic_masks(coco_tiny):
     assert 0 in labels and len(labels - {0, IGNORE}) >= 1 and max(labels - {IGNORE}) <= 80
 
 
+def _set_first(section, key, value):
+    def change(data):
+        data[section][0][key] = value
+        return f"{section}[index 0, id={data[section][0]['id']}]"
+    return change
+
+
+# Each used to reach pycocotools unchecked: a NaN polygon point made annToMask rasterise ~22 GB (OOM-killed), an
+# RLE of another size was decoded past its buffer, a huge image size allocated the mask before anything was read.
+BROKEN_MASKS = [
+    (_set_first("annotations", "segmentation", [[10, 10, 20, 10, float("nan"), 20]]),
+     "segmentation polygon 0: nan is not a finite number"),
+    (_set_first("annotations", "segmentation", [[10, 10, 20, 10, 20, -1e9]]), "is outside the"),
+    (_set_first("annotations", "segmentation", {"size": [3], "counts": "garbage!!"}),
+     "segmentation RLE: size [3] is not the image's [height, width]"),
+    (_set_first("annotations", "segmentation", []), "no segmentation"),
+    (_set_first("images", "width", 10**6), "pixels is over the"),
+]
+
+
+@pytest.mark.parametrize("change, problem", BROKEN_MASKS, ids=[p for _, p in BROKEN_MASKS])
+def test_coco_semantic_refuses_a_broken_annotation_naming_it(coco_tiny, tmp_path, change, problem):
+    import json
+
+    data = json.loads((coco_tiny / "annotations" / "instances_val2017.json").read_text())
+    where = change(data)
+    ann = tmp_path / "instances_val2017.json"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as e:  # the CLI turns a ValueError into one `error:` line
+        coco_semantic(ann, coco_tiny / "val2017")
+    assert str(e.value).startswith(f"{ann}: {where}: ") and problem in str(e.value), str(e.value)
+
+
 def test_dense_nn_oracle_and_random(coco_tiny):
     train = coco_semantic(coco_tiny / "annotations" / "instances_train2017.json", coco_tiny / "train2017")
     val = coco_semantic(coco_tiny / "annotations" / "instances_val2017.json", coco_tiny / "val2017")

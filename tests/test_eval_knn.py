@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import tarfile
 
 import pytest
 import torch
@@ -86,3 +87,70 @@ def test_knn_separable_clusters_and_wrong_inputs():
         knn_classify(x[:0], y[:0], xt, yt)
     with pytest.raises(ValueError, match="feature sizes differ"):
         knn_classify(x, y, xt[:, :5], yt)
+
+
+# ---- unreadable shards: counted like unreadable samples, never a DataLoader worker's traceback -------------------
+
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _shard_set(folder, n_shards=2, per_shard=3):
+    """Valid shards of labelled JPEGs (webdataset's writer: a tar with its end-of-archive blocks)."""
+    import json
+
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    with wds.ShardWriter(str(folder / "s-%06d.tar"), maxcount=per_shard, verbose=0) as w:
+        for i in range(n_shards * per_shard):
+            w.write({"__key__": f"img{i}", "jpg": _jpeg(i), "json": json.dumps({"label": i % 2}).encode()})
+    return sorted(folder.glob("*.tar"))
+
+
+class _MeanRGB(torch.nn.Module):
+    """A stand-in backbone: the mean colour of the view is its feature."""
+
+    def forward(self, x, obj_mask=None):
+        return (x.mean(dim=(2, 3)),)
+
+
+def _features(spec, workers):
+    from odis.eval.features import ViewConfig, extract_features, shard_loader
+
+    loader = shard_loader(str(spec), ViewConfig("none", 32, None, 8), None, batch_size=2, num_workers=workers)
+    return extract_features(_MeanRGB(), loader, progress=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_shards_are_counted_not_a_traceback(tmp_path, workers):
+    """An empty shard and one cut inside a member used to end in tarfile.ReadError from a DataLoader worker; one
+    cut at a member boundary silently lost its tail and gave a sample without its json."""
+    good, truncated, empty, boundary = _shard_set(tmp_path / "s", n_shards=4)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[:3000])  # inside the first image: nothing of this shard is readable
+    empty.write_bytes(b"")
+    with tarfile.open(boundary) as tar:  # cut after img10.jpg, before the header of its json
+        cut = next(m.offset for m in tar if m.name == "img10.json")
+    boundary.write_bytes(boundary.read_bytes()[:cut])
+    f = _features(tmp_path / "s", workers)
+    assert sorted(f.image_ids) == ["img0", "img1", "img2", "img9"]  # img10 lost its label: left out, not guessed
+    assert f.counts["errors"] == 3 and len(f.errors) == 3
+    by_shard = {e.split(": ", 1)[0]: e for e in f.errors}
+    assert set(by_shard) == {str(truncated), str(empty), str(boundary)}
+    assert "unreadable shard (ReadError: empty file)" in by_shard[str(empty)]
+    assert "truncated; its last sample 'img10' is left out" in by_shard[str(boundary)]
+
+
+def test_a_shard_set_with_nothing_readable_is_an_error_naming_the_shard(tmp_path):
+    (shard,) = _shard_set(tmp_path / "s", n_shards=1)
+    shard.write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(ValueError, match=rf"no image could be read \(1 error\(s\); first: {shard}: unreadable shard"):
+        _features(tmp_path / "s", 0)

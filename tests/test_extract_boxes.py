@@ -194,6 +194,46 @@ def test_id_scheme_collision_is_refused_before_anything(coco_tiny, tmp_path):
     assert res.exit_code == 2 and "--id-scheme 'nope'" in res.output
 
 
+# ---- --overwrite deletes only what extract-boxes wrote -------------------------------------------------------------
+
+def _ss(images, out, *extra):
+    return runner.invoke(app, ["extract-boxes", "--detector", "selective-search", "--imgsz", "64", "--max-boxes", "2",
+                               "--images", str(images), "--out", str(out), "--quiet", *map(str, extra)])
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_out_overlapping_images_is_refused(coco_tiny, tmp_path, where):
+    """`--out` equal to `--images` with `--overwrite` used to rmtree the input images."""
+    images = _link_images(coco_tiny / "val2017", tmp_path / "data" / "imgs", 2)
+    out = {"same": images, "inside": images / "boxes.parquet", "contains": tmp_path / "data"}[where]
+    before = sorted(p.name for p in images.iterdir())
+    res = _ss(images, out, "--overwrite")
+    assert res.exit_code == 2 and "--images" in res.output and str(out) in res.output, res.output
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
+def test_overwrite_deletes_only_its_own_parts(ray_local, coco_tiny, tmp_path):
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 2)
+    out = tmp_path / "ss.parquet"
+    assert _ss(images, out).exit_code == 0
+    parts = sorted(p.name for p in out.iterdir())
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):  # a resume would mix in, --overwrite would delete, what it did not write
+        res = _ss(images, out, *extra)
+        assert res.exit_code == 2 and "notes.txt" in res.output and "did not write" in res.output, res.output
+        assert sorted(p.name for p in out.iterdir()) == sorted(parts + ["notes.txt"])
+    (out / "notes.txt").unlink()
+    staging_dir(out).mkdir()
+    (staging_dir(out) / "part-old-00000.parquet").write_bytes(b"left by a killed run")
+    res = _ss(images, out, "--overwrite")
+    assert res.exit_code == 0 and "2 processed (0 already done)" in res.output, res.output
+    assert not staging_dir(out).exists() and validate_manifest(out) == []
+    single = tmp_path / "single.parquet"
+    single.write_bytes(b"someone's file")
+    res = _ss(images, single, "--overwrite")
+    assert res.exit_code == 2 and "is a file" in res.output and single.read_bytes() == b"someone's file"
+
+
 # ---- YOLO recall against COCO ground truth --------------------------------------------------------------------
 
 def test_yolo_class_agnostic_recall_on_coco_tiny(ray_local, yolo320, coco_tiny, tmp_path):

@@ -3,6 +3,8 @@ Expected values are computed independently from the annotation files."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -111,6 +113,12 @@ def _set(key, value):
     return lambda entry, data: entry.__setitem__(key, value)
 
 
+def _hw(ann, data):
+    """[height, width] of the image of an annotation: the RLE `size` that fits it."""
+    img = next(im for im in data["images"] if im["id"] == ann["image_id"])
+    return [img["height"], img["width"]]
+
+
 # (section, index, change to that entry, extra flags, expected problem): each used to end in a raw traceback
 # (ValueError, KeyError) or in an error that did not say which entry was wrong
 BROKEN_COCO = [
@@ -119,10 +127,32 @@ BROKEN_COCO = [
     ("annotations", 17, _drop("category_id"), (), "missing key(s) 'category_id'"),
     ("annotations", 17, _drop("image_id"), (), "missing key(s) 'image_id'"),
     ("annotations", 17, _set("segmentation", {"size": [1, 2]}), ("--from-segmentation",),
-     "segmentation is not a polygon list or RLE"),
+     "segmentation RLE: missing key(s) 'counts'"),
+    ("annotations", 17, _set("segmentation", "abc"), ("--from-segmentation",),
+     "segmentation is not a polygon list or RLE, got 'abc'"),
+    # a NaN or far-out polygon point made pycocotools rasterise ~22 GB (OOM-killed); an RLE whose size or runs do
+    # not fit the image was decoded past its buffer or gave a box of another image
+    ("annotations", 17, _set("segmentation", [[10, 10, 20, 10, float("nan"), 20]]), ("--from-segmentation",),
+     "segmentation polygon 0: nan is not a finite number"),
+    ("annotations", 17, _set("segmentation", [[10, 10, 20, 10, 20, 1e9]]), ("--from-segmentation",),
+     "segmentation polygon 0: point (20, 1000000000.0) is outside the"),
+    ("annotations", 17, _set("segmentation", [[10, 10, 20, 10, 20]]), ("--from-segmentation",),
+     "segmentation polygon 0: expected [x1, y1, x2, y2, x3, y3, ...] (an even number, at least 6"),
+    ("annotations", 17, _set("segmentation", {"size": [3], "counts": "garbage!!"}), ("--from-segmentation",),
+     "segmentation RLE: size [3] is not the image's [height, width]"),
+    ("annotations", 17, _set("segmentation", {"size": [10, 10], "counts": [5, 95]}), ("--from-segmentation",),
+     "segmentation RLE: size [10, 10] is not the image's [height, width]"),
+    ("annotations", 17, lambda e, d: e.__setitem__("segmentation", {"size": _hw(e, d), "counts": [3, 4]}),
+     ("--from-segmentation",), "segmentation RLE: the runs cover 7 pixels, the image has"),
+    ("annotations", 17, lambda e, d: e.__setitem__("segmentation", {"size": _hw(e, d), "counts": "0T3"}),
+     ("--from-segmentation",), "segmentation RLE: the runs cover 100 pixels, the image has"),  # a 10x10 mask
+    ("annotations", 17, lambda e, d: e.__setitem__("segmentation", {"size": _hw(e, d), "counts": "bad!"}),
+     ("--from-segmentation",), "segmentation RLE: counts 'bad!' is not a compressed COCO RLE string"),
     ("images", 3, _drop("file_name"), (), "missing key(s) 'file_name'"),
     ("images", 3, _drop("width"), (), "missing key(s) 'width'"),
-    ("images", 3, _set("height", "tall"), (), "height must be a positive integer, got 'tall'"),
+    ("images", 3, _set("height", "tall"), (), "height must be a positive integer up to 2147483647, got 'tall'"),
+    # too large for the manifest's int32 column: was a pyarrow ArrowInvalid traceback when writing
+    ("images", 3, _set("width", 10**10), (), "width must be a positive integer up to 2147483647, got 10000000000"),
     ("images", 1, lambda e, d: e.__setitem__("id", d["images"][0]["id"]), (), "duplicate id (also images[index 0])"),
 ]
 
@@ -278,3 +308,123 @@ def test_import_refuses_to_overwrite(coco_tiny, tmp_path):
     res = runner.invoke(app, ["import-boxes", "--format", "tiny-imagenet", "--images", str(coco_tiny),
                               "--out", str(out)])
     assert res.exit_code == 2 and "exists" in res.output
+
+
+# ---- malformed sizes, non-finite boxes, files that are not UTF-8 ----------------------------------------------------
+
+def _import_cli(fmt: str, images: Path, out: Path, *extra):
+    return runner.invoke(app, ["import-boxes", "--format", fmt, "--images", str(images), "--out", str(out),
+                               *map(str, extra)])
+
+
+def _one_error_line(res, *parts: str) -> str:
+    """The CLI stopped with one `error:` line (no traceback, exit 2) holding every part."""
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (res.exception, res.output)
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(p in lines[0] for p in parts), res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("key, text", [("width", "nan"), ("width", "1e12"), ("width", "-64"), ("height", "0"),
+                                       ("height", "12.5")])
+def test_ilsvrc_bad_image_size_stops_naming_the_file(tmp_path, key, text):
+    """nan was a ValueError traceback, 1e12 a pyarrow ArrowInvalid one; -64 x 0 was written (exit 0) and then broke
+    `stats` and `show boxes`."""
+    data, ann = _ilsvrc_fixture(tmp_path)
+    bad = ann / "val" / "ILSVRC2012_val_00000001.xml"
+    bad.write_text(re.sub(rf"<{key}>\d+</{key}>", f"<{key}>{text}</{key}>", bad.read_text()))
+    out = tmp_path / "m.parquet"
+    _one_error_line(_import_cli("imagenet", data, out, "--annotations", ann), f"{bad}: size/{key}: expected a "
+                    "positive integer")
+    assert not out.exists()
+
+
+def _tiny_fixture(root: Path, train_lines: list[str], val_lines: list[str]) -> Path:
+    """A tiny-imagenet-200 layout with two classes, two 64x64 train images each and two val images."""
+    wnids = ["n01443537", "n01629819"]
+    (root / "wnids.txt").parent.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for w in wnids:
+        (root / "train" / w / "images").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (10 * i, 80, 20)).save(root / "train" / w / "images" / f"{w}_{i}.JPEG")
+        (root / "train" / w / f"{w}_boxes.txt").write_text(
+            "".join(ln + "\n" for ln in train_lines if ln.startswith(w)))
+    (root / "val" / "images").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64)).save(root / "val" / "images" / f"val_{i}.JPEG")
+    (root / "val" / "val_annotations.txt").write_text("".join(ln + "\n" for ln in val_lines))
+    return root
+
+
+TINY_TRAIN = ["n01443537_0.JPEG\t0\t10\t63\t58", "n01443537_1.JPEG\t5\t5\t20\t20",
+              "n01629819_0.JPEG\t1\t2\t30\t40", "n01629819_1.JPEG\t3\t3\t9\t9"]
+TINY_VAL = ["val_0.JPEG\tn01443537\t0\t32\t44\t62", "val_1.JPEG\tn01629819\t1\t1\t10\t10"]
+
+
+def test_tiny_imagenet_bad_boxes_are_counted_and_missing_images_are_error_rows(tmp_path):
+    """A NaN box and an inverted one silently became no-box rows, uncounted; a box line naming a missing image was
+    ignored although an error row is promised."""
+    train = [TINY_TRAIN[0], "n01443537_1.JPEG\tnan\t5\t20\t20", "n01629819_0.JPEG\t30\t2\t1\t40", TINY_TRAIN[3],
+             "n01629819_7.JPEG\t1\t1\t5\t5"]  # no such image
+    root = _tiny_fixture(tmp_path / "tin", train, TINY_VAL)
+    res = import_tiny_imagenet(root)
+    c = res.counts
+    assert (c["dropped_not_finite"], c["dropped_empty"], c["missing_files"], c["boxes"]) == (1, 1, 1, 4)
+    t = res.table.to_pandas().set_index("image_id")
+    assert np.isnan(t.loc["n01443537_1", "x0"]) and np.isnan(t.loc["n01629819_0", "x0"])
+    missing = t.loc["n01629819_7"]
+    assert missing.path == "train/n01629819/images/n01629819_7.JPEG" and "file not found" in missing.error
+    out = write_manifest(res.table, tmp_path / "m.parquet", res.metadata)
+    assert validate_manifest(out) == []
+    cli = _import_cli("tiny-imagenet", root, tmp_path / "cli.parquet")
+    assert cli.exit_code == 0 and "'dropped_not_finite': 1" in cli.output and "'missing_files': 1" in cli.output
+
+
+def test_yolo_and_ilsvrc_non_finite_boxes_have_their_own_count(tmp_path):
+    """NaN coordinates were counted as `dropped_empty`, as if the box had been clipped away."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "images" / "a.jpg")
+    (tmp_path / "labels" / "a.txt").write_text("0 nan 0.5 0.2 0.2\n1 0.5 0.5 inf 0.1\n2 1.5 1.5 0.1 0.1\n"
+                                               "3 0.5 0.5 0.2 0.2\n")
+    c = import_yolo(tmp_path / "images").counts
+    assert (c["dropped_not_finite"], c["dropped_empty"], c["boxes"]) == (2, 1, 1)
+    data, ann = _ilsvrc_fixture(tmp_path / "in")
+    x = ann / "val" / "ILSVRC2012_val_00000001.xml"
+    x.write_text(x.read_text().replace("<ymin>6</ymin>", "<ymin>nan</ymin>"))
+    c = import_imagenet(data, ann).counts
+    assert c["dropped_not_finite"] == 1 and c["dropped_empty"] == 0
+
+
+LATIN1 = "café n°1".encode("latin-1")
+
+
+@pytest.mark.parametrize("which", ["yolo label", "tiny boxes", "tiny wnids"])
+def test_annotation_text_that_is_not_utf8_stops_naming_the_file(tmp_path, which):
+    """Each was a UnicodeDecodeError traceback."""
+    if which == "yolo label":
+        (tmp_path / "images").mkdir()
+        (tmp_path / "labels").mkdir()
+        Image.new("RGB", (20, 10)).save(tmp_path / "images" / "a.jpg")
+        bad = tmp_path / "labels" / "a.txt"
+        bad.write_bytes(b"0 0.5 0.5 0.2 0.2 # " + LATIN1 + b"\n")
+        res = _import_cli("yolo", tmp_path / "images", tmp_path / "m.parquet")
+    else:
+        root = _tiny_fixture(tmp_path / "tin", TINY_TRAIN, TINY_VAL)
+        bad = root / ("train/n01443537/n01443537_boxes.txt" if which == "tiny boxes" else "wnids.txt")
+        bad.write_bytes(bad.read_bytes() + LATIN1 + b"\n")
+        res = _import_cli("tiny-imagenet", root, tmp_path / "m.parquet")
+    _one_error_line(res, f"{bad}: not UTF-8 text")
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_yolo_file_name_that_is_not_utf8_is_one_line(tmp_path):
+    """A UnicodeEncodeError traceback from image_id_for; shard and extract-boxes say it in one line."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "images" / "ok.jpg")
+    name = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name on a UTF-8 file system
+    Image.new("RGB", (20, 10)).save(tmp_path / "images" / name, "JPEG")
+    res = _import_cli("yolo", tmp_path / "images", tmp_path / "m.parquet")
+    _one_error_line(res, "caf", "surrogates not allowed")
+    assert not (tmp_path / "m.parquet").exists()

@@ -227,3 +227,48 @@ def test_stats_cli_prints_plots_and_fails_on_violations(tmp_path):
     assert res.exit_code == 1 and f"{bad}: row 0: column y1: y1=999.0 > height=50" in res.output
     res = CliRunner().invoke(app, ["stats", str(tmp_path / "nothing.parquet")])
     assert res.exit_code == 2 and "no such manifest" in res.output
+
+
+def _stats(path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    return CliRunner().invoke(app, ["stats", str(path)])
+
+
+def test_nan_coordinates_are_a_violation_not_a_no_box_row(tmp_path):
+    """pandas reads NaN and null alike: an all-NaN row passed as a no-box row, a partly NaN one as partly null."""
+    cols = _table(2).to_pydict()
+    nan = float("nan")
+    cols["x0"][0] = cols["y0"][0] = cols["x1"][0] = cols["y1"][0] = nan
+    cols["y1"][2] = nan
+    f = tmp_path / "nan.parquet"
+    pq.write_table(pa.table(cols, schema=SCHEMA), f)  # from Python lists: NaN stays NaN, None stays null
+    problems = validate_manifest(f)
+    assert problems == [f"{f}: row 0: column x0: NaN is not a coordinate (a missing box is null in all four columns)",
+                        f"{f}: row 2: column y1: NaN is not a coordinate (a missing box is null in all four columns)"]
+    res = _stats(f)
+    assert res.exit_code == 1 and problems[0] in res.output, res.output
+
+
+def test_a_pandas_round_trip_is_read_and_validated_like_the_original(tmp_path):
+    """pandas writes strings as large_string and adds its own schema metadata: `stats` exited 1 on a valid manifest
+    (large_string), and crashed (TypeError: operation 'rsub') when x0 had been written as text."""
+    cols = _table(3).to_pydict()
+    cols["category"] = [3] * len(cols["category"])  # ground truth: no null, so pandas keeps it int32
+    good = write_manifest(table_from_columns(cols), tmp_path / "good.parquet", make_metadata("yolo", tmp_path, "path"))
+    df = read_manifest(good).to_pandas()
+    df.to_parquet(tmp_path / "round.parquet")
+    assert pq.read_schema(tmp_path / "round.parquet").field("path").type == pa.large_string()
+    assert validate_manifest(tmp_path / "round.parquet") == []
+    res = _stats(tmp_path / "round.parquet")
+    assert res.exit_code == 0 and "images 5  boxes 6" in res.output, res.output
+    df["x0"] = df["x0"].map(lambda v: None if v != v else str(v))  # numbers as text
+    df.to_parquet(tmp_path / "text.parquet")
+    back = read_manifest(tmp_path / "text.parquet")
+    assert b"pandas" not in back.schema.metadata and back.to_pandas()["x0"].dtype == np.float32
+    res = _stats(tmp_path / "text.parquet")
+    assert res.exit_code == 1 and "images 5  boxes 6" in res.output, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last == f"{tmp_path / 'text.parquet'}: column x0: type large_string, expected float"

@@ -332,6 +332,37 @@ def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     assert "no shard index" in r.output
 
 
+def test_nan_and_inverted_manifest_boxes_are_left_out_and_counted(coco_tiny, coco_manifest, tmp_path):
+    """NaN and x0 > x1 boxes of a manifest went into the sample json as they were (bare NaN is not JSON) with exit 0."""
+    import pyarrow as pa
+
+    from odis.manifest import SCHEMA, manifest_metadata
+
+    t = read_manifest(coco_manifest).to_pydict()
+    nan = float("nan")
+    broken = {0: dict(x0=nan, y0=nan, x1=nan, y1=nan), 1: dict(x0=nan), 2: dict(x0=t["x1"][2] + 5), 3: dict(score=nan)}
+    for row, change in broken.items():
+        for col, v in change.items():
+            t[col][row] = v
+    bad = write_manifest(pa.table(t, schema=SCHEMA), tmp_path / "bad.parquet", manifest_metadata(coco_manifest))
+    out = tmp_path / "shards"
+    r = odis("shard", "--images", coco_tiny / "train2017", "--out", out, "--manifest", bad, "--num-workers", 1)
+    assert "4 box(es) left out: NaN or partly null coordinates or score, or x1 <= x0 or y1 <= y0" in r.output
+    assert f"e.g. row 0 ({t['image_id'][0]!r})" in r.output
+    (warning,) = [w for w in index_of(out)["warnings"] if w["path"] == str(bad)]
+    assert warning["reason"].startswith("4 box(es) left out")
+
+    def no_nan(word):
+        raise ValueError(f"{word} in a sample json")
+
+    samples = {}
+    for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False, empty_check=False):
+        samples[s["__key__"]] = json.loads(s["json"], parse_constant=no_nan)  # strict JSON: no bare NaN
+    assert all(b[0] < b[2] and b[1] < b[3] for m in samples.values() for b in m["boxes"])
+    n_boxes = sum(map(len, manifest_boxes(coco_manifest).values()))
+    assert sum(len(m["boxes"]) for m in samples.values()) == n_boxes - 4  # those four, and only those
+
+
 # ---- planning math (property tests) -------------------------------------------------------------------------
 
 from hypothesis import given, settings, strategies as st  # noqa: E402

@@ -208,6 +208,8 @@ class _MakeView:
         self.cfg, self.manifest = cfg, manifest
 
     def __call__(self, sample: dict) -> dict:
+        if "__shard_error__" in sample:
+            return {"error": sample["__shard_error__"]}
         try:
             image_id, img, meta = decode_sample(sample)
             box = box_for_sample(img, meta, image_id, self.manifest, self.cfg.box_select)
@@ -240,12 +242,54 @@ def _collate(batch: list[dict]) -> dict:
     return out
 
 
+def _shard_end_problem(url: str) -> str | None:
+    """Why a local shard looks cut short, or None. A tar cut at a member boundary reads without an error, so its
+    missing tail would go unnoticed: every writer (tarfile, GNU tar, odis shard) ends with two zero blocks."""
+    from odis.shards import is_remote, local_path
+
+    if is_remote(url):
+        return None
+    path = local_path(url)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if size % 512 or tail != bytes(1024):
+        return f"no end-of-archive marker after {size} bytes: truncated"
+    return None
+
+
+def _shard_samples(shards):
+    """The samples of each shard in turn. A shard that cannot be read (missing, empty, truncated) gives what it
+    could, then one error record: the loop counts it like an unreadable sample instead of a DataLoader worker
+    dying with a tarfile traceback."""
+    from webdataset.tariterators import tarfile_samples
+
+    for shard in shards:
+        url, last = shard["url"], None
+        try:
+            for sample in tarfile_samples([dict(shard)]):  # one behind: the last may turn out incomplete
+                if last is not None:
+                    yield last
+                last = sample
+            problem = _shard_end_problem(url)
+            if problem and last is not None:  # cut at a member boundary: the last sample may miss files
+                problem, last = f"{problem}; its last sample {last['__key__']!r} is left out", None
+        except Exception as e:  # noqa: BLE001 - any failure to read one shard is reported, never fatal
+            problem = f"{type(e).__name__}: {e.args[0] if e.args else e}"
+        if last is not None:
+            yield last
+        if problem:
+            yield {"__url__": url, "__shard_error__": f"{url}: unreadable shard ({problem})"}
+
+
 def shard_loader(spec: str, cfg: ViewConfig, manifest: dict | None = None, batch_size: int = 64,
                  num_workers: int = 0):
     import webdataset as wds
 
     urls = list_shard_urls(spec)
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).map(_MakeView(cfg, manifest))
+    ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, _shard_samples,
+                          wds.map(_MakeView(cfg, manifest)))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(urls)),
                                        collate_fn=_collate)
 
@@ -287,7 +331,8 @@ def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1,
                 counts[fb] += 1
     counts["errors"] = len(errors)
     if not feats:
-        raise ValueError(f"no image could be read ({len(errors)} errors; first: {errors[:1]})")
+        raise ValueError(f"no image could be read ({len(errors)} error(s); first: {errors[0]})" if errors else
+                         "no image could be read: the shards hold no samples")
     return Features(torch.cat(feats), torch.cat(labels), ids, counts, errors)
 
 

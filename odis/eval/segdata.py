@@ -68,15 +68,46 @@ class SegDataset:
         return SegDataset(self.name, self.class_names, keep, self.make_mask)
 
 
-def coco_semantic(ann_file: str | Path, images_dir: str | Path) -> SegDataset:
-    """Semantic masks from a COCO instances JSON (pycocotools decodes polygons and RLE alike)."""
+def _mask_image_problem(img: dict) -> str | None:
+    """The [H, W] label mask is allocated from the JSON's size before the image is read: cap it like the image."""
+    if img["width"] * img["height"] > MAX_IMAGE_PIXELS:
+        return f"{img['width']}x{img['height']} pixels is over the {MAX_IMAGE_PIXELS} cap"
+    return None
+
+
+def _mask_annotation_problem(ann: dict) -> str | None:
+    """Every annotation is painted, larger areas first: it needs a mask and a numeric area."""
+    if not ann.get("segmentation"):
+        return "no segmentation (every annotation is painted into the mask)"
+    area = ann.get("area", 0)
+    if not isinstance(area, (int, float)) or isinstance(area, bool):
+        return f"area must be a number, got {area!r}"
+    return None
+
+
+def load_coco_masks(ann_file: str | Path):
+    """A pycocotools COCO over the instances JSON, checked up front (odis.importers.load_coco: every image, polygon
+    and RLE) because pycocotools trusts it: a NaN polygon point makes it rasterise gigabytes."""
     from pycocotools.coco import COCO
 
     import contextlib
     import io
 
+    from odis.importers import check_coco_section, load_coco
+
+    data = load_coco(Path(ann_file), from_segmentation=True)
+    check_coco_section(Path(ann_file), data, "images", _mask_image_problem)
+    check_coco_section(Path(ann_file), data, "annotations", _mask_annotation_problem)
+    coco = COCO()
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco = COCO(str(ann_file))
+        coco.createIndex()
+    return coco
+
+
+def coco_semantic(ann_file: str | Path, images_dir: str | Path) -> SegDataset:
+    """Semantic masks from a COCO instances JSON (pycocotools decodes polygons and RLE alike)."""
+    coco = load_coco_masks(ann_file)
     cat_ids = sorted(coco.getCatIds())
     label_of = {c: i + 1 for i, c in enumerate(cat_ids)}
     names = ["background"] + [coco.cats[c]["name"] for c in cat_ids]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -75,28 +76,50 @@ def _coco_labels(s: ShardSettings, relpaths: list[str]) -> tuple[dict, list[str]
     return labels, [c["name"] for c in cats], warnings
 
 
+_NULL_BOX = (None,) * 4  # a no-box row
+
+
+def _bad_box(box: tuple, score) -> bool:
+    """A box the sample json must not carry: NaN (bare NaN is not JSON) or partly null values, or an inverted or
+    empty box. Comparisons with NaN are false, so `x0 < x1 and y0 < y1` also refuses NaN coordinates."""
+    if None in box or score is None:
+        return True
+    x0, y0, x1, y1 = box
+    return not (x0 < x1 and y0 < y1 and math.isfinite(score))
+
+
 def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[dict]]:
-    """image_id -> (boxes, scores, (w, h)) from the manifest; rows of images not under the root are counted."""
+    """image_id -> (boxes, scores, (w, h)) from the manifest; rows of images not under the root, and boxes that are
+    not boxes (NaN, inverted), are left out and counted in a warning."""
     if not s.manifest:
         return {}, {}, []
     t = read_manifest(s.manifest, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score",
                                            "error"]).to_pydict()
     out: dict[str, list] = {}
-    stray = set()
+    stray, bad = set(), []
     for i, iid in enumerate(t["image_id"]):
         if iid not in ids:
             stray.add(iid)
             continue
         entry = out.setdefault(iid, [[], [], (t["width"][i], t["height"][i])])
-        if t["x0"][i] is not None and t["error"][i] is None:
-            entry[0].append((t["x0"][i], t["y0"][i], t["x1"][i], t["y1"][i]))
-            entry[1].append(t["score"][i])
+        box = (t["x0"][i], t["y0"][i], t["x1"][i], t["y1"][i])
+        if t["error"][i] is not None or box == _NULL_BOX:
+            continue
+        if _bad_box(box, t["score"][i]):
+            bad.append((i, iid, box))
+            continue
+        entry[0].append(box)
+        entry[1].append(t["score"][i])
     if stray and not out:
         meta = manifest_metadata(s.manifest)
         raise ShardError(f"--manifest {s.manifest}: none of its {len(stray)} image ids matches a file under "
                          f"{s.images} (manifest images root: {meta.get('images_root')}, id scheme: "
                          f"{meta.get('id_scheme')}; e.g. {sorted(stray)[0]!r})")
     warnings = []
+    if bad:
+        i, iid, box = bad[0]
+        warnings.append({"path": str(s.manifest), "reason": f"{len(bad)} box(es) left out: NaN or partly null "
+                         f"coordinates or score, or x1 <= x0 or y1 <= y0; e.g. row {i} ({iid!r}): {box}"})
     if stray:
         warnings.append({"path": str(s.manifest), "reason": f"{len(stray)} manifest image id(s) match no file under "
                          f"{s.images}, e.g. {sorted(stray)[0]!r}"})
