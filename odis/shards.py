@@ -22,6 +22,7 @@ import re
 import tarfile
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -205,8 +206,12 @@ def shard_keys(urls: list[str]) -> list[str] | None:
         return None
     keys = []
     for u in urls:
-        with tarfile.open(local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
-            keys.extend(split_member(m.name)[0] for m in tar if m.isfile())
+        try:
+            with tarfile.open(local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
+                keys.extend(split_member(m.name)[0] for m in tar if m.isfile())
+        except (tarfile.TarError, OSError) as e:  # the readers skip and count such a shard; say it here too
+            warnings.warn(f"{u}: unreadable shard, its keys are left out ({type(e).__name__}: {e}); "
+                          "odis verify tells what is wrong", stacklevel=2)
     return keys
 
 

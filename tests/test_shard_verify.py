@@ -232,3 +232,18 @@ def test_iter_samples(good):
     samples = list(iter_samples(good))
     assert len(samples) == 100 and {s.ext for s in samples} == {"jpg"}
     assert all(s.meta["image_id"] == s.key and s.meta["label"] in (0, 1) for s in samples)
+
+
+def test_shard_keys_leave_out_an_unreadable_shard_and_say_so(tmp_path):
+    """The key scan (box matching in train and eval) must not die on a shard the readers would skip and count."""
+    from odis.shards import shard_keys
+
+    good, empty = tmp_path / "a-000000.tar", tmp_path / "a-000001.tar"
+    with tarfile.open(good, "w") as tar:
+        for name in ("k1.jpg", "k1.json", "k2.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    empty.write_bytes(b"")
+    with pytest.warns(UserWarning, match="a-000001.tar: unreadable shard"):
+        assert shard_keys([str(good), str(empty)]) == ["k1", "k1", "k2"]
