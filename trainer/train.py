@@ -108,7 +108,7 @@ def set_rng_state(s: dict) -> None:
 
 def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, state: State, cfg: Config,
                     data_states: list[dict], rng_states: list[dict]) -> None:
-    """Atomic: written to a temporary file, then renamed over the old checkpoint."""
+    """Atomic and durable (write_durably): a crash leaves the old checkpoint or the new one, whole."""
     payload = {
         "step": state.step, "bad_steps": state.bad_steps, "bad_in_a_row": state.bad_in_a_row,
         "data": data_states,  # each rank's exact data position
@@ -119,9 +119,22 @@ def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
         "backbone_config": distiller.teacher.backbone.config(),
         "teacher_backbone": distiller.teacher.backbone.vit.state_dict(),
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
+    write_durably(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_durably(path: Path, write) -> None:
+    """`write(tmp)`, then fsync, rename over `path` and fsync the folder: after a crash, of the process or of the
+    node, `path` is the old file or the new one, whole (a rename alone may reach the disk before the data)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, cfg: Config) -> State:
@@ -303,7 +316,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     _check_ranks_agree(distiller, dd)
     if dd.main:
         log.info(f"data: {loader.stats}")
-        export_backbone(distiller.teacher.backbone, out / "backbone.safetensors")
+        write_durably(out / "backbone.safetensors", lambda tmp: export_backbone(distiller.teacher.backbone, tmp))
         log.plot()
         log.info(f"done: {out / 'backbone.safetensors'} (teacher backbone, timm names)")
     final = log.last if dd.main else None  # one summary line under torchrun, not one per rank
