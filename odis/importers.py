@@ -170,10 +170,11 @@ def _polygon_problem(poly, width: int, height: int) -> str | None:
     bad = [v for v in poly if not _is_number(v)]
     if bad:
         return f"{bad[0]!r} is not a finite number"
-    # COCO polygons may touch the border from outside by rounding; anything further is not this image's
+    # Sloppy annotations may stray past the border (pycocotools clips them); a point more than an image away is
+    # no outline of this image, and far-out ones make pycocotools rasterise gigabytes
     for x, y in zip(poly[0::2], poly[1::2]):
-        if not (-1 <= x <= width + 1 and -1 <= y <= height + 1):
-            return f"point ({x}, {y}) is outside the {width}x{height} image"
+        if not (-width <= x <= 2 * width and -height <= y <= 2 * height):
+            return f"point ({x}, {y}) is outside the {width}x{height} image by more than its size"
     return None
 
 
