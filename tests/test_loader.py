@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import webdataset as wds
 
@@ -183,7 +186,8 @@ def test_determinism_and_exact_resume(tin_shards):
     take(first, k)
     state = first.state_dict()
     # bad samples were dropped before step k: only the saved state knows how many raw samples each worker used
-    assert state["raw_pos"] != [len(range(w, k, 2)) * 8 for w in range(2)]
+    used = [c * 16 + i for c, i, _, _ in state["positions"]]  # chunks of shuffle_buffer=16
+    assert used != [len(range(w, k, 2)) * 8 for w in range(2)]
     resumed = make_train_loader(cfg, 8, start_step=k, state=state)
     for a, b in zip(ref[k:], take(resumed, len(ref) - k)):
         same(a, b)
@@ -215,6 +219,96 @@ def test_bad_samples_are_counted_not_fatal(tin_shards):
         pass
     assert loader.stats["bad_samples"] >= 16
     assert loader.stats["samples"] == 30 * 16
+
+
+@given(n_shards=st.integers(1, 40), n_streams=st.integers(1, 24), passes=st.integers(1, 3), seed=st.integers(0, 9))
+@settings(max_examples=200, deadline=None)
+def test_each_pass_reads_every_shard_once(n_shards, n_streams, passes, seed):
+    """All streams together read each shard once per pass, whatever the numbers of shards and streams."""
+    from trainer.data import stream_shards
+
+    read = []
+    for g in range(n_streams):
+        per_stream = len(range(g, n_shards * passes, n_streams))  # its entries of the first `passes` passes
+        read += [shard for _, _, shard in itertools.islice(stream_shards(n_shards, seed, g, n_streams), per_stream)]
+    assert sorted(read) == sorted(list(range(n_shards)) * passes)
+    # a stream's j-th shard does not depend on where it starts (resume)
+    assert list(itertools.islice(stream_shards(n_shards, seed, 0, n_streams, 3), 2)) == \
+        list(itertools.islice(stream_shards(n_shards, seed, 0, n_streams), 5))[3:]
+
+
+@given(size=st.integers(1, 7), lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), cut=st.integers(0, 30))
+@settings(max_examples=200, deadline=None)
+def test_chunks_shuffle_within_a_pass_and_resume_anywhere(size, lengths, cut):
+    """Pass p (one 'shard' of lengths[p] samples here) comes out whole before pass p+1, permuted in chunks of
+    `size`; restarting from any emitted (chunk, index, chunk start) continues the same sequence."""
+    def raw(p0=0, off0=0):
+        for p in itertools.count(p0):
+            for off in range(off0 if p == p0 else 0, lengths[p % len(lengths)]):
+                yield (p, off), p, (p, off)
+
+    total = sum(lengths)
+    out = list(itertools.islice(TrainStream._chunks(raw(), size, 0, 0, [3]), total + 30))
+    samples = [o[3] for o in out]
+    assert sorted(samples[:total]) == samples_in_order(lengths)
+    assert [p for p, _ in samples[:total]] == sorted(p for p, _ in samples[:total])  # passes never mix
+    if size == 1:
+        assert samples[:total] == samples_in_order(lengths)
+    m = min(cut, len(out) - 2)
+    c, i, (p, off), _ = out[m]
+    again = list(itertools.islice(TrainStream._chunks(raw(p, off), size, c, i + 1, [3]), 2))
+    assert [a[3] for a in again] == samples[m + 1:m + 3]
+
+
+def samples_in_order(lengths):
+    return [(p, off) for p, n in enumerate(lengths) for off in range(n)]
+
+
+def test_an_epoch_shows_every_image_once(tin_shards, tmp_path):
+    """2 ranks x 2 workers over 4 equal shards: one epoch of batches holds each image exactly once."""
+    samples = []
+    for p in sorted(tin_shards.glob("*.tar")):
+        for s in wds.WebDataset(str(p), shardshuffle=False, empty_check=False):
+            if not s["__key__"].startswith(("corrupt", "truncated", "empty", "bad", "json", "wrong", "no_json")):
+                samples.append({"__key__": s["__key__"], "jpg": s["jpg"], "json": s["json"]})
+    assert len(samples) == 120
+    shards = write_shards(tmp_path / "even", samples, 30, [])
+    cfg = tiny_cfg(shards, workers=2, batch=6)
+    keys = []
+    for rank in (0, 1):
+        loader = make_train_loader(cfg, 8, rank, world_size=2)
+        assert loader.steps_per_epoch == 10
+        keys += [k for b in take(loader, loader.steps_per_epoch) for k in b["key"]]
+    assert sorted(keys) == sorted(s["__key__"] for s in samples)
+
+
+def test_resume_reads_at_most_a_shard_and_a_chunk(tin_shards, monkeypatch):
+    """The saved position sends a resumed worker to its shard: it reads far fewer samples than the run used."""
+    import webdataset
+
+    read = [0]
+    real = webdataset.tarfile_to_samples
+
+    def counting(*a, **kw):
+        stage = real(*a, **kw)
+
+        def run(src):
+            for s in stage(src):
+                read[0] += 1
+                yield s
+        return run
+
+    cfg = tiny_cfg(tin_shards, workers=0)
+    first = make_train_loader(cfg, 8)
+    ref = take(first, 40)  # 320+ samples: more than two passes over the 136
+    k = 38
+    first = make_train_loader(cfg, 8)
+    take(first, k)
+    monkeypatch.setattr(webdataset, "tarfile_to_samples", counting)
+    resumed = take(make_train_loader(cfg, 8, start_step=k, state=first.state_dict()), 2)
+    for a, b in zip(ref[k:], resumed):
+        same(a, b)
+    assert read[0] <= 25 + 16 + 2 * 16  # one shard up to the chunk + the chunk + two batches with bad samples
 
 
 def test_exact_resume_without_state(coco_shards):
@@ -364,7 +458,7 @@ def test_unreadable_tars_stop_with_a_clear_error(tmp_path):
     """Shards that are not tars at all (empty files): the endless stream stops instead of retrying forever."""
     (tmp_path / "x-000000.tar").write_bytes(b"")
     loader = make_train_loader(tiny_cfg(str(tmp_path / "x-{000000..000000}.tar"), workers=0, epoch_samples=40), 8)
-    with pytest.raises(RuntimeError, match="unusable samples in a row in .*x-000000.tar"):
+    with pytest.raises(RuntimeError, match="not one sample in a whole pass over the 1 shard.*x-000000.tar"):
         take(loader, 1)
 
 

@@ -64,7 +64,7 @@ class DataConfig:
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     batch_size: int = 64  # per process
     num_workers: int = 8
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # a worker permutes its samples in chunks of this many (0 or 1: shard order)
     epoch_samples: int | None = None  # images per epoch; default: the shard index's total
 
 

@@ -3,24 +3,26 @@
     make_train_loader(cfg, patch_size, rank, world_size, start_step=0, state=None) -> TrainLoader
     augment_batch(batch, device, generator) -> (global views [2B,3,G,G], local views [L*B,3,Ls,Ls]) float, normalised
 
-Per DataLoader worker: `wds.ResampledShards` (seeded) -> tar -> shuffle buffer (seeded) -> skip (resume) -> decode
--> boxes (manifest join, else the shard's json, else the whole image) -> `odis.views.ViewMaker`. Workers send
-uint8 crops and masks; photometric augmentation runs batched on the training device (`augment_batch`).
+Per DataLoader worker: its shards (`stream_shards`: each pass over the shard set reads every shard once, split
+between all ranks' workers) -> tar -> chunks of `data.shuffle_buffer` samples, each permuted -> decode -> boxes
+(manifest join, else the shard's json, else the whole image) -> `odis.views.ViewMaker`. Workers send uint8 crops
+and masks; photometric augmentation runs batched on the training device (`augment_batch`).
 
 Batch layout (view-major: `flatten(0, 1)` gives iBOT's order view 0 of every image, then view 1, ...):
     global uint8 [2, B, 3, G, G], local uint8 [n_local, B, 3, L, L]   (channels-last strides; augment_batch
                                                                        returns contiguous floats)
     obj_mask bool [2, B, gh, gw], obj_valid bool [2, B], mim_mask bool [2, B, gh, gw], obj_box float32 [2, B, 4]
-    label int64 [B] (-1 unknown), fallbacks int64 [B], bad int64 [B], has_box bool [B], key list[str]; worker,
-    raw_end (ints, for TrainLoader's data position).
+    label int64 [B] (-1 unknown), fallbacks int64 [B], bad int64 [B], has_box bool [B], key list[str]; worker
+    (int), position (the worker's stream position after the batch, for TrainLoader's state).
 
 Determinism: every random choice derives from (seed, rank, logical worker, sample number in that worker's
-stream), so the stream depends only on the seed, world size and num_workers. The DataLoader takes batches from its
-workers round-robin, so logical worker l makes batches l, l+W, l+2W, ... Resuming at step k rotates the workers
-(physical worker p plays logical worker (p + k) % W) and each logical worker skips the raw samples its first
-batches used *before decoding them*, so the batch stream from step k equals the uninterrupted stream with its
-first k batches dropped. With `state` (TrainLoader.state_dict() saved in the checkpoint) the skip is exact even
-when bad samples were dropped; without it each batch is assumed to have used exactly batch_size raw samples.
+stream), so the stream depends only on the seed, world size, num_workers, shuffle_buffer and the shard list. The
+DataLoader takes batches from its workers round-robin, so logical worker l makes batches l, l+W, l+2W, ... Resuming
+at step k rotates the workers (physical worker p plays logical worker (p + k) % W) and each logical worker starts at
+the position its last batch before k left it (TrainLoader.state_dict(), saved in the checkpoint): it opens that
+shard, reads (without decoding) up to the chunk's first sample and the chunk again, so the batch stream from step
+k equals the uninterrupted stream with its first k batches dropped, bad samples included. Without the saved
+position each batch is assumed to have used exactly batch_size raw samples, and the worker reads its way there.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import hashlib
 import io
 import json
 import logging
+import itertools
 import math
-import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -54,6 +56,7 @@ MAX_WARNINGS_PER_WORKER = 20
 # A worker that meets this many unusable samples in a row stops with the last reason instead of spinning forever
 # (wrong shard format, a bug); isolated bad samples are skipped and counted.
 MAX_BAD_IN_A_ROW = 1000
+STATE_VERSION = 2  # the data position in checkpoints: 2 = (chunk, index in it, shard of the worker, offset)
 
 
 class BadSample(ValueError):
@@ -269,8 +272,9 @@ class StreamSpec:
     batch_size: int
     shuffle_buffer: int
     start_step: int = 0
-    raw_pos: list[int] | None = None  # per logical worker, from TrainLoader.state_dict()
+    positions: list[list[int]] | None = None  # per logical worker, from TrainLoader.state_dict()
     draft: bool = True
+    world_size: int = 1
 
 
 def batches_before(step: int, worker: int, num_workers: int) -> int:
@@ -278,56 +282,115 @@ def batches_before(step: int, worker: int, num_workers: int) -> int:
     return len(range(worker, step, num_workers))
 
 
+def stream_shards(n_shards: int, seed: int, stream: int, n_streams: int,
+                  start: int = 0) -> Iterator[tuple[int, int, int]]:
+    """(j, pass, shard) for j = start, start+1, ...: the j-th shard that stream `stream` of `n_streams` reads.
+
+    The shard sequence of the whole run is S = perm_0 + perm_1 + ..., perm_p a permutation of the shards seeded by
+    (seed, p), and stream g reads S[g], S[g + G], S[g + 2G], ... So every block of n_shards consecutive entries
+    of S, read by all G streams together, is one pass that reads each shard exactly once (whatever n_shards and G),
+    and a stream's j-th shard is known without reading anything: a resume starts at its shard directly.
+    """
+    perms: dict[int, np.ndarray] = {}
+    j = start
+    while True:
+        p, i = divmod(stream + j * n_streams, n_shards)
+        if p not in perms:
+            perms.clear()  # passes are visited in order: keep one
+            perms[p] = np.random.default_rng([seed, p]).permutation(n_shards)
+        yield j, p, int(perms[p][i])
+        j += 1
+
+
 class TrainStream(IterableDataset):
-    """Infinite stream of batches for one rank, assembled in place (each DataLoader worker runs its own copy)."""
+    """Infinite stream of batches for one rank, assembled in place (each DataLoader worker runs its own copy).
+
+    A worker reads its shards (`stream_shards`) in chunks of `shuffle_buffer` raw samples, each chunk permuted
+    whole (seeded by its number), so its position is (chunk c, samples of it used i, the chunk's first sample
+    as (j-th shard of the worker, offset in it)): a resume reads at most one shard up to that offset and
+    one chunk again, without decoding. `odis shard` shuffles images before packing them, so a chunk of
+    consecutive samples is already a random draw; the permutation only mixes neighbours of different shards.
+    """
 
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
 
     def __iter__(self) -> Iterator[dict]:
-        import webdataset as wds
-
         s = self.spec
         info = get_worker_info()
         phys, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         w = (phys + s.start_step) % nw  # logical worker: batch k of the run comes from logical worker k % W
-        if s.raw_pos is not None:
-            skip = int(s.raw_pos[w])
-        else:
-            skip = batches_before(s.start_step, w, nw) * s.batch_size
         counter = {"bad": 0, "warned": 0, "in_a_row": 0}
-        shards = wds.ResampledShards(s.urls, seed=s.seed, worker_seed=lambda: s.rank * 100_003 + w,
-                                     deterministic=True)
-        pipe = wds.DataPipeline(
-            shards,
-            wds.tarfile_to_samples(handler=lambda e: self._count(e, counter, w)),  # unreadable tars count too
-            wds.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=random.Random(f"{s.seed}/{s.rank}/{w}")),
-        )
+        size = max(1, s.shuffle_buffer)
+        stream, n_streams = s.rank * nw + w, s.world_size * nw
+        if s.positions is not None:  # exact: from the checkpoint
+            c, i, j, off = (int(x) for x in s.positions[w])
+            raw = self._raw(stream, n_streams, counter, w, j, off)
+        else:  # no saved position: assume every batch before start_step used batch_size raw samples (clean data)
+            c, i = divmod(batches_before(s.start_step, w, nw) * s.batch_size, size)
+            # read (not decoded) up to chunk c: slow late in a run, which the saved position avoids
+            raw = itertools.islice(self._raw(stream, n_streams, counter, w), c * size, None)
         reduction = s.views.max_reduction if s.draft else None
         batch = _Batch(s.views, s.batch_size, shared=info is not None)
-        for n, raw in enumerate(pipe):
-            if n < skip:
-                continue  # resume: these raw samples made batches before start_step; never decoded
-            rng = np.random.default_rng([s.seed, s.rank, w, n])
+        for c, i, start, sample in self._chunks(raw, size, c, i, [s.seed, s.rank, w]):
+            n = c * size + i  # the sample's number in this worker's stream: its views' random seed
             try:
-                out = self.process(raw, rng, reduction, batch.slot())
+                out = self.process(sample, np.random.default_rng([s.seed, s.rank, w, n]), reduction, batch.slot())
             except Exception as e:  # noqa: BLE001 -- a bad sample must never kill the worker; it is counted
                 if not isinstance(e, BadSample):
-                    e = BadSample(f"{raw.get('__key__', '?')}: {type(e).__name__}: {e}")
+                    e = BadSample(f"{sample.get('__key__', '?')}: {type(e).__name__}: {e}")
                 self._count(e, counter, w)
                 continue
             batch.add(out, bad=counter["bad"])
             counter["bad"] = counter["in_a_row"] = 0
             if batch.full:
-                yield batch.finish(worker=w, raw_end=n + 1)
+                yield batch.finish(worker=w, position=[c, i + 1, *start])
                 batch = _Batch(s.views, s.batch_size, shared=info is not None)
+
+    def _raw(self, stream: int, n_streams: int, counter: dict, w: int, j0: int = 0,
+             skip: int = 0) -> Iterator[tuple[tuple[int, int], int, dict]]:
+        """((j, offset), pass, raw sample) from the j0-th shard of this stream on, its first `skip` samples left
+        out."""
+        import webdataset as wds
+
+        urls = self.spec.urls
+        read = wds.tarfile_to_samples(handler=lambda e: self._count(e, counter, w))  # unreadable tars count too
+        empty_in_a_row = 0
+        for j, p, shard in stream_shards(len(urls), self.spec.seed, stream, n_streams, j0):
+            n = -1
+            for n, sample in enumerate(read([{"url": urls[shard]}])):
+                if j > j0 or n >= skip:
+                    yield (j, n), p, sample
+            empty_in_a_row = empty_in_a_row + 1 if n < 0 else 0
+            if empty_in_a_row > len(urls):  # a whole pass gave nothing (unreadable or empty tars)
+                last = f"; last error: {counter['last']}" if "last" in counter else ""
+                raise RuntimeError(f"data worker {w}: not one sample in a whole pass over the {len(urls)} "
+                                   f"shard(s) {urls[0]} ...{last}. Check the shards (odis verify)")
+
+    @staticmethod
+    def _chunks(raw, size: int, c: int, i: int, seed: list[int]) -> Iterator[tuple[int, int, tuple[int, int], dict]]:
+        """(chunk c, index i in it, the chunk's first raw position, sample), from chunk c's i-th sample on: chunks
+        of `size` raw samples, each permuted whole by a generator seeded with (seed, c). A chunk never spans two
+        passes over the shards (it ends early instead), so that a pass shows each image once."""
+        item = next(raw)
+        while True:
+            chunk = [item]
+            item = next(raw)
+            while len(chunk) < size and item[1] == chunk[0][1]:  # (item[1]: the pass)
+                chunk.append(item)
+                item = next(raw)
+            for k in np.random.default_rng([*seed, c]).permutation(len(chunk))[i:]:
+                yield c, i, chunk[0][0], chunk[k][2]
+                i += 1
+            c, i = c + 1, 0
 
     def _count(self, exc: Exception, counter: dict, worker: int) -> bool:
         """Count a bad sample or an unreadable shard; stop the worker when nothing usable comes any more (the
         stream is endless: skipping forever would hang the run)."""
         counter["bad"] += 1
         counter["in_a_row"] += 1
+        counter["last"] = exc
         if counter["in_a_row"] >= MAX_BAD_IN_A_ROW:
             raise RuntimeError(f"data worker {worker}: {MAX_BAD_IN_A_ROW} unusable samples in a row in "
                                f"{self.spec.urls[0]} ...; last: {exc}. Check the shards (odis verify --decode)")
@@ -407,7 +470,7 @@ class _Batch:
         self.keys.append(v["key"])
         self.n += 1
 
-    def finish(self, worker: int, raw_end: int) -> dict:
+    def finish(self, worker: int, position: list[int]) -> dict:
         t = torch.from_numpy
         return {
             "global": self.t_global.permute(0, 1, 4, 2, 3),  # uint8 [2, B, 3, G, G] (channels-last strides)
@@ -422,7 +485,7 @@ class _Batch:
             "has_box": t(self.has_box),                        # bool [B] False: no box, the whole image was used
             "key": self.keys,                                  # list[str] image ids
             "worker": worker,                                  # logical worker that made the batch
-            "raw_end": raw_end,                                # raw samples that worker has used so far
+            "position": position,                              # that worker's stream position after it
         }
 
 
@@ -440,7 +503,7 @@ def collate(samples: list[dict]) -> dict:
     b.has_box = np.zeros(len(samples), bool)
     for s in samples:
         b.add(s, s.get("bad", 0))
-    return b.finish(worker=samples[-1].get("worker", 0), raw_end=samples[-1].get("raw_end", 0))
+    return b.finish(worker=samples[-1].get("worker", 0), position=samples[-1].get("position", [0, 0, 0, 0]))
 
 
 # ---- the loader ------------------------------------------------------------------------------------------------
@@ -456,14 +519,15 @@ class TrainLoader:
         self.loader, self.spec, self.num_workers = loader, spec, max(1, num_workers)
         self.steps_per_epoch, self.epoch_samples, self.box_report = steps_per_epoch, epoch_samples, box_report
         self.step = spec.start_step
-        self.raw_pos = list(spec.raw_pos) if spec.raw_pos is not None else [
-            batches_before(spec.start_step, w, self.num_workers) * spec.batch_size for w in range(self.num_workers)]
+        # None: a worker that has not made a batch since the start; a checkpoint then needs the start's position
+        self.positions = list(spec.positions) if spec.positions is not None else \
+            [[0, 0, 0, 0] if spec.start_step == 0 else None] * self.num_workers
         self.stats = {"samples": 0, "bad_samples": 0, "crop_fallbacks": 0, "obj_invalid": 0, "whole_image_box": 0}
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
             self.step += 1
-            self.raw_pos[batch["worker"]] = batch["raw_end"]
+            self.positions[batch["worker"]] = batch["position"]
             self.stats["samples"] += len(batch["key"])
             self.stats["bad_samples"] += int(batch["bad"].sum())
             self.stats["crop_fallbacks"] += int(batch["fallbacks"].sum())
@@ -472,8 +536,11 @@ class TrainLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "num_workers": self.num_workers, "raw_pos": list(self.raw_pos),
-                "seed": self.spec.seed}
+        if None in self.positions:  # too few steps since a stateless start for every worker to have reported
+            return {"step": self.step, "num_workers": self.num_workers, "seed": self.spec.seed}
+        return {"version": STATE_VERSION, "step": self.step, "num_workers": self.num_workers,
+                "seed": self.spec.seed, "positions": [list(map(int, p)) for p in self.positions],
+                "shuffle_buffer": self.spec.shuffle_buffer, "shards": len(self.spec.urls)}
 
 
 def _index_total(spec_str: str, urls: list[str]) -> int | None:
@@ -522,24 +589,31 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         raise ValueError(f"{d.shards}: cannot tell the number of images (no index.json); set data.epoch_samples")
     steps = max(1, total // (d.batch_size * world_size))
     nw = max(0, int(d.num_workers))
-    raw_pos = None
-    if state is not None:
-        if int(state.get("num_workers", -1)) != max(1, nw) or int(state.get("step", -1)) != start_step \
-                or int(state.get("seed", cfg.seed)) != cfg.seed:
-            # The stream is a function of (seed, rank, worker count): another layout cannot continue it exactly.
-            log.warning("data state is for step %s, %s workers, seed %s; resuming at step %d with %d workers, seed "
-                        "%d: the data stream will differ from the uninterrupted run", state.get("step"),
-                        state.get("num_workers"), state.get("seed"), start_step, max(1, nw), cfg.seed)
-        else:
-            raw_pos = [int(x) for x in state["raw_pos"]]
     spec = StreamSpec(urls, ViewMaker.from_config(d, patch_size, cfg.method), table, cfg.seed, rank,
-                      d.batch_size, d.shuffle_buffer, start_step, raw_pos)
+                      d.batch_size, d.shuffle_buffer, start_step, world_size=world_size)
+    if state is not None:
+        spec.positions = _saved_positions(state, spec, max(1, nw))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available() and cfg.device != "cpu"
     # The stream yields whole batches (assembled in place in the worker): batch_size=None here.
     loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=nw, pin_memory=pin_memory,
                         worker_init_fn=_worker_init, persistent_workers=False)
     return TrainLoader(loader, spec, nw, steps, total, report)
+
+
+def _saved_positions(state: dict, spec: StreamSpec, num_workers: int) -> list[list[int]] | None:
+    """The workers' positions saved in a checkpoint, if they continue this stream exactly; else None (with a
+    warning: the resumed stream then assumes clean data and reads its way to the step)."""
+    saved = {k: state.get(k) for k in ("version", "step", "num_workers", "seed", "shuffle_buffer", "shards")}
+    now = {"version": STATE_VERSION, "step": spec.start_step, "num_workers": num_workers, "seed": spec.seed,
+           "shuffle_buffer": spec.shuffle_buffer, "shards": len(spec.urls)}
+    if saved == now and "positions" in state:
+        return [[int(x) for x in p] for p in state["positions"]]
+    # The stream is a function of (seed, rank, worker count, shards): another layout cannot continue it exactly.
+    diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in now if saved[k] != now[k]) or "no worker positions"
+    log.warning("the checkpoint's data position does not fit this run (%s): the resumed data stream will differ "
+                "from the uninterrupted run's", diff)
+    return None
 
 
 def _require_box_match(report: dict, d, keys: list[str]) -> None:
