@@ -4,7 +4,6 @@ Each stage of the flow has its section below (boxes, shards, training, evaluatio
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -359,8 +358,7 @@ def train(
     for key, value in (("data.shards", shards), ("data.boxes", boxes), ("method", method), ("out", out),
                        ("max_steps", max_steps), ("device", device), ("data.box_sampling", box_sampling)):
         if value is not None:
-            # overrides are parsed as YAML: a path such as `runs/exp #3` or `2024-01-01` must stay the string given
-            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+            overrides.append(f"{key}={value}")  # text settings take the text as typed (load_config)
     try:
         cfg = load_config(config, overrides)
     except (ValueError, FileNotFoundError) as e:

@@ -168,6 +168,15 @@ def test_an_override_of_a_bad_file_value_is_the_override_s_fault(tmp_path):
         load_config(path, ["optim.lr=-2"])
 
 
+def test_text_settings_take_an_override_as_typed():
+    """Paths and names are not YAML: `#` starts no comment, a date stays text; quotes and null still work."""
+    cfg = load_config(overrides=["out=runs/exp #3", "data.shards=2024-01-01", "model.arch= vit_tiny_patch16_224",
+                                 "data.boxes=null", "device='cpu'", "optim.epochs=30"])
+    assert (cfg.out, cfg.data.shards, cfg.data.boxes, cfg.device) == ("runs/exp #3", "2024-01-01", None, "cpu")
+    assert cfg.model.arch == "vit_tiny_patch16_224"  # stripped, as YAML would
+    assert load_config(overrides=["data.boxes=yolo #2.parquet"]).data.boxes == "yolo #2.parquet"
+
+
 def test_errors_are_config_errors_carrying_their_keys():
     from trainer.config import ConfigError
 

@@ -3,7 +3,6 @@ and a box manifest that only partly matches the shards."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -53,9 +52,7 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _cfg(shards: Path, out: Path, *extra: str):
-    # quoted: overrides are YAML, and a path may hold '#' or ': '
-    return load_config(overrides=[*SMALL, f"data.shards={json.dumps(str(shards))}", f"out={json.dumps(str(out))}",
-                                  *extra])
+    return load_config(overrides=[*SMALL, f"data.shards={shards}", f"out={out}", *extra])  # paths as typed
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float, float]]:

@@ -324,6 +324,20 @@ def _set(cfg: Any, dotted: Any, value: Any, prefix: str = "") -> list[str]:
     return [prefix + head]
 
 
+def _hint(cfg: Any, dotted: str) -> Any:
+    """The type of a dotted config key; None for an unknown one (_set names it)."""
+    head, _, rest = dotted.partition(".")
+    hint = get_type_hints(type(cfg)).get(head)
+    if rest and hint is not None and dataclasses.is_dataclass(hint):
+        return _hint(getattr(cfg, head), rest)
+    return None if rest else hint
+
+
+def _is_text(hint: Any) -> bool:
+    """A `str` or `str | None` setting."""
+    return hint is str or set(getattr(hint, "__args__", ())) == {str, type(None)}
+
+
 def _parse_yaml(text: str, where: str, lines: bool) -> Any:
     """YAML -> Python, or a ConfigError naming `where` (and, with `lines`, the line) of the syntax error."""
     try:
@@ -376,7 +390,8 @@ def _read_config_file(path: Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML: numbers, lists, null).
+    """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML: numbers, lists, null; a text
+    setting takes the text as typed, unless quoted or null).
 
     Bad input raises ConfigError (a ValueError) naming the key, and the file when the file set it."""
     cfg = Config()
@@ -392,8 +407,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, eq, raw = item.partition("=")
         if not eq:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        value = _parse_yaml(raw, f"override {item!r}", lines=False)
-        source.update(dict.fromkeys(_set(cfg, key.strip(), value)))
+        key = key.strip()
+        if _is_text(_hint(cfg, key)) and not raw.lstrip().startswith(("'", '"')) and raw.strip() not in ("null", "~"):
+            value = raw.strip()  # a text setting takes the text as typed: `out=runs/exp #3`, `data.shards=2024-01-01`
+        else:
+            value = _parse_yaml(raw, f"override {item!r}", lines=False)
+        source.update(dict.fromkeys(_set(cfg, key, value)))
     try:
         return cfg.validate()
     except ConfigError as e:
