@@ -170,14 +170,34 @@ def _ximgproc():
     return cv2
 
 
+def _c_srand():
+    """libc's srand, or None where it cannot be found. OpenCV's selective search ranks its proposals with C's
+    rand() (hierarchical grouping: rank = random * level), which cv2.setRNGSeed does not seed: unseeded, the same
+    image gets another order, so another top --max-boxes, on every run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") or ("msvcrt" if sys.platform == "win32" else None)
+    try:
+        return ctypes.CDLL(name).srand if name else None
+    except OSError:
+        return None
+
+
 class SelectiveSearchDetector:
     """OpenCV contrib selective search ("fast" mode), weight-free class-agnostic proposals as in SoCo. The image
-    is shrunk so its longest side is `imgsz`; proposals keep their order (score = 1 - rank / n)."""
+    is shrunk so its longest side is `imgsz`; proposals keep their order (score = 1 - rank / n). C's rand() is
+    seeded before each image, so the proposals of an image are the same in every run, actor and order."""
 
     def __init__(self, cfg: DetectorConfig):
         self.cv2 = _ximgproc()
         self.cfg = cfg
         self.cv2.setNumThreads(1)
+        self.srand = _c_srand()
+        if self.srand is None:
+            import warnings
+
+            warnings.warn("selective search: C's srand not found; proposals will differ between runs", stacklevel=2)
 
     def _one(self, im) -> tuple[np.ndarray, np.ndarray]:
         cv2, c = self.cv2, self.cfg
@@ -186,6 +206,8 @@ class SelectiveSearchDetector:
         ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
         ss.setBaseImage(np.ascontiguousarray(np.asarray(small)[:, :, ::-1]))
         ss.switchToSelectiveSearchFast()
+        if self.srand is not None:
+            self.srand(0)
         rects = ss.process()
         if len(rects) == 0:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)

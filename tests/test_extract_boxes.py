@@ -375,6 +375,15 @@ def test_selective_search_on_real_images(ray_local, coco_tiny, tmp_path):
     assert (t.groupby("image_id").x0.count() == 20).all()
     assert ((t.x1 - t.x0) * (t.y1 - t.y0) >= 0.01 * t.width * t.height - 1e-3).all()
     assert validate_manifest(out) == []
+    # reproducible: the same image gives the same proposals again, after another image or alone (OpenCV ranks
+    # them with C's rand(), which the detector seeds per image)
+    from pipelines.detectors import DetectorConfig, SelectiveSearchDetector
+
+    ims = [Image.open(f).convert("RGB") for f in sorted(images.iterdir())[:2]]
+    det = SelectiveSearchDetector(DetectorConfig(name="selective-search", imgsz=160, max_boxes=20))
+    (a0, _), (a1, _) = det(ims)
+    (b1, _), = det(ims[1:])
+    assert np.array_equal(a1, b1) and np.array_equal(det(ims[:1])[0][0], a0) and len(a0) == 20
 
 
 # ---- the same command against a Ray cluster (two nodes on this machine) -------------------------------------------
