@@ -105,6 +105,24 @@ def test_resume_continues_with_the_same_losses(tin_shards, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_fp16_trains_with_loss_scaling_and_resumes_the_same(tin_shards, tmp_path):
+    """precision=fp16 (GPUs without bf16; here on the CPU): autocast in float16 with a GradScaler, the scale logged
+    and checkpointed, and a resume continues the same losses."""
+    fp32, straight, split = tmp_path / "fp32", tmp_path / "straight", tmp_path / "split"
+    train(_cfg(tin_shards, fp32, "max_steps=2"), progress=False)
+    train(_cfg(tin_shards, straight, "max_steps=6", "precision=fp16"), progress=False)
+    train(_cfg(tin_shards, split, "max_steps=3", "precision=fp16"), progress=False)
+    train(_cfg(tin_shards, split, "max_steps=6", "precision=fp16"), resume="auto", progress=False)
+    a, b = _losses(straight), _losses(split)
+    assert a[0] != _losses(fp32)[0]  # float16 arithmetic: not the fp32 numbers
+    assert a == b
+    with open(straight / "metrics.csv") as f:
+        scales = [float(r["loss_scale"]) for r in csv.DictReader(f)]
+    ck = torch.load(split / "checkpoint.pt", weights_only=True)
+    assert ck["scaler"]["scale"] == scales[-1] and 1 <= scales[-1] <= 2.0 ** 16
+    assert torch.load(fp32 / "checkpoint.pt", weights_only=True)["scaler"] is None
+
+
 def test_compiled_backbones_train_like_eager_ones(tin_shards, tmp_path, compiled_graphs):
     """model.compile=true reaches the trainer: the backbones are compiled (inductor's C++ on a CPU), the losses are
     the eager run's, checkpoints and the export keep their names. (Early steps barely move the weights at this lr:

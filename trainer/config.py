@@ -100,6 +100,8 @@ class Config:
     seed: int = 0
     out: str = "runs/odis"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # auto: bf16 on GPUs that have it, else fp16 with loss scaling (iBOT/DINO's fp16 path: V100, T4); fp32 on CPU
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
     log_every: int = 10
     checkpoint_every: int = 500  # steps
     max_steps: int | None = None  # stop after this many steps (smoke runs, tests)
@@ -151,6 +153,7 @@ RULES: dict[str, Rule] = {
     "seed": Rule("in [0, 2**32)", lambda v: 0 <= v < 2**32),
     "out": Rule("a folder name", lambda v: v.strip() != ""),
     "device": Rule("auto|cpu|cuda|cuda:N", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None),
+    "precision": _choice("auto", "bf16", "fp16", "fp32"),
     "log_every": _COUNT,  # steps: `step % log_every`
     "checkpoint_every": _COUNT,
     "max_steps": _COUNT,  # 0 would export an untrained backbone as if it were a run

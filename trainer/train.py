@@ -107,13 +107,14 @@ def set_rng_state(s: dict) -> None:
 
 
 def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, state: State, cfg: Config,
-                    data_states: list[dict], rng_states: list[dict]) -> None:
+                    data_states: list[dict], rng_states: list[dict], scaler=None) -> None:
     """Atomic and durable (write_durably): a crash leaves the old checkpoint or the new one, whole."""
     payload = {
         "step": state.step, "bad_steps": state.bad_steps, "bad_in_a_row": state.bad_in_a_row,
         "data": data_states,  # each rank's exact data position
         "rng": rng_states,  # each rank's random state
         "distiller": distiller.state_dict(), "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale
         "config": to_dict(cfg), "method": cfg.method,
         # what load_backbone reads: the teacher backbone under timm names
         "backbone_config": distiller.teacher.backbone.config(),
@@ -137,7 +138,8 @@ def write_durably(path: Path, write) -> None:
         os.close(folder)
 
 
-def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, cfg: Config) -> State:
+def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer, cfg: Config,
+                    scaler=None) -> State:
     try:  # weights_only=True: a checkpoint from elsewhere cannot run code on load.
         ck = torch.load(path, map_location="cpu", weights_only=True)
         changed = config_changes(ck["config"], to_dict(cfg))
@@ -149,6 +151,8 @@ def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
                          "values (its config.yaml beside the checkpoint: -c that file).")
     distiller.load_state_dict(ck["distiller"])  # strict: a mismatch is an error, never silently random weights
     opt.load_state_dict(ck["optimizer"])
+    if scaler is not None and ck.get("scaler"):  # a run that changed precision on resume starts a fresh scale
+        scaler.load_state_dict(ck["scaler"])
     # The RNG state is applied by the caller once the data loader has started (starting it draws from torch's RNG).
     return State(step=ck["step"], bad_steps=ck["bad_steps"], bad_in_a_row=ck["bad_in_a_row"],
                  extra={"data": ck.get("data") or [], "rng": ck["rng"]})
@@ -156,7 +160,7 @@ def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
 
 # What a resume may change: where the data and the run live, how often to log, and how to run the same
 # computation. Anything else (model, method, losses, schedules, batch, views, seed) changes what is trained.
-RESUME_MAY_CHANGE = {"out", "max_steps", "log_every", "checkpoint_every", "max_bad_steps", "device",
+RESUME_MAY_CHANGE = {"out", "max_steps", "log_every", "checkpoint_every", "max_bad_steps", "device", "precision",
                      "data.shards", "data.boxes", "data.num_workers", "model.compile"}
 
 
@@ -251,7 +255,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     if cfg.model.compile:
         distiller.compile_backbones()  # before DDP wraps it; compiles lazily at the first steps
     opt = torch.optim.AdamW(distiller.param_groups(), lr=0.0)
-    state = load_checkpoint(ck, distiller, opt, cfg) if ck else State()
+    amp, scaler, precision = mixed_precision(cfg.precision, device)
+    state = load_checkpoint(ck, distiller, opt, cfg, scaler) if ck else State()
     steps = _gather(state.step, dd)
     if any(st != steps[0] for st in steps):
         raise ValueError(f"the processes start from different steps {steps}: every node must see the same {out} "
@@ -277,11 +282,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     log = MetricsLog(out, enabled=dd.main, start_step=state.step, total=stop, progress=progress)
     if dd.main:
         log.info(f"{cfg.method}: {stop - state.step} steps to go (epoch = {spe} steps of {batch_total} images), "
-                 f"device {device}, {dd.world} process(es)" + (f", resumed from {ck}" if ck else ""))
+                 f"device {device} ({precision}), {dd.world} process(es)" + (f", resumed from {ck}" if ck else ""))
         if loader.box_report:
             log.info("boxes: " + ", ".join(f"{k} {v}" for k, v in loader.box_report.items()))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 head logits (odis/heads.py) at TF32 speed
     distiller.train()
     t_wait = t_last = time.perf_counter()
@@ -292,10 +295,11 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
         now = time.perf_counter()
         wait += now - t_wait
         sched = set_schedules(opt, cfg, state.step, spe, total, batch_total)
+        views = to_views(batch, device, cfg.method, state.step, cfg.seed, dd.rank)  # augmentation in float32
         with amp:
-            parts = model(to_views(batch, device, cfg.method, state.step, cfg.seed, dd.rank),
-                          teacher_temp=sched["teacher_temp"])
-        optimise(parts["loss"], distiller, opt, cfg, state, sched["momentum"], epoch=state.step // spe, dd=dd)
+            parts = model(views, teacher_temp=sched["teacher_temp"])
+        optimise(parts["loss"], distiller, opt, cfg, state, sched["momentum"], epoch=state.step // spe, dd=dd,
+                 scaler=scaler)
         state.step += 1
         if state.step % cfg.log_every == 0 or state.step == stop:
             now = time.perf_counter()
@@ -305,13 +309,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
             seconds = max(now - t_last, 1e-9)
             log.write({**row, "img_per_s": n_steps * batch_total / seconds, "data_wait": wait / seconds,
                        "fallbacks": float(batch["fallbacks"].float().mean()) if "fallbacks" in batch else 0.0,
-                       "bad_steps": state.bad_steps})
+                       "bad_steps": state.bad_steps, **({"loss_scale": scaler.get_scale()} if scaler else {})})
             t_last, wait = now, 0.0
         if state.step % cfg.checkpoint_every == 0 or state.step == stop:
             per_rank = _gather((loader.state_dict(), rng_state()), dd)
             if dd.main:
                 save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg, [d for d, _ in per_rank],
-                                [r for _, r in per_rank])
+                                [r for _, r in per_rank], scaler)
         t_wait = time.perf_counter()
     _check_ranks_agree(distiller, dd)
     if dd.main:
@@ -344,10 +348,25 @@ def start_batches(loader, state: State, seed: int, dd: Dist, resumed: bool, stop
     return it
 
 
+def mixed_precision(precision: str, device: torch.device):
+    """(autocast context, GradScaler or None, the precision chosen) for `precision` on `device`. The heads' logits
+    and the losses run in float32 whatever this says (odis/heads.py, odis/losses.py)."""
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False), None, precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    # fp16 overflows without loss scaling; iBOT and DINO train in fp16 with a GradScaler, the same way as here
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return torch.autocast(device.type, dtype=dtype), scaler, precision
+
+
 def optimise(loss: torch.Tensor, distiller: Distiller, opt: torch.optim.Optimizer, cfg: Config, state: State,
-             momentum: float, epoch: int, dd: Dist) -> None:
-    """Backward, clipping, last-layer freezing, the optimiser and EMA steps. A non-finite loss skips all of it on
-    every rank (counted in `state`); `cfg.max_bad_steps` of them in a row stop the run."""
+             momentum: float, epoch: int, dd: Dist, scaler=None) -> None:
+    """Backward, clipping, last-layer freezing, the optimiser and EMA steps (with fp16's GradScaler: the loss
+    scaled, the gradients unscaled before clipping, a step with inf/NaN gradients skipped by the scaler, as
+    iBOT does). A non-finite loss skips all of it on every rank (counted in `state`); `cfg.max_bad_steps` of them
+    in a row stop the run."""
     opt.zero_grad(set_to_none=True)
     if not _all_finite(loss, dd):
         state.bad_steps += 1
@@ -358,12 +377,18 @@ def optimise(loss: torch.Tensor, distiller: Distiller, opt: torch.optim.Optimize
                 f"optim.lr, check the data, or resume from the last checkpoint in {cfg.out}")
         return
     state.bad_in_a_row = 0
-    loss.backward()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     if cfg.optim.clip_grad:
+        if scaler is not None:
+            scaler.unscale_(opt)
         clip_gradients(distiller.student, cfg.optim.clip_grad)
     if epoch < cfg.optim.freeze_last_layer_epochs:
         distiller.cancel_last_layer_grads()
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     distiller.update_teacher(momentum)
 
 
