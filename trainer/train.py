@@ -264,13 +264,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     if dd.main:  # written once the checkpoint (if any) has loaded: a refused resume leaves the folder as it was
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    model = distiller
-    if dd.world > 1:
-        # Buffers (the centers) are all-reduced by the loss itself, not re-broadcast from rank 0 every forward;
-        # the one sync at init is harmless: every rank starts from the same seed or checkpoint.
-        model = torch.nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-
+    model = wrap_ddp(distiller, device, dd)
     data_states = state.extra.get("data") or []
     loader = make_train_loader(cfg, distiller.student.backbone.patch_size, dd.rank, dd.world,
                                start_step=state.step,
@@ -287,13 +281,11 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
             log.info("boxes: " + ", ".join(f"{k} {v}" for k, v in loader.box_report.items()))
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 head logits (odis/heads.py) at TF32 speed
     distiller.train()
-    t_wait = t_last = time.perf_counter()
-    wait = 0.0
+    pace = Pace()
     it = start_batches(loader, state, cfg.seed, dd, resumed=ck is not None, stop=stop)
     while state.step < stop:
         batch = next(it)
-        now = time.perf_counter()
-        wait += now - t_wait
+        pace.got_batch()
         sched = set_schedules(opt, cfg, state.step, spe, total, batch_total)
         views = to_views(batch, device, cfg.method, state.step, cfg.seed, dd.rank)  # augmentation in float32
         with amp:
@@ -302,21 +294,18 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
                  scaler=scaler)
         state.step += 1
         if state.step % cfg.log_every == 0 or state.step == stop:
-            now = time.perf_counter()
             n_steps = cfg.log_every if state.step % cfg.log_every == 0 else max(1, state.step % cfg.log_every)
             row = log.reduce({"step": state.step, "epoch": round(state.step / spe, 4),
                               **{k: v.detach().float() for k, v in parts.items()}, **sched}, dd)
-            seconds = max(now - t_last, 1e-9)
-            log.write({**row, "img_per_s": n_steps * batch_total / seconds, "data_wait": wait / seconds,
+            log.write({**row, **pace.take(n_steps * batch_total), "bad_steps": state.bad_steps,
                        "fallbacks": float(batch["fallbacks"].float().mean()) if "fallbacks" in batch else 0.0,
-                       "bad_steps": state.bad_steps, **({"loss_scale": scaler.get_scale()} if scaler else {})})
-            t_last, wait = now, 0.0
+                       **({"loss_scale": scaler.get_scale()} if scaler else {})})
         if state.step % cfg.checkpoint_every == 0 or state.step == stop:
             per_rank = _gather((loader.state_dict(), rng_state()), dd)
             if dd.main:
                 save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg, [d for d, _ in per_rank],
                                 [r for _, r in per_rank], scaler)
-        t_wait = time.perf_counter()
+        pace.step_done()
     _check_ranks_agree(distiller, dd)
     if dd.main:
         log.info(f"data: {loader.stats}")
@@ -329,6 +318,37 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+class Pace:
+    """Images per second and the share of the time spent waiting for the loader, between two log rows."""
+
+    def __init__(self):
+        self.t_wait = self.t_last = time.perf_counter()
+        self.wait = 0.0
+
+    def got_batch(self) -> None:
+        self.wait += time.perf_counter() - self.t_wait
+
+    def step_done(self) -> None:
+        self.t_wait = time.perf_counter()
+
+    def take(self, images: int) -> dict:
+        now = time.perf_counter()
+        seconds = max(now - self.t_last, 1e-9)
+        row = {"img_per_s": images / seconds, "data_wait": self.wait / seconds}
+        self.t_last, self.wait = now, 0.0
+        return row
+
+
+def wrap_ddp(distiller: Distiller, device: torch.device, dd: Dist) -> torch.nn.Module:
+    """The module the loop calls: DDP-wrapped under torchrun (after the checkpoint has loaded)."""
+    if dd.world == 1:
+        return distiller
+    # Buffers (the centers) are all-reduced by the loss itself, not re-broadcast from rank 0 every forward; the
+    # one sync at init is harmless: every rank starts from the same seed or checkpoint.
+    return torch.nn.parallel.DistributedDataParallel(
+        distiller, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
 
 
 def start_batches(loader, state: State, seed: int, dd: Dist, resumed: bool, stop: int):
