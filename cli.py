@@ -249,8 +249,9 @@ def shard_cmd(
 
     from tqdm import tqdm
 
-    from pipelines.shard import ShardError, ShardSettings, parse_size, run_shard
     from odis.manifest import ManifestError
+    from pipelines.ray_connect import RayAddressError
+    from pipelines.shard import ShardError, ShardSettings, parse_size, run_shard
 
     bar = None
     t0 = [0.0, 0]
@@ -275,7 +276,7 @@ def shard_cmd(
             max_pixels=max_pixels)
         index = run_shard(settings, overwrite=overwrite, num_workers=num_workers, use_ray=use_ray,
                           ray_address=ray_address, progress=progress, on_plan=on_plan)
-    except (ShardError, ManifestError) as e:
+    except (ShardError, ManifestError, RayAddressError) as e:
         fail(str(e))
     except OSError as e:  # disk full, permissions, a vanished mount: say so, the run resumes after a fix
         fail(f"writing shards to {out}: {e}; rerun the same command to resume")

@@ -33,6 +33,7 @@ from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, im
                            make_metadata, manifest_files, manifest_metadata, sha256_of, table_from_columns,
                            write_manifest)
 from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector, check_detector
+from pipelines.ray_connect import check_ray_address, init_ray
 
 # Metadata that must agree for a resumed run to add rows to an existing manifest.
 _RESUME_KEYS = ("source", "images_root", "id_scheme", "weights_sha256", "conf", "iou", "max_boxes", "min_area",
@@ -207,16 +208,13 @@ def _delete_ours(where: Path) -> None:
 
 
 def _ray_init(address: str | None):
-    """Reuse an initialised Ray; else connect to `address`/RAY_ADDRESS, else start a private local instance
-    ("local": never attach to someone else's cluster by accident). Returns True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False if address == "local" else None, log_to_driver=False,
-             configure_logging=True, logging_level="ERROR")
-    return True
+    """Reuse an initialised Ray; else connect to `address`/RAY_ADDRESS (an unreachable one fails within seconds),
+    else start a private local instance ("local": never attach to someone else's cluster by accident). Returns
+    True if we started it."""
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        address = "local"
+    return init_ray(address, include_dashboard=False if address == "local" else None, log_to_driver=False,
+                    configure_logging=True, logging_level="ERROR")
 
 
 def _quiet_ray_data_console() -> None:
@@ -309,6 +307,7 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a folder")
     check_detector(cfg.detector)
+    check_ray_address(cfg.ray_address)  # an unreachable cluster is said before the images are listed
     _check_out_apart(out, root)
     items, not_images = _list(cfg)  # before --overwrite deletes anything: a bad id scheme must not cost the output
     staging = staging_dir(out)

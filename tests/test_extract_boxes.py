@@ -194,6 +194,26 @@ def test_id_scheme_collision_is_refused_before_anything(coco_tiny, tmp_path):
     assert res.exit_code == 2 and "--id-scheme 'nope'" in res.output
 
 
+# ---- option ranges, unwritable --out, unreachable --ray-address: one line before Ray starts --------------------------
+
+@pytest.mark.parametrize("how", ["option", "RAY_ADDRESS", "ray://"])
+def test_unreachable_ray_address_fails_within_seconds_naming_it(coco_tiny, tmp_path, how):
+    """ray.init on an address where nothing listens retried for as long as it ran (minutes, no timeout). A
+    subprocess: this test session's own Ray runtime would be reused instead."""
+    port = _free_port()  # nothing listens there
+    address = f"ray://127.0.0.1:{port}" if how == "ray://" else f"127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": address if how == "RAY_ADDRESS" else ""}
+    extra = [] if how == "RAY_ADDRESS" else ["--ray-address", address]
+    t0 = time.monotonic()
+    r = subprocess.run(ODIS + ["extract-boxes", "--detector", "selective-search", "--images",
+                               str(coco_tiny / "val2017"), "--out", "o.parquet", "--quiet", *extra],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    named = f"RAY_ADDRESS={address}" if how == "RAY_ADDRESS" else f"--ray-address {address}"
+    assert r.returncode == 2 and time.monotonic() - t0 < 30, r.stdout + r.stderr
+    assert (r.stdout + r.stderr).strip().startswith(f"error: {named}: cannot reach a Ray head at 127.0.0.1:{port}")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 # ---- --overwrite deletes only what extract-boxes wrote -------------------------------------------------------------
 
 def _ss(images, out, *extra):

@@ -332,6 +332,26 @@ def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     assert "no shard index" in r.output
 
 
+def test_unreachable_ray_address_fails_within_seconds_naming_it(tin_root, tmp_path):
+    """ray.init waited without a bound (still retrying after 5 min). A subprocess: an in-process Ray runtime of
+    this test session would be reused instead."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "cli", "shard", "--images", str(tin_root), "--out", str(tmp_path / "s"),
+                        "--ray-address", f"127.0.0.1:{port}"], cwd=Path(__file__).parents[1], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and time.monotonic() - t0 < 30, r.stdout + r.stderr
+    assert f"error: --ray-address 127.0.0.1:{port}: cannot reach a Ray head" in r.stderr, r.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_nan_and_inverted_manifest_boxes_are_left_out_and_counted(coco_tiny, coco_manifest, tmp_path):
     """NaN and x0 > x1 boxes of a manifest went into the sample json as they were (bare NaN is not JSON) with exit 0."""
     import pyarrow as pa

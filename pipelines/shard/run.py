@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from odis.shards import INDEX_NAME
+from pipelines.ray_connect import check_ray_address, init_ray
 from pipelines.shard.labels import default_coco_json
 from pipelines.shard.outdir import make_index, prepare_out, write_json_atomic
 from pipelines.shard.plan import Plan, build_plan
@@ -21,6 +22,8 @@ def run_shard(s: ShardSettings, overwrite: bool = False, num_workers: int = 1, u
               on_plan: Callable[[Plan, int], None] | None = None) -> dict:
     """Shard `s.images` into `s.out`; returns the index (also written to `s.out/index.json`)."""
     s = _normalise(s)
+    if use_ray or ray_address:
+        check_ray_address(ray_address)  # an unreachable cluster is said before the images are listed
     plan = build_plan(s)
     done = prepare_out(plan, overwrite)
     todo = [i for i in range(len(plan.shards)) if i not in done]
@@ -93,9 +96,8 @@ def _run_ray(s: ShardSettings, todo: dict[int, list[Item]], ray_address: str | N
     (a shared filesystem), and odis must be installed there."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:  # address None: RAY_ADDRESS if set, else a local runtime
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    # address None: RAY_ADDRESS if set, else a local runtime
+    started = init_ray(ray_address, include_dashboard=False, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
         refs = {task.remote(s, i, items): i for i, items in todo.items()}
