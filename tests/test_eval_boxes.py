@@ -228,6 +228,14 @@ def test_cli_knn_manifest_ids_must_match_the_shards(tiny_shards, backbone, tmp_p
     assert "train: whole image used for 9 (not in manifest)" in r.output
 
 
+def test_cli_size_and_blocks_must_fit_the_backbone(tiny_shards, backbone):
+    base = ["--backbone", backbone, "--train", tiny_shards / "train", "--val", tiny_shards / "val", "--workers", "0"]
+    r = _odis("eval", "knn", *base, "--size", "60")  # timm's AssertionError: not divisible by the patch size
+    assert r.exit_code == 2 and "--size 60 is not a multiple of the patch size 8" in r.output, r.output
+    r = _odis("eval", "linear", *base, "--n-last-blocks", "13")  # silently used the 12 there are
+    assert r.exit_code == 2 and "--n-last-blocks 13: the backbone has 12 blocks" in r.output, r.output
+
+
 def test_knn_size_and_box_select_change_the_features(tiny_shards, backbone, tmp_path):
     """--size and --box-select reach the features (read back from the cache), not only the result's record."""
     from odis.eval.features import load_features

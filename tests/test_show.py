@@ -124,6 +124,9 @@ def test_show_attention_masked_to_the_box(coco_tiny, tmp_path):
     r = _odis("show", "attention", "--backbone", tmp_path / "b.safetensors", "--image", coco_tiny / "val2017" /
               COCO_IMG, "--box", "700,10,900,50", "--out", out)
     assert r.exit_code == 2 and "lies outside the 640x424 image" in r.output, r.output
+    r = _odis("show", "attention", "--backbone", tmp_path / "b.safetensors", "--image", coco_tiny / "val2017" /
+              COCO_IMG, "--size", "100", "--out", out)  # an AssertionError from timm's patch embedding
+    assert r.exit_code == 2 and "--size 100 is not a multiple of the patch size 16" in r.output, r.output
 
 
 def test_show_views(coco_tiny, tmp_path):

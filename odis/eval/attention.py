@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from odis.eval.features import box_view, eval_crop, eval_view
+from odis.eval.features import box_view, eval_crop, eval_view, input_size
 
 
 @torch.inference_mode()
@@ -15,7 +15,7 @@ def obj_attention_maps(model, img: Image.Image, box=None, size: int | None = Non
     With a box, the OBJ token attends only to the box's patches (mode `mask`), as in training; without, it is the
     plain CLS attention over the whole view.
     """
-    size = size or model.img_size
+    size = input_size(model, size)
     img = img.convert("RGB")
     v = box_view(img, box, "mask" if box is not None else "none", size, patch=model.patch_size)
     if box is not None and v.obj_mask is None:

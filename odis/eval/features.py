@@ -46,6 +46,15 @@ def eval_crop(width: int, height: int, size: int = 224, resize: int | None = Non
     return Crop(top=top / sy, left=left / sx, height=size / sy, width=size / sx, out_h=size, out_w=size)
 
 
+def input_size(model, size: int | None) -> int:
+    """The evaluation input size (`--size`; default: the backbone's training size), a multiple of its patch size
+    (the patch grid must tile the view)."""
+    size = size or model.img_size
+    if size % model.patch_size:
+        raise ValueError(f"--size {size} is not a multiple of the patch size {model.patch_size} of the backbone")
+    return size
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     """uint8 HWC PIL -> float [3,H,W] in [0,1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from odis.eval.features import (Features, ViewConfig, extract_features, list_shard_urls, load_features,
+from odis.eval.features import (Features, ViewConfig, extract_features, input_size, list_shard_urls, load_features,
                                 manifest_boxes, read_classes, save_features, shard_loader)
 
 
@@ -111,7 +111,7 @@ def open_backbone(backbone, arch=None):
 
 def _setup(backbone, arch, size, mode, box_select, boxes, device):
     model = open_backbone(backbone, arch)
-    size = size or model.img_size
+    size = input_size(model, size)
     cfg = ViewConfig(mode=mode, size=size, patch=model.patch_size, box_select=box_select)
     manifest = manifest_boxes(boxes) if boxes else None
     return model, cfg, manifest, pick_device(device)
@@ -130,6 +130,8 @@ def _train_val(backbone, train, val, mode, boxes, box_select, size, arch, n_last
     """(view config, device, number of classes, train features, val features): the part k-NN and linear share."""
     classes = _classes(train, val)
     model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
+    if n_last_blocks > model.depth:
+        raise ValueError(f"--n-last-blocks {n_last_blocks}: the backbone has {model.depth} blocks")
 
     def features(spec: str, split: str) -> Features:
         f = features_for(model, str(backbone), spec, cfg, boxes, manifest, n_last_blocks, batch_size, workers,
@@ -177,8 +179,7 @@ def run_dense(backbone, dataset, root, train_split, val_split, size=512, factors
     from odis.eval.segdata import open_dataset
 
     model = open_backbone(backbone, arch)
-    if size % model.patch_size:
-        raise ValueError(f"--size {size} is not a multiple of the patch size {model.patch_size}")
+    size = input_size(model, size)
     tr = open_dataset(dataset, root, train_split).subset(max_train)
     va = open_dataset(dataset, root, val_split).subset(max_val)
     res = dense_nn_eval(model, tr, va, size, factors, k, beta, batch_size, pick_device(device), seed)
