@@ -4,7 +4,9 @@ Each stage of the flow has its section below (boxes, shards, training, evaluatio
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +37,58 @@ def fail(message: str, code: int = 2) -> None:
     """Print a clear error (no traceback) and exit."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+# ---- checks shared by the commands: output paths ----------------------------------------------------------------
+
+def _out_path(path: Optional[Path], option: str, folder: bool = False, suffixes: tuple = ()) -> None:
+    """An output that cannot be written is a one-line error naming it, before any work: a folder given for a file
+    or the reverse, a parent that is a file, a place where nothing can be created (read-only, /proc, /sys), a
+    file name whose suffix names no format that can be written."""
+    if path is None:
+        return
+    if suffixes and path.suffix.lower() not in suffixes:
+        first = (".png", ".jpg", ".webp", ".pdf", ".svg")
+        common = sorted(suffixes, key=lambda e: (first.index(e) if e in first else len(first), e))
+        fail(f"{option} {path}: expected a file name ending in {', '.join(common[:5])}"
+             + (f" (or {len(common) - 5} other formats)" if len(common) > 5 else ""))
+    if path.is_dir() and not folder:
+        fail(f"{option} {path}: is a folder, not a file")
+    if folder and os.path.lexists(path) and not path.is_dir():
+        fail(f"{option} {path}: is a file, not a folder")
+    where = path if path.is_dir() else path.parent  # the nearest existing folder: what is missing gets created
+    while not os.path.lexists(where) and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        fail(f"{option} {path}: {where} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        fail(f"{option} {path}: cannot write in {where} ({e.strerror or e})")
+
+
+@contextlib.contextmanager
+def _writing(path: Path, option: str):
+    """An OSError while writing `path` (disk full, a folder gone since the check) is a one-line error naming it."""
+    try:
+        yield
+    except OSError as e:
+        fail(f"{option} {path}: cannot write it ({e.strerror or e})")
+
+
+def _picture_suffixes() -> tuple:
+    """File suffixes Pillow can write (`odis show --out`)."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+
+
+def _save_picture(pic, out: Path) -> None:
+    with _writing(out, "--out"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pic.save(out)
 
 
 # ---- boxes: import-boxes, extract-boxes, stats -------------------------------------------------------------
@@ -78,6 +132,7 @@ def import_boxes_cmd(
     from odis.importers import AnnotationError, import_boxes
     from odis.manifest import summary_stats, write_manifest
 
+    _out_path(out, "--out")
     if out.exists() and not overwrite:
         fail(f"{out} exists (use --overwrite to replace it)")
     if not images.is_dir():
@@ -86,7 +141,8 @@ def import_boxes_cmd(
         res = import_boxes(fmt, images, annotations, from_segmentation=from_segmentation, keep_crowd=keep_crowd)
     except AnnotationError as e:
         fail(str(e))
-    write_manifest(res.table, out, res.metadata)
+    with _writing(out, "--out"):
+        write_manifest(res.table, out, res.metadata)
     typer.echo(f"{out}: {res.table.num_rows} rows")
     _print_stats(summary_stats(res.table))
     dropped = {k: v for k, v in res.counts.items() if k.startswith(("dropped", "missing", "unused"))}
@@ -140,6 +196,7 @@ def extract_boxes_cmd(
     from pipelines.detectors import DETECTORS, default_yolo_weights
     from pipelines.extract_boxes import ExtractConfig, extract_boxes, resolve_detector
 
+    _out_path(out, "--out", folder=True)
     if detector not in DETECTORS:
         fail(f"--detector {detector!r}: expected one of {', '.join(DETECTORS)}")
     if detector == "yolo" and weights is None:
@@ -181,6 +238,10 @@ def stats_cmd(
     from odis.manifest import (ManifestError, manifest_metadata, plot_stats, read_manifest, summary_stats,
                                validate_manifest)
 
+    if plot is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        _out_path(plot, "--plot", suffixes=tuple(f".{e}" for e in FigureCanvasBase.get_supported_filetypes()))
     try:
         table = read_manifest(manifest)
         meta = manifest_metadata(manifest)
@@ -194,7 +255,8 @@ def stats_cmd(
                    f"images root {meta.get('images_root')}")
         _print_stats(s)
     if plot is not None:
-        typer.echo(f"plot: {plot_stats(table, plot, title=str(manifest.name))}")
+        with _writing(plot, "--plot"):
+            typer.echo(f"plot: {plot_stats(table, plot, title=str(manifest.name))}")
     problems = validate_manifest(manifest) if validate else []
     for p in problems:
         typer.secho(p, fg=typer.colors.RED, err=True)
@@ -253,6 +315,7 @@ def shard_cmd(
     from pipelines.ray_connect import RayAddressError
     from pipelines.shard import ShardError, ShardSettings, parse_size, run_shard
 
+    _out_path(out, "--out", folder=True)
     bar = None
     t0 = [0.0, 0]
 
@@ -395,7 +458,8 @@ def _eval_finish(result: dict, out: Optional[Path], compare: Optional[Path]) -> 
     from odis.eval.protocols import load_result, table, write_result
 
     if out is not None:
-        write_result(result, out)
+        with _writing(out, "--out"):
+            write_result(result, out)
     try:
         other = load_result(compare) if compare else None
         typer.echo(table(result, other, other_name=compare.name if compare else "other"))
@@ -453,6 +517,8 @@ def eval_knn_cmd(
     from odis.eval.features import BOX_MODES, BOX_SELECT
     from odis.eval.protocols import run_knn
 
+    _out_path(out, "--out")
+    _out_path(cache, "--cache", folder=True)
     if boxes_mode not in BOX_MODES:
         fail(f"--boxes-mode must be one of {', '.join(BOX_MODES)}, got {boxes_mode!r}")
     if box_select not in BOX_SELECT:
@@ -500,6 +566,8 @@ def eval_linear_cmd(
     from odis.eval.features import BOX_MODES
     from odis.eval.protocols import run_linear
 
+    _out_path(out, "--out")
+    _out_path(cache, "--cache", folder=True)
     if boxes_mode not in BOX_MODES:
         fail(f"--boxes-mode must be one of {', '.join(BOX_MODES)}, got {boxes_mode!r}")
     try:
@@ -543,6 +611,7 @@ def eval_dense_cmd(
     """
     from odis.eval.protocols import run_dense
 
+    _out_path(out, "--out")
     defaults = {"coco": ("train2017", "val2017"), "voc": ("train", "val"), "ade20k": ("training", "validation")}
     if dataset not in defaults:
         fail(f"--dataset must be one of {', '.join(defaults)}, got {dataset!r}")
@@ -605,6 +674,7 @@ def show_boxes_cmd(
     from odis.manifest import ManifestError, manifest_metadata
     from odis.viz import manifest_grid
 
+    _out_path(out, "--out", suffixes=_picture_suffixes())
     try:
         root = images or manifest_metadata(manifest).get("images_root")
         if root is None:
@@ -613,8 +683,7 @@ def show_boxes_cmd(
                                     [i for i in ids.split(",") if i] or None, seed)
     except (ManifestError, FileNotFoundError, ValueError) as e:
         fail(str(e))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pic.save(out)
+    _save_picture(pic, out)
     typer.echo(f"wrote {out} ({pic.width}x{pic.height}): {counts['images']} images, {counts['boxes']} boxes"
                + (f", {counts['unreadable']} unreadable (red cells)" if counts["unreadable"] else ""))
 
@@ -636,6 +705,7 @@ def show_attention_cmd(
     from odis.imageio import ImageDecodeError, load_image
     from odis.viz import attention_figure
 
+    _out_path(out, "--out", suffixes=_picture_suffixes())
     try:
         img = load_image(image)
         b = _fit_box(_show_box(box), img.width, img.height)
@@ -644,8 +714,7 @@ def show_attention_cmd(
     except (FileNotFoundError, ValueError, ImageDecodeError) as e:
         fail(str(e))
     pic = attention_figure(view, att, vbox)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pic.save(out)
+    _save_picture(pic, out)
     typer.echo(f"wrote {out} ({pic.width}x{pic.height}): view, mean of {att.shape[0]} heads, each head "
                f"({att.shape[1]}x{att.shape[2]} patches)")
 
@@ -677,6 +746,7 @@ def show_views_cmd(
 
     if (image is None) == (shards is None) or (shards is not None and not key):
         fail("give either --image (with an optional --box) or --shards with --key")
+    _out_path(out, "--out", suffixes=_picture_suffixes())
     rng = np.random.default_rng(seed)
     try:
         if shards is not None:
@@ -699,8 +769,7 @@ def show_views_cmd(
     sample = maker(img, boxes, rng)
     shown = b if b else [0, 0, img.shape[1], img.shape[0]]
     pic = views_figure(img, sample, shown if method == "odis" else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pic.save(out)
+    _save_picture(pic, out)
     typer.echo(f"wrote {out} ({pic.width}x{pic.height}): object in view 1/2: "
                f"{', '.join('yes' if v else 'no' for v in sample['obj_valid'])}; fallbacks {sample['fallbacks']}")
 
@@ -770,6 +839,7 @@ def synth(
 
     from odis.synth import SynthConfig, write_dataset
 
+    _out_path(Path(out), "--out", folder=True)
     cfg = SynthConfig(size=size, objects=_parse_range(objects, int, "objects"),
                       scale=_parse_range(scale, float, "scale"), max_iou=max_iou, clutter=clutter,
                       distractors=distractors, palette=palette, seed=seed)
@@ -809,6 +879,7 @@ def demo(
 
     if size not in SIZES:
         fail(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    _out_path(out, "--out", folder=True)
     try:
         res = run_demo(out, size, weights, progress=progress, echo=typer.echo)
     except DemoError as e:

@@ -58,3 +58,15 @@ def compiled_graphs():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     return lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture
+def unwritable_outs(tmp_path):
+    """`unwritable_outs(name, folder=False)`: output paths no command can write, each refused before any work: one
+    under a file, the wrong kind (an existing folder where a file is written, a file where a folder is), and one
+    under /proc, where nothing can be created (not even by root)."""
+    (tmp_path / "a-file").write_text("x")
+
+    def outs(name: str, folder: bool = False) -> list[Path]:
+        return [tmp_path / "a-file" / name, tmp_path / "a-file" if folder else tmp_path, Path("/proc/odis-none") / name]
+    return outs

@@ -174,3 +174,14 @@ def test_mnist_variants_run_path(shared, tmp_path):
     assert proc.returncode == 2 and "prepared.json: variant 'v' was made with other settings" in proc.stderr
     proc = subprocess.run(cmd[:2] + ["--name", "w", "--methods", "ibot,mae"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--methods 'ibot,mae'" in proc.stderr
+
+
+def test_demo_unwritable_out_is_one_line_before_any_work(unwritable_outs):
+    """A file as --out or its parent, or /proc, ended in a traceback."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    for out in unwritable_outs("demo", folder=True):
+        r = CliRunner().invoke(app, ["demo", "--out", str(out), "--size", "tiny"])
+        assert r.exit_code == 2 and f"error: --out {out}: " in r.output, r.output

@@ -228,6 +228,20 @@ def test_cli_knn_manifest_ids_must_match_the_shards(tiny_shards, backbone, tmp_p
     assert "train: whole image used for 9 (not in manifest)" in r.output
 
 
+_KNN = ["eval", "knn", "--backbone", "b.pt", "--train", "t", "--val", "v"]
+_LINEAR = ["eval", "linear", "--backbone", "b.pt", "--train", "t", "--val", "v"]
+_DENSE = ["eval", "dense-nn", "--backbone", "b.pt", "--dataset", "coco", "--root", "r"]
+
+
+@pytest.mark.parametrize("cmd, option, folder", [(_KNN, "--out", False), (_KNN, "--cache", True),
+                                                 (_LINEAR, "--out", False), (_DENSE, "--out", False)])
+def test_cli_unwritable_out_is_one_line_before_any_work(cmd, option, folder, unwritable_outs):
+    """These ended in a traceback after the features were extracted (or, --cache, after the backbone loaded)."""
+    for out in unwritable_outs("r.json", folder):
+        r = _odis(*cmd, option, out)
+        assert r.exit_code == 2 and f"error: {option} {out}: " in r.output, r.output
+
+
 def test_cli_size_and_blocks_must_fit_the_backbone(tiny_shards, backbone):
     base = ["--backbone", backbone, "--train", tiny_shards / "train", "--val", tiny_shards / "val", "--workers", "0"]
     r = _odis("eval", "knn", *base, "--size", "60")  # timm's AssertionError: not divisible by the patch size

@@ -196,6 +196,14 @@ def test_id_scheme_collision_is_refused_before_anything(coco_tiny, tmp_path):
 
 # ---- option ranges, unwritable --out, unreachable --ray-address: one line before Ray starts --------------------------
 
+def test_unwritable_out_is_one_line_before_ray(coco_tiny, unwritable_outs):
+    """A file as the parent folder, or /proc, ended in a traceback after Ray had started."""
+    for out in unwritable_outs("o.parquet", folder=True):
+        r = runner.invoke(app, ["extract-boxes", "--detector", "selective-search", "--images",
+                                str(coco_tiny / "val2017"), "--out", str(out), "--quiet"])
+        assert r.exit_code == 2 and f"error: --out {out}: " in r.output, r.output
+
+
 @pytest.mark.parametrize("how", ["option", "RAY_ADDRESS", "ray://"])
 def test_unreachable_ray_address_fails_within_seconds_naming_it(coco_tiny, tmp_path, how):
     """ray.init on an address where nothing listens retried for as long as it ran (minutes, no timeout). A

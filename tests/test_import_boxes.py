@@ -171,6 +171,14 @@ def test_coco_malformed_entry_is_one_error_line_naming_file_and_entry(coco_tiny,
     assert len(lines) == 1 and lines[0].startswith(f"error: {ann}: {where}: {problem}"), res.output
 
 
+def test_unwritable_out_is_one_line_before_reading(coco_tiny, unwritable_outs):
+    """A file as the parent folder, /proc, or an existing folder with --overwrite ended in a traceback (the last
+    after the import, leaving a temporary file next to it)."""
+    for out in unwritable_outs("m.parquet"):
+        r = _import_coco_cli(coco_tiny, coco_tiny / "annotations" / "instances_train2017.json", out, "--overwrite")
+        assert r.exit_code == 2 and f"error: --out {out}: " in r.output, r.output
+
+
 def test_coco_annotation_of_unknown_image_is_counted(coco_tiny, tmp_path):
     def orphan(data):  # an image_id that no image has (the real file has no such annotation)
         data["annotations"][17]["image_id"] = max(im["id"] for im in data["images"]) + 1

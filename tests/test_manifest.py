@@ -229,6 +229,19 @@ def test_stats_cli_prints_plots_and_fails_on_violations(tmp_path):
     assert res.exit_code == 2 and "no such manifest" in res.output
 
 
+def test_stats_unwritable_plot_is_one_line_before_reading(tmp_path, unwritable_outs):
+    """Tracebacks, or (a folder) a plot written as FOLDER.png while `plot: FOLDER` was printed."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    good = write_manifest(_table(3), tmp_path / "good.parquet", make_metadata("yolo", tmp_path, "path"))
+    for plot in [*unwritable_outs("s.png"), tmp_path / "s.xyz"]:
+        res = CliRunner().invoke(app, ["stats", str(good), "--plot", str(plot)])
+        assert res.exit_code == 2 and f"error: --plot {plot}: " in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "good.parquet"]
+
+
 def _stats(path):
     from typer.testing import CliRunner
 

@@ -332,6 +332,12 @@ def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     assert "no shard index" in r.output
 
 
+def test_unwritable_out_is_one_line_before_planning(tin_root, unwritable_outs):
+    for out in unwritable_outs("s", folder=True):
+        r = odis("shard", "--images", tin_root, "--out", out, code=2)
+        assert f"error: --out {out}: " in r.output and "rerun" not in r.output
+
+
 def test_unreachable_ray_address_fails_within_seconds_naming_it(tin_root, tmp_path):
     """ray.init waited without a bound (still retrying after 5 min). A subprocess: an in-process Ray runtime of
     this test session would be reused instead."""

@@ -166,3 +166,18 @@ def test_show_views_from_shards(tiny_imagenet, tmp_path):
     assert tuple(pic[int(38 * 4), 8 * 4 + 1]) == BOX_COLOR
     r = _odis("show", "views", "--shards", tmp_path / "s", "--key", "missing", "--out", out)
     assert r.exit_code == 2 and "no sample with key 'missing'" in r.output
+
+
+# ---- bad options and outputs: a usage error naming them, before anything is read ---------------------------------
+
+_BOXES, _ATT = ["show", "boxes", "m.parquet"], ["show", "attention", "--backbone", "b.pt", "--image", "i.jpg"]
+_VIEWS = ["show", "views", "--image", "i.jpg"]
+
+
+@pytest.mark.parametrize("cmd", [_BOXES, _ATT, _VIEWS])
+def test_unwritable_out_is_one_line_before_any_work(cmd, unwritable_outs, tmp_path):
+    """A file given as the folder, a folder given as the PNG, /proc, and a suffix no format is known by ended in
+    tracebacks (FileExistsError, ValueError: unknown file extension, ...) after the picture was made."""
+    for out in [*unwritable_outs("x.png"), tmp_path / "x.xyz"]:
+        r = _odis(*cmd, "--out", out)
+        assert r.exit_code == 2 and f"error: --out {out}: " in r.output, r.output
