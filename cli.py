@@ -39,7 +39,31 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-# ---- checks shared by the commands: output paths ----------------------------------------------------------------
+# ---- checks shared by the commands: option ranges typer's min=/max= cannot say, output paths ------------------
+
+def _positive(value):
+    """Option callback: a number that must be > 0 (typer's min= includes the bound; NaN is refused too)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+def _number_list(cast, ok, expected: str, required: bool = True):
+    """Option callback: comma-separated numbers, each `ok`, as a tuple (at least one when `required`)."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(cast(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated {'integers' if cast is int else 'numbers'}, "
+                                     f"got {text!r}") from None
+        if required and not values:
+            raise typer.BadParameter(f"expected at least one value, got {text!r}")
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise typer.BadParameter(f"each value must be {expected}, got {bad[0]}")
+        return values
+    return parse
+
 
 def _out_path(path: Optional[Path], option: str, folder: bool = False, suffixes: tuple = ()) -> None:
     """An output that cannot be written is a one-line error naming it, before any work: a folder given for a file
@@ -168,17 +192,19 @@ def extract_boxes_cmd(
     min_area: float = typer.Option(0.0, "--min-area", help="Drop boxes smaller than this fraction of the image."),
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="yolo: inference size (640); mavl: model input "
                                         "(default: the processor's); selective-search: longest side (500)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per detector call."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Detector actors (default 1 on CPU, "
-                                              "one per GPU with --device cuda)."),
-    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", help="Ray CPUs per actor "
-                                                    "(default: the cluster's CPUs shared out)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per detector call."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="Detector actors (default 1 on "
+                                              "CPU, one per GPU with --device cuda)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", callback=_positive, help="Ray CPUs "
+                                                    "per actor (default: the cluster's CPUs shared out)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (host:port or ray://...); "
                                               "default RAY_ADDRESS, else a private local Ray."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (sorted by path)."),
-    part_size: int = typer.Option(1000, "--part-size", help="Images per parquet part (what a kill can lose)."),
-    max_pixels: int = typer.Option(64_000_000, "--max-pixels", help="Refuse larger images (decompression bombs)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images (sorted by path)."),
+    part_size: int = typer.Option(1000, "--part-size", min=1, help="Images per parquet part (what a kill can "
+                                  "lose)."),
+    max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=1, help="Refuse larger images (decompression "
+                                   "bombs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete the parts of an earlier run in --out (and its staged parts) first; nothing else."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -287,16 +313,19 @@ def shard_cmd(
                                  "planned from source file sizes so that reruns are deterministic."),
     resize_short: Optional[int] = typer.Option(None, "--resize-short", help="Re-encode images whose short side "
                                                "exceeds N to short side N (boxes scaled). Default: bytes copied."),
-    quality: int = typer.Option(90, "--quality", help="JPEG/WebP quality when an image is re-encoded."),
+    quality: int = typer.Option(90, "--quality", min=1, max=100, help="JPEG/WebP quality when an image is "
+                                "re-encoded."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled sample order (and of the shard plan)."),
-    num_workers: int = typer.Option(os.cpu_count() or 1, "--num-workers", help="Local processes (one shard each)."),
+    num_workers: int = typer.Option(os.cpu_count() or 1, "--num-workers", min=1, help="Local processes (one shard "
+                                    "each)."),
     use_ray: bool = typer.Option(False, "--use-ray", help="Run as a Ray job, one task per shard (local Ray "
                                  "unless --ray-address / RAY_ADDRESS)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (implies "
                                               "--use-ray). Images and --out must be on a filesystem all nodes see."),
     check: str = typer.Option("header", "--check", help="header: read each image's header and end marker "
                               "(catches truncation, fast); decode: decode every image too."),
-    max_pixels: int = typer.Option(64_000_000, "--max-pixels", help="Refuse larger images (decompression bombs)."),
+    max_pixels: int = typer.Option(64_000_000, "--max-pixels", min=1, help="Refuse larger images (decompression "
+                                   "bombs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete this shard set in --out and start over."),
 ) -> None:
     """Write webdataset shards (+ index.json, written last) from an image folder.
@@ -439,20 +468,6 @@ def train(
 
 # ---- evaluation: eval knn | linear | dense-nn ----------------------------------------------------------------
 
-def _eval_ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        fail(f"{name}: expected comma-separated integers, got {text!r}")
-
-
-def _eval_floats(text: str, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        fail(f"{name}: expected comma-separated numbers, got {text!r}")
-
-
 def _eval_finish(result: dict, out: Optional[Path], compare: Optional[Path]) -> None:
     """Write the JSON, print the table (side by side with --compare)."""
     from odis.eval.protocols import load_result, table, write_result
@@ -496,12 +511,14 @@ def eval_knn_cmd(
     box_select: str = typer.Option("largest", "--box-select", help="Which box of several: largest | score | union."),
     arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture for checkpoints without odis "
                                        "metadata, e.g. vit_small_patch16_224."),
-    size: Optional[int] = typer.Option(None, "--size", help="Input size (CenterCrop); Resize is size*256/224. "
-                                       "Default: the backbone's training size."),
-    k: str = typer.Option("10,20,100,200", "--k", help="Neighbour counts (clamped to the bank size)."),
-    temperature: float = typer.Option(0.07, "--temperature", help="T in the vote weight exp(cos/T)."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    workers: int = typer.Option(2, "--workers", help="Data-loading processes (at most one per shard)."),
+    size: Optional[int] = typer.Option(None, "--size", min=1, help="Input size (CenterCrop), a multiple of the "
+                                       "patch size; Resize is size*256/224. Default: the backbone's training size."),
+    k: str = typer.Option("10,20,100,200", "--k", callback=_number_list(int, lambda v: v >= 1, ">= 1"),
+                          help="Neighbour counts (clamped to the bank size)."),
+    temperature: float = typer.Option(0.07, "--temperature", callback=_positive,
+                                      help="T in the vote weight exp(cos/T)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0, help="Data-loading processes (at most one per shard)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Folder to keep extracted features in and reuse."),
     out: Optional[Path] = typer.Option(None, "--out", help="Result JSON."),
@@ -524,8 +541,8 @@ def eval_knn_cmd(
     if box_select not in BOX_SELECT:
         fail(f"--box-select must be one of {', '.join(BOX_SELECT)}, got {box_select!r}")
     try:
-        result = run_knn(backbone, train, val, boxes_mode, boxes, box_select, size, _eval_ints(k, "--k"),
-                         temperature, arch, batch_size, workers, device, cache)
+        result = run_knn(backbone, train, val, boxes_mode, boxes, box_select, size, k, temperature, arch,
+                         batch_size, workers, device, cache)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     _eval_finish(result, out, compare)
@@ -540,18 +557,23 @@ def eval_linear_cmd(
     boxes: Optional[Path] = typer.Option(None, "--boxes", help=_BOXES_HELP),
     box_select: str = typer.Option("largest", "--box-select", help="Which box of several: largest | score | union."),
     arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture for checkpoints without odis metadata."),
-    size: Optional[int] = typer.Option(None, "--size", help="Input size; default: the backbone's training size."),
-    n_last_blocks: int = typer.Option(4, "--n-last-blocks", help="Concatenate the OBJ/CLS of the last N blocks "
-                                      "(4 for ViT-S as in DINO/iBOT)."),
-    lrs: str = typer.Option("1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", "--lrs", help="Learning-rate sweep (SGD m=0.9, "
-                            "cosine); the best on val is reported, as iBOT does."),
-    epochs: int = typer.Option(100, "--epochs", help="Epochs over the cached features."),
-    shots: str = typer.Option("", "--shots", help="Few-shot settings, e.g. 1,2,5 images per class."),
-    fraction: str = typer.Option("", "--fraction", help="Class-stratified fractions of the training set, e.g. 0.01."),
-    seeds: int = typer.Option(3, "--seeds", help="Few-shot settings are averaged over this many seeds."),
+    size: Optional[int] = typer.Option(None, "--size", min=1, help="Input size, a multiple of the patch size; "
+                                       "default: the backbone's training size."),
+    n_last_blocks: int = typer.Option(4, "--n-last-blocks", min=1, help="Concatenate the OBJ/CLS of the last N "
+                                      "blocks (4 for ViT-S as in DINO/iBOT)."),
+    lrs: str = typer.Option("1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", "--lrs",
+                            callback=_number_list(float, lambda v: v > 0, "> 0"),
+                            help="Learning-rate sweep (SGD m=0.9, cosine); the best on val is reported, as iBOT does."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Epochs over the cached features."),
+    shots: str = typer.Option("", "--shots", callback=_number_list(int, lambda v: v >= 1, ">= 1", required=False),
+                              help="Few-shot settings, e.g. 1,2,5 images per class."),
+    fraction: str = typer.Option("", "--fraction", callback=_number_list(float, lambda v: 0 < v <= 1, "in (0, 1]",
+                                                                           required=False),
+                                 help="Class-stratified fractions of the training set, e.g. 0.01."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Few-shot settings are averaged over this many seeds."),
     skip_full: bool = typer.Option(False, "--skip-full", help="Only the few-shot settings."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Feature-extraction batch."),
-    workers: int = typer.Option(2, "--workers"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Feature-extraction batch."),
+    workers: int = typer.Option(2, "--workers", min=0),
     device: str = typer.Option("auto", "--device"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Folder to keep extracted features in and reuse."),
     out: Optional[Path] = typer.Option(None, "--out", help="Result JSON."),
@@ -571,10 +593,9 @@ def eval_linear_cmd(
     if boxes_mode not in BOX_MODES:
         fail(f"--boxes-mode must be one of {', '.join(BOX_MODES)}, got {boxes_mode!r}")
     try:
-        result = run_linear(backbone, train, val, boxes_mode, boxes, box_select, size, n_last_blocks,
-                            _eval_floats(lrs, "--lrs"), epochs, 256, _eval_ints(shots, "--shots"),
-                            _eval_floats(fraction, "--fraction"),
-                            tuple(range(seeds)), not skip_full, arch, batch_size, workers, device, cache)
+        result = run_linear(backbone, train, val, boxes_mode, boxes, box_select, size, n_last_blocks, lrs, epochs,
+                            256, shots, fraction, tuple(range(seeds)), not skip_full, arch, batch_size, workers,
+                            device, cache)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     _eval_finish(result, out, compare)
@@ -590,14 +611,17 @@ def eval_dense_cmd(
     train_split: str = typer.Option("", "--train-split", help="Memory split (default: train2017 | train | training)."),
     val_split: str = typer.Option("", "--val-split", help="Query split (default: val2017 | val | validation)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture for checkpoints without odis metadata."),
-    size: int = typer.Option(512, "--size", help="Images and masks resized to size x size (Hummingbird: 512)."),
-    factors: str = typer.Option("1,8,64,128", "--factors", help="Memory subsampling factors: each image gives "
-                                "1/f of its patches (rare classes first)."),
-    k: int = typer.Option(30, "--k", help="Neighbours per query patch."),
-    beta: float = typer.Option(0.02, "--beta", help="Temperature of the softmax over neighbour similarities."),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use the first N memory images."),
-    max_val: Optional[int] = typer.Option(None, "--max-val", help="Use the first N query images."),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    size: int = typer.Option(512, "--size", min=1, help="Images and masks resized to size x size, a multiple of "
+                             "the patch size (Hummingbird: 512)."),
+    factors: str = typer.Option("1,8,64,128", "--factors", callback=_number_list(int, lambda v: v >= 1, ">= 1"),
+                                help="Memory subsampling factors: each image gives 1/f of its patches (rare "
+                                "classes first)."),
+    k: int = typer.Option(30, "--k", min=1, help="Neighbours per query patch."),
+    beta: float = typer.Option(0.02, "--beta", callback=_positive, help="Temperature of the softmax over neighbour "
+                               "similarities."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", min=1, help="Use the first N memory images."),
+    max_val: Optional[int] = typer.Option(None, "--max-val", min=1, help="Use the first N query images."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed", help="Seed of the memory sampling."),
     out: Optional[Path] = typer.Option(None, "--out", help="Result JSON."),
@@ -617,8 +641,8 @@ def eval_dense_cmd(
         fail(f"--dataset must be one of {', '.join(defaults)}, got {dataset!r}")
     try:
         result = run_dense(backbone, dataset, root, train_split or defaults[dataset][0],
-                           val_split or defaults[dataset][1], size, _eval_ints(factors, "--factors"), k, beta,
-                           max_train, max_val, arch, batch_size, device, seed)
+                           val_split or defaults[dataset][1], size, factors, k, beta, max_train, max_val, arch,
+                           batch_size, device, seed)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     _eval_finish(result, out, compare)
@@ -659,12 +683,12 @@ def show_boxes_cmd(
     images: Optional[Path] = typer.Option(None, "--images", help="Images root the manifest's paths are relative "
                                           "to (default: the root recorded in the manifest)."),
     out: Path = typer.Option(Path("boxes.png"), "--out", help="PNG to write."),
-    n: int = typer.Option(16, "--n", help="Number of images."),
-    cols: int = typer.Option(4, "--cols", help="Images per row."),
-    cell: int = typer.Option(256, "--cell", help="Cell size in pixels."),
+    n: int = typer.Option(16, "--n", min=1, help="Number of images."),
+    cols: int = typer.Option(4, "--cols", min=1, help="Images per row."),
+    cell: int = typer.Option(256, "--cell", min=1, help="Cell size in pixels."),
     min_score: float = typer.Option(0.0, "--min-score", help="Hide boxes scoring below this."),
     ids: str = typer.Option("", "--ids", help="Comma-separated image_ids to show (default: the first N)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Draw N random images with this seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Draw N random images with this seed."),
 ) -> None:
     """A grid of images with their boxes and scores.
 
@@ -696,7 +720,8 @@ def show_attention_cmd(
     box: Optional[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 in image pixels: the OBJ token attends only "
                                       "inside it (as trained). Default: plain CLS over the whole image."),
     arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture for checkpoints without metadata."),
-    size: Optional[int] = typer.Option(None, "--size", help="Input size (Resize size*256/224, CenterCrop size)."),
+    size: Optional[int] = typer.Option(None, "--size", min=1, help="Input size, a multiple of the patch size "
+                                       "(Resize size*256/224, CenterCrop size)."),
     out: Path = typer.Option(Path("attention.png"), "--out", help="PNG: the view, the head mean, then each head."),
 ) -> None:
     """The OBJ token's last-block attention per head (paper Fig. 10/11)."""
@@ -728,11 +753,11 @@ def show_views_cmd(
     key: Optional[str] = typer.Option(None, "--key", help="...with this key (image_id); one of its boxes is "
                                       "drawn at random, as the trainer does."),
     method: str = typer.Option("odis", "--method", help="odis (object-aware crops) | ibot | dino (random crops)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the box choice, the random crops and the masks."),
-    global_size: int = typer.Option(224, "--global-size"),
-    local_size: int = typer.Option(96, "--local-size"),
-    n_local: int = typer.Option(10, "--n-local"),
-    patch: int = typer.Option(16, "--patch", help="Patch size of the object / MIM mask grids."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the box choice, the random crops and the masks."),
+    global_size: int = typer.Option(224, "--global-size", min=1, help="A multiple of --patch."),
+    local_size: int = typer.Option(96, "--local-size", min=1),
+    n_local: int = typer.Option(10, "--n-local", min=0),
+    patch: int = typer.Option(16, "--patch", min=1, help="Patch size of the object / MIM mask grids."),
     out: Path = typer.Option(Path("views.png"), "--out", help="PNG to write."),
 ) -> None:
     """The training views of one sample: source with box and global crops; global views with the object's patches
@@ -746,6 +771,8 @@ def show_views_cmd(
 
     if (image is None) == (shards is None) or (shards is not None and not key):
         fail("give either --image (with an optional --box) or --shards with --key")
+    if global_size % patch:
+        fail(f"--global-size {global_size} must be a multiple of --patch {patch}")
     _out_path(out, "--out", suffixes=_picture_suffixes())
     rng = np.random.default_rng(seed)
     try:
@@ -804,7 +831,7 @@ def synth(
     mnist: str = typer.Option(None, help="Folder with MNIST IDX files (t10k-images-idx3-ubyte.gz, "
                                          "t10k-labels-idx1-ubyte.gz): digits as objects. Default: 10 drawn shapes."),
     image_format: str = typer.Option("png", "--format", help="png (lossless) or jpg."),
-    seed: int = typer.Option(0, help="Seed: the same settings and seed give the same files."),
+    seed: int = typer.Option(0, min=0, help="Seed: the same settings and seed give the same files."),
     overwrite: bool = typer.Option(False, help="Replace an earlier synth output in --out."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:

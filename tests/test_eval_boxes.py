@@ -233,6 +233,21 @@ _LINEAR = ["eval", "linear", "--backbone", "b.pt", "--train", "t", "--val", "v"]
 _DENSE = ["eval", "dense-nn", "--backbone", "b.pt", "--dataset", "coco", "--root", "r"]
 
 
+@pytest.mark.parametrize("args", [
+    [*_KNN, "--k", "0"], [*_KNN, "--k", "10,-1"], [*_KNN, "--k", ","], [*_KNN, "--temperature", "0"],
+    [*_KNN, "--temperature", "-0.1"], [*_KNN, "--batch-size", "0"], [*_KNN, "--workers", "-1"], [*_KNN, "--size", "0"],
+    [*_LINEAR, "--n-last-blocks", "0"], [*_LINEAR, "--lrs", "0.1,0"], [*_LINEAR, "--epochs", "0"],
+    [*_LINEAR, "--shots", "0"], [*_LINEAR, "--fraction", "0"], [*_LINEAR, "--fraction", "1.5"],
+    [*_LINEAR, "--seeds", "0"], [*_DENSE, "--k", "0"], [*_DENSE, "--beta", "0"], [*_DENSE, "--factors", "0"],
+    [*_DENSE, "--max-train", "0"], [*_DENSE, "--max-val", "0"], [*_DENSE, "--batch-size", "0"],
+    [*_DENSE, "--size", "0"]])
+def test_cli_out_of_range_options_are_usage_errors(args):
+    """Each used to run: --k -1 and dense --k -1, --factors 0, --batch-size 0 to a traceback, the others to numbers
+    that mean nothing (k=0, T <= 0, 0 epochs, '0-shot', --n-last-blocks 0 = all blocks, --seeds 0 = NaN)."""
+    r = _odis(*args)
+    assert r.exit_code == 2 and f"Invalid value for '{args[-2]}'" in r.output, r.output
+
+
 @pytest.mark.parametrize("cmd, option, folder", [(_KNN, "--out", False), (_KNN, "--cache", True),
                                                  (_LINEAR, "--out", False), (_DENSE, "--out", False)])
 def test_cli_unwritable_out_is_one_line_before_any_work(cmd, option, folder, unwritable_outs):

@@ -196,6 +196,19 @@ def test_id_scheme_collision_is_refused_before_anything(coco_tiny, tmp_path):
 
 # ---- option ranges, unwritable --out, unreachable --ray-address: one line before Ray starts --------------------------
 
+_SS = ["extract-boxes", "--detector", "selective-search", "--images", ".", "--out", "o.parquet"]
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--num-workers", "0"), ("--num-workers", "-1"),
+                                           ("--cpus-per-worker", "0"), ("--cpus-per-worker", "-1"), ("--limit", "0"),
+                                           ("--limit", "-1"), ("--part-size", "0"), ("--max-pixels", "0")])
+def test_out_of_range_options_are_usage_errors(option, value):
+    """Each used to start Ray and run: --limit -1 took all images but the last, --max-pixels 0 made every image an
+    error row, 0 meant the default for --num-workers and --cpus-per-worker; -1 failed inside Ray."""
+    r = runner.invoke(app, [*_SS, option, value])
+    assert r.exit_code == 2 and f"Invalid value for '{option}'" in r.output, r.output
+
+
 def test_unwritable_out_is_one_line_before_ray(coco_tiny, unwritable_outs):
     """A file as the parent folder, or /proc, ended in a traceback after Ray had started."""
     for out in unwritable_outs("o.parquet", folder=True):

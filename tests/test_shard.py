@@ -332,6 +332,15 @@ def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     assert "no shard index" in r.output
 
 
+@pytest.mark.parametrize("option, value", [("--quality", "0"), ("--quality", "101"), ("--num-workers", "0"),
+                                           ("--max-pixels", "0")])
+def test_out_of_range_options_are_usage_errors(option, value):
+    """These ran: out-of-range qualities reached the encoder, --num-workers 0 meant 1, --max-pixels 0 left out
+    every image as over the cap."""
+    r = odis("shard", "--images", ".", "--out", "o", option, value, code=2)
+    assert f"Invalid value for '{option}'" in r.output
+
+
 def test_unwritable_out_is_one_line_before_planning(tin_root, unwritable_outs):
     for out in unwritable_outs("s", folder=True):
         r = odis("shard", "--images", tin_root, "--out", out, code=2)

@@ -174,6 +174,22 @@ _BOXES, _ATT = ["show", "boxes", "m.parquet"], ["show", "attention", "--backbone
 _VIEWS = ["show", "views", "--image", "i.jpg"]
 
 
+@pytest.mark.parametrize("args", [
+    [*_BOXES, "--n", "0"], [*_BOXES, "--n", "-1"], [*_BOXES, "--cols", "0"], [*_BOXES, "--cell", "0"],
+    [*_BOXES, "--seed", "-1"], [*_ATT, "--size", "0"], [*_VIEWS, "--global-size", "0"], [*_VIEWS, "--local-size", "0"],
+    [*_VIEWS, "--n-local", "-1"], [*_VIEWS, "--patch", "0"], [*_VIEWS, "--seed", "-1"]])
+def test_out_of_range_options_are_usage_errors(args):
+    """--cols 0, --cell 0, --patch 0, --global-size 0, --seed -1 ended in tracebacks (ZeroDivisionError, numpy's);
+    --n -1 drew all images but the last."""
+    r = _odis(*args)
+    assert r.exit_code == 2 and f"Invalid value for '{args[-2]}'" in r.output, r.output
+
+
+def test_views_global_size_must_be_a_multiple_of_the_patch():
+    r = _odis(*_VIEWS, "--global-size", "60", "--patch", "8")
+    assert r.exit_code == 2 and "--global-size 60 must be a multiple of --patch 8" in r.output, r.output
+
+
 @pytest.mark.parametrize("cmd", [_BOXES, _ATT, _VIEWS])
 def test_unwritable_out_is_one_line_before_any_work(cmd, unwritable_outs, tmp_path):
     """A file given as the folder, a folder given as the PNG, /proc, and a suffix no format is known by ended in

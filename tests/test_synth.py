@@ -235,6 +235,15 @@ def test_jpg_format_overwrite_and_errors(tmp_path):
         assert res.exit_code == 2 and words in res.output, res.output
 
 
+def test_negative_seed_and_unwritable_out_are_one_line(tmp_path, unwritable_outs):
+    """--seed -1 gave numpy's "expected non-negative integer"; a file as the parent and /proc gave tracebacks."""
+    res = runner.invoke(app, ["synth", "--out", str(tmp_path / "s"), "--seed", "-1"])
+    assert res.exit_code == 2 and "Invalid value for '--seed'" in res.output, res.output
+    for out in unwritable_outs("s", folder=True):
+        res = runner.invoke(app, ["synth", "--out", str(out), "--train", "1", "--val", "0"])
+        assert res.exit_code == 2 and f"error: --out {out}: " in res.output, res.output
+
+
 # ---- MNIST --------------------------------------------------------------------------------------------------
 
 def test_real_mnist_reads_and_pools_are_disjoint(shared):
