@@ -207,8 +207,10 @@ def shard_keys(urls: list[str]) -> list[str] | None:
     keys = []
     for u in urls:
         try:
-            names = _plain_tar_names(local_path(u))
-            if names is None:  # long names, pax headers, ...: tarfile reads them (5x slower)
+            members = plain_tar_members(local_path(u))
+            if members is not None:
+                names = [name for name, _ in members]
+            else:  # long names, GNU headers, ...: tarfile reads them (4x slower)
                 with tarfile.open(local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
                     names = [m.name for m in tar if m.isfile()]
             keys.extend(split_member(n)[0] for n in names)
@@ -218,23 +220,38 @@ def shard_keys(urls: list[str]) -> list[str] | None:
     return keys
 
 
-def _plain_tar_names(path: Path) -> list[str] | None:
-    """The regular files' names of a tar of ustar headers (pax 'x' headers included: webdataset writes one per
-    member), read straight from its 512-byte headers, checksums checked; None when it holds anything else, for
-    tarfile to read. With --boxes the trainer reads every key of the training set at start (IN1K: 2.6M members);
-    tarfile spends ~20 us a member building TarInfos."""
+def sample_offsets(path: Path) -> list[int] | None:
+    """Byte offset of each sample's first header in a local tar (a sample: consecutive members sharing a key, as
+    webdataset groups them), so that a reader can seek to the n-th sample; None where plain_tar_members is None."""
+    members = plain_tar_members(path)
+    if members is None:
+        return None
+    offsets, last = [], None
+    for name, offset in members:
+        key, ext = split_member(name)
+        if ext and key != last:  # webdataset leaves out a file without an extension
+            offsets.append(offset)
+            last = key
+    return offsets
+
+
+def plain_tar_members(path: Path) -> list[tuple[str, int]] | None:
+    """(name, offset of its first header) of each regular file in a tar of ustar headers (pax 'x' headers
+    included: webdataset writes one per member), read straight from its 512-byte headers, checksums checked; None
+    when it holds anything else, for tarfile to read. With --boxes the trainer reads every key of the training set
+    at start (IN1K: 2.6M members); tarfile spends ~20 us a member building TarInfos."""
     import mmap
 
-    names: list[str] = []
+    members: list[tuple[str, int]] = []
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            pos, end, pax = 0, len(m), {}
+            pos, end, pax, first = 0, len(m), {}, None
             while pos + 512 <= end:
                 h = m[pos:pos + 512]
                 if h.count(0) == 512:  # the end-of-archive block
-                    return names
+                    return members
                 kind = h[156:157]
                 if h[124] & 0x80 or kind not in (b"0", b"\0", b"5", b"x") or h[257:262] != b"ustar" \
                         or int(h[148:156].split(b"\0")[0] or b"0", 8) != sum(h[:148]) + 256 + sum(h[156:]):
@@ -243,13 +260,14 @@ def _plain_tar_names(path: Path) -> list[str] | None:
                 if kind == b"x":  # records "LEN key=value\n" for the next member: path and size may change
                     pax = dict(r.split(b"=", 1) for r in (line.partition(b" ")[2]
                                                           for line in m[pos + 512:pos + 512 + size].splitlines()))
+                    first = pos
                 else:
                     size = int(pax.get(b"size", size))
                     if kind != b"5":
                         prefix = h[345:500].split(b"\0")[0] if h[257:263] == b"ustar\0" else b""  # POSIX only
                         name = (prefix + b"/" if prefix else b"") + h[:100].split(b"\0")[0]
-                        names.append(pax.get(b"path", name).decode())
-                    pax = {}
+                        members.append((pax.get(b"path", name).decode(), pos if first is None else first))
+                    pax, first = {}, None
                 pos += 512 + (size + 511) // 512 * 512
     return None  # no end-of-archive block: truncated, tarfile says how
 

@@ -253,7 +253,11 @@ def test_shard_keys_leave_out_an_unreadable_shard_and_say_so(tmp_path):
 def test_the_fast_key_scan_reads_what_tarfile_reads(tmp_path, fmt):
     """shard_keys parses plain ustar and pax headers itself (4x faster than tarfile) and leaves anything else, or a
     damaged shard, to tarfile: the names must always be tarfile's."""
-    from odis.shards import _plain_tar_names, shard_keys
+    from odis.shards import plain_tar_members, sample_offsets, shard_keys
+
+    def _plain_tar_names(p):
+        members = plain_tar_members(p)
+        return None if members is None else [n for n, _ in members]
 
     names = ["k1.jpg", "k1.json", "dir/k2.cls", "a" * 96 + ".jpg", "d" * 120 + "/k3.jpg", "é-k4.txt.gz"]
     path = tmp_path / "s-000000.tar"
@@ -264,7 +268,11 @@ def test_the_fast_key_scan_reads_what_tarfile_reads(tmp_path, fmt):
                 sink.write({"__key__": n.rpartition("/")[0] + "/" + key if "/" in n else key, ext: b"x" * i})
     else:
         with tarfile.open(path, "w", format=fmt) as tar:
-            tar.addfile(tarfile.TarInfo("dir"), None) if fmt != tarfile.USTAR_FORMAT else None
+            if fmt != tarfile.USTAR_FORMAT:
+                folder = tarfile.TarInfo("dir")
+                folder.type = tarfile.DIRTYPE
+                tar.addfile(folder)
+                tar.addfile(tarfile.TarInfo("no_extension"), io.BytesIO(b""))  # webdataset leaves it out
             for i, n in enumerate(names):
                 info = tarfile.TarInfo(n)
                 info.size = 700 * i
@@ -277,6 +285,17 @@ def test_the_fast_key_scan_reads_what_tarfile_reads(tmp_path, fmt):
         assert fast == expected  # the fast path is taken
     assert shard_keys([str(path)]) == [n.rpartition("/")[0] + "/" + n.rpartition("/")[2].partition(".")[0]
                                        if "/" in n else n.partition(".")[0] for n in expected]
+    offsets = sample_offsets(path)
+    if fast is not None:  # seeking to a sample's offset reads that sample and the rest, as webdataset groups them
+        keys = [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)]
+        assert len(offsets) == len(keys)
+        for n in range(len(keys)):
+            with open(path, "rb") as f:
+                f.seek(offsets[n])
+                with tarfile.open(fileobj=f, mode="r|") as tar:
+                    first = next(m.name for m in tar if m.isfile())
+            assert first.rpartition("/")[0] + "/" + first.rpartition("/")[2].partition(".")[0] == keys[n] \
+                if "/" in first else first.partition(".")[0] == keys[n]
     data = path.read_bytes()
     bad = bytearray(data)
     bad[600] ^= 0xFF  # inside a header or a member: either way the result is tarfile's

@@ -3,10 +3,10 @@
     make_train_loader(cfg, patch_size, rank, world_size, start_step=0, state=None) -> TrainLoader
     augment_batch(batch, device, generator) -> (global views [2B,3,G,G], local views [L*B,3,Ls,Ls]) float, normalised
 
-Per DataLoader worker: its shards (`stream_shards`: each pass over the shard set reads every shard once, split
-between all ranks' workers) -> tar -> chunks of `data.shuffle_buffer` samples, each permuted -> decode -> boxes
-(manifest join, else the shard's json, else the whole image) -> `odis.views.ViewMaker`. Workers send uint8 crops
-and masks; photometric augmentation runs batched on the training device (`augment_batch`).
+Per DataLoader worker: its range of each pass over the shards (`PassPlan`: an epoch shows each image at most once,
+split between all ranks' workers) -> tar (entered by a seek) -> chunks of `data.shuffle_buffer` samples, each
+permuted -> decode -> boxes (manifest join, else the shard's json, else the whole image) -> `odis.views.ViewMaker`.
+Workers send uint8 crops and masks; photometric augmentation runs batched on the training device (`augment_batch`).
 
 Batch layout (view-major: `flatten(0, 1)` gives iBOT's order view 0 of every image, then view 1, ...):
     global uint8 [2, B, 3, G, G], local uint8 [n_local, B, 3, L, L]   (channels-last strides; augment_batch
@@ -15,14 +15,15 @@ Batch layout (view-major: `flatten(0, 1)` gives iBOT's order view 0 of every ima
     label int64 [B] (-1 unknown), fallbacks int64 [B], bad int64 [B], has_box bool [B], key list[str]; worker
     (int), position (the worker's stream position after the batch, for TrainLoader's state).
 
-Determinism: every random choice derives from (seed, rank, logical worker, sample number in that worker's
-stream), so the stream depends only on the seed, world size, num_workers, shuffle_buffer and the shard list. The
+Determinism: every random choice derives from (seed, rank, logical worker, pass, chunk, index in the chunk), so
+the stream depends only on the seed, world size, num_workers, batch size, shuffle_buffer and the shards. The
 DataLoader takes batches from its workers round-robin, so logical worker l makes batches l, l+W, l+2W, ... Resuming
 at step k rotates the workers (physical worker p plays logical worker (p + k) % W) and each logical worker starts at
-the position its last batch before k left it (TrainLoader.state_dict(), saved in the checkpoint): it opens that
-shard, reads (without decoding) up to the chunk's first sample and the chunk again, so the batch stream from step
-k equals the uninterrupted stream with its first k batches dropped, bad samples included. Without the saved
-position each batch is assumed to have used exactly batch_size raw samples, and the worker reads its way there.
+the position its last batch before k left it (TrainLoader.state_dict(), saved in the checkpoint): it seeks to that
+chunk's first sample, reads the chunk again (without decoding what was used), so the batch stream from step k
+equals the uninterrupted stream with its first k batches dropped, bad samples included. Without a saved position
+(another number of processes or workers) each worker starts where it would be had no sample been bad: computed,
+not read, and exact on clean data.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import hashlib
 import io
 import json
 import logging
-import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -56,7 +56,7 @@ MAX_WARNINGS_PER_WORKER = 20
 # A worker that meets this many unusable samples in a row stops with the last reason instead of spinning forever
 # (wrong shard format, a bug); isolated bad samples are skipped and counted.
 MAX_BAD_IN_A_ROW = 1000
-STATE_VERSION = 2  # the data position in checkpoints: 2 = (chunk, index in it, shard of the worker, offset)
+STATE_VERSION = 3  # the data position in checkpoints: 3 = [pass, chunk, index in it] per worker
 
 
 class BadSample(ValueError):
@@ -263,6 +263,72 @@ def _json_boxes(meta: dict, key: str) -> np.ndarray:
 # ---- the per-worker stream -------------------------------------------------------------------------------------
 
 @dataclass
+class PassPlan:
+    """Which samples each stream reads in each pass over the shards; a pass is an epoch of the schedules.
+
+    Pass p lays the shards end to end in a seeded order (their samples in file order) and cuts that sequence into
+    contiguous ranges, one per (rank, logical worker) stream, each as long as the samples the stream uses in epoch
+    p: batch_size x the batches that worker makes in that epoch (it makes batches w, w+W, ...). So one epoch shows
+    each image at most once, and exactly world x steps_per_epoch x batch_size of them when no sample is bad; a
+    stream's position is (pass, index in its range), computable without reading anything.
+    """
+
+    counts: np.ndarray  # samples per shard: index.json's, else the tar headers'
+    seed: int
+    batch_size: int
+    num_workers: int  # logical workers per rank (>= 1)
+    world_size: int
+    steps_per_epoch: int
+
+    def __post_init__(self):
+        self.counts = np.asarray(self.counts, np.int64)
+        self.total = int(self.counts.sum())
+        self.nonempty = int((self.counts > 0).sum())
+        self._layout_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def quota(self, w: int, p: int) -> int:
+        """Samples logical worker w uses in pass p."""
+        spe, nw = self.steps_per_epoch, self.num_workers
+        return self.batch_size * (batches_before((p + 1) * spe, w, nw) - batches_before(p * spe, w, nw))
+
+    def _layout(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        if p not in self._layout_of:
+            self._layout_of.clear()  # passes are visited in order: keep one
+            order = np.random.default_rng([self.seed, p]).permutation(len(self.counts))
+            self._layout_of[p] = order, np.concatenate([[0], np.cumsum(self.counts[order])])
+        return self._layout_of[p]
+
+    def pieces(self, rank: int, w: int, p: int, q: int) -> Iterator[tuple[int, int, int, int]]:
+        """(shard, first, end, q of the first): stream (rank, w)'s samples q, q+1, ... of pass p as runs of
+        samples first..end-1 of one shard. A range past the pass's end (epoch_samples > the shards') wraps."""
+        order, cum = self._layout(p)
+        per_rank = sum(self.quota(v, p) for v in range(self.num_workers))
+        base = rank * per_rank + sum(self.quota(v, p) for v in range(w))
+        end = self.quota(w, p)
+        while q < end:
+            s = (base + q) % self.total
+            k = int(np.searchsorted(cum, s, side="right")) - 1
+            first = s - int(cum[k])
+            stop = min(int(self.counts[order[k]]), first + end - q)
+            yield int(order[k]), first, stop, q
+            q += stop - first
+
+    def locate(self, w: int, n: int) -> tuple[int, int]:
+        """(pass, index) of the n-th sample logical worker w uses."""
+        p = 0
+        while n >= self.quota(w, p):
+            n -= self.quota(w, p)
+            p += 1
+        return p, n
+
+    def position(self, w: int, step: int, chunk: int) -> list[int]:
+        """[pass, chunk, index in it] of logical worker w at `step`, if every batch used batch_size samples (no
+        bad ones): the exact position on clean data, computed, not read."""
+        p, q = self.locate(w, batches_before(step, w, self.num_workers) * self.batch_size)
+        return [p, q // chunk, q % chunk]
+
+
+@dataclass
 class StreamSpec:
     urls: list[str]
     views: ViewMaker
@@ -272,9 +338,13 @@ class StreamSpec:
     batch_size: int
     shuffle_buffer: int
     start_step: int = 0
-    positions: list[list[int]] | None = None  # per logical worker, from TrainLoader.state_dict()
+    positions: list[list[int]] | None = None  # per logical worker [pass, chunk, index], TrainLoader.state_dict()
     draft: bool = True
-    world_size: int = 1
+    plan: PassPlan | None = None
+
+    @property
+    def chunk(self) -> int:
+        return max(1, self.shuffle_buffer)
 
 
 def batches_before(step: int, worker: int, num_workers: int) -> int:
@@ -282,39 +352,20 @@ def batches_before(step: int, worker: int, num_workers: int) -> int:
     return len(range(worker, step, num_workers))
 
 
-def stream_shards(n_shards: int, seed: int, stream: int, n_streams: int,
-                  start: int = 0) -> Iterator[tuple[int, int, int]]:
-    """(j, pass, shard) for j = start, start+1, ...: the j-th shard that stream `stream` of `n_streams` reads.
-
-    The shard sequence of the whole run is S = perm_0 + perm_1 + ..., perm_p a permutation of the shards seeded by
-    (seed, p), and stream g reads S[g], S[g + G], S[g + 2G], ... So every block of n_shards consecutive entries
-    of S, read by all G streams together, is one pass that reads each shard exactly once (whatever n_shards and G),
-    and a stream's j-th shard is known without reading anything: a resume starts at its shard directly.
-    """
-    perms: dict[int, np.ndarray] = {}
-    j = start
-    while True:
-        p, i = divmod(stream + j * n_streams, n_shards)
-        if p not in perms:
-            perms.clear()  # passes are visited in order: keep one
-            perms[p] = np.random.default_rng([seed, p]).permutation(n_shards)
-        yield j, p, int(perms[p][i])
-        j += 1
-
-
 class TrainStream(IterableDataset):
     """Infinite stream of batches for one rank, assembled in place (each DataLoader worker runs its own copy).
 
-    A worker reads its shards (`stream_shards`) in chunks of `shuffle_buffer` raw samples, each chunk permuted
-    whole (seeded by its number), so its position is (chunk c, samples of it used i, the chunk's first sample
-    as (j-th shard of the worker, offset in it)): a resume reads at most one shard up to that offset and
-    one chunk again, without decoding. `odis shard` shuffles images before packing them, so a chunk of
-    consecutive samples is already a random draw; the permutation only mixes neighbours of different shards.
+    A worker reads its range of each pass (PassPlan) in chunks of `shuffle_buffer` samples, each chunk permuted
+    whole (seeded by its pass and number) and never spanning two passes; a thread reads the next chunk while this
+    one is used. `odis shard` shuffles images before packing them, so a chunk of consecutive samples is already a
+    random draw. The position [pass, chunk, index in it] is all a resume needs: it seeks to the chunk's first
+    sample (local tars; others are read up to it), reads the chunk again and skips what was used.
     """
 
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
+        self._offsets: dict[int, list[int] | None] = {}
 
     def __iter__(self) -> Iterator[dict]:
         s = self.spec
@@ -322,21 +373,13 @@ class TrainStream(IterableDataset):
         phys, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         w = (phys + s.start_step) % nw  # logical worker: batch k of the run comes from logical worker k % W
         counter = {"bad": 0, "warned": 0, "in_a_row": 0}
-        size = max(1, s.shuffle_buffer)
-        stream, n_streams = s.rank * nw + w, s.world_size * nw
-        if s.positions is not None:  # exact: from the checkpoint
-            c, i, j, off = (int(x) for x in s.positions[w])
-            raw = self._raw(stream, n_streams, counter, w, j, off)
-        else:  # no saved position: assume every batch before start_step used batch_size raw samples (clean data)
-            c, i = divmod(batches_before(s.start_step, w, nw) * s.batch_size, size)
-            # read (not decoded) up to chunk c: slow late in a run, which the saved position avoids
-            raw = itertools.islice(self._raw(stream, n_streams, counter, w), c * size, None)
+        p, c, i = s.positions[w] if s.positions is not None else s.plan.position(w, s.start_step, s.chunk)
         reduction = s.views.max_reduction if s.draft else None
         batch = _Batch(s.views, s.batch_size, shared=info is not None)
-        for c, i, start, sample in self._chunks(raw, size, c, i, [s.seed, s.rank, w]):
-            n = c * size + i  # the sample's number in this worker's stream: its views' random seed
+        for p, c, i, sample in self._chunks(self._raw(w, p, c * s.chunk), p, c, i, w, counter):
             try:
-                out = self.process(sample, np.random.default_rng([s.seed, s.rank, w, n]), reduction, batch.slot())
+                out = self.process(sample, np.random.default_rng([s.seed, s.rank, w, p, c, i]), reduction,
+                                   batch.slot())
             except Exception as e:  # noqa: BLE001 -- a bad sample must never kill the worker; it is counted
                 if not isinstance(e, BadSample):
                     e = BadSample(f"{sample.get('__key__', '?')}: {type(e).__name__}: {e}")
@@ -345,45 +388,96 @@ class TrainStream(IterableDataset):
             batch.add(out, bad=counter["bad"])
             counter["bad"] = counter["in_a_row"] = 0
             if batch.full:
-                yield batch.finish(worker=w, position=[c, i + 1, *start])
+                yield batch.finish(worker=w, position=[p, c, i + 1])
                 batch = _Batch(s.views, s.batch_size, shared=info is not None)
 
-    def _raw(self, stream: int, n_streams: int, counter: dict, w: int, j0: int = 0,
-             skip: int = 0) -> Iterator[tuple[tuple[int, int], int, dict]]:
-        """((j, offset), pass, raw sample) from the j0-th shard of this stream on, its first `skip` samples left
-        out."""
-        import webdataset as wds
+    def _chunks(self, raw, p: int, c: int, i: int, w: int, counter: dict) -> Iterator[tuple[int, int, int, dict]]:
+        """(pass, chunk, index, sample) from chunk c of pass p, its i-th sample on. A chunk's unreadable tars are
+        counted when it starts, except in the chunk a resume starts inside (counted before the checkpoint)."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        urls = self.spec.urls
-        read = wds.tarfile_to_samples(handler=lambda e: self._count(e, counter, w))  # unreadable tars count too
-        empty_in_a_row = 0
-        for j, p, shard in stream_shards(len(urls), self.spec.seed, stream, n_streams, j0):
-            n = -1
-            for n, sample in enumerate(read([{"url": urls[shard]}])):
-                if j > j0 or n >= skip:
-                    yield (j, n), p, sample
-            empty_in_a_row = empty_in_a_row + 1 if n < 0 else 0
-            if empty_in_a_row > len(urls):  # a whole pass gave nothing (unreadable or empty tars)
-                last = f"; last error: {counter['last']}" if "last" in counter else ""
-                raise RuntimeError(f"data worker {w}: not one sample in a whole pass over the {len(urls)} "
-                                   f"shard(s) {urls[0]} ...{last}. Check the shards (odis verify)")
+        reader = _ChunkReader(raw, self.spec.chunk)
+        with ThreadPoolExecutor(1, thread_name_prefix="odis-chunk") as pool:  # reads chunk c+1 while c is used
+            ahead = pool.submit(reader.next)
+            while True:
+                cp, cc, samples, errors = ahead.result()
+                ahead = pool.submit(reader.next)
+                if (cp, cc) != (p, c):
+                    i = 0  # the chunk asked for had no readable sample
+                for e in errors if i == 0 else ():
+                    self._count(e, counter, w)
+                order = np.random.default_rng([self.spec.seed, self.spec.rank, w, cp, cc]).permutation(len(samples))
+                for k in order[i:]:
+                    yield cp, cc, i, samples[k]
+                    i += 1
+                p, c, i = cp, cc + 1, 0
 
-    @staticmethod
-    def _chunks(raw, size: int, c: int, i: int, seed: list[int]) -> Iterator[tuple[int, int, tuple[int, int], dict]]:
-        """(chunk c, index i in it, the chunk's first raw position, sample), from chunk c's i-th sample on: chunks
-        of `size` raw samples, each permuted whole by a generator seeded with (seed, c). A chunk never spans two
-        passes over the shards (it ends early instead), so that a pass shows each image once."""
-        item = next(raw)
+    def _raw(self, w: int, p: int, q: int) -> Iterator[tuple[int, int, dict | Exception]]:
+        """(pass, index, sample) of logical worker w's ranges from index q of pass p on. A tar that cannot be read
+        gives an Exception in place of a sample, at the index of the sample it failed before."""
+        s, plan = self.spec, self.spec.plan
+        empty: set[int] = set()  # shards that gave nothing since the last sample
         while True:
-            chunk = [item]
-            item = next(raw)
-            while len(chunk) < size and item[1] == chunk[0][1]:  # (item[1]: the pass)
-                chunk.append(item)
-                item = next(raw)
-            for k in np.random.default_rng([*seed, c]).permutation(len(chunk))[i:]:
-                yield c, i, chunk[0][0], chunk[k][2]
-                i += 1
-            c, i = c + 1, 0
+            for shard, first, end, q0 in plan.pieces(s.rank, w, p, q):
+                errors: list[Exception] = []
+                got = 0
+                for n, sample in self._read(shard, first, end, errors):
+                    while errors:
+                        yield p, q0 + got, errors.pop(0)
+                    yield p, q0 + n - first, sample
+                    got = n - first + 1
+                while errors:
+                    yield p, q0 + got, errors.pop(0)
+                if got:
+                    empty.clear()
+                else:
+                    empty.add(shard)
+                    if len(empty) >= plan.nonempty:  # every shard, unreadable or empty: nothing will ever come
+                        raise RuntimeError(f"data worker {w}: not one sample in any of the {len(s.urls)} shard(s) "
+                                           f"{s.urls[0]} ... Check the shards (odis verify)")
+            p, q = p + 1, 0
+
+    def _read(self, shard: int, first: int, end: int, errors: list) -> Iterator[tuple[int, dict]]:
+        """(n, sample) for samples first..end-1 of a shard. A local tar of plain headers is entered at sample
+        `first` by a seek; anything else is read from its start (webdataset's openers: pipe:, https:, ...)."""
+        from webdataset import tariterators
+
+        from odis.shards import is_remote, local_path, sample_offsets
+
+        url = self.spec.urls[shard]
+
+        def handler(e: Exception) -> bool:
+            errors.append(BadSample(f"{url}: unreadable ({type(e).__name__}: {e})"))
+            return True  # go on: the tar ends here
+
+        start, stream = 0, None
+        if first > 0 and not is_remote(url):
+            if shard not in self._offsets:
+                try:
+                    self._offsets[shard] = sample_offsets(local_path(url))
+                except OSError:
+                    self._offsets[shard] = None
+            offsets = self._offsets[shard]
+            if offsets is not None:
+                if first >= len(offsets):
+                    return  # the index counted more samples than the tar holds
+                stream = open(local_path(url), "rb")
+                stream.seek(offsets[first])
+                start = first
+        try:
+            if stream is not None:
+                files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+                samples = tariterators.group_by_keys(files, handler=handler)
+            else:
+                samples = tariterators.tarfile_samples([{"url": url}], handler=handler)
+            for n, sample in enumerate(samples, start):
+                if n >= end:
+                    break
+                if n >= first:
+                    yield n, sample
+        finally:
+            if stream is not None:
+                stream.close()
 
     def _count(self, exc: Exception, counter: dict, worker: int) -> bool:
         """Count a bad sample or an unreadable shard; stop the worker when nothing usable comes any more (the
@@ -427,6 +521,24 @@ class TrainStream(IterableDataset):
         views["key"] = key
         views["has_box"] = bool(len(boxes))
         return views
+
+
+class _ChunkReader:
+    """Cuts a stream's (pass, index, sample) sequence into chunks: (pass, chunk, samples, errors). One item is read
+    ahead (the first of the next chunk): a chunk ends where the next begins."""
+
+    def __init__(self, raw: Iterator, size: int):
+        self.raw, self.size, self.peek = raw, size, None
+
+    def next(self) -> tuple[int, int, list[dict], list[Exception]]:
+        if self.peek is None:
+            self.peek = next(self.raw)
+        p, c = self.peek[0], self.peek[1] // self.size
+        samples, errors = [], []
+        while self.peek[0] == p and self.peek[1] // self.size == c:
+            (errors if isinstance(self.peek[2], Exception) else samples).append(self.peek[2])
+            self.peek = next(self.raw)
+        return p, c, samples, errors
 
 
 class _Batch:
@@ -514,14 +626,14 @@ class TrainLoader:
     whole_image_box = samples without any box, trained with the whole image as the object),
     state_dict() -> the data position to store in checkpoints (pass back as `state` to resume exactly)."""
 
-    def __init__(self, loader: DataLoader, spec: StreamSpec, num_workers: int, steps_per_epoch: int,
-                 epoch_samples: int, box_report: dict | None):
+    def __init__(self, loader: DataLoader, spec: StreamSpec, num_workers: int, epoch_samples: int,
+                 box_report: dict | None):
         self.loader, self.spec, self.num_workers = loader, spec, max(1, num_workers)
-        self.steps_per_epoch, self.epoch_samples, self.box_report = steps_per_epoch, epoch_samples, box_report
+        self.steps_per_epoch, self.epoch_samples, self.box_report = spec.plan.steps_per_epoch, epoch_samples, \
+            box_report
         self.step = spec.start_step
-        # None: a worker that has not made a batch since the start; a checkpoint then needs the start's position
         self.positions = list(spec.positions) if spec.positions is not None else \
-            [[0, 0, 0, 0] if spec.start_step == 0 else None] * self.num_workers
+            [spec.plan.position(w, spec.start_step, spec.chunk) for w in range(self.num_workers)]
         self.stats = {"samples": 0, "bad_samples": 0, "crop_fallbacks": 0, "obj_invalid": 0, "whole_image_box": 0}
 
     def __iter__(self) -> Iterator[dict]:
@@ -536,26 +648,56 @@ class TrainLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        if None in self.positions:  # too few steps since a stateless start for every worker to have reported
-            return {"step": self.step, "num_workers": self.num_workers, "seed": self.spec.seed}
-        return {"version": STATE_VERSION, "step": self.step, "num_workers": self.num_workers,
-                "seed": self.spec.seed, "positions": [list(map(int, p)) for p in self.positions],
-                "shuffle_buffer": self.spec.shuffle_buffer, "shards": len(self.spec.urls)}
+        return {**_stream_identity(self.spec, self.num_workers, self.step),
+                "positions": [list(map(int, p)) for p in self.positions]}
 
 
-def _index_total(spec_str: str, urls: list[str]) -> int | None:
-    """Samples in the shard set per its index.json (beside the spec or the first shard), None without one."""
-    from odis.shards import INDEX_NAME, _is_remote, _local_path, read_index
+def _stream_identity(spec: StreamSpec, num_workers: int, step: int) -> dict:
+    """What the data stream is a function of: a saved position continues only a stream with all of these."""
+    plan = spec.plan
+    shards = hashlib.blake2b(json.dumps([[u.rsplit("/", 1)[-1], int(n)] for u, n in zip(spec.urls, plan.counts)])
+                             .encode(), digest_size=8).hexdigest()
+    return {"version": STATE_VERSION, "step": step, "num_workers": num_workers, "world_size": plan.world_size,
+            "seed": spec.seed, "batch_size": spec.batch_size, "shuffle_buffer": spec.shuffle_buffer,
+            "steps_per_epoch": plan.steps_per_epoch, "shards": shards}
 
-    candidates = [spec_str] if not _is_remote(spec_str) else []
-    if urls and not _is_remote(urls[0]):
-        candidates.append(str(_local_path(urls[0]).parent / INDEX_NAME))
+
+def shard_counts(spec_str: str, urls: list[str]) -> list[int] | None:
+    """Samples per shard: from the index.json beside the spec or the shards, else from local tar headers; None
+    for remote shards without an index."""
+    from odis.shards import INDEX_NAME, is_remote, local_path, read_index
+
+    candidates = [spec_str] if not is_remote(spec_str) else []
+    if urls and not is_remote(urls[0]):
+        candidates.append(str(local_path(urls[0]).parent / INDEX_NAME))
     for c in candidates:
-        p = _local_path(c)
+        p = local_path(c)
         if (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.suffix == ".json" and p.is_file()):
-            index = read_index(p)
-            return int(index.get("num_samples") or sum(sh["count"] for sh in index["shards"]))
-    return None
+            listed = {sh["name"]: int(sh["count"]) for sh in read_index(p)["shards"]}
+            names = [u.rsplit("/", 1)[-1] for u in urls]
+            if all(n in listed for n in names):
+                return [listed[n] for n in names]
+    if any(is_remote(u) for u in urls):
+        return None
+    log.info("counting the samples of %d shard(s) from their tar headers (no index.json)", len(urls))
+    return [_count_samples(local_path(u)) for u in urls]
+
+
+def _count_samples(path) -> int:
+    import tarfile
+
+    from odis.shards import sample_offsets, split_member
+
+    try:
+        offsets = sample_offsets(path)
+        if offsets is not None:
+            return len(offsets)
+        with tarfile.open(path, mode="r:") as tar:
+            keys = [split_member(m.name) for m in tar if m.isfile()]
+        return len({k for k, ext in keys if ext})
+    except (tarfile.TarError, OSError) as e:  # the readers count it when they meet it
+        log.warning("%s: unreadable shard (%s: %s); it counts as empty", path, type(e).__name__, e)
+        return 0
 
 
 def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
@@ -570,14 +712,22 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
     if not urls:
         raise FileNotFoundError(f"{d.shards}: no shards")
     table = BoxTable.from_manifest(d.boxes) if d.boxes else None
-    total = d.epoch_samples or _index_total(d.shards, urls)
-    keys = None
-    if (rank == 0 and table is not None) or not total:
-        log.info("reading the sample keys of %d shard(s) from their tar headers", len(urls))
-        keys = shard_keys(urls)
-        total = total or (len(set(keys)) if keys is not None else None)
+    counts = shard_counts(d.shards, urls)
+    total = d.epoch_samples or (sum(counts) if counts is not None else None)
+    if not total:
+        raise ValueError(f"{d.shards}: cannot tell the number of images (remote shards without an index.json, or "
+                         "no readable sample); set data.epoch_samples")
+    if counts is not None and not sum(counts):
+        raise ValueError(f"{d.shards}: not one readable sample in {len(urls)} shard(s) ({urls[0]} ...); check the "
+                         "shards (odis verify)")
+    if counts is None:
+        log.warning("%s: remote shards without an index.json: the shard order assumes %d samples in each",
+                    d.shards, total // len(urls))
+        counts = [max(1, total // len(urls))] * len(urls)
     report = None
     if table is not None and rank == 0:
+        log.info("reading the sample keys of %d shard(s) from their tar headers", len(urls))
+        keys = shard_keys(urls)
         report = dict(table.stats, box_table_bytes=table.nbytes)
         if keys is not None:
             report.update(table.match(keys))
@@ -585,34 +735,32 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         else:
             report["shard_keys"] = "unknown (remote shards): shard/manifest overlap not counted"
         log.info("boxes: %s", report)
-    if not total:
-        raise ValueError(f"{d.shards}: cannot tell the number of images (no index.json); set data.epoch_samples")
-    steps = max(1, total // (d.batch_size * world_size))
-    nw = max(0, int(d.num_workers))
+    nw = max(1, int(d.num_workers))
+    plan = PassPlan(counts, cfg.seed, d.batch_size, nw, world_size, max(1, total // (d.batch_size * world_size)))
     spec = StreamSpec(urls, ViewMaker.from_config(d, patch_size, cfg.method), table, cfg.seed, rank,
-                      d.batch_size, d.shuffle_buffer, start_step, world_size=world_size)
+                      d.batch_size, d.shuffle_buffer, start_step, plan=plan)
     if state is not None:
-        spec.positions = _saved_positions(state, spec, max(1, nw))
+        spec.positions = _saved_positions(state, spec, nw)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available() and cfg.device != "cpu"
     # The stream yields whole batches (assembled in place in the worker): batch_size=None here.
-    loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=nw, pin_memory=pin_memory,
-                        worker_init_fn=_worker_init, persistent_workers=False)
-    return TrainLoader(loader, spec, nw, steps, total, report)
+    loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=max(0, int(d.num_workers)),
+                        pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=False)
+    return TrainLoader(loader, spec, nw, total, report)
 
 
 def _saved_positions(state: dict, spec: StreamSpec, num_workers: int) -> list[list[int]] | None:
-    """The workers' positions saved in a checkpoint, if they continue this stream exactly; else None (with a
-    warning: the resumed stream then assumes clean data and reads its way to the step)."""
-    saved = {k: state.get(k) for k in ("version", "step", "num_workers", "seed", "shuffle_buffer", "shards")}
-    now = {"version": STATE_VERSION, "step": spec.start_step, "num_workers": num_workers, "seed": spec.seed,
-           "shuffle_buffer": spec.shuffle_buffer, "shards": len(spec.urls)}
-    if saved == now and "positions" in state:
+    """The workers' positions saved in a checkpoint, if they continue this stream exactly; else None, with a
+    warning (each worker then starts where it would be had no sample been bad: computed, nothing is read)."""
+    now = _stream_identity(spec, num_workers, spec.start_step)
+    if "version" not in state:
+        diff = "it was written by an older odis, whose data order differs"
+    else:
+        diff = ", ".join(f"{k} {state.get(k)} -> {v}" for k, v in now.items() if state.get(k) != v)
+    if not diff and len(state.get("positions") or []) == num_workers:
         return [[int(x) for x in p] for p in state["positions"]]
-    # The stream is a function of (seed, rank, worker count, shards): another layout cannot continue it exactly.
-    diff = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in now if saved[k] != now[k]) or "no worker positions"
-    log.warning("the checkpoint's data position does not fit this run (%s): the resumed data stream will differ "
-                "from the uninterrupted run's", diff)
+    log.warning("the checkpoint's data position does not fit this run (%s): the resumed data stream differs "
+                "from the uninterrupted run's", diff or "no worker positions")
     return None
 
 

@@ -7,6 +7,7 @@ writes. Everything needed to continue a run lives in checkpoint.pt, and the data
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import shutil
@@ -266,6 +267,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
         save_config(cfg, out / "config.yaml")
     model = wrap_ddp(distiller, device, dd)
     data_states = state.extra.get("data") or []
+    if data_states and len(data_states) != dd.world and dd.main:
+        logging.getLogger("odis.train").warning(
+            f"the checkpoint holds the data positions of {len(data_states)} process(es), this run has {dd.world}: "
+            "the resumed data stream differs from the uninterrupted run's")
     loader = make_train_loader(cfg, distiller.student.backbone.patch_size, dd.rank, dd.world,
                                start_step=state.step,
                                state=data_states[dd.rank] if len(data_states) == dd.world else None)
