@@ -6,6 +6,7 @@ A detector is built once per Ray actor and called on a list of RGB PIL images; i
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -170,34 +171,19 @@ def _ximgproc():
     return cv2
 
 
-def _c_srand():
-    """libc's srand, or None where it cannot be found. OpenCV's selective search ranks its proposals with C's
-    rand() (hierarchical grouping: rank = random * level), which cv2.setRNGSeed does not seed: unseeded, the same
-    image gets another order, so another top --max-boxes, on every run."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c") or ("msvcrt" if sys.platform == "win32" else None)
-    try:
-        return ctypes.CDLL(name).srand if name else None
-    except OSError:
-        return None
-
-
 class SelectiveSearchDetector:
     """OpenCV contrib selective search ("fast" mode), weight-free class-agnostic proposals as in SoCo. The image
-    is shrunk so its longest side is `imgsz`; proposals keep their order (score = 1 - rank / n). C's rand() is
-    seeded before each image, so the proposals of an image are the same in every run, actor and order."""
+    is shrunk so its longest side is `imgsz`; score = 1 - rank / n in a random order that is the same in every run.
+
+    OpenCV ranks its proposals by C's rand() x hierarchy level: the set is a function of the image, the order is
+    not (another top --max-boxes in every run, actor and resume; seeding rand() does not hold in a process whose
+    other threads call it, as Ray's do). So the set is put in a canonical order and shuffled by a seed drawn from
+    the set itself: SoCo draws its proposals at random too."""
 
     def __init__(self, cfg: DetectorConfig):
         self.cv2 = _ximgproc()
         self.cfg = cfg
         self.cv2.setNumThreads(1)
-        self.srand = _c_srand()
-        if self.srand is None:
-            import warnings
-
-            warnings.warn("selective search: C's srand not found; proposals will differ between runs", stacklevel=2)
 
     def _one(self, im) -> tuple[np.ndarray, np.ndarray]:
         cv2, c = self.cv2, self.cfg
@@ -206,12 +192,11 @@ class SelectiveSearchDetector:
         ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
         ss.setBaseImage(np.ascontiguousarray(np.asarray(small)[:, :, ::-1]))
         ss.switchToSelectiveSearchFast()
-        if self.srand is not None:
-            self.srand(0)
-        rects = ss.process()
+        rects = np.unique(np.asarray(ss.process(), np.int64).reshape(-1, 4), axis=0)  # canonical order
         if len(rects) == 0:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-        r = np.asarray(rects, np.float64)
+        seed = int.from_bytes(hashlib.blake2b(rects.tobytes(), digest_size=8).digest(), "little")
+        r = rects[np.random.default_rng(seed).permutation(len(rects))].astype(np.float64)
         boxes = np.stack([r[:, 0], r[:, 1], r[:, 0] + r[:, 2], r[:, 1] + r[:, 3]], 1) / scale
         scores = 1.0 - np.arange(len(r)) / len(r)
         return finalize(boxes, scores, im.width, im.height, c.min_area, c.max_boxes)

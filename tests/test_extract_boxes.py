@@ -416,8 +416,8 @@ def test_selective_search_on_real_images(ray_local, coco_tiny, tmp_path):
     assert (t.groupby("image_id").x0.count() == 20).all()
     assert ((t.x1 - t.x0) * (t.y1 - t.y0) >= 0.01 * t.width * t.height - 1e-3).all()
     assert validate_manifest(out) == []
-    # reproducible: the same image gives the same proposals again, after another image or alone (OpenCV ranks
-    # them with C's rand(), which the detector seeds per image)
+    # reproducible: the same image gives the same proposals again, after another image or alone, also in a
+    # process where other threads call C's rand() (OpenCV ranks its proposals with it)
     from pipelines.detectors import DetectorConfig, SelectiveSearchDetector
 
     ims = [Image.open(f).convert("RGB") for f in sorted(images.iterdir())[:2]]
