@@ -241,6 +241,11 @@ def main() -> None:
                + (f"; loader+photometric on one core {both:.0f} img/s" if args.device == "cpu" else "")
                + (f"; loader with {args.workers} workers {many:.0f} img/s total" if many else ""))
     cmd = "python benchmarks/loader.py" + (f" --short-side {args.short_side}" if args.short_side else "")
+    append_row(machine, cmd, figures)
+
+
+def append_row(machine: str, cmd: str, figures: str) -> None:
+    """One row of BENCHMARKS.md: date, machine, command, figures."""
     row = f"| {date.today()} | {machine} | `{cmd}` | {figures} |\n"
     with open(REPO / "BENCHMARKS.md", "a") as f:
         f.write(row)

@@ -22,7 +22,6 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
-from loader import load_coco  # noqa: E402
+from loader import append_row, load_coco  # noqa: E402
 
 from trainer.config import Config  # noqa: E402
 from trainer.data import make_train_loader  # noqa: E402
@@ -115,10 +114,7 @@ def main() -> None:
                f"{args.per_shard}, shuffle_buffer {d.shuffle_buffer}, 1 worker): reading the used samples {t_read:.2f} s"
                f"; first batch with the computed position {t_computed:.2f} s, with the saved one {t_saved:.2f} s = "
                f"**{ratio:.1f}x** faster than reading (same batch)")
-    row = f"| {date.today()} | {machine} | `{cmd}` | {figures} |\n"
-    with open(REPO / "BENCHMARKS.md", "a") as f:
-        f.write(row)
-    print("appended to BENCHMARKS.md:", row.strip())
+    append_row(machine, cmd, figures)
 
 
 if __name__ == "__main__":
