@@ -435,6 +435,8 @@ def train(
                                    "checkpoint, export, metrics, config, tb/ and plots/; nothing else)."),
     max_steps: int = typer.Option(None, help="Stop after this many steps (the schedules still span the epochs)."),
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto: the GPU when there is one)."),
+    precision: str = typer.Option(None, help="auto | bf16 | fp16 | fp32 (default auto: bf16 on GPUs that have it, "
+                                  "else fp16 with loss scaling, as on a V100 or T4; fp32 on CPU)."),
     box_sampling: str = typer.Option(None, help="uniform | area: how one box per image is drawn each step."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ):
@@ -449,7 +451,8 @@ def train(
 
     overrides = list(ctx.args)
     for key, value in (("data.shards", shards), ("data.boxes", boxes), ("method", method), ("out", out),
-                       ("max_steps", max_steps), ("device", device), ("data.box_sampling", box_sampling)):
+                       ("max_steps", max_steps), ("device", device), ("precision", precision),
+                       ("data.box_sampling", box_sampling)):
         if value is not None:
             overrides.append(f"{key}={value}")  # text settings take the text as typed (load_config)
     try:

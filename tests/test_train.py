@@ -317,6 +317,13 @@ def test_bad_config_overrides_are_named(override, message):
         load_config(overrides=[override])
 
 
+def test_train_options_reach_the_config_and_bad_values_are_named(tin_shards, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "cli", "train", "--shards", str(tin_shards), "--out",
+                          str(tmp_path / "r"), "--precision", "fp8"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode != 0 and "precision must be auto|bf16|fp16|fp32, got 'fp8'" in res.stdout + res.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_every_recipe_loads_and_the_vit_s_one_is_ibots():
     """configs/*.yaml all load (keys and types checked); the ViT-S/16 IN1K recipe has iBOT's published values
     (REFERENCE-hparams.md: the 800-epoch ViT-S/16 command, 16 GPUs x 64)."""
