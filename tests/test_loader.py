@@ -506,3 +506,29 @@ def test_unusable_shards_stop_with_a_clear_error(tmp_path):
     loader = make_train_loader(tiny_cfg(shards, workers=0), 8)
     with pytest.raises(RuntimeError, match="unusable samples in a row.*no image"):
         take(loader, 1)
+
+
+def test_remote_shards_take_their_counts_from_a_remote_index(tin_shards, caplog):
+    """An http(s) index.json gives the plan its shard sizes; remote shards without one need data.epoch_samples
+    and are assumed equal (with a warning)."""
+    import http.server
+    import threading
+    from functools import partial
+
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tin_shards))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        index = json.loads((tin_shards / "index.json").read_text())
+        loader = make_train_loader(tiny_cfg(f"{base}/index.json", workers=0), 8)
+        assert list(loader.spec.plan.counts) == [sh["count"] for sh in index["shards"]]
+        assert take(loader, 1)[0]["global"].shape[:2] == (2, 8)
+        pattern = f"{base}/train-{{000000..{len(index['shards']) - 1:06d}}}.tar"
+        with pytest.raises(ValueError, match="set data.epoch_samples"):
+            make_train_loader(tiny_cfg(pattern, workers=0), 8)
+        loader = make_train_loader(tiny_cfg(pattern, workers=0, epoch_samples=120), 8)
+        assert "assumes 20 samples in each" in caplog.text
+        assert take(loader, 1)[0]["global"].shape[:2] == (2, 8)
+    finally:
+        srv.shutdown()

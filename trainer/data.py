@@ -665,18 +665,23 @@ def _stream_identity(spec: StreamSpec, num_workers: int, step: int) -> dict:
 def shard_counts(spec_str: str, urls: list[str]) -> list[int] | None:
     """Samples per shard: from the index.json beside the spec or the shards, else from local tar headers; None
     for remote shards without an index."""
-    from odis.shards import INDEX_NAME, is_remote, local_path, read_index
+    from odis.shards import INDEX_NAME, _fetch_url, _load_index_json, is_remote, local_path, read_index
 
+    indexes = []
+    if is_remote(spec_str) and spec_str.startswith(("http://", "https://")) and spec_str.endswith(".json"):
+        indexes.append(lambda: _load_index_json(_fetch_url(spec_str), spec_str))  # list_shards read it too
     candidates = [spec_str] if not is_remote(spec_str) else []
     if urls and not is_remote(urls[0]):
         candidates.append(str(local_path(urls[0]).parent / INDEX_NAME))
     for c in candidates:
         p = local_path(c)
         if (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.suffix == ".json" and p.is_file()):
-            listed = {sh["name"]: int(sh["count"]) for sh in read_index(p)["shards"]}
-            names = [u.rsplit("/", 1)[-1] for u in urls]
-            if all(n in listed for n in names):
-                return [listed[n] for n in names]
+            indexes.append(lambda p=p: read_index(p))
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    for index in indexes:
+        listed = {sh["name"].rsplit("/", 1)[-1]: int(sh["count"]) for sh in index()["shards"]}
+        if all(n in listed for n in names):
+            return [listed[n] for n in names]
     if any(is_remote(u) for u in urls):
         return None
     log.info("counting the samples of %d shard(s) from their tar headers (no index.json)", len(urls))
