@@ -1,8 +1,9 @@
 """Connecting the Ray jobs (extract-boxes, shard) to a cluster without waiting forever.
 
-`ray.init(address="HOST:PORT")` has no connection timeout: with nothing listening there it retries for as long as
-it runs. So an explicit address (`--ray-address`, else `RAY_ADDRESS`) must first take a TCP connection within a
-few seconds, and a failure is one line naming the address.
+`ray.init(address="HOST:PORT")` has no connection timeout: with nothing listening there, or a server that is not
+Ray's, it retries for as long as it runs. So an explicit address (`--ray-address`, else `RAY_ADDRESS`) must first
+take a TCP connection and answer the gRPC (HTTP/2) handshake within a few seconds, and a failure is one line
+naming the address.
 """
 from __future__ import annotations
 
@@ -51,12 +52,33 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -
     if not host:
         raise RayAddressError(f"{name}: expected HOST:PORT or ray://HOST:PORT")
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            speaks_grpc = _answers_http2(conn)
     except OSError as e:
         why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
         raise RayAddressError(f"{name}: cannot reach a Ray head at {host}:{port} within {timeout:g} s ({why}); "
                               "is it running (`ray start --head`) and is the address right?") from None
+    if not speaks_grpc:
+        raise RayAddressError(f"{name}: {host}:{port} answers, but not as a Ray head (no gRPC/HTTP-2 handshake); "
+                              f"the head's port is {RAY_HEAD_PORT} (`ray start --head --port`) or "
+                              f"{RAY_CLIENT_PORT} for ray://")
+
+
+# An HTTP/2 client preface and an empty SETTINGS frame (RFC 9113 3.4, 6.5): gRPC, which Ray's GCS and its client
+# server speak, answers with a SETTINGS frame; anything else (ssh, HTTP/1, a silent port) does not.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """Whether the peer answers the HTTP/2 preface with a frame header of type SETTINGS (4)."""
+    conn.sendall(_HTTP2_PREFACE)
+    header = b""
+    while len(header) < 9:
+        chunk = conn.recv(9 - len(header))  # the socket's timeout bounds each wait: TimeoutError, an OSError
+        if not chunk:
+            return False
+        header += chunk
+    return header[3] == 4
 
 
 def init_ray(address: str | None, **kwargs) -> bool:

@@ -235,6 +235,26 @@ def test_unreachable_ray_address_fails_within_seconds_naming_it(coco_tiny, tmp_p
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_a_port_that_is_not_a_ray_head_fails_within_seconds(coco_tiny, tmp_path):
+    """A listening server that is not Ray's (here HTTP/1) took the TCP check and ray.init waited on it forever."""
+    import http.server
+    import threading
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{srv.server_address[1]}"
+        t0 = time.monotonic()
+        r = subprocess.run(ODIS + ["extract-boxes", "--detector", "selective-search", "--images",
+                                   str(coco_tiny / "val2017"), "--out", "o.parquet", "--quiet", "--ray-address",
+                                   address], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        srv.shutdown()
+    assert r.returncode == 2 and time.monotonic() - t0 < 30, r.stdout + r.stderr
+    assert f"--ray-address {address}: {address} answers, but not as a Ray head" in r.stdout + r.stderr
+
+
 # ---- --overwrite deletes only what extract-boxes wrote -------------------------------------------------------------
 
 def _ss(images, out, *extra):
