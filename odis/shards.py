@@ -213,11 +213,23 @@ def shard_keys(urls: list[str]) -> list[str] | None:
             else:  # long names, GNU headers, ...: tarfile reads them (4x slower)
                 with tarfile.open(local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
                     names = [m.name for m in tar if m.isfile()]
-            keys.extend(split_member(n)[0] for n in names)
+            keys.extend(k for k in map(sample_key, names) if k is not None)
         except (tarfile.TarError, OSError) as e:  # the readers skip and count such a shard; say it here too
             warnings.warn(f"{u}: unreadable shard, its keys are left out ({type(e).__name__}: {e}); "
                           "odis verify tells what is wrong", stacklevel=2)
     return keys
+
+
+def sample_key(name: str) -> str | None:
+    """The sample key webdataset gives a tar member, or None for a member it leaves out: metadata (`__x__`,
+    `__meta__/...`) and names without a key and an extension (`README`, `._x.jpg` AppleDouble files, `.x.jpg`)."""
+    from webdataset import tariterators
+
+    if "/" not in name and name.startswith(tariterators.meta_prefix) and name.endswith(tariterators.meta_suffix):
+        return None
+    if re.match(r"__[^/]*__($|/)", name):  # tar_file_iterator's skip_meta
+        return None
+    return tariterators.base_plus_ext(name)[0]
 
 
 def sample_offsets(path: Path) -> list[int] | None:
@@ -228,8 +240,8 @@ def sample_offsets(path: Path) -> list[int] | None:
         return None
     offsets, last = [], None
     for name, offset in members:
-        key, ext = split_member(name)
-        if ext and key != last:  # webdataset leaves out a file without an extension
+        key = sample_key(name)
+        if key is not None and key != last:
             offsets.append(offset)
             last = key
     return offsets
@@ -258,15 +270,18 @@ def plain_tar_members(path: Path) -> list[tuple[str, int]] | None:
                     return None
                 size = int(h[124:136].split(b"\0")[0].strip() or b"0", 8)
                 if kind == b"x":  # records "LEN key=value\n" for the next member: path and size may change
-                    pax = dict(r.split(b"=", 1) for r in (line.partition(b" ")[2]
-                                                          for line in m[pos + 512:pos + 512 + size].splitlines()))
+                    records = [line.partition(b" ")[2] for line in m[pos + 512:pos + 512 + size].splitlines()]
+                    if pos + 512 + size > end or not all(b"=" in r for r in records):
+                        return None  # truncated or malformed: tarfile says how
+                    pax = dict(r.split(b"=", 1) for r in records)
                     first = pos
                 else:
                     size = int(pax.get(b"size", size))
                     if kind != b"5":
                         prefix = h[345:500].split(b"\0")[0] if h[257:263] == b"ustar\0" else b""  # POSIX only
                         name = (prefix + b"/" if prefix else b"") + h[:100].split(b"\0")[0]
-                        members.append((pax.get(b"path", name).decode(), pos if first is None else first))
+                        path = pax.get(b"path", name).decode("utf-8", "surrogateescape")  # as tarfile
+                        members.append((path, pos if first is None else first))
                     pax, first = {}, None
                 pos += 512 + (size + 511) // 512 * 512
     return None  # no end-of-archive block: truncated, tarfile says how

@@ -532,3 +532,32 @@ def test_remote_shards_take_their_counts_from_a_remote_index(tin_shards, caplog)
         assert take(loader, 1)[0]["global"].shape[:2] == (2, 8)
     finally:
         srv.shutdown()
+
+
+def test_members_webdataset_leaves_out_are_not_samples(tin_shards, tmp_path):
+    """macOS AppleDouble companions (`._k.jpg`, written by bsdtar for files with extended attributes) and
+    `__meta__` files are no samples for webdataset: the counts, the epoch and the seeks must agree with it."""
+    import io
+    import tarfile
+
+    good = [s for s in wds.WebDataset(str(sorted(tin_shards.glob("*.tar"))[0]), shardshuffle=False)
+            if s["__key__"].startswith("n")][:10]
+    path = tmp_path / "mac-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add("__meta__/notes.json", b"{}")
+        for s in good:
+            add(f"._{s['__key__']}.jpg", b"\0\5\26\7 AppleDouble")
+            add(f"{s['__key__']}.jpg", s["jpg"])
+            add(f"{s['__key__']}.json", s["json"])
+    cfg = tiny_cfg(path, workers=0, batch=5, shuffle_buffer=4)
+    loader = make_train_loader(cfg, 8)
+    assert list(loader.spec.plan.counts) == [10] and loader.steps_per_epoch == 2
+    batches = take(loader, 3)
+    assert sorted(k for b in batches[:2] for k in b["key"]) == sorted(s["__key__"] for s in good)
+    first = make_train_loader(cfg, 8)
+    take(first, 1)
+    same(batches[1], take(make_train_loader(cfg, 8, start_step=1, state=first.state_dict()), 1)[0])

@@ -327,6 +327,9 @@ def _set(cfg: Any, dotted: Any, value: Any, prefix: str = "") -> list[str]:
     return [prefix + head]
 
 
+YAML_NULLS = ("", "~", "null", "Null", "NULL")  # what YAML reads as null: an override sets None with them
+
+
 def _hint(cfg: Any, dotted: str) -> Any:
     """The type of a dotted config key; None for an unknown one (_set names it)."""
     head, _, rest = dotted.partition(".")
@@ -411,7 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not eq:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key = key.strip()
-        if _is_text(_hint(cfg, key)) and not raw.lstrip().startswith(("'", '"')) and raw.strip() not in ("null", "~"):
+        if _is_text(_hint(cfg, key)) and not raw.lstrip().startswith(("'", '"')) and raw.strip() not in YAML_NULLS:
             value = raw.strip()  # a text setting takes the text as typed: `out=runs/exp #3`, `data.shards=2024-01-01`
         else:
             value = _parse_yaml(raw, f"override {item!r}", lines=False)

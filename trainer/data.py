@@ -691,15 +691,15 @@ def shard_counts(spec_str: str, urls: list[str]) -> list[int] | None:
 def _count_samples(path) -> int:
     import tarfile
 
-    from odis.shards import sample_offsets, split_member
+    from odis.shards import sample_key, sample_offsets
 
     try:
         offsets = sample_offsets(path)
         if offsets is not None:
             return len(offsets)
         with tarfile.open(path, mode="r:") as tar:
-            keys = [split_member(m.name) for m in tar if m.isfile()]
-        return len({k for k, ext in keys if ext})
+            keys = [sample_key(m.name) for m in tar if m.isfile()]
+        return sum(1 for k, last in zip(keys, [None, *keys]) if k is not None and k != last)
     except (tarfile.TarError, OSError) as e:  # the readers count it when they meet it
         log.warning("%s: unreadable shard (%s: %s); it counts as empty", path, type(e).__name__, e)
         return 0

@@ -377,7 +377,10 @@ def mixed_precision(precision: str, device: torch.device):
     """(autocast context, GradScaler or None, the precision chosen) for `precision` on `device`. The heads' logits
     and the losses run in float32 whatever this says (odis/heads.py, odis/losses.py)."""
     if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # compute capability >= 8 (Ampere on): torch's is_bf16_supported() also says True where bf16 is only
+        # emulated (V100, T4), and slowly
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        precision = "fp32" if device.type != "cuda" else "bf16" if bf16 else "fp16"
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False), None, precision
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
