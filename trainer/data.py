@@ -479,19 +479,17 @@ class TrainStream(IterableDataset):
             if stream is not None:
                 stream.close()
 
-    def _count(self, exc: Exception, counter: dict, worker: int) -> bool:
-        """Count a bad sample or an unreadable shard; stop the worker when nothing usable comes any more (the
+    def _count(self, exc: Exception, counter: dict, worker: int) -> None:
+        """Count a bad sample or an unreadable tar; stop the worker when nothing usable comes any more (the
         stream is endless: skipping forever would hang the run)."""
         counter["bad"] += 1
         counter["in_a_row"] += 1
-        counter["last"] = exc
         if counter["in_a_row"] >= MAX_BAD_IN_A_ROW:
             raise RuntimeError(f"data worker {worker}: {MAX_BAD_IN_A_ROW} unusable samples in a row in "
                                f"{self.spec.urls[0]} ...; last: {exc}. Check the shards (odis verify --decode)")
         if counter["warned"] < MAX_WARNINGS_PER_WORKER:
             counter["warned"] += 1
             log.warning("data worker %d: skipped a bad sample: %s", worker, exc)
-        return True  # webdataset handler protocol: continue
 
     def process(self, raw: dict, rng: np.random.Generator, reduction=None, out: dict | None = None) -> dict:
         """One raw sample -> its views (written into `out`'s buffers if given). Raises BadSample."""
