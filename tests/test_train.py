@@ -123,6 +123,20 @@ def test_fp16_trains_with_loss_scaling_and_resumes_the_same(tin_shards, tmp_path
     assert torch.load(fp32 / "checkpoint.pt", weights_only=True)["scaler"] is None
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # no CUDA here: autocast and the scaler say they are off
+@pytest.mark.parametrize("capability, chosen", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                ((9, 0), "bf16")])
+def test_auto_precision_follows_the_gpu_generation(monkeypatch, capability, chosen):
+    """bf16 from Ampere on; before (V100 7.0, T4 7.5) fp16 with a GradScaler: torch's is_bf16_supported() says
+    True there too (emulated, slow)."""
+    from trainer.train import mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    _, scaler, precision = mixed_precision("auto", torch.device("cuda", 0))
+    assert precision == chosen and (scaler is not None) == (chosen == "fp16")
+    assert mixed_precision("auto", torch.device("cpu"))[2] == "fp32"
+
+
 def test_compiled_backbones_train_like_eager_ones(tin_shards, tmp_path, compiled_graphs):
     """model.compile=true reaches the trainer: the backbones are compiled (inductor's C++ on a CPU), the losses are
     the eager run's, checkpoints and the export keep their names. (Early steps barely move the weights at this lr:
