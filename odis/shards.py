@@ -254,36 +254,44 @@ def plain_tar_members(path: Path) -> list[tuple[str, int]] | None:
     at start (IN1K: 2.6M members); tarfile spends ~20 us a member building TarInfos."""
     import mmap
 
-    members: list[tuple[str, int]] = []
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            pos, end, pax, first = 0, len(m), {}, None
-            while pos + 512 <= end:
-                h = m[pos:pos + 512]
-                if h.count(0) == 512:  # the end-of-archive block
-                    return members
-                kind = h[156:157]
-                if h[124] & 0x80 or kind not in (b"0", b"\0", b"5", b"x") or h[257:262] != b"ustar" \
-                        or int(h[148:156].split(b"\0")[0] or b"0", 8) != sum(h[:148]) + 256 + sum(h[156:]):
-                    return None
-                size = int(h[124:136].split(b"\0")[0].strip() or b"0", 8)
-                if kind == b"x":  # records "LEN key=value\n" for the next member: path and size may change
-                    records = [line.partition(b" ")[2] for line in m[pos + 512:pos + 512 + size].splitlines()]
-                    if pos + 512 + size > end or not all(b"=" in r for r in records):
-                        return None  # truncated or malformed: tarfile says how
-                    pax = dict(r.split(b"=", 1) for r in records)
-                    first = pos
-                else:
-                    size = int(pax.get(b"size", size))
-                    if kind != b"5":
-                        prefix = h[345:500].split(b"\0")[0] if h[257:263] == b"ustar\0" else b""  # POSIX only
-                        name = (prefix + b"/" if prefix else b"") + h[:100].split(b"\0")[0]
-                        path = pax.get(b"path", name).decode("utf-8", "surrogateescape")  # as tarfile
-                        members.append((path, pos if first is None else first))
-                    pax, first = {}, None
-                pos += 512 + (size + 511) // 512 * 512
+            try:
+                return _walk_headers(m)
+            except ValueError:  # a number field that is not octal: a damaged header, tarfile says how
+                return None
+
+
+def _walk_headers(m) -> list[tuple[str, int]] | None:
+    """plain_tar_members on a mapped tar."""
+    members: list[tuple[str, int]] = []
+    pos, end, pax, first = 0, len(m), {}, None
+    while pos + 512 <= end:
+        h = m[pos:pos + 512]
+        if h.count(0) == 512:  # the end-of-archive block
+            return members
+        kind = h[156:157]
+        if h[124] & 0x80 or kind not in (b"0", b"\0", b"5", b"x") or h[257:262] != b"ustar" \
+                or int(h[148:156].split(b"\0")[0] or b"0", 8) != sum(h[:148]) + 256 + sum(h[156:]):
+            return None
+        size = int(h[124:136].split(b"\0")[0].strip() or b"0", 8)
+        if kind == b"x":  # records "LEN key=value\n" for the next member: path and size may change
+            records = [line.partition(b" ")[2] for line in m[pos + 512:pos + 512 + size].splitlines()]
+            if pos + 512 + size > end or not all(b"=" in r for r in records):
+                return None  # truncated or malformed: tarfile says how
+            pax = dict(r.split(b"=", 1) for r in records)
+            first = pos
+        else:
+            size = int(pax.get(b"size", size))
+            if kind != b"5":
+                prefix = h[345:500].split(b"\0")[0] if h[257:263] == b"ustar\0" else b""  # POSIX only
+                name = (prefix + b"/" if prefix else b"") + h[:100].split(b"\0")[0]
+                path = pax.get(b"path", name).decode("utf-8", "surrogateescape")  # as tarfile
+                members.append((path, pos if first is None else first))
+            pax, first = {}, None
+        pos += 512 + (size + 511) // 512 * 512
     return None  # no end-of-archive block: truncated, tarfile says how
 
 

@@ -313,3 +313,5 @@ def test_the_fast_key_scan_reads_what_tarfile_reads(tmp_path, fmt):
     assert got is None or got == want
     path.write_bytes(data[:513])  # truncated: no end-of-archive block
     assert _plain_tar_names(path) is None
+    path.write_bytes(data[:148] + b"zzzzzzz\0" + data[156:])  # a checksum that is not octal: tarfile's call
+    assert _plain_tar_names(path) is None

@@ -365,7 +365,7 @@ class TrainStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
-        self._offsets: dict[int, list[int] | None] = {}
+        self._offsets: dict[int, np.ndarray | None] = {}
 
     def __iter__(self) -> Iterator[dict]:
         s = self.spec
@@ -454,15 +454,16 @@ class TrainStream(IterableDataset):
         if first > 0 and not is_remote(url):
             if shard not in self._offsets:
                 try:
-                    self._offsets[shard] = sample_offsets(local_path(url))
+                    offsets = sample_offsets(local_path(url))
                 except OSError:
-                    self._offsets[shard] = None
+                    offsets = None
+                self._offsets[shard] = None if offsets is None else np.asarray(offsets, np.int64)  # 8 B a sample
             offsets = self._offsets[shard]
             if offsets is not None:
                 if first >= len(offsets):
                     return  # the index counted more samples than the tar holds
                 stream = open(local_path(url), "rb")
-                stream.seek(offsets[first])
+                stream.seek(int(offsets[first]))
                 start = first
         try:
             if stream is not None:
