@@ -30,8 +30,9 @@ def _source(address: str | None) -> tuple[str, str] | None:
 
 
 def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise RayAddressError unless the cluster address (the option, else RAY_ADDRESS) takes a TCP connection
-    within `timeout` seconds: "HOST:PORT" is the head's GCS port, "ray://HOST[:PORT]" its Ray Client port. No
+    """Raise RayAddressError unless the cluster address (the option, else RAY_ADDRESS) takes a TCP connection and
+    answers gRPC's HTTP/2 handshake within `timeout` seconds: "HOST:PORT" is the head's GCS port,
+    "ray://HOST[:PORT]" its Ray Client port. No
     address, "local" and "auto" start or find a local runtime (ray.init fails fast by itself there); other
     schemes are left to ray.init. Nothing is checked when this process has initialised Ray already (it is reused)."""
     ray = sys.modules.get("ray")

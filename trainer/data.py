@@ -614,7 +614,7 @@ def collate(samples: list[dict]) -> dict:
     b.has_box = np.zeros(len(samples), bool)
     for s in samples:
         b.add(s, s.get("bad", 0))
-    return b.finish(worker=samples[-1].get("worker", 0), position=samples[-1].get("position", [0, 0, 0, 0]))
+    return b.finish(worker=samples[-1].get("worker", 0), position=samples[-1].get("position", [0, 0, 0]))
 
 
 # ---- the loader ------------------------------------------------------------------------------------------------
@@ -625,9 +625,8 @@ class TrainLoader:
     whole_image_box = samples without any box, trained with the whole image as the object),
     state_dict() -> the data position to store in checkpoints (pass back as `state` to resume exactly)."""
 
-    def __init__(self, loader: DataLoader, spec: StreamSpec, num_workers: int, epoch_samples: int,
-                 box_report: dict | None):
-        self.loader, self.spec, self.num_workers = loader, spec, max(1, num_workers)
+    def __init__(self, loader: DataLoader, spec: StreamSpec, epoch_samples: int, box_report: dict | None):
+        self.loader, self.spec, self.num_workers = loader, spec, spec.plan.num_workers
         self.steps_per_epoch, self.epoch_samples, self.box_report = spec.plan.steps_per_epoch, epoch_samples, \
             box_report
         self.step = spec.start_step
@@ -647,16 +646,16 @@ class TrainLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        return {**_stream_identity(self.spec, self.num_workers, self.step),
+        return {**_stream_identity(self.spec, self.step),
                 "positions": [list(map(int, p)) for p in self.positions]}
 
 
-def _stream_identity(spec: StreamSpec, num_workers: int, step: int) -> dict:
+def _stream_identity(spec: StreamSpec, step: int) -> dict:
     """What the data stream is a function of: a saved position continues only a stream with all of these."""
     plan = spec.plan
     shards = hashlib.blake2b(json.dumps([[u.rsplit("/", 1)[-1], int(n)] for u, n in zip(spec.urls, plan.counts)])
                              .encode(), digest_size=8).hexdigest()
-    return {"version": STATE_VERSION, "step": step, "num_workers": num_workers, "world_size": plan.world_size,
+    return {"version": STATE_VERSION, "step": step, "num_workers": plan.num_workers, "world_size": plan.world_size,
             "seed": spec.seed, "batch_size": spec.batch_size, "shuffle_buffer": spec.shuffle_buffer,
             "steps_per_epoch": plan.steps_per_epoch, "shards": shards}
 
@@ -739,29 +738,29 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         else:
             report["shard_keys"] = "unknown (remote shards): shard/manifest overlap not counted"
         log.info("boxes: %s", report)
-    nw = max(1, int(d.num_workers))
-    plan = PassPlan(counts, cfg.seed, d.batch_size, nw, world_size, max(1, total // (d.batch_size * world_size)))
+    plan = PassPlan(counts, cfg.seed, d.batch_size, max(1, int(d.num_workers)), world_size,
+                    max(1, total // (d.batch_size * world_size)))
     spec = StreamSpec(urls, ViewMaker.from_config(d, patch_size, cfg.method), table, cfg.seed, rank,
                       d.batch_size, d.shuffle_buffer, start_step, plan=plan)
     if state is not None:
-        spec.positions = _saved_positions(state, spec, nw)
+        spec.positions = _saved_positions(state, spec)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available() and cfg.device != "cpu"
     # The stream yields whole batches (assembled in place in the worker): batch_size=None here.
     loader = DataLoader(TrainStream(spec), batch_size=None, num_workers=max(0, int(d.num_workers)),
                         pin_memory=pin_memory, worker_init_fn=_worker_init, persistent_workers=False)
-    return TrainLoader(loader, spec, nw, total, report)
+    return TrainLoader(loader, spec, total, report)
 
 
-def _saved_positions(state: dict, spec: StreamSpec, num_workers: int) -> list[list[int]] | None:
+def _saved_positions(state: dict, spec: StreamSpec) -> list[list[int]] | None:
     """The workers' positions saved in a checkpoint, if they continue this stream exactly; else None, with a
     warning (each worker then starts where it would be had no sample been bad: computed, nothing is read)."""
-    now = _stream_identity(spec, num_workers, spec.start_step)
+    now = _stream_identity(spec, spec.start_step)
     if "version" not in state:
         diff = "it was written by an older odis, whose data order differs"
     else:
         diff = ", ".join(f"{k} {state.get(k)} -> {v}" for k, v in now.items() if state.get(k) != v)
-    if not diff and len(state.get("positions") or []) == num_workers:
+    if not diff and len(state.get("positions") or []) == spec.plan.num_workers:
         return [[int(x) for x in p] for p in state["positions"]]
     log.warning("the checkpoint's data position does not fit this run (%s): the resumed data stream differs "
                 "from the uninterrupted run's", diff or "no worker positions")
