@@ -6,9 +6,17 @@
 #          tables: where odis's extra time goes), and the SDPA backends with the OBJ mask against the unmasked
 #          floor (~1 min eager, a few more compiling);
 #   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
-#   train  if .devdata/coco/shards exists: end-to-end training img/s with 14 loader workers (ODIS and iBOT).
-# Prepare here (CPU machine), then carry .devdata/mini_repro/gpu and .whl:
+#   train  if .devdata/coco/base holds shards: end-to-end training img/s with 14 loader workers (ODIS and iBOT), on 24
+#          symlinked copies of each tar (7,680 samples from the 160 real COCO images: one epoch is 60 steps).
+# STEP_RUNS picks the step variants, in order (default "split split,--compile mask"; a comma stands for a space).
+# Prepare here (CPU machine), then carry .devdata/mini_repro/gpu, .devdata/coco/base and .whl:
 #   python3 benchmarks/mini_repro.py prepare --preset gpu
+#   D=../shared/data/coco_tiny; for s in train val; do
+#     odis import-boxes --format coco --images $D/${s}2017 --annotations $D/annotations/instances_${s}2017.json \
+#       --out .devdata/coco/$s.parquet --from-segmentation
+#     odis shard --images $D/${s}2017 --out .devdata/coco/$s --labels coco --manifest .devdata/coco/$s.parquet
+#     mkdir -p .devdata/coco/base && cp .devdata/coco/$s/$s-000000.tar .devdata/coco/base/$s.tar
+#   done
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl timm==1.0.31 webdataset==1.0.2 braceexpand==0.1.7
 # There:  OUT=/some/dir PARTS="step mini" bash benchmarks/gpu_check.sh   (MINI_BUDGET_S: mini_repro's guard, 420)
@@ -49,8 +57,8 @@ mini() {
 
 step() {
   # eager split (the default) with its profile, then the same compiled (model.compile=true), then eager mask
-  for run in "split" "split --compile" "mask"; do
-    set -- $run
+  for run in ${STEP_RUNS:-split split,--compile mask}; do
+    set -- ${run//,/ }
     impl=$1
     shift
     tag=$impl${1:+_compiled}
@@ -62,9 +70,13 @@ step() {
 }
 
 train() {
-  if [ -d .devdata/coco/shards ]; then
+  if ls .devdata/coco/base/*.tar >/dev/null 2>&1; then
+    rm -rf /tmp/coco_shards && mkdir -p /tmp/coco_shards
+    for i in $(seq -w 0 23); do
+      for t in .devdata/coco/base/*.tar; do ln -s $PWD/$t /tmp/coco_shards/c$i-$(basename $t); done
+    done
     for method in odis ibot; do
-      timeout 120 python3 -m cli train --shards .devdata/coco/shards -c configs/vit_small_coco.yaml --method $method \
+      timeout 120 python3 -m cli train --shards /tmp/coco_shards -c configs/vit_small_coco.yaml --method $method \
         --out /tmp/runs/$method --max-steps 60 --quiet data.batch_size=128 data.num_workers=14 log_every=10 \
         checkpoint_every=100000 2>&1 | tail -5
       cp /tmp/runs/$method/metrics.csv $AUX/train_$method.csv 2>/dev/null
