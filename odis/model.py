@@ -6,9 +6,10 @@ are added. The wrapped timm model keeps timm's own parameter names, so the expor
 `timm.create_model(arch, num_classes=0)` with `strict=True`.
 
 Two implementations of the masked attention give the same outputs (tested):
-- `mask`:  one boolean `attn_mask [B,1,N,N]` built once per batch and passed to every timm block (SDPA with a mask);
+- `mask`:  one `attn_mask [B,1,N,N]` built once per batch and passed to every timm block (SDPA with a mask);
 - `split` (the default): the patch rows run unmasked SDPA (so flash attention stays available) and the OBJ query
            row runs alone with its `[B,1,1,N]` mask; faster on a GPU, level on CPU (benchmarks/step.py).
+Either mask is made once per forward pass as an additive bias in the attention's dtype (`attn_bias`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ def _obj_row_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
     b = obj_mask.shape[0]
     prefix = torch.ones(b, num_prefix, dtype=torch.bool, device=obj_mask.device)
     return torch.cat([prefix, obj_mask.reshape(b, -1).bool()], dim=1)[:, None, None, :]
+
+
+def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask [..., N] (True = attend) as SDPA's additive bias (0 / -inf) in the attention's
+    dtype, made once per forward pass. Given the boolean mask, SDPA makes this bias again in every block, and pads
+    its rows to 16 elements for the memory-efficient kernel: that cost the split attention 4.6 ms of a 79 ms
+    training step (eager bf16 ViT-S/16, batch 64, on an H200; BENCHMARKS.md). The padding is made here too: the bias is a view of a tensor with 16-aligned rows."""
+    n = mask.shape[-1]
+    bias = torch.full((*mask.shape[:-1], -(-n // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
+    bias[..., :n].masked_fill_(mask, 0.0)
+    return bias[..., :n]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the blocks' attention runs in: autocast's where it is on, else the tokens'."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 class OdisViT(nn.Module):
@@ -117,12 +135,12 @@ class OdisViT(nn.Module):
                 x = blk(x)
                 yield x
         elif self.attn_impl == "mask":
-            mask = obj_attn_mask(obj_mask, self.num_prefix)  # built once, used by every block
+            mask = attn_bias(obj_attn_mask(obj_mask, self.num_prefix), _compute_dtype(x))  # once for all blocks
             for blk in blocks:
                 x = blk(x, attn_mask=mask)
                 yield x
         else:
-            row = _obj_row_mask(obj_mask, self.num_prefix)
+            row = attn_bias(_obj_row_mask(obj_mask, self.num_prefix), _compute_dtype(x))
             for blk in blocks:
                 x = x + blk.drop_path1(blk.ls1(_split_attention(blk.attn, blk.norm1(x), row)))
                 x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -164,7 +182,7 @@ class OdisViT(nn.Module):
         return probs.reshape(b, attn.num_heads, gh, gw)
 
 
-def _split_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+def _split_attention(attn: nn.Module, x: torch.Tensor, row_bias: torch.Tensor) -> torch.Tensor:
     """timm `Attention.forward` with only the OBJ query row masked: the other rows in one unmasked SDPA call (flash
     attention stays available to them), the OBJ row in a second, masked one of length 1. Everything else as timm
     does it (head dim, attention dropout, norm, gate), so any timm ViT attention works alike.
@@ -179,7 +197,7 @@ def _split_attention(attn: nn.Module, x: torch.Tensor, row_mask: torch.Tensor) -
     q, k = attn.q_norm(q), attn.k_norm(k)
     p = attn.attn_drop.p if attn.training else 0.0
     rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, dropout_p=p)
-    obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_mask, dropout_p=p)
+    obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_bias, dropout_p=p)
     out = attn.norm(torch.cat([obj.transpose(1, 2), rest.transpose(1, 2)], dim=1).reshape(b, n, h * hd))
     return attn.proj_drop(attn.proj(out if gate is None else out * gate))
 

@@ -6,7 +6,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from odis.model import OdisViT, export_backbone, load_backbone, obj_attn_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from odis.model import OdisViT, attn_bias, export_backbone, load_backbone, obj_attn_mask
 
 torch.set_num_threads(2)
 
@@ -89,6 +92,47 @@ def test_mask_and_split_agree_forward_and_backward(vit, images):
     assert len(grads["mask"]) == len(grads["split"]) > 100
     for a, b in zip(grads["mask"], grads["split"]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(0, 2**31 - 1),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_attn_bias_is_the_boolean_mask_in_sdpa(b, n, seed, dtype):
+    """The additive bias made once per pass attends exactly where the boolean mask does (any length, any row with
+    at least one True, as OBJ always attends itself), and its rows are 16-aligned (SDPA need not pad them)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, 1, 1, n, generator=g) < 0.5
+    mask[..., 0] = True
+    bias = attn_bias(mask, dtype)
+    assert bias.dtype == dtype and bias.shape == mask.shape and bias.stride(-2) % 16 == 0
+    assert (bias == 0).equal(mask) and torch.isneginf(bias).equal(~mask)
+    q, k, v = (torch.randn(b, 2, 1 if i == 0 else n, 8, generator=g).to(dtype) for i in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert torch.allclose(got.float(), want, atol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("impl", ["mask", "split"])
+def test_bias_follows_autocast(vit, images, impl, monkeypatch):
+    """Under bf16 autocast the mask reaches SDPA as a bf16 bias (the attention's dtype: SDPA would convert it in
+    every block otherwise), and the OBJ token still ignores every pixel outside its box, exactly."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **k: seen.append(attn_mask) or sdpa(*a, attn_mask=attn_mask, **k))
+    vit.attn_impl = impl
+    om = torch.zeros(4, 8, 8, dtype=torch.bool)
+    om[:, :4, :4] = True  # pixels [0, 32) x [0, 32)
+    changed = images.clone()
+    changed[:, :, 32:] = torch.randn_like(changed[:, :, 32:])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = next(vit.blocks(vit.embed(images), om))[:, 0]
+        b = next(vit.blocks(vit.embed(changed), om))[:, 0]
+    assert torch.equal(a, b)
+    masks = [m for m in seen if m is not None]
+    assert masks and all(m.dtype == torch.bfloat16 for m in masks)
 
 
 @pytest.mark.parametrize("impl", ["mask", "split"])
