@@ -50,7 +50,8 @@ def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask [..., N] (True = attend) as SDPA's additive bias (0 / -inf) in the attention's
     dtype, made once per forward pass. Given the boolean mask, SDPA makes this bias again in every block, and pads
     its rows to 16 elements for the memory-efficient kernel: that cost the split attention 4.6 ms of a 79 ms
-    training step (eager bf16 ViT-S/16, batch 64, on an H200; BENCHMARKS.md). The padding is made here too: the bias is a view of a tensor with 16-aligned rows."""
+    training step (eager bf16 ViT-S/16, batch 64, on an H200; BENCHMARKS.md). The padding is made here too: the
+    bias is a view of a tensor with 16-aligned rows."""
     n = mask.shape[-1]
     bias = torch.full((*mask.shape[:-1], -(-n // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
     bias[..., :n].masked_fill_(mask, 0.0)
