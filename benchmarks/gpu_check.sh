@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, in one script for a lent H100/H200 (no network, no pip install of this repo). PARTS picks them, in
 # the order given (default "step train"), so that the most wanted one runs first and a run cut short still answers it:
-#   step   step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96): split attention eager, then compiled
-#          (torch.compile, --compile), then mask attention; one profiled step of odis and ibot each (operator
-#          tables: where odis's extra time goes), and the SDPA backends with the OBJ mask against the unmasked
-#          floor (~1 min eager, a few more compiling);
+#   step   step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96) in the runs STEP_RUNS names (below);
+#          one profiled step of odis and ibot each (operator tables: where odis's extra time goes), and the SDPA
+#          backends with the OBJ mask against the unmasked floor (~1 min a run eager, a few more compiling);
 #   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
 #   train  if .devdata/coco/base holds shards: end-to-end training img/s with 14 loader workers (ODIS and iBOT), on 24
-#          symlinked copies of each tar (7,680 samples from the 160 real COCO images: one epoch is 60 steps).
-# STEP_RUNS picks the step variants, in order (default "split split,--compile mask"; a comma stands for a space).
+#          symlinked copies of each tar (3,840 samples from the 160 real COCO images: an epoch is 30 steps of 128).
+# STEP_RUNS picks the step runs, in order: each the attention implementation, then step.py's flags, a comma for a
+# space. Default: split compiled (+ its OBJ row on the efficient kernel only), split eager (+ efficient, + cuDNN),
+# mask eager.
 # Prepare here (CPU machine), then carry .devdata/mini_repro/gpu, .devdata/coco/base and .whl:
 #   python3 benchmarks/mini_repro.py prepare --preset gpu
 #   D=../shared/data/coco_tiny; for s in train val; do
@@ -56,14 +57,16 @@ mini() {
 }
 
 step() {
-  # eager split (the default) with its profile, then the same compiled (model.compile=true), then eager mask
-  for run in ${STEP_RUNS:-split split,--compile mask}; do
+  # each run: the attention implementation, then step.py's flags; --compile runs get the longer time limit
+  for run in ${STEP_RUNS:-split,--compile,--no-reference,--obj-row,efficient split,--obj-row,efficient,--obj-row,cudnn mask}; do
     set -- ${run//,/ }
     impl=$1
     shift
-    tag=$impl${1:+_compiled}
-    limit=$([ $# -gt 0 ] && echo ${COMPILE_TIMEOUT_S:-300} || echo ${STEP_TIMEOUT_S:-70})  # compiling: minutes
-    timeout $limit python3 benchmarks/step.py --preset gpu --attn-impl $impl "$@" --iters 10 \
+    case " $* " in
+      *" --compile "*) tag=${impl}_compiled; limit=${COMPILE_TIMEOUT_S:-300} ;;  # compiling: minutes
+      *) tag=$impl; limit=${STEP_TIMEOUT_S:-70} ;;
+    esac
+    timeout $limit python3 benchmarks/step.py --preset gpu --attn-impl $impl "$@" --iters ${STEP_ITERS:-20} \
       --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json --profile $AUX/profile_$tag 2>&1 | tail -30
     pack
   done

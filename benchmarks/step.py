@@ -26,6 +26,8 @@ from odis.distill import Distiller, Views  # noqa: E402
 from odis.losses import loss_obj, loss_patch, teacher_probs  # noqa: E402
 from odis.model import ATTN_IMPLS, DEFAULT_ATTN_IMPL  # noqa: E402
 
+OBJ_ROW = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}  # --obj-row choices
+
 PRESETS = {
     "cpu": dict(arch="vit_tiny_patch16_224", patch=8, gsize=64, lsize=32, n_local=6, out_dim=1024, batch=64),
     "gpu": dict(arch="vit_small_patch16_224", patch=16, gsize=224, lsize=96, n_local=10, out_dim=8192, batch=64),
@@ -74,17 +76,22 @@ def _sync(device: str) -> None:
 
 
 def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int,
-                  profile_dir: str | None = None, compile: bool = False, reference: bool = True) -> dict:
+                  profile_dir: str | None = None, compile: bool = False, reference: bool = True,
+                  obj_rows: tuple[str, ...] = ()) -> dict:
     """Median step time per variant. The variants are timed in turn, step by step (ABCABC...), so that a change in
     the machine's load during the run hits all of them alike. With `profile_dir`: then one profiled step of odis
-    and of ibot each, their operator tables written there (where odis's extra time goes)."""
+    and of ibot each, their operator tables written there (where odis's extra time goes). `obj_rows`: more odis
+    variants, `odis[<backend>]`, whose OBJ row may use only that SDPA backend."""
     views = make_views(p, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     steps = {}
-    for name in ("ibot", "odis") + (("ibot-reference",) if reference else ()):
+    names = ("ibot", "odis") + (("ibot-reference",) if reference else ()) + tuple(f"odis[{b}]" for b in obj_rows)
+    for name in names:
         torch.manual_seed(0)
-        method = "ibot" if name.startswith("ibot") else name
+        method = "ibot" if name.startswith("ibot") else "odis"
         d = Distiller(method, p["arch"], p["gsize"], p["patch"], out_dim=p["out_dim"], attn_impl=attn_impl)
+        if name.startswith("odis["):
+            d.student.backbone.obj_row_backends = d.teacher.backbone.obj_row_backends = (OBJ_ROW[name[5:-1]],)
         d.to(device)
         if compile:  # every variant alike; the warm-up steps compile
             d.compile_backbones()
@@ -187,6 +194,8 @@ def main() -> None:
                     "(the trainer's model.compile=true); the warm-up steps compile")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-way ibot step (with --compile: "
                     "a third less compiling)")
+    ap.add_argument("--obj-row", action="append", default=[], choices=sorted(OBJ_ROW),
+                    help="also time odis with its OBJ row (split attention) on this SDPA backend only; repeatable")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args()
     preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
@@ -196,14 +205,15 @@ def main() -> None:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     res = bench_methods(p, args.device, args.attn_impl, args.warmup, args.iters, args.profile, args.compile,
-                       not args.no_reference)
+                       not args.no_reference, tuple(args.obj_row))
     ratio_mask = res["odis"] / res["ibot"]
     speedup = res["ibot-reference"] / res["ibot"] if "ibot-reference" in res else None
     summary = {"preset": preset, "params": p, "attn_impl": args.attn_impl, "compile": args.compile,
                "device": args.device,
                "step_s": {k: round(v, 4) for k, v in res.items()},
                "odis_over_ibot": round(ratio_mask, 3), "reference_over_ours": speedup and round(speedup, 2),
-               "img_per_s_odis": round(p["batch"] / res["odis"], 1)}
+               "img_per_s_odis": round(p["batch"] / res["odis"], 1),
+               "obj_row_over_ibot": {b: round(res[f"odis[{b}]"] / res["ibot"], 3) for b in args.obj_row}}
     if args.device == "cuda":
         summary["sdpa"] = check_sdpa_backends(p)
     print(json.dumps(summary, indent=1))
@@ -213,12 +223,14 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if not args.no_record:
         flags = f"--preset {preset} --attn-impl {args.attn_impl}" + (" --compile" if args.compile else "") \
-            + (" --no-reference" if args.no_reference else "")
+            + (" --no-reference" if args.no_reference else "") + "".join(f" --obj-row {b}" for b in args.obj_row)
+        obj_rows = "".join(f"OBJ row on {b}: {res[f'odis[{b}]']*1e3:.1f} ms (ratio {r:.3f}); "
+                           for b, r in summary["obj_row_over_ibot"].items())
         row = (f"| {date.today()} | {machine} | `python benchmarks/step.py {flags}` | odis {res['odis']*1e3:.0f} ms "
                f"vs ibot {res['ibot']*1e3:.0f} ms per step "
                f"(ratio {ratio_mask:.3f}); "
                + (f"reference-way ibot {res['ibot-reference']*1e3:.0f} ms ({speedup:.2f}x slower than ours); "
-                  if speedup else "") + f"batch {p['batch']}, {p['arch']}/{p['patch']}, "
+                  if speedup else "") + obj_rows + f"batch {p['batch']}, {p['arch']}/{p['patch']}, "
                f"{p['gsize']}px x2 + {p['lsize']}px x{p['n_local']}, K={p['out_dim']} |\n")
         with open(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", "a") as f:
             f.write(row)

@@ -14,12 +14,14 @@ Either mask is made once per forward pass as an additive bias in the attention's
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTN_IMPLS = ("mask", "split")
 DEFAULT_ATTN_IMPL = "split"  # the faster on a GPU, level on CPU (BENCHMARKS.md); trainer/config.py too
@@ -84,6 +86,9 @@ class OdisViT(nn.Module):
         self.num_heads = self.vit.blocks[0].attn.num_heads
         self.num_prefix = self.vit.num_prefix_tokens
         self.attn_impl = attn_impl
+        # SDPA backends the split attention's OBJ row may use, as SDPBackend names (empty: PyTorch's choice). For
+        # benchmarks/step.py --obj-row: the length-1 masked call costs more than its size on some kernels.
+        self.obj_row_backends: tuple[str, ...] = ()
         # iBOT/DINO initialise [CLS] (here [OBJ]) as trunc_normal(std .02); timm uses normal(std 1e-6).
         nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
         # iBOT initialises its masked embedding to zeros.
@@ -143,7 +148,8 @@ class OdisViT(nn.Module):
         else:
             row = attn_bias(_obj_row_mask(obj_mask, self.num_prefix), _compute_dtype(x))
             for blk in blocks:
-                x = x + blk.drop_path1(blk.ls1(_split_attention(blk.attn, blk.norm1(x), row)))
+                x = x + blk.drop_path1(blk.ls1(_split_attention(blk.attn, blk.norm1(x), row,
+                                                                 self.obj_row_backends)))
                 x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
                 yield x
 
@@ -183,7 +189,8 @@ class OdisViT(nn.Module):
         return probs.reshape(b, attn.num_heads, gh, gw)
 
 
-def _split_attention(attn: nn.Module, x: torch.Tensor, row_bias: torch.Tensor) -> torch.Tensor:
+def _split_attention(attn: nn.Module, x: torch.Tensor, row_bias: torch.Tensor,
+                     obj_row_backends: tuple[str, ...] = ()) -> torch.Tensor:
     """timm `Attention.forward` with only the OBJ query row masked: the other rows in one unmasked SDPA call (flash
     attention stays available to them), the OBJ row in a second, masked one of length 1. Everything else as timm
     does it (head dim, attention dropout, norm, gate), so any timm ViT attention works alike.
@@ -198,7 +205,8 @@ def _split_attention(attn: nn.Module, x: torch.Tensor, row_bias: torch.Tensor) -
     q, k = attn.q_norm(q), attn.k_norm(k)
     p = attn.attn_drop.p if attn.training else 0.0
     rest = F.scaled_dot_product_attention(q[:, :, 1:], k, v, dropout_p=p)
-    obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_bias, dropout_p=p)
+    with sdpa_kernel([getattr(SDPBackend, b) for b in obj_row_backends]) if obj_row_backends else nullcontext():
+        obj = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=row_bias, dropout_p=p)
     out = attn.norm(torch.cat([obj.transpose(1, 2), rest.transpose(1, 2)], dim=1).reshape(b, n, h * hd))
     return attn.proj_drop(attn.proj(out if gate is None else out * gate))
 

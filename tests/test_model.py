@@ -135,6 +135,28 @@ def test_bias_follows_autocast(vit, images, impl, monkeypatch):
     assert masks and all(m.dtype == torch.bfloat16 for m in masks)
 
 
+def test_obj_row_backends_restrict_the_obj_row_only(vit, images):
+    """`obj_row_backends` picks the kernel of the OBJ row alone (same outputs and gradients on the math kernel);
+    a backend this machine lacks fails loudly rather than falling back silently."""
+    om = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.4
+    vit.attn_impl = "split"
+    x1, x2 = images.clone().requires_grad_(), images.clone().requires_grad_()
+    a = vit(x1, obj_mask=om)[0]
+    a.square().sum().backward()
+    vit.obj_row_backends = ("MATH",)
+    try:
+        b = vit(x2, obj_mask=om)[0]
+        b.square().sum().backward()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+        if not torch.cuda.is_available():
+            vit.obj_row_backends = ("EFFICIENT_ATTENTION",)
+            with pytest.raises(RuntimeError, match="No viable backend"):
+                vit(images, obj_mask=om)
+    finally:
+        vit.obj_row_backends = ()
+
+
 @pytest.mark.parametrize("impl", ["mask", "split"])
 def test_empty_box_is_finite_forward_and_backward(impl):
     torch.manual_seed(0)
