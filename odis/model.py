@@ -234,20 +234,13 @@ def load_backbone(path: str | Path, arch: str | None = None, img_size: int | Non
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"backbone not found: {path}")
-    meta: dict = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("odis", "{}"))
-        state = load_file(str(path))
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "teacher_backbone" in obj:  # an odis checkpoint.pt
-            meta, state = obj["backbone_config"], obj["teacher_backbone"]
-        else:
-            state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
+    try:
+        meta, state = _read_weights(path)
+    except Exception as e:  # noqa: BLE001 -- truncated, not weights, a pickle of other objects: say which file
+        raise load_error(path, e, "a readable backbone (a .safetensors, an odis checkpoint.pt or a timm state "
+                                  "dict)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds no state dict of tensors (found {type(state).__name__})")
     arch = arch or meta.get("arch")
     if arch is None:
         raise ValueError(f"{path}: no odis metadata in this file; pass the timm architecture (--arch)")
@@ -260,6 +253,35 @@ def load_backbone(path: str | Path, arch: str | None = None, img_size: int | Non
         # Loud, unlike DINO's eval loaders that load with strict=False and carry on with random weights.
         raise ValueError(f"{path}: does not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def _read_weights(path: Path) -> tuple[dict, dict]:
+    """(odis metadata or {}, state dict) of a .safetensors file, an odis checkpoint.pt or a torch state dict."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("odis", "{}"))
+        return meta, load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)  # a file from elsewhere cannot run code on load
+    if isinstance(obj, dict) and "teacher_backbone" in obj:  # an odis checkpoint.pt
+        return obj["backbone_config"], obj["teacher_backbone"]
+    return {}, obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
+
+
+def load_error(path: Path, e: Exception, expected: str) -> ValueError:
+    """One line for a weights file that cannot be read: the file, what it should be, and torch's reason. Torch's own
+    text for a refused pickle advises weights_only=False (which would run the file's code): only its reason stays."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # torch.load(weights_only=True) refused the pickle
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0].split(". ", 1)[0]
+        if "GLOBAL" in reason:
+            reason += " (a pickle of other objects than tensors: save the model's state dict alone)"
+    else:
+        reason = text.strip().split("\n", 1)[0][:200] or ("empty or truncated file" if isinstance(e, EOFError)
+                                                             else "no message")
+    return ValueError(f"{path}: not {expected} ({type(e).__name__}: {reason})")
 
 
 def _state_patch_size(state: dict) -> int | None:

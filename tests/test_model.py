@@ -242,6 +242,33 @@ def test_load_backbone_errors_name_the_file(tmp_path):
         load_backbone(bad, arch="vit_tiny_patch16_224")
 
 
+@pytest.mark.parametrize("content, reason", [
+    (bytes(range(256)) * 4, "UnpicklingError: "),  # not a pickle
+    (b"", "EOFError: empty or truncated file"),
+    (None, "UnpicklingError: Unsupported global.*argparse.Namespace.*state dict alone"),  # a training checkpoint
+])
+def test_unreadable_weights_are_one_line_errors(tmp_path, content, reason):
+    """Junk, an empty file, or a pickle of other objects: a ValueError naming the file, in one line, without
+    torch's advice to load with weights_only=False (which would run the file's code)."""
+    import argparse
+
+    path = tmp_path / "w.pth"
+    if content is None:
+        torch.save({"args": argparse.Namespace(lr=1.0), "model": {}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"w.pth: not a readable backbone.*{reason}") as e:
+        load_backbone(path, arch="vit_tiny_patch16_224")
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(b"\xff" * 12)
+    with pytest.raises(ValueError, match="cut.safetensors: not a readable backbone.*SafetensorError"):
+        load_backbone(cut)
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth: holds no state dict of tensors"):
+        load_backbone(tmp_path / "list.pth", arch="vit_tiny_patch16_224")
+
+
 def test_obj_attention_respects_box(vit, images):
     om = torch.zeros(4, 8, 8, dtype=torch.bool)
     om[:, :4, :4] = True

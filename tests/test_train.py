@@ -288,13 +288,30 @@ def test_a_run_folder_is_never_replaced_or_mixed_silently(tin_shards, tmp_path):
     assert load_config(out / "config.yaml").model.depth == 2
     broken = tmp_path / "broken.pt"
     broken.write_bytes((out / "checkpoint.pt").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="broken.pt: not a readable odis checkpoint"):
+    with pytest.raises(ValueError, match="broken.pt: not a readable odis checkpoint") as e:
         train(_cfg(tin_shards, out, "max_steps=4"), resume=str(broken), progress=False)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # one line, no advice to run its code
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"junk.pt: not a readable odis checkpoint \(UnpicklingError: ") as e:
+        train(_cfg(tin_shards, out, "max_steps=4"), resume=str(junk), progress=False)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
     (out / "notes.txt").write_text("mine")
     train(_cfg(tin_shards, out, "max_steps=1"), overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "mine"
     assert [r[0] for r in _losses(out)] == [1]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    """Shards with nothing readable stop the run before it writes anything (no run folder with a lone
+    config.yaml), and the message sends the user to `odis verify`, not to data.epoch_samples."""
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "bad-000000.tar").write_bytes(bytes(range(256)) * 20)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="not one readable sample in 1 shard.*odis verify"):
+        train(_cfg(tmp_path / "shards", out, "max_steps=1"), progress=False)
+    assert not out.exists()
 
 
 def test_gpu_processes_use_nccl_by_default(monkeypatch):

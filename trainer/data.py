@@ -716,13 +716,13 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         raise FileNotFoundError(f"{d.shards}: no shards")
     table = BoxTable.from_manifest(d.boxes) if d.boxes else None
     counts = shard_counts(d.shards, urls)
-    total = d.epoch_samples or (sum(counts) if counts is not None else None)
-    if not total:
-        raise ValueError(f"{d.shards}: cannot tell the number of images (remote shards without an index.json, or "
-                         "no readable sample); set data.epoch_samples")
     if counts is not None and not sum(counts):
         raise ValueError(f"{d.shards}: not one readable sample in {len(urls)} shard(s) ({urls[0]} ...); check the "
                          "shards (odis verify)")
+    total = d.epoch_samples or (sum(counts) if counts is not None else None)
+    if not total:
+        raise ValueError(f"{d.shards}: cannot tell the number of images (remote shards without an index.json); "
+                         "set data.epoch_samples")
     if counts is None:
         log.warning("%s: remote shards without an index.json: the shard order assumes %d samples in each",
                     d.shards, total // len(urls))

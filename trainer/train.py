@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from odis import schedules
 from odis.distill import Distiller, Views, clip_gradients
-from odis.model import export_backbone
+from odis.model import export_backbone, load_error
 from trainer.config import Config, save_config, to_dict
 from trainer.metrics import MetricsLog
 
@@ -145,7 +145,7 @@ def load_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
         ck = torch.load(path, map_location="cpu", weights_only=True)
         changed = config_changes(ck["config"], to_dict(cfg))
     except Exception as e:  # noqa: BLE001 -- truncated, not a checkpoint, not odis's: say which file
-        raise ValueError(f"{path}: not a readable odis checkpoint ({type(e).__name__}: {e})") from None
+        raise load_error(path, e, "a readable odis checkpoint") from None
     if changed:
         raise ValueError(f"{path} was trained with another configuration; resuming would not continue that run:\n  "
                          + "\n  ".join(changed) + "\nStart a new run with another --out, or resume with the old "
@@ -262,9 +262,6 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     if any(st != steps[0] for st in steps):
         raise ValueError(f"the processes start from different steps {steps}: every node must see the same {out} "
                          "(put --out on a filesystem all nodes share)")
-    if dd.main:  # written once the checkpoint (if any) has loaded: a refused resume leaves the folder as it was
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     model = wrap_ddp(distiller, device, dd)
     data_states = state.extra.get("data") or []
     if data_states and len(data_states) != dd.world and dd.main:
@@ -274,6 +271,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     loader = make_train_loader(cfg, distiller.student.backbone.patch_size, dd.rank, dd.world,
                                start_step=state.step,
                                state=data_states[dd.rank] if len(data_states) == dd.world else None)
+    if dd.main:  # written once the checkpoint and the data have passed their checks: a refused run leaves no trace
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     spe = loader.steps_per_epoch
     total = cfg.optim.epochs * spe
     stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
