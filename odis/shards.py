@@ -118,13 +118,15 @@ def read_index(folder_or_index) -> dict:
         p = p / INDEX_NAME
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no shard index here (is this an `odis shard` output folder?)")
+    if p.suffix == ".tar":
+        raise ValueError(f"{p}: one shard, not a shard set: give its folder or the folder's {INDEX_NAME}")
     return _load_index_json(p.read_bytes(), str(p))
 
 
 def _load_index_json(data: bytes, where: str) -> dict:
     try:
         index = json.loads(data)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # the second: a binary file
         raise ValueError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise ValueError(f"{where}: not an odis shard index (expected format={INDEX_FORMAT!r})")

@@ -100,6 +100,15 @@ def test_missing_shard_named_in_the_text_report(shards):
     assert "missing: tin-000003.tar" in r.output and "3/4 shards ok" in r.output
 
 
+def test_verify_of_one_shard_or_a_binary_index_is_a_one_line_error(shards, tmp_path):
+    """The shard itself instead of its folder, or a binary file as index.json: exit 2 naming the file."""
+    r = runner.invoke(app, ["verify", str(shards / "tin-000000.tar")])
+    assert r.exit_code == 2 and "tin-000000.tar: one shard, not a shard set: give its folder" in r.output
+    (tmp_path / "index.json").write_bytes(bytes(range(128, 256)))
+    r = runner.invoke(app, ["verify", str(tmp_path)])
+    assert r.exit_code == 2 and "index.json: not valid JSON" in r.output and "Traceback" not in r.output
+
+
 def test_duplicate_key_across_shards(shards):
     first = members_of(shards, "tin-000000.tar")[:2]  # KEY.jpg + KEY.json of shard 0
     rewrite(shards, "tin-000001.tar", lambda ms: ms + first)
