@@ -261,9 +261,11 @@ def stats_cmd(
     Exit code 1 if the manifest breaks a schema rule (each violation names file, row and column)."""
     import json as _json
 
-    from odis.manifest import (ManifestError, manifest_metadata, plot_stats, read_manifest, summary_stats,
-                               validate_manifest)
+    from odis.manifest import (ManifestError, manifest_files, manifest_metadata, plot_stats, read_manifest,
+                               summary_stats, validate_manifest)
 
+    if manifest.is_dir() and not manifest_files(manifest):
+        fail(f"{manifest}: no parquet parts in this folder")
     if plot is not None:
         from matplotlib.backend_bases import FigureCanvasBase
 
@@ -278,7 +280,9 @@ def stats_cmd(
         typer.echo(_json.dumps({"metadata": meta, **s}, indent=1))
     else:
         typer.echo(f"{manifest}: source {meta.get('source')}, created {meta.get('created_at')}, "
-                   f"images root {meta.get('images_root')}")
+                   f"images root {meta.get('images_root')}" if meta else
+                   f"{manifest}: no odis metadata (written by another tool, or by pandas, which drops it): source, "
+                   "images root and id scheme unknown")
         _print_stats(s)
     if plot is not None:
         with _writing(plot, "--plot"):

@@ -315,6 +315,27 @@ def test_ray_job_writes_the_same_shards(tin_root, tmp_path, ray_local):
     assert [x["sha256"] for x in by_ray["shards"]] == [x["sha256"] for x in local["shards"]]
 
 
+def test_a_manifest_written_back_by_pandas_is_named_as_such(coco_tiny, coco_manifest, tmp_path):
+    """pandas drops the odis.* metadata: `stats` says so instead of printing Nones, `shard` asks for the id scheme
+    the metadata held, and with it the boxes reach the shards as from the original."""
+    from odis.manifest import read_manifest
+    from odis.shards import read_index
+
+    plain = tmp_path / "pandas.parquet"
+    read_manifest(coco_manifest).to_pandas().to_parquet(plain, index=False)
+    r = odis("stats", plain)
+    assert f"{plain}: no odis metadata" in r.output and "None" not in r.output and "boxes 699" in r.output
+    r = odis("shard", "--images", coco_tiny / "train2017", "--out", tmp_path / "a", "--manifest", plain, code=2)
+    assert "carries no odis metadata (pandas drops it): give --id-scheme" in r.output
+    odis("shard", "--images", coco_tiny / "train2017", "--out", tmp_path / "a", "--manifest", plain,
+         "--id-scheme", "coco")
+    odis("shard", "--images", coco_tiny / "train2017", "--out", tmp_path / "b", "--manifest", coco_manifest)
+    assert read_index(tmp_path / "a")["shards"][0]["sha256"] == read_index(tmp_path / "b")["shards"][0]["sha256"]
+    (tmp_path / "parts").mkdir()
+    r = odis("stats", tmp_path / "parts", code=2)
+    assert "parts: no parquet parts in this folder" in r.output
+
+
 def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     r = odis("shard", "--images", tmp_path / "nope", "--out", tmp_path / "o", code=2)
     assert "not a folder" in r.output

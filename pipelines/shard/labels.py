@@ -114,7 +114,9 @@ def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[di
         meta = manifest_metadata(s.manifest)
         raise ShardError(f"--manifest {s.manifest}: none of its {len(stray)} image ids matches a file under "
                          f"{s.images} (manifest images root: {meta.get('images_root')}, id scheme: "
-                         f"{meta.get('id_scheme')}; e.g. {sorted(stray)[0]!r})")
+                         f"{meta.get('id_scheme')}; e.g. {sorted(stray)[0]!r})"
+                         + ("" if meta.get("id_scheme") else "; it carries no odis metadata (pandas drops it): give "
+                            "--id-scheme, the key rule its ids were made with (path, stem or coco)"))
     warnings = []
     if bad:
         i, iid, box = bad[0]
