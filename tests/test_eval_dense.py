@@ -124,6 +124,8 @@ def test_cli_dense_nn_on_coco_tiny(coco_tiny, tmp_path):
     assert all(0 <= x["mIoU"] <= 100 for x in res["results"]) and "mIoU memory 1/8" in r.output
     r = CliRunner().invoke(app, args[:-2] + ["--size", "60"])
     assert r.exit_code == 2 and "not a multiple of the patch size" in r.output
+    r = CliRunner().invoke(app, [*args[:6], "--root", str(tmp_path), *args[8:]])  # a root without annotations/
+    assert r.exit_code == 2 and "no annotations/instances_train2017.json (the COCO layout" in r.output
 
 
 def test_voc_and_ade20k_folder_loaders(coco_tiny, tmp_path):

@@ -174,7 +174,11 @@ def open_dataset(kind: str, root: str | Path, split: str) -> SegDataset:
     """`coco` (root = the folder with annotations/ and SPLIT2017/), `voc` or `ade20k`."""
     root = Path(root)
     if kind == "coco":
-        return coco_semantic(root / "annotations" / f"instances_{split}.json", root / split)
+        ann = root / "annotations" / f"instances_{split}.json"
+        if not ann.is_file():
+            raise FileNotFoundError(f"{root}: no annotations/instances_{split}.json (the COCO layout: "
+                                    f"ROOT/annotations/instances_{split}.json beside ROOT/{split}/)")
+        return coco_semantic(ann, root / split)
     if kind == "voc":
         return voc_semantic(root, split)
     if kind == "ade20k":
