@@ -49,3 +49,9 @@ def test_probe_settings_average_over_seeds():
     assert len(res[1]["runs"]) == 3 and res[1]["runs"][0]["n_train"] == 5
     assert res[1]["top1"] == np.mean([r["top1"] for r in res[1]["runs"]])
     assert res[0]["top1"] >= 99.0
+    from odis.eval.protocols import table
+
+    text = table({"protocol": "linear", "backbone": "b", "results": res})  # the std of drawn settings shows
+    line = {ln.split(" top-1")[0]: ln for ln in text.splitlines()}
+    assert line["1-shot"].endswith(f"{res[1]['top1']:.2f} ± {res[1]['top1_std']:.2f}")
+    assert "±" not in line["full"]  # one run: no spread to show

@@ -207,6 +207,18 @@ def metrics(result: dict) -> dict[str, float]:
     raise ValueError(f"not an odis eval result (protocol {p!r})")
 
 
+def spreads(result: dict) -> dict[str, float]:
+    """The standard deviation over seeds of the metrics that have one (linear probe settings drawn more than once)."""
+    if result.get("protocol") != "linear":
+        return {}
+    return {f"{r['setting']} top-1": r["top1_std"] for r in result["results"] if len(r.get("seeds", [])) > 1}
+
+
+def _cell(result: dict, name: str) -> str:
+    v, sd = metrics(result).get(name), spreads(result).get(name)
+    return "" if v is None else f"{v:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
+
+
 def _label(result: dict) -> str:
     extra = f" [{result['box_mode']}]" if "box_mode" in result else ""
     return Path(result.get("backbone", "?")).name + extra
@@ -218,7 +230,7 @@ def table(result: dict, other: dict | None = None, other_name: str = "other") ->
     header = ["metric", _label(result)]
     rows = []
     if other is None:
-        rows = [[name, f"{v:.2f}"] for name, v in mine.items()]
+        rows = [[name, _cell(result, name)] for name in mine]
     else:
         if other.get("protocol") != result.get("protocol"):
             raise ValueError(f"cannot compare a {result.get('protocol')} result with a {other.get('protocol')} one")
@@ -227,7 +239,7 @@ def table(result: dict, other: dict | None = None, other_name: str = "other") ->
         for name in list(mine) + [n for n in theirs if n not in mine]:
             a, b = mine.get(name), theirs.get(name)
             diff = f"{a - b:+.2f}" if a is not None and b is not None else ""
-            rows.append([name, "" if a is None else f"{a:.2f}", "" if b is None else f"{b:.2f}", diff])
+            rows.append([name, _cell(result, name), _cell(other, name), diff])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
