@@ -69,6 +69,10 @@ def _sanitise(text: str) -> str:
     return _UNSAFE.sub("_", text)
 
 
+# A COCO image's file stem: its id (up to 12 digits, zero-padded or not), after `COCO_train2014_` in COCO-2014.
+_COCO_STEM = re.compile(r"(?:COCO_[A-Za-z0-9]+_)?(\d{1,12})", re.ASCII)
+
+
 def image_id_for(relpath: str, scheme: str = "path") -> str:
     """The stable, unique, dot-free key of the image at `relpath` (POSIX path relative to the images root).
 
@@ -78,7 +82,9 @@ def image_id_for(relpath: str, scheme: str = "path") -> str:
       that sanitise alike ('a/b.jpg', 'a_b.jpg', 'a/b.png') still get different ids.
       `train/dog 1.jpg` -> `train_dog_1_jpg-<sha1[:10]>`.
     - "stem" (ImageNet, Tiny-ImageNet, whose file stems are unique): the file stem, unsafe characters -> '_'.
-    - "coco": the digits of the stem as a 12-digit zero-padded number (`000000000139`).
+    - "coco": the number that ends a COCO file name, `NNNNNNNNNNNN.jpg` (2017) or `COCO_<split>_NNNNNNNNNNNN.jpg`
+      (2014), 12-digit zero-padded (`000000000139`): the JSON's image id, as import-boxes keys COCO rows. Any other
+      stem is a ValueError naming the file (its digits would make a wrong id, e.g. the 2014 of the split).
     """
     if type(relpath) is str and relpath.isascii() and "\\" not in relpath and relpath[:1] != "/":
         rel = relpath  # nearly every path: ASCII is already NFC, with no '\\' to turn (a tenth of an id's cost)
@@ -92,10 +98,11 @@ def image_id_for(relpath: str, scheme: str = "path") -> str:
     if scheme == "stem":
         return _sanitise(stem)
     if scheme == "coco":
-        digits = re.sub(r"\D", "", stem)
-        if not digits:
-            raise ValueError(f"image_id_for: {relpath!r} has no digits for the coco scheme")
-        return f"{int(digits):012d}"
+        m = _COCO_STEM.fullmatch(stem)
+        if m is None:
+            raise ValueError(f"{relpath}: not a COCO image name (NNNNNNNNNNNN.jpg or COCO_<split>_NNNNNNNNNNNN.jpg), "
+                             "so it has no --id-scheme coco id; use --id-scheme stem (unique file stems) or path")
+        return f"{int(m.group(1)):012d}"
     raise ValueError(f"image_id_for: unknown scheme {scheme!r}, expected one of {ID_SCHEMES}")
 
 
@@ -107,7 +114,10 @@ def image_ids_of(relpaths, scheme: str) -> dict[str, str]:
 
 def image_id_list(relpaths: list[str], scheme: str) -> list[str]:
     """image_id_for of each path, in order. ValueError naming the file when a name has no id under `scheme`, and
-    when two files share one id: a key names one sample at every later stage (manifest, shard, train)."""
+    when two files share one id: a key names one sample at every later stage (manifest, shard, train). An unknown
+    scheme is an error about the option, whatever the files."""
+    if scheme not in ID_SCHEMES:
+        raise ValueError(f"--id-scheme {scheme!r}: expected one of {', '.join(ID_SCHEMES)}")
     ids = _plain_path_ids(relpaths) if scheme == "path" else None
     if ids is not None and len(set(ids)) == len(ids):
         return ids
@@ -115,8 +125,9 @@ def image_id_list(relpaths: list[str], scheme: str) -> list[str]:
     for r in relpaths:
         try:
             i = image_id_for(r, scheme)
-        except ValueError as e:
-            raise ValueError(f"{r}: {str(e).removeprefix('image_id_for: ')}") from None
+        except ValueError as e:  # named by its file once (the coco scheme's message starts with it already)
+            msg = str(e).removeprefix("image_id_for: ")
+            raise ValueError(msg if msg.startswith(f"{r}: ") else f"{r}: {msg}") from None
         if i in owner:
             raise ValueError(f"image_id {i!r} (--id-scheme {scheme}) is shared by {owner[i]}, {r}; ids must be "
                              "unique: use --id-scheme path (ids from the whole relative path)")

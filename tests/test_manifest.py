@@ -96,6 +96,28 @@ def test_image_id_schemes_and_collision_cases():
         image_id_for("a.jpg", "nope")
 
 
+def test_coco_scheme_is_the_number_ending_a_coco_file_name_and_nothing_else():
+    """COCO-2014 names kept every digit (`COCO_train2014_000000000139` -> '2014000000000139', not the JSON's id
+    139), and names that are no COCO ids (Tiny-ImageNet's) got made-up ids instead of an error."""
+    for rel in ["000000000139.jpg", "train2017/000000000139.jpg", "COCO_train2014_000000000139.jpg",
+                "val2014/COCO_val2014_000000000139.jpg", "139.jpg"]:
+        assert image_id_for(rel, "coco") == "000000000139", rel
+    assert image_id_for("COCO_test2015_000000581929.jpg", "coco") == "000000581929"
+    for rel in ["train/n01443537/images/n01443537_23.JPEG", "a.jpg", "img_7.png", "COCO_train2014_.jpg",
+                "1234567890123.jpg", "COCO_train2014_000000000139_mask.png"]:
+        with pytest.raises(ValueError) as e:
+            image_id_list([rel], "coco")
+        msg = str(e.value)
+        assert msg.startswith(f"{rel}: ") and msg.count(rel) == 1 and "--id-scheme stem" in msg and "path" in msg
+
+
+def test_an_unknown_scheme_is_an_error_about_the_option_not_a_file():
+    for paths in (["000000008193.jpg"], ["a/b.jpg", "c.jpg"], []):
+        with pytest.raises(ValueError) as e:
+            image_id_list(paths, "stemm")
+        assert str(e.value) == "--id-scheme 'stemm': expected one of path, stem, coco"
+
+
 def _table(n_images=3):
     cols = empty_columns()
     for i in range(n_images):
