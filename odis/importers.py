@@ -287,13 +287,19 @@ def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_
     """COCO instances JSON. Boxes from `bbox`, or from the masks with `from_segmentation` through pycocotools
     (the paper converts COCO masks to boxes); crowd annotations dropped unless `keep_crowd`; category ids kept.
     Annotations whose image_id is not in `images` are counted (`dropped_image_id_not_in_images`).
-    Ids: the 12-digit COCO image id."""
+    A listed file missing under `images` is an error row; when not one listed file is there, the import stops
+    (almost surely the JSON of another split). Ids: the 12-digit COCO image id (what image_id_for's "coco" scheme
+    reads from the file names, `000000000139.jpg` and `COCO_train2014_000000000139.jpg` alike)."""
     ann_path, root = Path(annotations), Path(images)
     if not ann_path.is_file():
         raise AnnotationError(f"{ann_path}: annotation file not found")
     data = load_coco(ann_path, from_segmentation)
     cols, counts = empty_columns(), Counter()
     imgs = {img["id"]: img for img in data["images"]}
+    if check_files and imgs and not any((root / img["file_name"]).is_file() for img in imgs.values()):
+        example = imgs[min(imgs)]["file_name"]
+        raise AnnotationError(f"none of the {len(imgs)} images listed in --annotations {ann_path} is under --images "
+                              f"{root} (e.g. {example}): do they belong together (the same split)?")
     by_image: dict[int, list[tuple[int, dict]]] = {}  # image id -> [(index in annotations, annotation)]
     for k, ann in enumerate(data["annotations"]):
         if ann["image_id"] not in imgs:  # no image to attach it to: counted, never silently lost

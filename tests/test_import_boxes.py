@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tarfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,6 +90,53 @@ def test_coco_missing_image_is_an_error_row(coco_tiny, tmp_path):
     t = res.table.to_pandas()
     assert res.counts["missing_files"] == 79 and t.error.notna().sum() == 79
     assert t[t.error.notna()].error.str.contains("file not found").all()
+
+
+def test_coco_annotations_of_another_split_are_one_line_and_nothing_written(coco_tiny, tmp_path):
+    """val2017 images with the train2017 JSON: 80 error rows and exit 0 before; a partial miss stays error rows
+    (test_coco_missing_image_is_an_error_row)."""
+    out = tmp_path / "m.parquet"
+    ann = coco_tiny / "annotations" / "instances_train2017.json"
+    first = min(json.loads(ann.read_text())["images"], key=lambda im: im["id"])["file_name"]
+    res = _import_cli("coco", coco_tiny / "val2017", out, "--annotations", ann)
+    _one_error_line(res, f"--images {coco_tiny / 'val2017'}", f"--annotations {ann}", f"e.g. {first}", "none of the 80")
+    assert not out.exists()
+
+
+def test_coco_2014_file_names_join_import_boxes_and_shard(coco_tiny, tmp_path):
+    """COCO-2014 names (`COCO_val2014_<12-digit id>.jpg`): import-boxes keys rows by the JSON's id, shard keyed the
+    files by every digit of the name ('2014' + id), so `shard --labels coco --manifest` joined no box."""
+    data = json.loads((coco_tiny / "annotations" / "instances_val2017.json").read_text())
+    keep = sorted(im["id"] for im in data["images"])[:6]
+    images, ann = tmp_path / "val2014", tmp_path / "instances_val2014.json"
+    images.mkdir()
+    for im in data["images"]:
+        if im["id"] in keep:
+            (images / f"COCO_val2014_{im['id']:012d}.jpg").symlink_to(coco_tiny / "val2017" / im["file_name"])
+            im["file_name"] = f"COCO_val2014_{im['id']:012d}.jpg"
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    ann.write_text(json.dumps(data))
+    gt = tmp_path / "gt.parquet"
+    assert _import_cli("coco", images, gt, "--annotations", ann).exit_code == 0
+    want = defaultdict(list)
+    for r in read_manifest(gt).to_pylist():
+        if r["x0"] is not None:
+            want[r["image_id"]].append([r["x0"], r["y0"], r["x1"], r["y1"]])
+    assert set(want) == {f"{i:012d}" for i in keep}  # every one of these images has boxes
+    res = runner.invoke(app, ["shard", "--images", str(images), "--out", str(tmp_path / "shards"), "--labels", "coco",
+                              "--coco-json", str(ann), "--manifest", str(gt), "--num-workers", "1"])
+    assert res.exit_code == 0, res.output
+    got = {}
+    for tar in (tmp_path / "shards").glob("*.tar"):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tf.extractfile(m).read())
+                    got[meta["image_id"]] = meta["boxes"]
+    assert set(got) == set(want)
+    for iid, boxes in want.items():
+        np.testing.assert_allclose(np.reshape(got[iid], (-1, 4)), boxes, atol=1e-3, err_msg=iid)
 
 
 def _broken_coco(coco_tiny: Path, tmp_path: Path, mutate) -> tuple[Path, dict]:
