@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from odis.boxes import box_area, clip_boxes
 
@@ -96,6 +97,10 @@ class YoloDetector:
         self.cfg = cfg
         self.model = YOLO(cfg.weights, task="detect")
         _undo_ultralytics_pil_patch()
+        # YOLO() loads every format but .pt lazily, at the first predict: run one on a blank image now, so that
+        # weights that cannot load fail here (BoxExtractor: DetectorLoadError, nothing written), not as an error
+        # row for every image.
+        self([Image.new("RGB", (32, 32))])
 
     def __call__(self, images: list) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.cfg
@@ -220,9 +225,30 @@ def _check_weights(cfg: DetectorConfig) -> None:
     w = Path(cfg.weights)
     if not w.exists():
         raise DetectorConfigError(f"--weights {cfg.weights}: no such file")
+    if cfg.name == "yolo":
+        _check_yolo_weights(cfg.weights, w)
     if cfg.name == "mavl" and not (w / "config.json").is_file():
         raise DetectorConfigError(f"--weights {cfg.weights}: not a model folder saved with save_pretrained (no "
                                   "config.json); --detector mavl needs a local OWL-ViT/OWLv2 folder")
+
+
+# The names ultralytics takes for a model: ultralytics.engine.exporter.export_formats()["Suffix"] and ".mlmodel",
+# matched anywhere in the lower-case name as AutoBackend._model_type does (a test keeps this list up to date;
+# importing ultralytics here would cost the driver a second and patch PIL.Image.open).
+YOLO_SUFFIXES = (".pt", ".torchscript", ".onnx", "_openvino_model", ".engine", ".mlpackage", ".mlmodel", ".aimodel",
+                 "_saved_model", ".pb", ".tflite", "_paddle_model", ".mnn", "_ncnn_model", "_imx_model",
+                 "_rknn_model", "_executorch_model", "_axelera_model", "_deepx_model", "_hailo_model",
+                 "_ascend_model", "_xilinx_model")
+
+
+def _check_yolo_weights(weights: str, w: Path) -> None:
+    """The wrong kinds of --weights that are cheap to see: a name no ultralytics format has (a .parquet, a folder
+    called `models`), and an empty folder. Anything else is loaded for real in each actor (YoloDetector)."""
+    if not any(s in w.name.lower() for s in YOLO_SUFFIXES):
+        raise DetectorConfigError(f"--weights {weights}: not a YOLO model (ultralytics loads a .pt file or an "
+                                  "exported model, e.g. yolo11n.onnx or a yolo11n_openvino_model folder)")
+    if w.is_dir() and not any(w.iterdir()):
+        raise DetectorConfigError(f"--weights {weights}: an empty folder, not an exported YOLO model")
 
 
 def _check_options(cfg: DetectorConfig) -> None:

@@ -8,7 +8,9 @@ box and writes parquet parts into a staging folder next to the output (`.NAME.pa
 (temporary name, then rename). When the job succeeds the parts move into OUT and the staging folder goes.
 
 Resume: images whose id is already in OUT or in a complete staged part are skipped, so a killed run keeps its
-finished parts and never leaves half-written or duplicated rows. `overwrite=True` starts over, deleting only
+finished parts and never leaves half-written or duplicated rows. An image the detector failed on (an error row
+`<path>: detector failed (...)`) is not done: its row is dropped and it is processed again; an image that could
+not be read keeps its error row (reading it again gives the same error). `overwrite=True` starts over, deleting only
 the parts an earlier run wrote: an OUT that holds anything else, or that overlaps the images folder, is refused.
 
 Everything that can be checked without the detector (its files and options, the id of every image) is checked
@@ -27,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
 from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_ids_in, image_ids_of,
-                           make_metadata, manifest_files, manifest_metadata, sha256_of, table_from_columns,
-                           write_manifest)
+                           make_metadata, manifest_files, manifest_metadata, read_manifest, sha256_of,
+                           table_from_columns, write_manifest)
 from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector, check_detector
 from pipelines.ray_connect import check_ray_address, init_ray
 
@@ -71,6 +74,7 @@ class ExtractSummary:
     no_box_images: int = 0
     error_images: int = 0
     not_images: int = 0  # files under the root without an image extension (listed, not processed)
+    redone: int = 0  # images an earlier run's detector failed on, processed again (counted in `processed` too)
     seconds: float = 0.0
     images_per_s: float = 0.0
     out: str = ""
@@ -82,6 +86,19 @@ class DetectorLoadError(RuntimeError):
     in Ray's error to say so)."""
 
 
+class DetectorBatchError(RuntimeError):
+    """The detector loaded but failed on every image of a batch, one by one too: a broken detector or device, not
+    the images, so the job stops (finished parts kept) instead of writing an error row for every image."""
+
+
+DETECTOR_FAILED = "detector failed"  # the reason of an error row from the detector, not from the image
+
+
+def detector_failed(path: str, error: str | None) -> bool:
+    """Whether an error row is BoxExtractor's `<path>: detector failed (...)`: such an image is redone on resume."""
+    return error is not None and error.startswith(f"{path}: {DETECTOR_FAILED} (")
+
+
 class BoxExtractor:
     """The batch function: decode each path (errors captured per row), detect, one result row per image."""
 
@@ -89,7 +106,8 @@ class BoxExtractor:
         try:
             self.detector = build_detector(DetectorConfig(**detector))
         except Exception as e:  # noqa: BLE001 - re-raised, marked as a load failure
-            raise DetectorLoadError(f"cannot load the {detector['name']} detector ({type(e).__name__}: {e})") from e
+            why = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())  # one line: the driver says it
+            raise DetectorLoadError(f"cannot load the {detector['name']} detector ({type(e).__name__}: {why})") from e
         self.root = Path(images)
         self.max_pixels = max_pixels
 
@@ -124,9 +142,16 @@ class BoxExtractor:
                          ("boxes", []), ("scores", []), ("error", err)):
                 rows[k].append(v)
         if decoded:
-            for i, res in zip(where, self._detect(decoded)):
+            results = self._detect(decoded)
+            failed = [(i, r) for i, r in zip(where, results) if isinstance(r, Exception)]
+            if len(decoded) > 1 and len(failed) == len(decoded):  # one image alone may be its own cause
+                i, e = failed[0]
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise DetectorBatchError(f"the detector failed on all {len(decoded)} images of a batch, e.g. "
+                                         f"{rows['path'][i]} ({type(e).__name__}: {first})")
+            for i, res in zip(where, results):
                 if isinstance(res, Exception):
-                    rows["error"][i] = f"{rows['path'][i]}: detector failed ({type(res).__name__}: {res})"
+                    rows["error"][i] = f"{rows['path'][i]}: {DETECTOR_FAILED} ({type(res).__name__}: {res})"
                 else:
                     rows["boxes"][i] = res[0].reshape(-1).tolist()
                     rows["scores"][i] = res[1].tolist()
@@ -270,6 +295,24 @@ def _list(cfg: ExtractConfig) -> tuple[list[dict], int]:
     return [{"image_id": ids[rel], "path": rel} for rel in rels], len(others)
 
 
+def _drop_detector_failures(where: Path, ids: set[str]) -> int:
+    """Remove the rows of `ids` that say the detector failed (see detector_failed) from the parts in `where`, so
+    those images are processed again and never get a second set of rows. Each part is rewritten atomically, or
+    deleted when nothing is left; a kill right after leaves the images without rows, i.e. still to do."""
+    dropped = 0
+    for part in manifest_files(where) if where.is_dir() else []:
+        t = pq.read_table(part, columns=["image_id", "path", "error"]).to_pydict()
+        drop = [i in ids and detector_failed(p, e) for i, p, e in zip(t["image_id"], t["path"], t["error"])]
+        if not any(drop):
+            continue
+        dropped += sum(drop)
+        if all(drop):
+            part.unlink()
+        else:
+            write_manifest(read_manifest(part).filter(pa.array([not d for d in drop])), part, manifest_metadata(part))
+    return dropped
+
+
 def _not_done(items: list[dict], out: Path, staging: Path) -> list[dict]:
     done = image_ids_in(out) | image_ids_in(staging)
     return [it for it in items if it["image_id"] not in done]
@@ -286,6 +329,11 @@ def _job_failed(e: Exception, staging: Path) -> RuntimeError:
     if loads:
         cause = loads[-1].split(": ", 1)[-1]
         return RuntimeError(f"{cause}; fix --weights or the detector options and rerun ({kept})")
+    batches = [ln for ln in raised if "DetectorBatchError" in ln]
+    if batches:
+        cause = batches[-1].split(": ", 1)[-1]
+        return RuntimeError(f"{cause}; fix the cause (--device, memory, --weights) and rerun the same command to "
+                            f"resume ({kept})")
     cause = (raised or lines or [type(e).__name__])[-1]  # the root exception is raised last
     return RuntimeError(f"the Ray job failed: {cause} ({kept}; if the cause was transient, e.g. a lost worker or "
                         "node or out of memory, rerun the same command to resume)")
@@ -318,8 +366,10 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
             _delete_ours(where)
     meta = build_metadata(cfg)
     _check_resumable(out, staging, meta)
+    ids = {it["image_id"] for it in items}
+    redone = sum(_drop_detector_failures(where, ids) for where in (out, staging))
     todo = _not_done(items, out, staging)
-    summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out))
+    summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out), redone=redone)
     started = _ray_init(cfg.ray_address)
     t0 = time.perf_counter()
     try:

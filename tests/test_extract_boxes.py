@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -158,6 +159,115 @@ def test_missing_weights_is_one_line_before_ray(coco_tiny, tmp_path):
     assert r.returncode != 0
     assert (r.stdout + r.stderr).strip() == "error: --weights nope.pt: no such file", r.stdout + r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no output, no `.o.parquet.partial/`
+
+
+def test_yolo_suffixes_cover_every_ultralytics_format():
+    """extract-boxes refuses a --weights name no format has without importing ultralytics; an ultralytics that
+    adds a format must not have its models refused."""
+    from ultralytics.engine.exporter import export_formats
+
+    from pipelines.detectors import YOLO_SUFFIXES
+
+    for suffix in export_formats()["Suffix"]:
+        assert any(s in suffix for s in YOLO_SUFFIXES), suffix
+
+
+@pytest.mark.parametrize("weights, why", [("emptymodel", "not a YOLO model"), ("boxes.parquet", "not a YOLO model"),
+                                          ("empty_openvino_model", "an empty folder")])
+def test_weights_of_the_wrong_kind_are_one_line_before_ray(coco_tiny, tmp_path, weights, why):
+    """An existing --weights that is no model used to pass, start Ray, fail at the first predict (ultralytics loads
+    lazily) and write an error row for every image, which a rerun then counted as done."""
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 2)
+    if weights.endswith(".parquet"):
+        shutil.copy(next((REPO / "tests").glob("*.py")), tmp_path / weights)
+    else:
+        (tmp_path / weights).mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    r = subprocess.run(ODIS + ["extract-boxes", "--detector", "yolo", "--weights", weights, "--images", str(images),
+                               "--out", "o.parquet", "--quiet"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert (r.stdout + r.stderr).strip().startswith(f"error: --weights {weights}: {why}"), r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["imgs", weights])  # no output, no staging
+
+
+def test_weights_that_cannot_load_stop_the_job_writing_nothing(ray_local, coco_tiny, tmp_path):
+    """An OpenVINO folder whose model does not load passed YOLO() (lazy) and became an error row per image."""
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 3)
+    weights = tmp_path / "broken_openvino_model"
+    weights.mkdir()
+    (weights / "model.xml").write_text("<net>not a model</net>")
+    out = tmp_path / "o.parquet"
+    res = runner.invoke(app, ["extract-boxes", "--detector", "yolo", "--weights", str(weights), "--images",
+                              str(images), "--out", str(out), "--quiet"])
+    assert res.exit_code == 2, res.output
+    # Ray itself prints about the failed actor, before and after: our error is one line among those
+    (last,) = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert last.startswith("error: cannot load the yolo detector (") and "broken_openvino_model" in last, last
+    assert last.endswith("fix --weights or the detector options and rerun (nothing was written)")
+    assert not out.exists() and not staging_dir(out).exists()
+
+
+def test_a_detector_failing_on_a_whole_batch_stops_one_image_is_a_row(yolo320, coco_tiny, tmp_path):
+    """Loaded, then failing on every image of a batch (here ultralytics refuses max_det=0): a broken detector or
+    device, not the images, so no manifest of errors. A batch of one image cannot tell, and gets an error row that
+    a resume redoes (detector_failed)."""
+    from pipelines.extract_boxes import DetectorBatchError, detector_failed
+
+    names = [p.name for p in sorted((coco_tiny / "val2017").glob("*.jpg"))[:2]]
+    extractor = BoxExtractor(asdict(DetectorConfig("yolo", weights=str(yolo320), imgsz=320)),
+                             str(coco_tiny / "val2017"), DEFAULT_MAX_PIXELS)
+    extractor.detector.cfg.max_boxes = 0
+    with pytest.raises(DetectorBatchError, match=f"all 2 images of a batch, e.g. {names[0]} .*max_det"):
+        extractor({"image_id": np.array(["a", "b"]), "path": np.array(names)})
+    res = extractor({"image_id": np.array(["a"]), "path": np.array(names[:1])}).to_pydict()
+    assert res["error"][0].startswith(f"{names[0]}: detector failed (ValueError:") and res["boxes"] == [[]]
+    assert detector_failed(names[0], res["error"][0])
+    assert not detector_failed("x.jpg", "x.jpg: not an image (format not recognised)")
+
+
+def test_detector_failed_rows_are_redone_on_resume_unreadable_images_are_not(ray_local, yolo320, coco_tiny,
+                                                                             tmp_path):
+    """`detector failed` rows were counted as done: a rerun said "0 processed" and kept them until --overwrite."""
+    from odis.manifest import manifest_files, write_manifest
+
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 4)
+    common = ["--detector", "yolo", "--weights", yolo320, "--imgsz", 320, "--images", images, "--batch-size", 2,
+              "--part-size", 2, "--quiet"]
+    out = tmp_path / "o.parquet"
+    _cli("extract-boxes", *common, "--out", out)
+    ref = _rows(out)
+    parts = manifest_files(out)
+    assert len(parts) == 2
+    # What an earlier run may leave: part 0 all detector failures, part 1 one failure and one unreadable image.
+    for k, part in enumerate(parts):
+        t = read_manifest(part).to_pandas().drop_duplicates("image_id")
+        t[["x0", "y0", "x1", "y1", "score"]] = [np.nan] * 4 + [1.0]  # as results_to_manifest writes an error
+        t["error"] = [f"{p}: detector failed (RuntimeError: oops)" for p in t.path]
+        if k == 1:
+            t.loc[t.index[1], ["error", "width", "height"]] = [f"{t.path.iloc[1]}: not an image (truncated)", 0, 0]
+        write_manifest(pa.Table.from_pandas(t, preserve_index=False), part, manifest_metadata(part))
+    unreadable = read_manifest(parts[1]).to_pandas().iloc[1]
+    res = _cli("extract-boxes", *common, "--out", out)
+    assert "3 processed (1 already done)" in res.output and "0 errors" in res.output, res.output
+    t = read_manifest(out).to_pandas()
+    assert t.error.notna().sum() == 1 and t[t.error.notna()].path.tolist() == [unreadable.path]
+    assert _rows(out) == sorted([r for r in ref if r[0] != unreadable.image_id] +
+                                [(unreadable.image_id, unreadable.path, 0, 0) + (None,) * 4 + (1.0,)], key=str)
+    assert validate_manifest(out) == [] and "0 processed (4 already done)" in _cli("extract-boxes", *common,
+                                                                                   "--out", out).output
+
+
+def test_id_scheme_coco_refuses_names_that_are_no_coco_ids(tiny_imagenet, tmp_path):
+    """Tiny-ImageNet names got made-up coco ids (n01443537_23 -> 000144353723); now one line before Ray."""
+    out = tmp_path / "o.parquet"
+    t0 = time.monotonic()
+    res = runner.invoke(app, ["extract-boxes", "--detector", "selective-search", "--id-scheme", "coco", "--images",
+                              str(tiny_imagenet / "train"), "--out", str(out), "--quiet", "--limit", "3"])
+    assert res.exit_code == 2 and time.monotonic() - t0 < 20, res.output
+    line = res.output.strip()
+    assert line.startswith("error: n01443537/images/n01443537_0.JPEG: not a COCO image name") and "\n" not in line
+    assert "--id-scheme stem" in line and not out.exists() and not staging_dir(out).exists()
 
 
 # ---- image ids: --id-scheme ------------------------------------------------------------------------------------
