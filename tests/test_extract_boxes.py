@@ -250,6 +250,7 @@ def test_detector_failed_rows_are_redone_on_resume_unreadable_images_are_not(ray
     unreadable = read_manifest(parts[1]).to_pandas().iloc[1]
     res = _cli("extract-boxes", *common, "--out", out)
     assert "3 processed (1 already done)" in res.output and "0 errors" in res.output, res.output
+    assert "3 image(s) an earlier run's detector failed on were processed again" in res.output
     t = read_manifest(out).to_pandas()
     assert t.error.notna().sum() == 1 and t[t.error.notna()].path.tolist() == [unreadable.path]
     assert _rows(out) == sorted([r for r in ref if r[0] != unreadable.image_id] +

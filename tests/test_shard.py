@@ -348,7 +348,11 @@ def test_bad_inputs_fail_clearly(tin_root, coco_tiny, coco_manifest, tmp_path):
     r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--labels", "coco", code=2)
     assert "instances_train.json not found" in r.output
     r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--manifest", coco_manifest, code=2)
-    assert "none of its 80 image ids matches a file" in r.output and "id scheme: coco" in r.output
+    assert f"--manifest {coco_manifest} keys its images by --id-scheme coco, which does not fit these files" \
+        in r.output and ".JPEG: not a COCO image name" in r.output and "use --id-scheme" not in r.output
+    r = odis("shard", "--images", tin_root, "--out", tmp_path / "o", "--manifest", coco_manifest, "--id-scheme",
+             "stem", code=2)  # the manifest's ids were made by another rule: they could never match
+    assert "differs from the manifest's id_scheme coco" in r.output
     r = odis("verify", tmp_path, code=2)
     assert "no shard index" in r.output
 

@@ -19,12 +19,18 @@ def id_scheme(s: ShardSettings) -> str:
     return s.id_scheme or from_manifest or ("coco" if s.labels == "coco" else "path")
 
 
-def image_ids(relpaths: list[str], scheme: str) -> list[str]:
-    """The image_id of each relpath, in order (odis.manifest.image_id_list), its errors as ShardError."""
+def image_ids(relpaths: list[str], scheme: str, scheme_from=None) -> list[str]:
+    """The image_id of each relpath, in order (odis.manifest.image_id_list), its errors as ShardError; with
+    `scheme_from` (the manifest whose metadata chose the scheme) the error says where the scheme came from: a
+    manifest of other images fails here, before its ids are compared."""
     try:
         return image_id_list(relpaths, scheme)
     except ValueError as e:
-        raise ShardError(str(e)) from None
+        if not scheme_from:
+            raise ShardError(str(e)) from None
+        what = str(e).split("; use --id-scheme", 1)[0]  # another scheme would not match the manifest's ids either
+        raise ShardError(f"--manifest {scheme_from} keys its images by --id-scheme {scheme}, which does not fit "
+                         f"these files (are they its images?): {what}") from None
 
 
 def labels_for(s: ShardSettings, relpaths: list[str]) -> tuple[dict, list[str] | None, list[dict]]:

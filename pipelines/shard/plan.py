@@ -44,7 +44,7 @@ def build_plan(s: ShardSettings) -> Plan:
         raise ShardError(f"--images {root}: no image files (jpg/jpeg/png/webp/bmp/tif/gif) found")
     relpaths = [r for r, _ in scan.images]
     scheme = id_scheme(s)
-    ids = image_ids(relpaths, scheme)
+    ids = image_ids(relpaths, scheme, None if s.id_scheme else s.manifest)
     labels, classes, warnings = labels_for(s, relpaths)
     boxes, inputs, box_warnings = manifest_boxes(s, set(ids))
     # Item(relpath, image_id, size, label, boxes, scores, manifest (w, h)), built without NamedTuple's Python-level
