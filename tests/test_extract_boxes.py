@@ -146,6 +146,27 @@ def test_yolo_batch_calls_a_text_file_not_an_image(yolo320, coco_tiny, tmp_path)
     assert res["error"][1] is None and len(res["scores"][1]) >= 1  # real images still go through the detector
 
 
+def test_two_batches_at_once_give_the_serial_results(yolo320, coco_tiny):
+    """The actor runs two batches at a time (decoding one while the other is detected): the same rows as one at a
+    time, from many threads at once, and the BGR array `prepare` makes is the channel flip ultralytics expects."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from odis.imageio import load_image
+
+    root = coco_tiny / "val2017"
+    names = sorted(p.name for p in root.glob("*.jpg"))[:24]
+    extractor = BoxExtractor(asdict(DetectorConfig("yolo", weights=str(yolo320), imgsz=320)), str(root),
+                             DEFAULT_MAX_PIXELS)
+    im = load_image(root / names[0])
+    assert np.array_equal(extractor.prepare(im), np.asarray(im)[:, :, ::-1])
+    batches = [{"image_id": np.array(names[i:i + 4]), "path": np.array(names[i:i + 4])} for i in range(0, 24, 4)]
+    serial = [extractor(b).to_pydict() for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(2):
+            assert list(pool.map(lambda b: extractor(b).to_pydict(), batches)) == serial
+    assert sum(len(r["scores"][0]) for r in serial) > 0 and all(e is None for r in serial for e in r["error"])
+
+
 # ---- one-line errors before Ray starts ---------------------------------------------------------------------------
 
 def test_missing_weights_is_one_line_before_ray(coco_tiny, tmp_path):
