@@ -332,14 +332,16 @@ def _list(cfg: ExtractConfig) -> tuple[list[dict], int]:
     return [{"image_id": ids[rel], "path": rel} for rel in rels], len(others)
 
 
-def _drop_detector_failures(where: Path, ids: set[str]) -> int:
-    """Remove the rows of `ids` that say the detector failed (see detector_failed) from the parts in `where`, so
-    those images are processed again and never get a second set of rows. Each part is rewritten atomically, or
-    deleted when nothing is left; a kill right after leaves the images without rows, i.e. still to do."""
-    dropped = 0
-    for part in manifest_files(where) if where.is_dir() else []:
+def _done(parts_in: tuple[Path, ...], ids: set[str]) -> tuple[set[str], int]:
+    """The image ids the parts in these folders cover (what a resumed job skips), after removing the rows of `ids`
+    that say the detector failed (see detector_failed): those images are processed again and never get a second set
+    of rows. Each such part is rewritten atomically, or deleted when nothing is left; a kill right after leaves the
+    images without rows, i.e. still to do. Returns (done ids, rows removed), reading each part once."""
+    done, dropped = set(), 0
+    for part in [p for where in parts_in if where.is_dir() for p in manifest_files(where)]:
         t = pq.read_table(part, columns=["image_id", "path", "error"]).to_pydict()
         drop = [i in ids and detector_failed(p, e) for i, p, e in zip(t["image_id"], t["path"], t["error"])]
+        done.update(i for i, d in zip(t["image_id"], drop) if not d)
         if not any(drop):
             continue
         dropped += sum(drop)
@@ -347,12 +349,7 @@ def _drop_detector_failures(where: Path, ids: set[str]) -> int:
             part.unlink()
         else:
             write_manifest(read_manifest(part).filter(pa.array([not d for d in drop])), part, manifest_metadata(part))
-    return dropped
-
-
-def _not_done(items: list[dict], out: Path, staging: Path) -> list[dict]:
-    done = image_ids_in(out) | image_ids_in(staging)
-    return [it for it in items if it["image_id"] not in done]
+    return done, dropped
 
 
 def _job_failed(e: Exception, staging: Path) -> RuntimeError:
@@ -403,9 +400,8 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
             _delete_ours(where)
     meta = build_metadata(cfg)
     _check_resumable(out, staging, meta)
-    ids = {it["image_id"] for it in items}
-    redone = sum(_drop_detector_failures(where, ids) for where in (out, staging))
-    todo = _not_done(items, out, staging)
+    done, redone = _done((out, staging), {it["image_id"] for it in items})
+    todo = [it for it in items if it["image_id"] not in done]
     summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out), redone=redone)
     started = _ray_init(cfg.ray_address)
     t0 = time.perf_counter()
