@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import Union
 
@@ -47,7 +46,7 @@ def _open(src: Source, name: str) -> Image.Image:
         raise ImageDecodeError(f"{name}: file not found") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{name}: not an image (format not recognised)") from None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the second: if made an error
         raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
     except OSError as e:
         raise ImageDecodeError(f"{name}: cannot open ({e})") from None
@@ -84,12 +83,10 @@ def load_image(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | No
     name = name or (str(src) if not isinstance(src, (bytes, bytearray, memoryview)) else "<bytes>")
     img = _open(src, name)
     try:
-        _check_pixels(img, name, max_pixels)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()  # truncated files fail here (unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set)
-            out = _to_rgb(ImageOps.exif_transpose(img))
-            return out if out is not img else img.copy()
+        _check_pixels(img, name, max_pixels)  # the limit, ours: no process-wide warnings filter (decode threads)
+        img.load()  # truncated files fail here (unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set)
+        out = _to_rgb(ImageOps.exif_transpose(img))
+        return out if out is not img else img.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt data

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
 from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_ids_in, image_ids_of,
@@ -89,8 +90,9 @@ class DetectorLoadError(RuntimeError):
 
 
 class DetectorBatchError(RuntimeError):
-    """The detector loaded but failed on every image of a batch, one by one too: a broken detector or device, not
-    the images, so the job stops (finished parts kept) instead of writing an error row for every image."""
+    """The detector loaded but failed on every image of a batch, one by one too, and on a blank image: a broken
+    detector or device, not the images, so the job stops (finished parts kept) instead of writing an error row for
+    every image."""
 
 
 DETECTOR_FAILED = "detector failed"  # the reason of an error row from the detector, not from the image
@@ -124,11 +126,14 @@ class BoxExtractor:
         """(image for the detector or None, width, height, error) of one file; never raises."""
         try:
             im = load_image(self.root / rel, max_pixels=self.max_pixels, name=rel)
-            return (self.prepare(im) if self.prepare else im), im.width, im.height, None
         except ImageDecodeError as e:
             return None, 0, 0, str(e)
         except Exception as e:  # noqa: BLE001 - never let one file abort the job
             return None, 0, 0, f"{rel}: cannot read ({type(e).__name__}: {e})"
+        try:
+            return (self.prepare(im) if self.prepare else im), im.width, im.height, None
+        except Exception:  # noqa: BLE001 - the detector converts it again: a failure is then its (redone) row
+            return im, im.width, im.height, None
 
     def _detect(self, images: list) -> list:
         """Detector on the batch; if the batch fails, image by image so the failure is pinned to its row."""
@@ -144,6 +149,15 @@ class BoxExtractor:
                         out.append(e)
                 return out
 
+    def _works(self) -> bool:
+        """Whether the detector still runs on a blank image (the check YoloDetector makes at load)."""
+        with self.detector_lock:
+            try:
+                self.detector([Image.new("RGB", (64, 64))])
+                return True
+            except Exception:  # noqa: BLE001 - a broken detector or device
+                return False
+
     def __call__(self, batch: dict) -> pa.Table:
         rows = {k: [] for k in RESULT_SCHEMA.names}
         decoded, where = [], []
@@ -158,7 +172,10 @@ class BoxExtractor:
         if decoded:
             results = self._detect(decoded)
             failed = [(i, r) for i, r in zip(where, results) if isinstance(r, Exception)]
-            if len(decoded) > 1 and len(failed) == len(decoded):  # one image alone may be its own cause
+            # Every image of a batch failed: the detector is broken (stop the job) if it fails on a blank image too;
+            # else the images are the cause (tiny ones, say, or the ones an earlier run failed on, which a resume
+            # batches together), and they get error rows, redone by a rerun.
+            if len(decoded) > 1 and len(failed) == len(decoded) and not self._works():
                 i, e = failed[0]
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise DetectorBatchError(f"the detector failed on all {len(decoded)} images of a batch, e.g. "
@@ -192,7 +209,7 @@ def _actor_cpus() -> int:
         n = ray.get_runtime_context().get_assigned_resources().get("CPU", 0) if ray.is_initialized() else 0
     except Exception:  # noqa: BLE001 - outside Ray, or an older Ray without the call
         n = 0
-    return max(1, int(n) or len(os.sched_getaffinity(0)))
+    return max(1, int(n)) if n else len(os.sched_getaffinity(0))
 
 
 def results_to_manifest(results: pa.Table, source: str, counts: Counter, errors: Counter) -> pa.Table:
@@ -366,7 +383,7 @@ def _job_failed(e: Exception, staging: Path) -> RuntimeError:
     batches = [ln for ln in raised if "DetectorBatchError" in ln]
     if batches:
         cause = batches[-1].split(": ", 1)[-1]
-        return RuntimeError(f"{cause}; fix the cause (--device, memory, --weights) and rerun the same command to "
+        return RuntimeError(f"{cause}; fix the cause (--device, memory) and rerun the same command to "
                             f"resume ({kept})")
     cause = (raised or lines or [type(e).__name__])[-1]  # the root exception is raised last
     return RuntimeError(f"the Ray job failed: {cause} ({kept}; if the cause was transient, e.g. a lost worker or "

@@ -247,6 +247,27 @@ def test_a_detector_failing_on_a_whole_batch_stops_one_image_is_a_row(yolo320, c
     assert not detector_failed("x.jpg", "x.jpg: not an image (format not recognised)")
 
 
+def test_a_batch_of_images_the_detector_cannot_take_gets_rows_not_a_stop(yolo320, tmp_path):
+    """A whole batch failing is the images' fault when the detector still works on a blank image (here a fault
+    injected for images under 8 px, around the real YOLO): error rows a rerun redoes, not a stop. Else a resume,
+    which batches the earlier failures together, would stop on them every time."""
+    for name, size in (("tiny1.png", 3), ("tiny2.png", 4)):
+        Image.new("RGB", (size, size), "white").save(tmp_path / name)
+    extractor = BoxExtractor(asdict(DetectorConfig("yolo", weights=str(yolo320), imgsz=320)), str(tmp_path),
+                             DEFAULT_MAX_PIXELS)
+    real = extractor.detector
+
+    def picky(images):
+        if any(min(np.asarray(im).shape[:2]) < 8 for im in images):
+            raise ValueError("image too small for this detector")
+        return real(images)
+
+    extractor.detector = picky
+    res = extractor({"image_id": np.array(["a", "b"]), "path": np.array(["tiny1.png", "tiny2.png"])}).to_pydict()
+    assert [e.split(" (")[0] for e in res["error"]] == ["tiny1.png: detector failed", "tiny2.png: detector failed"]
+    assert extractor._works()
+
+
 def test_detector_failed_rows_are_redone_on_resume_unreadable_images_are_not(ray_local, yolo320, coco_tiny,
                                                                              tmp_path):
     """`detector failed` rows were counted as done: a rerun said "0 processed" and kept them until --overwrite."""
