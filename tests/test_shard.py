@@ -315,7 +315,7 @@ def test_ray_job_writes_the_same_shards(tin_root, tmp_path, ray_local):
     assert [x["sha256"] for x in by_ray["shards"]] == [x["sha256"] for x in local["shards"]]
 
 
-def test_a_manifest_written_back_by_pandas_is_named_as_such(coco_tiny, coco_manifest, tmp_path):
+def test_a_manifest_written_back_by_pandas_is_named_as_such(coco_tiny, coco_manifest, tin_root, tmp_path):
     """pandas drops the odis.* metadata: `stats` says so instead of printing Nones, `shard` asks for the id scheme
     the metadata held, and with it the boxes reach the shards as from the original."""
     from odis.manifest import read_manifest
@@ -331,6 +331,10 @@ def test_a_manifest_written_back_by_pandas_is_named_as_such(coco_tiny, coco_mani
          "--id-scheme", "coco")
     odis("shard", "--images", coco_tiny / "train2017", "--out", tmp_path / "b", "--manifest", coco_manifest)
     assert read_index(tmp_path / "a")["shards"][0]["sha256"] == read_index(tmp_path / "b")["shards"][0]["sha256"]
+    r = odis("shard", "--images", tin_root, "--out", tmp_path / "c", "--manifest", plain, "--labels", "coco",
+             "--coco-json", coco_tiny / "annotations" / "instances_train2017.json",
+             code=2)  # the scheme comes from --labels coco, not from the manifest: the advice stays
+    assert "not a COCO image name" in r.output and "use --id-scheme stem" in r.output and "keys its" not in r.output
     (tmp_path / "parts").mkdir()
     r = odis("stats", tmp_path / "parts", code=2)
     assert "parts: no parquet parts in this folder" in r.output

@@ -10,13 +10,16 @@ from odis.manifest import image_id_list, manifest_metadata, read_manifest, sha25
 from pipelines.shard.settings import ShardError, ShardSettings
 
 
-def id_scheme(s: ShardSettings) -> str:
-    """The key rule: --id-scheme, else the manifest's (its boxes must match), else coco for COCO labels, else path."""
+def id_scheme(s: ShardSettings) -> tuple[str, bool]:
+    """The key rule: --id-scheme, else the manifest's (its boxes must match), else coco for COCO labels, else path;
+    and whether the manifest's metadata chose it."""
     from_manifest = manifest_metadata(s.manifest).get("id_scheme") if s.manifest else None
     if s.id_scheme and from_manifest and s.id_scheme != from_manifest:
         raise ShardError(f"--id-scheme {s.id_scheme} differs from the manifest's id_scheme {from_manifest} "
                          f"({s.manifest}): its boxes would never match")
-    return s.id_scheme or from_manifest or ("coco" if s.labels == "coco" else "path")
+    if s.id_scheme or from_manifest:
+        return s.id_scheme or from_manifest, not s.id_scheme
+    return ("coco" if s.labels == "coco" else "path"), False
 
 
 def image_ids(relpaths: list[str], scheme: str, scheme_from=None) -> list[str]:

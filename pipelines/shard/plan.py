@@ -43,8 +43,8 @@ def build_plan(s: ShardSettings) -> Plan:
     if not scan.images:
         raise ShardError(f"--images {root}: no image files (jpg/jpeg/png/webp/bmp/tif/gif) found")
     relpaths = [r for r, _ in scan.images]
-    scheme = id_scheme(s)
-    ids = image_ids(relpaths, scheme, None if s.id_scheme else s.manifest)
+    scheme, by_manifest = id_scheme(s)
+    ids = image_ids(relpaths, scheme, s.manifest if by_manifest else None)
     labels, classes, warnings = labels_for(s, relpaths)
     boxes, inputs, box_warnings = manifest_boxes(s, set(ids))
     # Item(relpath, image_id, size, label, boxes, scores, manifest (w, h)), built without NamedTuple's Python-level
