@@ -83,6 +83,12 @@ def _undo_ultralytics_pil_patch() -> None:
         Image.open = original
 
 
+def blank_image() -> Image.Image:
+    """An image every detector takes: running one on it shows the detector works (at load, and after a batch that
+    failed whole, BoxExtractor)."""
+    return Image.new("RGB", (64, 64))
+
+
 class YoloDetector:
     """ultralytics YOLO, class-agnostic NMS, offline: `weights` is a local file or export folder."""
 
@@ -100,7 +106,7 @@ class YoloDetector:
         # YOLO() loads every format but .pt lazily, at the first predict: run one on a blank image now, so that
         # weights that cannot load fail here (BoxExtractor: DetectorLoadError, nothing written), not as an error
         # row for every image.
-        self([Image.new("RGB", (32, 32))])
+        self([blank_image()])
 
     @staticmethod
     def prepare(im) -> np.ndarray:

@@ -32,13 +32,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
 from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_ids_in, image_ids_of,
                            make_metadata, manifest_files, manifest_metadata, read_manifest, sha256_of,
                            table_from_columns, write_manifest)
-from pipelines.detectors import DEFAULTS, DetectorConfig, build_detector, check_detector
+from pipelines.detectors import DEFAULTS, DetectorConfig, blank_image, build_detector, check_detector
 from pipelines.ray_connect import check_ray_address, init_ray
 
 # Metadata that must agree for a resumed run to add rows to an existing manifest.
@@ -153,7 +152,7 @@ class BoxExtractor:
         """Whether the detector still runs on a blank image (the check YoloDetector makes at load)."""
         with self.detector_lock:
             try:
-                self.detector([Image.new("RGB", (64, 64))])
+                self.detector([blank_image()])
                 return True
             except Exception:  # noqa: BLE001 - a broken detector or device
                 return False
