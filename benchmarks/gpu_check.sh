@@ -7,9 +7,11 @@
 #   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
 #   train  if .devdata/coco/base holds shards: end-to-end training img/s with 14 loader workers (ODIS and iBOT), on 24
 #          symlinked copies of each tar (3,840 samples from the 160 real COCO images: an epoch is 30 steps of 128).
+#          The recipe compiles (model.compile=true: the first ~10 steps); TRAIN_ARGS: more overrides
+#          (model.compile=false: eager), TRAIN_STEPS (60), TRAIN_TIMEOUT_S (120 per method).
 # STEP_RUNS picks the step runs, in order: each the attention implementation, then step.py's flags, a comma for a
-# space. Default: split compiled (+ its OBJ row on the efficient kernel only), split eager (+ efficient, + cuDNN),
-# mask eager.
+# space. Default: mask compiled (the GPU recipes' setting), split compiled, mask eager, split eager. --obj-row
+# efficient|cudnn|math adds odis variants whose split OBJ row runs on that SDPA backend only.
 # Prepare here (CPU machine), then carry .devdata/mini_repro/gpu, .devdata/coco/base and .whl:
 #   python3 benchmarks/mini_repro.py prepare --preset gpu
 #   D=../shared/data/coco_tiny; for s in train val; do
@@ -58,7 +60,7 @@ mini() {
 
 step() {
   # each run: the attention implementation, then step.py's flags; --compile runs get the longer time limit
-  for run in ${STEP_RUNS:-split,--compile,--no-reference,--obj-row,efficient split,--obj-row,efficient,--obj-row,cudnn mask}; do
+  for run in ${STEP_RUNS:-mask,--compile,--no-reference split,--compile,--no-reference mask split}; do
     set -- ${run//,/ }
     impl=$1
     shift
@@ -79,9 +81,9 @@ train() {
       for t in .devdata/coco/base/*.tar; do ln -s $PWD/$t /tmp/coco_shards/c$i-$(basename $t); done
     done
     for method in odis ibot; do
-      timeout 120 python3 -m cli train --shards /tmp/coco_shards -c configs/vit_small_coco.yaml --method $method \
-        --out /tmp/runs/$method --max-steps 60 --quiet data.batch_size=128 data.num_workers=14 log_every=10 \
-        checkpoint_every=100000 2>&1 | tail -5
+      timeout ${TRAIN_TIMEOUT_S:-120} python3 -m cli train --shards /tmp/coco_shards -c configs/vit_small_coco.yaml \
+        --method $method --out /tmp/runs/$method --max-steps ${TRAIN_STEPS:-60} --quiet data.batch_size=128 \
+        data.num_workers=14 log_every=10 checkpoint_every=100000 ${TRAIN_ARGS:-} 2>&1 | tail -5
       cp /tmp/runs/$method/metrics.csv $AUX/train_$method.csv 2>/dev/null
     done
   fi
