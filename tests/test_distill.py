@@ -207,10 +207,11 @@ def test_koleo_leaves_out_objects_missing_from_a_view(monkeypatch):
     assert rows == [B - 1, B - 2] and torch.isfinite(out["loss_koleo"])
 
 
-def test_compiled_backbones_give_the_eager_loss_and_gradients(compiled_graphs):
+@pytest.mark.parametrize("attn_impl", ["split", "mask"])  # the eager default; the GPU recipes' compiled choice
+def test_compiled_backbones_give_the_eager_loss_and_gradients(compiled_graphs, attn_impl):
     """compile_backbones (the trainer's model.compile=true) changes the speed, not the numbers: the same loss and
     the same gradient in every student parameter, so the compiled backward is checked, not only the forward."""
-    eager, compiled = (_distiller("odis", depth=2, drop_path_rate=0.0) for _ in range(2))
+    eager, compiled = (_distiller("odis", depth=2, drop_path_rate=0.0, attn_impl=attn_impl) for _ in range(2))
     compiled.compile_backbones()
     views = _views()
     losses = [d(views, teacher_temp=0.04)["loss"] for d in (eager, compiled)]

@@ -284,6 +284,10 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
                  f"device {device} ({precision}), {dd.world} process(es)" + (f", resumed from {ck}" if ck else ""))
         if loader.box_report:
             log.info("boxes: " + ", ".join(f"{k} {v}" for k, v in loader.box_report.items()))
+        if cfg.model.compile:
+            log.info("model.compile=true: the first steps compile the backbones" + (
+                " (on a CPU compiled steps were slower than eager ones, BENCHMARKS.md: model.compile=false runs "
+                "eager)" if device.type == "cpu" else ""))
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 head logits (odis/heads.py) at TF32 speed
     distiller.train()
     pace = Pace()
