@@ -106,11 +106,15 @@ class BoxExtractor:
     """The batch function: decode each path (errors captured per row), detect, one result row per image."""
 
     def __init__(self, detector: dict, images: str, max_pixels: int):
+        # A detector that cannot load fails the first batch, not the constructor: Ray restarts an actor whose
+        # constructor raised and prints each attempt's traceback (~200 lines) before the job fails.
+        self.detector, self.load_error = None, None
         try:
             self.detector = build_detector(DetectorConfig(**detector))
-        except Exception as e:  # noqa: BLE001 - re-raised, marked as a load failure
+        except Exception as e:  # noqa: BLE001 - raised at the first batch, marked as a load failure
             why = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())  # one line: the driver says it
-            raise DetectorLoadError(f"cannot load the {detector['name']} detector ({type(e).__name__}: {why})") from e
+            self.load_error = DetectorLoadError(f"cannot load the {detector['name']} detector "
+                                                f"({type(e).__name__}: {why})")
         self.root = Path(images)
         self.max_pixels = max_pixels
         # Decoding runs in threads (PIL releases the GIL), one per CPU this actor holds: serial decoding left the
@@ -158,6 +162,8 @@ class BoxExtractor:
                 return False
 
     def __call__(self, batch: dict) -> pa.Table:
+        if self.load_error:
+            raise self.load_error
         rows = {k: [] for k in RESULT_SCHEMA.names}
         decoded, where = [], []
         rels = [str(rel) for rel in batch["path"]]
