@@ -76,7 +76,7 @@ class ExtractSummary:
     no_box_images: int = 0
     error_images: int = 0
     not_images: int = 0  # files under the root without an image extension (listed, not processed)
-    redone: int = 0  # images an earlier run's detector failed on, processed again (counted in `processed` too)
+    redone: int = 0  # images an earlier run could not read or detect, processed again (counted in `processed`)
     seconds: float = 0.0
     images_per_s: float = 0.0
     out: str = ""
@@ -95,11 +95,15 @@ class DetectorBatchError(RuntimeError):
 
 
 DETECTOR_FAILED = "detector failed"  # the reason of an error row from the detector, not from the image
+# Error rows a resume redoes, by the reason after `<path>: `: the detector's failures and the reads that may pass
+# next time (permissions, an I/O error or a file missing on a network filesystem; odis.imageio's messages). An
+# image that is not one, or does not decode, stays an error row (redone only with --overwrite).
+PASSING_REASONS = (f"{DETECTOR_FAILED} (", "cannot open (", "cannot read (", "file not found")
 
 
-def detector_failed(path: str, error: str | None) -> bool:
-    """Whether an error row is BoxExtractor's `<path>: detector failed (...)`: such an image is redone on resume."""
-    return error is not None and error.startswith(f"{path}: {DETECTOR_FAILED} (")
+def redone_on_resume(path: str, error: str | None) -> bool:
+    """Whether an error row's image is processed again by a resumed run (PASSING_REASONS)."""
+    return error is not None and error.startswith(tuple(f"{path}: {r}" for r in PASSING_REASONS))
 
 
 class BoxExtractor:
@@ -356,13 +360,13 @@ def _list(cfg: ExtractConfig) -> tuple[list[dict], int]:
 
 def _done(parts_in: tuple[Path, ...], ids: set[str]) -> tuple[set[str], int]:
     """The image ids the parts in these folders cover (what a resumed job skips), after removing the rows of `ids`
-    that say the detector failed (see detector_failed): those images are processed again and never get a second set
+    whose error may pass next time (redone_on_resume): those images are processed again and never get a second set
     of rows. Each such part is rewritten atomically, or deleted when nothing is left; a kill right after leaves the
     images without rows, i.e. still to do. Returns (done ids, rows removed), reading each part once."""
     done, dropped = set(), 0
     for part in [p for where in parts_in if where.is_dir() for p in manifest_files(where)]:
         t = pq.read_table(part, columns=["image_id", "path", "error"]).to_pydict()
-        drop = [i in ids and detector_failed(p, e) for i, p, e in zip(t["image_id"], t["path"], t["error"])]
+        drop = [i in ids and redone_on_resume(p, e) for i, p, e in zip(t["image_id"], t["path"], t["error"])]
         done.update(i for i, d in zip(t["image_id"], drop) if not d)
         if not any(drop):
             continue

@@ -241,8 +241,8 @@ def test_weights_that_cannot_load_stop_the_job_writing_nothing(coco_tiny, tmp_pa
 def test_a_detector_failing_on_a_whole_batch_stops_one_image_is_a_row(yolo320, coco_tiny, tmp_path):
     """Loaded, then failing on every image of a batch (here ultralytics refuses max_det=0): a broken detector or
     device, not the images, so no manifest of errors. A batch of one image cannot tell, and gets an error row that
-    a resume redoes (detector_failed)."""
-    from pipelines.extract_boxes import DetectorBatchError, detector_failed
+    a resume redoes (redone_on_resume)."""
+    from pipelines.extract_boxes import DetectorBatchError, redone_on_resume
 
     names = [p.name for p in sorted((coco_tiny / "val2017").glob("*.jpg"))[:2]]
     extractor = BoxExtractor(asdict(DetectorConfig("yolo", weights=str(yolo320), imgsz=320)),
@@ -252,8 +252,8 @@ def test_a_detector_failing_on_a_whole_batch_stops_one_image_is_a_row(yolo320, c
         extractor({"image_id": np.array(["a", "b"]), "path": np.array(names)})
     res = extractor({"image_id": np.array(["a"]), "path": np.array(names[:1])}).to_pydict()
     assert res["error"][0].startswith(f"{names[0]}: detector failed (ValueError:") and res["boxes"] == [[]]
-    assert detector_failed(names[0], res["error"][0])
-    assert not detector_failed("x.jpg", "x.jpg: not an image (format not recognised)")
+    assert redone_on_resume(names[0], res["error"][0])
+    assert not redone_on_resume("x.jpg", "x.jpg: not an image (format not recognised)")
 
 
 def test_a_batch_of_images_the_detector_cannot_take_gets_rows_not_a_stop(yolo320, tmp_path):
@@ -277,9 +277,11 @@ def test_a_batch_of_images_the_detector_cannot_take_gets_rows_not_a_stop(yolo320
     assert extractor._works()
 
 
-def test_detector_failed_rows_are_redone_on_resume_unreadable_images_are_not(ray_local, yolo320, coco_tiny,
-                                                                             tmp_path):
-    """`detector failed` rows were counted as done: a rerun said "0 processed" and kept them until --overwrite."""
+def test_detector_failed_and_unopened_rows_are_redone_on_resume_non_images_are_not(ray_local, yolo320, coco_tiny,
+                                                                                  tmp_path):
+    """`detector failed` rows, and images that could not be opened (an I/O error or permissions: may pass next
+    time), were counted as done: a rerun said "0 processed" and kept them until --overwrite. A file that is not an
+    image stays an error row."""
     from odis.manifest import manifest_files, write_manifest
 
     images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 4)
@@ -290,18 +292,22 @@ def test_detector_failed_rows_are_redone_on_resume_unreadable_images_are_not(ray
     ref = _rows(out)
     parts = manifest_files(out)
     assert len(parts) == 2
-    # What an earlier run may leave: part 0 all detector failures, part 1 one failure and one unreadable image.
+    # What an earlier run may leave: part 0 a detector failure and an image it could not open, part 1 a detector
+    # failure and a file that is not an image.
     for k, part in enumerate(parts):
         t = read_manifest(part).to_pandas().drop_duplicates("image_id")
         t[["x0", "y0", "x1", "y1", "score"]] = [np.nan] * 4 + [1.0]  # as results_to_manifest writes an error
         t["error"] = [f"{p}: detector failed (RuntimeError: oops)" for p in t.path]
+        if k == 0:
+            t.loc[t.index[1], ["error", "width", "height"]] = [
+                f"{t.path.iloc[1]}: cannot open ([Errno 5] Input/output error)", 0, 0]
         if k == 1:
             t.loc[t.index[1], ["error", "width", "height"]] = [f"{t.path.iloc[1]}: not an image (truncated)", 0, 0]
         write_manifest(pa.Table.from_pandas(t, preserve_index=False), part, manifest_metadata(part))
     unreadable = read_manifest(parts[1]).to_pandas().iloc[1]
     res = _cli("extract-boxes", *common, "--out", out)
     assert "3 processed (1 already done)" in res.output and "0 errors" in res.output, res.output
-    assert "3 image(s) an earlier run's detector failed on were processed again" in res.output
+    assert "3 image(s) an earlier run could not open or its detector failed on were processed again" in res.output
     t = read_manifest(out).to_pandas()
     assert t.error.notna().sum() == 1 and t[t.error.notna()].path.tolist() == [unreadable.path]
     assert _rows(out) == sorted([r for r in ref if r[0] != unreadable.image_id] +
