@@ -211,6 +211,14 @@ def test_ddp_two_cpu_processes_and_their_resume(tin_shards, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_ddp_with_the_gpu_recipes_model_settings(tin_shards, tmp_path):
+    """The GPU recipes compile the backbones and use attn_impl=mask, under DDP: torchrun trains that way too (the
+    backbones are compiled in place before DDP wraps the distiller; the trainer fails if the ranks' weights end
+    apart)."""
+    out = _torchrun(tin_shards, tmp_path / "r", "max_steps=3", "model.compile=true", "model.attn_impl=mask")
+    assert "2 process(es)" in out and "model.compile=true: the first steps compile" in out
+    assert (tmp_path / "r" / "backbone.safetensors").is_file()
+
 
 def test_ranks_draw_different_samples(tin_shards):
     from trainer.data import make_train_loader
