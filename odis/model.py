@@ -212,6 +212,47 @@ def _split_attention(attn: nn.Module, x: torch.Tensor, row_bias: torch.Tensor,
     return attn.proj_drop(attn.proj(out if gate is None else out * gate))
 
 
+def check_obj_mask(model: OdisViT, images: int = 8, seed: int = 0) -> str | None:
+    """What is wrong with the OBJ mask as this device's attention kernels compute it, or None. Run once before
+    training, under the training's autocast: SDPA picks its kernel by device, dtype and PyTorch version, and cuDNN's
+    has given silently wrong results with masks. In block 1, on random images and boxes, the OBJ output must not
+    move when only the tokens outside the box change, and must agree with the math backend (bf16 rounding)."""
+    was_training = model.training
+    model.eval()  # no drop-path: the two passes must differ only in their input
+    try:
+        return _obj_mask_problem(model, images, seed)
+    finally:
+        model.train(was_training)
+
+
+def _obj_mask_problem(model: OdisViT, images: int, seed: int) -> str | None:
+    p = next(model.parameters())
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    size, grid = model.img_size, model.img_size // model.patch_size
+    x = torch.randn(images, 3, size, size, generator=g).to(p.device)
+    y0, x0 = torch.randint(0, grid // 2, (2, images), generator=g)
+    rows, cols = torch.arange(grid)[:, None], torch.arange(grid)[None]
+    box = torch.stack([(rows >= a) & (rows < a + grid // 2) & (cols >= b) & (cols < b + grid // 2)
+                       for a, b in zip(y0.tolist(), x0.tolist())]).to(p.device)
+    with torch.no_grad():
+        t = model.embed(x)
+        inside = _obj_row_mask(box, model.num_prefix)[:, 0, 0, :, None]  # [B, N, 1]
+        moved = torch.where(inside, t, t + torch.randn(t.shape, generator=g).to(t))
+
+        def obj(tokens):
+            return next(model.blocks(tokens, box, upto=1))[:, 0].float()
+
+        out, out_moved = obj(t), obj(moved)
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = obj(t)
+    scale = ref.abs().max().item()
+    if (out_moved - out).abs().max().item() > 1e-3 * scale:
+        return "the OBJ token sees the patches outside its box"
+    if (out - ref).abs().max().item() > 0.05 * scale:
+        return f"the OBJ output differs from the math backend's by {(out - ref).abs().max().item():.3g} (max {scale:.3g})"
+    return None
+
+
 # ---- export and loading --------------------------------------------------------------------------------------
 
 def export_backbone(model: OdisViT, path: str | Path) -> None:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odis.model import OdisViT, attn_bias, export_backbone, load_backbone, obj_attn_mask
+from odis.model import OdisViT, attn_bias, check_obj_mask, export_backbone, load_backbone, obj_attn_mask
 
 torch.set_num_threads(2)
 
@@ -155,6 +155,42 @@ def test_obj_row_backends_restrict_the_obj_row_only(vit, images):
                 vit(images, obj_mask=om)
     finally:
         vit.obj_row_backends = ()
+
+
+def test_check_obj_mask_passes_correct_kernels_and_names_wrong_ones(vit, monkeypatch):
+    """The check the trainer runs before an odis run: silent on this machine's kernels (float32 and bf16), and it
+    tells a kernel that drops the mask, or one that is wrong by itself, from the math backend's result."""
+    import contextlib
+
+    import odis.model as model_mod
+
+    for impl in ("mask", "split"):
+        vit.attn_impl = impl
+        assert check_obj_mask(vit) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert check_obj_mask(vit) is None
+    real, on_math = torch.nn.functional.scaled_dot_product_attention, []
+
+    def drops_mask(q, k, v, attn_mask=None, **kw):
+        return real(q, k, v, **kw)
+
+    def off_but_on_math(*a, **kw):  # right under the math backend only: masks kept, values scaled
+        return real(*a, **kw) * (1.0 if on_math else 1.5)
+
+    @contextlib.contextmanager
+    def math_only(backends):
+        on_math.append(True)
+        yield
+        on_math.pop()
+
+    monkeypatch.setattr(model_mod, "sdpa_kernel", math_only)
+    for impl in ("mask", "split"):
+        vit.attn_impl = impl
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", drops_mask)
+        assert check_obj_mask(vit) == "the OBJ token sees the patches outside its box"
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", off_but_on_math)
+        assert check_obj_mask(vit).startswith("the OBJ output differs from the math backend's by")
+    assert not vit.training  # the fixture's mode is kept
 
 
 @pytest.mark.parametrize("impl", ["mask", "split"])

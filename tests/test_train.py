@@ -322,6 +322,23 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
     assert not out.exists()
 
 
+def test_an_obj_mask_the_kernels_get_wrong_stops_the_run(tin_shards, tmp_path, monkeypatch):
+    """A kernel that drops full attention masks (as cuDNN's once did, silently) breaks attn_impl=mask, not split:
+    the run stops before writing anything, and the message names the implementation that passes."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def drops_full_masks(q, k, v, attn_mask=None, **kw):
+        return real(q, k, v, attn_mask=None if attn_mask is not None and attn_mask.shape[-2] > 1 else attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", drops_full_masks)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"model.attn_impl=mask on cpu \(PyTorch .*\): the OBJ token sees the patches "
+                       r"outside its box; model.attn_impl=split passes this check, use it"):
+        train(_cfg(tin_shards, out, "max_steps=1", "model.attn_impl=mask"), progress=False)
+    assert not out.exists()
+    train(_cfg(tin_shards, out, "max_steps=1", "model.attn_impl=split"), progress=False)  # split unaffected
+
+
 def test_gpu_processes_use_nccl_by_default(monkeypatch):
     from trainer.train import process_group_backend
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from odis import schedules
 from odis.distill import Distiller, Views, clip_gradients
-from odis.model import export_backbone, load_error
+from odis.model import check_obj_mask, export_backbone, load_error
 from trainer.config import Config, save_config, to_dict
 from trainer.metrics import MetricsLog
 
@@ -257,6 +257,8 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
         distiller.compile_backbones()  # before DDP wraps it; compiles lazily at the first steps
     opt = torch.optim.AdamW(distiller.param_groups(), lr=0.0)
     amp, scaler, precision = mixed_precision(cfg.precision, device)
+    if cfg.method == "odis":
+        check_attention(distiller.teacher.backbone, amp, device)
     state = load_checkpoint(ck, distiller, opt, cfg, scaler) if ck else State()
     steps = _gather(state.step, dd)
     if any(st != steps[0] for st in steps):
@@ -348,6 +350,23 @@ class Pace:
         row = {"img_per_s": images / seconds, "data_wait": self.wait / seconds}
         self.t_last, self.wait = now, 0.0
         return row
+
+
+def check_attention(backbone, amp, device: torch.device) -> None:
+    """Refuse to train on an OBJ mask this device's attention kernels get wrong (odis.model.check_obj_mask), and
+    name the other implementation where it passes: a silent error would cost the whole run."""
+    impl = backbone.attn_impl
+    with amp:
+        problem = check_obj_mask(backbone)
+        if problem is None:
+            return
+        other = "split" if impl == "mask" else "mask"
+        backbone.attn_impl = other
+        other_ok = check_obj_mask(backbone) is None
+        backbone.attn_impl = impl
+    raise ValueError(f"model.attn_impl={impl} on {device} (PyTorch {torch.__version__}): {problem}; " + (
+        f"model.attn_impl={other} passes this check, use it" if other_ok else
+        f"model.attn_impl={other} fails too: try precision=fp32 or another PyTorch"))
 
 
 def wrap_ddp(distiller: Distiller, device: torch.device, dd: Dist) -> torch.nn.Module:
