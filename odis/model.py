@@ -8,8 +8,9 @@ are added. The wrapped timm model keeps timm's own parameter names, so the expor
 Two implementations of the masked attention give the same outputs (tested):
 - `mask`:  one `attn_mask [B,1,N,N]` built once per batch and passed to every timm block (SDPA with a mask);
 - `split` (the default): the patch rows run unmasked SDPA (so flash attention stays available) and the OBJ query
-           row runs alone with its `[B,1,1,N]` mask; the faster eager on a GPU, level on CPU (benchmarks/step.py).
-           Under torch.compile `mask` is the faster (no second call, no join): the GPU recipes' choice.
+           row runs alone with its `[B,1,1,N]` mask; level with `mask` on CPU and in an eager GPU forward.
+           Under torch.compile `mask` is the faster (no second call, no join): the GPU recipes' choice
+           (benchmarks/step.py, BENCHMARKS.md).
 Either mask is made once per forward pass as an additive bias in the attention's dtype (`attn_bias`).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTN_IMPLS = ("mask", "split")
-DEFAULT_ATTN_IMPL = "split"  # the faster eager on a GPU, level on CPU (BENCHMARKS.md); trainer/config.py too
+DEFAULT_ATTN_IMPL = "split"  # eager: level with mask (CPU, GPU forward; BENCHMARKS.md); trainer/config.py too
 
 
 def obj_attn_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:

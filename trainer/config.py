@@ -39,8 +39,8 @@ class ModelConfig:
     bottleneck_dim: int = 256
     norm_last_layer: bool = False  # iBOT ViT-S recipe
     # split | mask: two equal implementations of the OBJ masked attention (odis/model.py). split, the default
-    # (odis.model.DEFAULT_ATTN_IMPL), keeps flash attention for the patch rows: the faster eager on a GPU; compiled,
-    # mask (one SDPA call) is the faster, so the GPU recipes set both (BENCHMARKS.md)
+    # (odis.model.DEFAULT_ATTN_IMPL), keeps flash attention for the patch rows; eager the two are level (CPU, GPU
+    # forward); compiled, mask (one SDPA call) is the faster, so the GPU recipes set both (BENCHMARKS.md)
     attn_impl: str = "split"
     # torch.compile both backbones (odis.distill.Distiller.compile_backbones): fuses the many small operations of a
     # ViT step, for GPUs (the GPU recipes turn it on); the first steps are slow while it compiles. Off by default:
