@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one script for a lent H100/H200 (no network, no pip install of this repo). PARTS picks them, in
-# the order given (default "step train"), so that the most wanted one runs first and a run cut short still answers it:
+# the order given (default "check step train"), so that the most wanted one runs first and a run cut short still
+# answers it:
+#   check  odis.model.check_obj_mask (the trainer's start-up check) for mask/split x bf16/fp16 on ViT-S/16 (seconds);
 #   step   step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96) in the runs STEP_RUNS names (below);
 #          one profiled step of odis and ibot each (operator tables: where odis's extra time goes), and the SDPA
 #          backends with the OBJ mask against the unmasked floor (~1 min a run eager, a few more compiling);
@@ -48,6 +50,19 @@ pack() {  # a new archive replaces the old one whole: a run cut off while packin
   cp BENCHMARKS.md $OUT/BENCHMARKS.md
 }
 
+check() {
+  python3 - <<'PY' 2>&1 | tee -a $OUT/gpu.txt
+import torch
+from odis.model import OdisViT, check_obj_mask
+m = OdisViT("vit_small_patch16_224", 224).cuda()
+for impl in ("mask", "split"):
+    m.attn_impl = impl
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", dtype=dtype):
+            print(f"check_obj_mask {impl} {dtype}: {check_obj_mask(m) or 'ok'}")
+PY
+}
+
 mini() {
   if [ -d .devdata/mini_repro/gpu ]; then
     timeout $(( ${MINI_BUDGET_S:-420} + 40 )) python3 benchmarks/mini_repro.py run --preset gpu \
@@ -89,7 +104,7 @@ train() {
   fi
 }
 
-for part in ${PARTS:-step train}; do
+for part in ${PARTS:-check step train}; do
   "$part"
   pack
 done

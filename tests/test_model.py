@@ -183,14 +183,23 @@ def test_check_obj_mask_passes_correct_kernels_and_names_wrong_ones(vit, monkeyp
         yield
         on_math.pop()
 
+    def off_beyond_row_0(q, k, v, **kw):  # right for the OBJ row, wrong for the last patch rows
+        out = real(q, k, v, **kw)
+        return out if on_math or q.shape[-2] == 1 else torch.cat([out[..., :-3, :], 2 * out[..., -3:, :]], -2)
+
     monkeypatch.setattr(model_mod, "sdpa_kernel", math_only)
-    for impl in ("mask", "split"):
-        vit.attn_impl = impl
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", drops_mask)
-        assert check_obj_mask(vit) == "the OBJ token sees the patches outside its box"
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", off_but_on_math)
-        assert check_obj_mask(vit).startswith("the OBJ output differs from the math backend's by")
-    assert not vit.training  # the fixture's mode is kept
+    vit.train()
+    try:
+        for impl in ("mask", "split"):
+            vit.attn_impl = impl
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", drops_mask)
+            assert check_obj_mask(vit) == "the OBJ token sees the patches outside its box"
+            for wrong in (off_but_on_math, off_beyond_row_0):
+                monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", wrong)
+                assert check_obj_mask(vit).startswith("the attention differs from the math backend's by"), impl
+        assert vit.training  # the caller's mode is kept (the check itself runs in eval: no drop-path)
+    finally:
+        vit.eval()
 
 
 @pytest.mark.parametrize("impl", ["mask", "split"])

@@ -183,12 +183,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tin_shards, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 14
 
 
-def _torchrun(shards: Path, out: Path, *extra: str) -> str:
+def _torchrun(shards: Path, out: Path, *extra: str, env: dict | None = None) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            "-m", "cli", "train", "--shards", str(shards), "--out", str(out), "--quiet", *SMALL,
            "data.num_workers=1", *extra]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout + res.stderr
 
@@ -214,10 +214,13 @@ def test_ddp_two_cpu_processes_and_their_resume(tin_shards, tmp_path):
 def test_ddp_with_the_gpu_recipes_model_settings(tin_shards, tmp_path):
     """The GPU recipes compile the backbones and use attn_impl=mask, under DDP: torchrun trains that way too (the
     backbones are compiled in place before DDP wraps the distiller; the trainer fails if the ranks' weights end
-    apart)."""
-    out = _torchrun(tin_shards, tmp_path / "r", "max_steps=3", "model.compile=true", "model.attn_impl=mask")
+    apart). Inductor's cache, empty before, shows the compiling happened."""
+    cache = tmp_path / "inductor"
+    out = _torchrun(tin_shards, tmp_path / "r", "max_steps=3", "model.compile=true", "model.attn_impl=mask",
+                    env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert "2 process(es)" in out and "model.compile=true: the first steps compile" in out
     assert (tmp_path / "r" / "backbone.safetensors").is_file()
+    assert any(p.suffix == ".py" for p in cache.rglob("*")), "nothing compiled"
 
 
 def test_ranks_draw_different_samples(tin_shards):
@@ -324,19 +327,27 @@ def test_a_refused_run_leaves_no_folder(tmp_path):
 
 def test_an_obj_mask_the_kernels_get_wrong_stops_the_run(tin_shards, tmp_path, monkeypatch):
     """A kernel that drops full attention masks (as cuDNN's once did, silently) breaks attn_impl=mask, not split:
-    the run stops before writing anything, and the message names the implementation that passes."""
+    the run stops before touching its folder (--overwrite included), naming the implementation that passes; a
+    kernel that drops every mask fails both, and the message says so."""
+    out = tmp_path / "run"
+    train(_cfg(tin_shards, out, "max_steps=1", "model.attn_impl=split"), progress=False)  # a run to keep
+    before = sorted(p.name for p in out.iterdir())
     real = torch.nn.functional.scaled_dot_product_attention
 
     def drops_full_masks(q, k, v, attn_mask=None, **kw):
         return real(q, k, v, attn_mask=None if attn_mask is not None and attn_mask.shape[-2] > 1 else attn_mask, **kw)
 
+    def drops_all_masks(q, k, v, attn_mask=None, **kw):
+        return real(q, k, v, **kw)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", drops_full_masks)
-    out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"model.attn_impl=mask on cpu \(PyTorch .*\): the OBJ token sees the patches "
                        r"outside its box; model.attn_impl=split passes this check, use it"):
-        train(_cfg(tin_shards, out, "max_steps=1", "model.attn_impl=mask"), progress=False)
-    assert not out.exists()
-    train(_cfg(tin_shards, out, "max_steps=1", "model.attn_impl=split"), progress=False)  # split unaffected
+        train(_cfg(tin_shards, out, "max_steps=1", "model.attn_impl=mask"), progress=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before  # --overwrite removed nothing
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", drops_all_masks)
+    with pytest.raises(ValueError, match=r"model.attn_impl=split .*; model.attn_impl=mask fails too"):
+        train(_cfg(tin_shards, out, "max_steps=1"), progress=False, overwrite=True)
 
 
 def test_gpu_processes_use_nccl_by_default(monkeypatch):

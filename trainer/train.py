@@ -250,15 +250,16 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run folder")
-    ck = prepare_run_folder(out, resume, overwrite, dd)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     distiller = build_distiller(cfg).to(device)
+    amp, scaler, precision = mixed_precision(cfg.precision, device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 head logits (odis/heads.py) at TF32 speed
+    if cfg.method == "odis":  # before the run folder is touched: a refused run removes nothing (--overwrite)
+        check_attention(distiller.teacher.backbone, amp, device, dd)
+    ck = prepare_run_folder(out, resume, overwrite, dd)
     if cfg.model.compile:
         distiller.compile_backbones()  # before DDP wraps it; compiles lazily at the first steps
     opt = torch.optim.AdamW(distiller.param_groups(), lr=0.0)
-    amp, scaler, precision = mixed_precision(cfg.precision, device)
-    if cfg.method == "odis":
-        check_attention(distiller.teacher.backbone, amp, device)
     state = load_checkpoint(ck, distiller, opt, cfg, scaler) if ck else State()
     steps = _gather(state.step, dd)
     if any(st != steps[0] for st in steps):
@@ -290,7 +291,6 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
             log.info("model.compile=true: the first steps compile the backbones" + (
                 " (on a CPU compiled steps were slower than eager ones, BENCHMARKS.md: model.compile=false runs "
                 "eager)" if device.type == "cpu" else ""))
-    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 head logits (odis/heads.py) at TF32 speed
     distiller.train()
     pace = Pace()
     it = start_batches(loader, state, cfg.seed, dd, resumed=ck is not None, stop=stop)
@@ -352,21 +352,25 @@ class Pace:
         return row
 
 
-def check_attention(backbone, amp, device: torch.device) -> None:
+def check_attention(backbone, amp, device: torch.device, dd: Dist) -> None:
     """Refuse to train on an OBJ mask this device's attention kernels get wrong (odis.model.check_obj_mask), and
-    name the other implementation where it passes: a silent error would cost the whole run."""
+    name the other implementation where it passes: a silent error would cost the whole run. Every rank checks its
+    own GPU and all of them stop if one fails (a rank stopping alone would leave the others waiting)."""
+    problem = None
     impl = backbone.attn_impl
     with amp:
-        problem = check_obj_mask(backbone)
-        if problem is None:
-            return
-        other = "split" if impl == "mask" else "mask"
-        backbone.attn_impl = other
-        other_ok = check_obj_mask(backbone) is None
-        backbone.attn_impl = impl
-    raise ValueError(f"model.attn_impl={impl} on {device} (PyTorch {torch.__version__}): {problem}; " + (
-        f"model.attn_impl={other} passes this check, use it" if other_ok else
-        f"model.attn_impl={other} fails too: try precision=fp32 or another PyTorch"))
+        found = check_obj_mask(backbone)
+        if found is not None:
+            other = "split" if impl == "mask" else "mask"
+            backbone.attn_impl = other
+            other_ok = check_obj_mask(backbone) is None
+            backbone.attn_impl = impl
+            problem = (f"model.attn_impl={impl} on {device} (PyTorch {torch.__version__}): {found}; " + (
+                f"model.attn_impl={other} passes this check, use it" if other_ok else
+                f"model.attn_impl={other} fails too: try precision=fp32 or another PyTorch"))
+    problems = [p for p in _gather(problem, dd) if p]
+    if problems:
+        raise ValueError(problems[0])
 
 
 def wrap_ddp(distiller: Distiller, device: torch.device, dd: Dist) -> torch.nn.Module:
