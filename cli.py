@@ -210,8 +210,8 @@ def extract_boxes_cmd(
 ) -> None:
     """Run a class-agnostic detector over a folder as a Ray Data job and write a box manifest.
 
-    Unreadable images get an `error` row (a rerun redoes those it could not open and those the detector failed
-    on); images with no box get a no-box row. A killed run resumes from its finished parts: rerun the same
+    Unreadable images get an `error` row (a rerun redoes those the system could not read and those the detector
+    failed on); images with no box get a no-box row. A killed run resumes from its finished parts: rerun the same
     command.
 
     \b
@@ -246,7 +246,7 @@ def extract_boxes_cmd(
                f"({s.skipped_done} already done), {s.boxes} boxes, {s.no_box_images} no-box images, "
                f"{s.error_images} errors, {s.processed / max(s.seconds, 1e-9):.2f} img/s over {s.seconds:.1f} s")
     if s.redone:
-        typer.echo(f"{s.redone} image(s) an earlier run could not open or its detector failed on were processed again")
+        typer.echo(f"{s.redone} image(s) an earlier run could not read or its detector failed on were processed again")
     if s.not_images:
         typer.echo(f"{s.not_images} file(s) without an image extension were not processed")
     for reason, n in s.errors.most_common(10):

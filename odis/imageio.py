@@ -49,7 +49,13 @@ def _open(src: Source, name: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the second: if made an error
         raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
     except OSError as e:
-        raise ImageDecodeError(f"{name}: cannot open ({e})") from None
+        raise ImageDecodeError(f"{name}: {_os_reason(e, 'cannot open')} ({e})") from None
+
+
+def _os_reason(e: OSError, pil_reason: str) -> str:
+    """An OSError with an errno is the system's (permissions, an I/O error on a network filesystem: it may pass
+    next time, and `extract-boxes` redoes it on resume); one without is PIL's verdict on the file's content."""
+    return "cannot read" if e.errno is not None else pil_reason
 
 
 def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
@@ -89,7 +95,9 @@ def load_image(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | No
         return out if out is not img else img.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for corrupt data
+    except OSError as e:  # truncated or corrupt data, or the read itself failed
+        raise ImageDecodeError(f"{name}: {_os_reason(e, 'cannot decode')} ({e})") from None
+    except (ValueError, SyntaxError) as e:  # PIL raises these too for corrupt data
         raise ImageDecodeError(f"{name}: cannot decode ({e})") from None
     finally:
         img.close()  # the file handle, now: loops over millions of files must not wait for the GC

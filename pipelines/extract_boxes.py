@@ -96,9 +96,10 @@ class DetectorBatchError(RuntimeError):
 
 DETECTOR_FAILED = "detector failed"  # the reason of an error row from the detector, not from the image
 # Error rows a resume redoes, by the reason after `<path>: `: the detector's failures and the reads that may pass
-# next time (permissions, an I/O error or a file missing on a network filesystem; odis.imageio's messages). An
-# image that is not one, or does not decode, stays an error row (redone only with --overwrite).
-PASSING_REASONS = (f"{DETECTOR_FAILED} (", "cannot open (", "cannot read (", "file not found")
+# next time (the system's errors: permissions, I/O on a network filesystem, a file missing; odis.imageio's
+# "cannot read", and BoxExtractor's own for anything unforeseen). A file PIL finds is no image, or cannot open or
+# decode, stays an error row (redone only with --overwrite).
+PASSING_REASONS = (f"{DETECTOR_FAILED} (", "cannot read (", "file not found")
 
 
 def redone_on_resume(path: str, error: str | None) -> bool:
@@ -117,8 +118,7 @@ class BoxExtractor:
             self.detector = build_detector(DetectorConfig(**detector))
         except Exception as e:  # noqa: BLE001 - raised at the first batch, marked as a load failure
             why = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())  # one line: the driver says it
-            self.load_error = DetectorLoadError(f"cannot load the {detector['name']} detector "
-                                                f"({type(e).__name__}: {why})")
+            self.load_error = f"cannot load the {detector['name']} detector ({type(e).__name__}: {why})"
         self.root = Path(images)
         self.max_pixels = max_pixels
         # Decoding runs in threads (PIL releases the GIL), one per CPU this actor holds: serial decoding left the
@@ -166,8 +166,8 @@ class BoxExtractor:
                 return False
 
     def __call__(self, batch: dict) -> pa.Table:
-        if self.load_error:
-            raise self.load_error
+        if self.load_error:  # a new exception each call: two threads may raise it at once
+            raise DetectorLoadError(self.load_error)
         rows = {k: [] for k in RESULT_SCHEMA.names}
         decoded, where = [], []
         rels = [str(rel) for rel in batch["path"]]

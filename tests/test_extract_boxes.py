@@ -90,6 +90,24 @@ def make_bad_corpus(root: Path, good: Path) -> dict[str, object]:
     return expect
 
 
+def test_a_resume_redoes_only_the_read_errors_that_may_pass(tmp_path, coco_tiny):
+    """The bad corpus's errors are the files' own: kept on resume. The system's errors (an errno: permissions, I/O
+    on a network filesystem; here a folder named like an image) are "cannot read", and redone."""
+    from pipelines.extract_boxes import redone_on_resume
+
+    expect = make_bad_corpus(tmp_path / "bad", sorted((coco_tiny / "val2017").glob("*.jpg"))[0])
+    for name in [n for n, want in expect.items() if want == "error"]:
+        msg = str(pytest.raises(ImageDecodeError, load_image, tmp_path / "bad" / name, name=name).value)
+        assert not redone_on_resume(name, msg), msg
+    (tmp_path / "folder.jpg").mkdir()
+    msg = str(pytest.raises(ImageDecodeError, load_image, tmp_path / "folder.jpg", name="folder.jpg").value)
+    assert msg.startswith("folder.jpg: cannot read ([Errno 21]") and redone_on_resume("folder.jpg", msg)
+    assert redone_on_resume("a: b.jpg", "a: b.jpg: detector failed (RuntimeError: oops)")  # ': ' in a path
+    assert redone_on_resume("x.jpg", "x.jpg: file not found")
+    assert not redone_on_resume("x.jpg", "y.jpg: file not found")  # another row's path
+    assert not redone_on_resume("x.jpg", None)
+
+
 def test_load_image_on_the_bad_corpus(tmp_path, coco_tiny):
     expect = make_bad_corpus(tmp_path / "bad", sorted((coco_tiny / "val2017").glob("*.jpg"))[0])
     for name, want in expect.items():
@@ -292,7 +310,7 @@ def test_detector_failed_and_unopened_rows_are_redone_on_resume_non_images_are_n
     ref = _rows(out)
     parts = manifest_files(out)
     assert len(parts) == 2
-    # What an earlier run may leave: part 0 a detector failure and an image it could not open, part 1 a detector
+    # What an earlier run may leave: part 0 a detector failure and an image it could not read, part 1 a detector
     # failure and a file that is not an image.
     for k, part in enumerate(parts):
         t = read_manifest(part).to_pandas().drop_duplicates("image_id")
@@ -300,14 +318,14 @@ def test_detector_failed_and_unopened_rows_are_redone_on_resume_non_images_are_n
         t["error"] = [f"{p}: detector failed (RuntimeError: oops)" for p in t.path]
         if k == 0:
             t.loc[t.index[1], ["error", "width", "height"]] = [
-                f"{t.path.iloc[1]}: cannot open ([Errno 5] Input/output error)", 0, 0]
+                f"{t.path.iloc[1]}: cannot read ([Errno 5] Input/output error)", 0, 0]
         if k == 1:
             t.loc[t.index[1], ["error", "width", "height"]] = [f"{t.path.iloc[1]}: not an image (truncated)", 0, 0]
         write_manifest(pa.Table.from_pandas(t, preserve_index=False), part, manifest_metadata(part))
     unreadable = read_manifest(parts[1]).to_pandas().iloc[1]
     res = _cli("extract-boxes", *common, "--out", out)
     assert "3 processed (1 already done)" in res.output and "0 errors" in res.output, res.output
-    assert "3 image(s) an earlier run could not open or its detector failed on were processed again" in res.output
+    assert "3 image(s) an earlier run could not read or its detector failed on were processed again" in res.output
     t = read_manifest(out).to_pandas()
     assert t.error.notna().sum() == 1 and t[t.error.notna()].path.tolist() == [unreadable.path]
     assert _rows(out) == sorted([r for r in ref if r[0] != unreadable.image_id] +
