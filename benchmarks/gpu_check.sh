@@ -12,7 +12,8 @@
 #          The recipe compiles (model.compile=true: the first ~10 steps); TRAIN_ARGS: more overrides
 #          (model.compile=false: eager), TRAIN_STEPS (60), TRAIN_TIMEOUT_S (120 per method).
 # STEP_RUNS picks the step runs, in order: each the attention implementation, then step.py's flags, a comma for a
-# space. Default: mask compiled (the GPU recipes' setting), split compiled, mask eager, split eager. --obj-row
+# space. Default: mask compiled (the GPU recipes' setting), the same with CUDA graphs (--compile-mode
+# reduce-overhead), mask eager, split eager (~5 min in all; with check and train ~9 min). --obj-row
 # efficient|cudnn|math adds odis variants whose split OBJ row runs on that SDPA backend only.
 # Prepare here (CPU machine), then carry .devdata/mini_repro/gpu, .devdata/coco/base and .whl:
 #   python3 benchmarks/mini_repro.py prepare --preset gpu
@@ -75,7 +76,7 @@ mini() {
 
 step() {
   # each run: the attention implementation, then step.py's flags; --compile runs get the longer time limit
-  for run in ${STEP_RUNS:-mask,--compile,--no-reference split,--compile,--no-reference mask split}; do
+  for run in ${STEP_RUNS:-mask,--compile,--no-reference mask,--compile,--compile-mode,reduce-overhead,--no-reference mask split}; do
     set -- ${run//,/ }
     impl=$1
     shift
@@ -83,6 +84,8 @@ step() {
       *" --compile "*) tag=${impl}_compiled; limit=${COMPILE_TIMEOUT_S:-300} ;;  # compiling: minutes
       *) tag=$impl; limit=${STEP_TIMEOUT_S:-70} ;;
     esac
+    flags=" $* "
+    case $flags in *" --compile-mode "*) mode=${flags##*--compile-mode }; tag=${tag}_${mode%% *} ;; esac
     timeout $limit python3 benchmarks/step.py --preset gpu --attn-impl $impl "$@" --iters ${STEP_ITERS:-20} \
       --warmup 3 --machine "$GPU" --json $OUT/step_$tag.json --profile $AUX/profile_$tag 2>&1 | tail -30
     pack

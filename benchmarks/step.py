@@ -77,7 +77,7 @@ def _sync(device: str) -> None:
 
 def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int,
                   profile_dir: str | None = None, compile: bool = False, reference: bool = True,
-                  obj_rows: tuple[str, ...] = ()) -> dict:
+                  obj_rows: tuple[str, ...] = (), compile_mode: str | None = None) -> dict:
     """Median step time per variant. The variants are timed in turn, step by step (ABCABC...), so that a change in
     the machine's load during the run hits all of them alike. With `profile_dir`: then one profiled step of odis
     and of ibot each, their operator tables written there (where odis's extra time goes). `obj_rows`: more odis
@@ -94,10 +94,12 @@ def bench_methods(p: dict, device: str, attn_impl: str, warmup: int, iters: int,
             d.student.backbone.obj_row_backends = d.teacher.backbone.obj_row_backends = (OBJ_ROW[name[5:-1]],)
         d.to(device)
         if compile:  # every variant alike; the warm-up steps compile
-            d.compile_backbones()
+            d.compile_backbones(compile_mode)
         opt = torch.optim.AdamW(d.param_groups(), lr=1e-4)
 
         def step(d=d, opt=opt, name=name):
+            if compile_mode == "reduce-overhead":  # CUDA graphs: each step's outputs are new ones
+                torch.compiler.cudagraph_mark_step_begin()
             with amp:
                 loss = reference_ibot_loss(d, views, 0.04) if name == "ibot-reference" else d(views, 0.04)["loss"]
             opt.zero_grad(set_to_none=True)
@@ -192,6 +194,10 @@ def main() -> None:
                     "write their operator tables to DIR")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbones of every variant "
                     "(the trainer's model.compile=true); the warm-up steps compile")
+    ap.add_argument("--compile-mode", default=None, choices=["reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"],
+                    help="with --compile: torch.compile's mode (default: its default); reduce-overhead replays CUDA "
+                    "graphs (a ViT-S step is launch-bound), max-autotune also tunes the matmuls (minutes)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-way ibot step (with --compile: "
                     "a third less compiling)")
     ap.add_argument("--obj-row", action="append", default=[], choices=sorted(OBJ_ROW),
@@ -204,11 +210,14 @@ def main() -> None:
         p["batch"] = args.batch
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.compile_mode and not args.compile:
+        ap.error("--compile-mode needs --compile")
     res = bench_methods(p, args.device, args.attn_impl, args.warmup, args.iters, args.profile, args.compile,
-                       not args.no_reference, tuple(args.obj_row))
+                       not args.no_reference, tuple(args.obj_row), args.compile_mode)
     ratio_mask = res["odis"] / res["ibot"]
     speedup = res["ibot-reference"] / res["ibot"] if "ibot-reference" in res else None
     summary = {"preset": preset, "params": p, "attn_impl": args.attn_impl, "compile": args.compile,
+               "compile_mode": args.compile_mode,
                "device": args.device,
                "step_s": {k: round(v, 4) for k, v in res.items()},
                "odis_over_ibot": round(ratio_mask, 3), "reference_over_ours": speedup and round(speedup, 2),
@@ -223,6 +232,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     if not args.no_record:
         flags = f"--preset {preset} --attn-impl {args.attn_impl}" + (" --compile" if args.compile else "") \
+            + (f" --compile-mode {args.compile_mode}" if args.compile_mode else "") \
             + (" --no-reference" if args.no_reference else "") + "".join(f" --obj-row {b}" for b in args.obj_row)
         obj_rows = "".join(f"OBJ row on {b}: {res[f'odis[{b}]']*1e3:.1f} ms (ratio {r:.3f}); "
                            for b, r in summary["obj_row_over_ibot"].items())

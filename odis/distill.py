@@ -74,12 +74,13 @@ class Distiller(nn.Module):
         self.student_temp = student_temp
         self.lambda_obj, self.lambda_patch, self.lambda_koleo = lambda_obj, lambda_patch, lambda_koleo
 
-    def compile_backbones(self) -> None:
+    def compile_backbones(self, mode: str | None = None) -> None:
         """torch.compile the student's and the teacher's backbone in place: parameter names, state dicts,
         checkpoints and the EMA update are unchanged. Static shapes: a graph for each crop size and set of masks
-        (a training step has three: teacher globals, student globals, student locals), none with symbolic sizes."""
+        (a training step has three: teacher globals, student globals, student locals), none with symbolic sizes.
+        `mode`: torch.compile's (None: its default; benchmarks/step.py --compile-mode tries the others)."""
         for net in (self.student, self.teacher):
-            net.backbone.compile(dynamic=False)
+            net.backbone.compile(dynamic=False, mode=mode)
 
     @property
     def uses_patch_loss(self) -> bool:
