@@ -86,8 +86,10 @@ class Distiller(nn.Module):
     def uses_patch_loss(self) -> bool:
         return self.method in ("odis", "ibot")
 
-    def forward(self, views: Views, teacher_temp: float) -> dict[str, torch.Tensor]:
-        """Loss and its parts. `teacher_temp` comes from the schedule (same for OBJ/CLS and patches)."""
+    def forward(self, views: Views, teacher_temp: float,
+                teacher_patch_temp: float | None = None) -> dict[str, torch.Tensor]:
+        """Loss and its parts. The teacher temperatures come from the schedules: `teacher_temp` for the OBJ/CLS
+        targets, `teacher_patch_temp` for the patch targets (None: the same)."""
         two_b = views.globals_.shape[0]
         b = two_b // 2
         obj_mask = views.obj_mask.flatten(0, 1) if self.method == "odis" else None
@@ -125,7 +127,8 @@ class Distiller(nn.Module):
         out = {"loss_obj": l_obj, **collapse_stats(tp)}
         loss = self.lambda_obj * l_obj
         if self.uses_patch_loss:
-            tpp = self._teacher_probs(t_patch_logits[masked], self.centers.patch, teacher_temp)
+            tpp = self._teacher_probs(t_patch_logits[masked], self.centers.patch,
+                                      teacher_temp if teacher_patch_temp is None else teacher_patch_temp)
             l_patch = loss_patch(s_logits[n_obj:], tpp, masked.reshape(2, b, -1), self.student_temp)
             out["loss_patch"] = l_patch
             loss = loss + self.lambda_patch * l_patch

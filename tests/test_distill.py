@@ -28,6 +28,16 @@ def _distiller(method, **kw):
                      bottleneck_dim=16, **kw)
 
 
+def test_the_patch_targets_take_their_own_teacher_temperature():
+    """iBOT's separate patch temperature (--teacher_patch_temp): it sets the patch targets only."""
+    v = _views()
+    base, own, both = (_distiller("ibot", drop_path_rate=0.0)(v, *temps)
+                       for temps in ((0.04,), (0.04, 0.07), (0.07,)))
+    torch.testing.assert_close(own["loss_obj"], base["loss_obj"])
+    torch.testing.assert_close(own["loss_patch"], both["loss_patch"])
+    assert not torch.allclose(own["loss_patch"], base["loss_patch"])
+
+
 @pytest.mark.parametrize("method", ["odis", "ibot", "dino"])
 def test_gradients_reach_only_the_student(method):
     d = _distiller(method)

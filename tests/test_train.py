@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import load_config
-from trainer.train import build_distiller, train
+from trainer.train import build_distiller, set_schedules, train
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny but complete recipe: ViT-tiny with 2 blocks, 8-px patches, 32-px globals, 2 x 16-px locals.
@@ -348,6 +348,21 @@ def test_an_obj_mask_the_kernels_get_wrong_stops_the_run(tin_shards, tmp_path, m
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", drops_all_masks)
     with pytest.raises(ValueError, match=r"model.attn_impl=split .*; model.attn_impl=mask fails too"):
         train(_cfg(tin_shards, out, "max_steps=1"), progress=False, overwrite=True)
+
+
+def test_the_patch_teacher_temperature_has_its_own_schedule():
+    """loss.warmup_teacher_patch_temp / loss.teacher_patch_temp (iBOT's patch temperatures, same warmup epochs);
+    unset, the patch targets follow the OBJ/CLS schedule."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    own = load_config(overrides=["loss.warmup_teacher_patch_temp=0.02", "loss.teacher_patch_temp=0.08",
+                                 "loss.warmup_teacher_temp_epochs=2"])
+    first, later = (set_schedules(opt, own, it, 10, 100, 64) for it in (0, 50))
+    assert (first["teacher_temp"], first["teacher_patch_temp"]) == (0.04, 0.02)
+    assert (later["teacher_temp"], later["teacher_patch_temp"]) == pytest.approx((0.07, 0.08))
+    same = load_config(overrides=["loss.warmup_teacher_temp_epochs=2"])
+    for it in (0, 5, 50):
+        s = set_schedules(opt, same, it, 10, 100, 64)
+        assert s["teacher_patch_temp"] == s["teacher_temp"]
 
 
 def test_gpu_processes_use_nccl_by_default(monkeypatch):

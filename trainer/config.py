@@ -88,6 +88,10 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
+    # The patch targets' own temperatures, as iBOT's --warmup_teacher_patch_temp / --teacher_patch_temp (same warmup
+    # epochs); null: the OBJ/CLS ones above (the ViT-S recipes' values are the same for both)
+    warmup_teacher_patch_temp: float | None = None
+    teacher_patch_temp: float | None = None
     center_momentum: float = 0.9
     centering: str = "center"  # center (iBOT/ODIS) | sinkhorn (DINOv2's Sinkhorn-Knopp: no collapse on small data)
     lambda_obj: float = 1.0  # weight of L_OBJ (L_CLS for ibot/dino)
@@ -193,6 +197,8 @@ RULES: dict[str, Rule] = {
     "loss.student_temp": _POSITIVE,  # temperatures divide the logits
     "loss.warmup_teacher_temp": _POSITIVE,
     "loss.teacher_temp": _POSITIVE,
+    "loss.warmup_teacher_patch_temp": _POSITIVE,
+    "loss.teacher_patch_temp": _POSITIVE,
     # may exceed optim.epochs (the temperature then never reaches teacher_temp): short runs of long recipes
     "loss.warmup_teacher_temp_epochs": _NON_NEGATIVE,
     "loss.center_momentum": _UNIT,

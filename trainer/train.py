@@ -223,9 +223,14 @@ def set_schedules(opt, cfg: Config, it: int, spe: int, total: int, batch_total: 
         if g.get("apply_wd"):
             g["weight_decay"] = wd
     lo = cfg.loss
+    patch_warmup, patch_final = (lo.warmup_teacher_temp if lo.warmup_teacher_patch_temp is None
+                                 else lo.warmup_teacher_patch_temp,
+                                 lo.teacher_temp if lo.teacher_patch_temp is None else lo.teacher_patch_temp)
     return {"lr": lr, "wd": wd,
             "teacher_temp": schedules.teacher_temp(it, spe, lo.warmup_teacher_temp, lo.teacher_temp,
                                                    lo.warmup_teacher_temp_epochs),
+            "teacher_patch_temp": schedules.teacher_temp(it, spe, patch_warmup, patch_final,
+                                                         lo.warmup_teacher_temp_epochs),
             "momentum": schedules.teacher_momentum(it, total, o.momentum_teacher)}
 
 
@@ -300,7 +305,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
         sched = set_schedules(opt, cfg, state.step, spe, total, batch_total)
         views = to_views(batch, device, cfg.method, state.step, cfg.seed, dd.rank)  # augmentation in float32
         with amp:
-            parts = model(views, teacher_temp=sched["teacher_temp"])
+            parts = model(views, teacher_temp=sched["teacher_temp"], teacher_patch_temp=sched["teacher_patch_temp"])
         optimise(parts["loss"], distiller, opt, cfg, state, sched["momentum"], epoch=state.step // spe, dd=dd,
                  scaler=scaler)
         state.step += 1
