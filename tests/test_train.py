@@ -264,8 +264,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tin_shards, tmp_path, m
 
     forward, calls, poison = Distiller.forward, [0], set()
 
-    def maybe_nan(self, views, teacher_temp):
-        out = forward(self, views, teacher_temp)
+    def maybe_nan(self, views, teacher_temp, teacher_patch_temp=None):
+        out = forward(self, views, teacher_temp, teacher_patch_temp)
         calls[0] += 1
         if calls[0] in poison:
             out["loss"] = out["loss"] * float("nan")
