@@ -172,6 +172,8 @@ def import_boxes_cmd(
     dropped = {k: v for k, v in res.counts.items() if k.startswith(("dropped", "missing", "unused"))}
     if dropped:
         typer.echo(f"not turned into boxes: {dropped}")
+    if res.counts.get("clipped"):
+        typer.echo(f"clipped to the image: {res.counts['clipped']} box(es) reaching outside it")
 
 
 @app.command("extract-boxes")
@@ -249,6 +251,8 @@ def extract_boxes_cmd(
         typer.echo(f"{s.redone} image(s) an earlier run could not read or its detector failed on were processed again")
     if s.not_images:
         typer.echo(f"{s.not_images} file(s) without an image extension were not processed")
+    for w in s.left_out:
+        typer.secho(f"  left out: {w['path']}: {w['reason']}", fg=typer.colors.YELLOW)
     for reason, n in s.errors.most_common(10):
         typer.secho(f"  error x{n}: {reason}", fg=typer.colors.YELLOW)
 
@@ -386,6 +390,8 @@ def shard_cmd(
     typer.echo(f"{out}: {index['num_shards']} shard(s), {index['num_samples']} samples, "
                f"{sum(s['bytes'] for s in index['shards']) / 1e6:.1f} MB; wrote {index['last_run']['shards_written']}"
                f" shard(s) in {secs:.1f} s")
+    if index.get("boxes"):
+        typer.echo("manifest rows: " + ", ".join(f"{k} {v}" for k, v in index["boxes"].items()))
     for key, what in (("skipped", "left out (unreadable)"), ("warnings", "warning(s)")):
         rows = index[key]
         if rows:

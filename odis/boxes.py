@@ -12,6 +12,11 @@ import numpy as np
 
 # A box is empty when its area is below this (in squared pixels of whatever image it lives in).
 EMPTY_AREA = 1e-6
+# Edges this close outside the image are float32 rounding, not a box that reaches outside: not counted as clipped.
+CLIP_TOL = 1e-3
+# The box-accounting vocabulary, shared by import-boxes, shard, the trainer and the evaluators: every box given is
+# used (some of them clipped) or dropped for one of these reasons.
+BOX_COUNTS = ("used", "clipped", "dropped_not_finite", "dropped_empty")
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:
@@ -28,6 +33,23 @@ def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     b[..., 0::2] = np.clip(b[..., 0::2], 0, width)
     b[..., 1::2] = np.clip(b[..., 1::2], 0, height)
     return b
+
+
+def account_boxes(boxes: np.ndarray, width, height) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Boxes [n,4] checked against their images (width, height: scalars or [n]): (boxes clipped to the image,
+    which of them are used, the counts of BOX_COUNTS). A box with a NaN or infinite coordinate is dropped
+    (clipping would turn it into a wrong box), one empty after clipping too; one reaching outside is clipped."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    w = np.broadcast_to(np.asarray(width, np.float64), len(b))
+    h = np.broadcast_to(np.asarray(height, np.float64), len(b))
+    finite = np.isfinite(b).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        c = np.minimum(np.maximum(b, 0.0), np.stack([w, h, w, h], axis=1))
+        used = finite & (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
+        clipped = used & (np.abs(c - b) > CLIP_TOL).any(axis=1)
+    counts = {"used": int(used.sum()), "clipped": int(clipped.sum()), "dropped_not_finite": int((~finite).sum()),
+              "dropped_empty": int((finite & ~used).sum())}
+    return c, used, counts
 
 
 def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,13 +1,15 @@
-"""Safe image loading: one place that turns a file (or its bytes) into an 8-bit RGB PIL image.
+"""The project's one image decoder: a file (or its bytes) -> 8-bit RGB in its displayed orientation.
 
-Why a helper: images that users bring are zero-byte, truncated, CMYK, 16-bit, paletted with alpha, EXIF-rotated
-or decompression bombs. `load_image` either returns a plain RGB image in its displayed orientation or raises
-`ImageDecodeError` whose message names the file and the reason. The pixel cap is checked from the header,
-before any pixel is decoded.
+Images that users bring are zero-byte, truncated, CMYK, 16-bit, paletted with alpha, EXIF-rotated or
+decompression bombs. `decode_rgb` (a numpy array; the trainer's and evaluators' form) and `load_image` (the same
+pixels as a PIL image) either return plain RGB or raise `ImageDecodeError` whose message names the file and the
+reason. The pixel cap is checked from the header, before any pixel is decoded. extract-boxes, shard, the trainer,
+every evaluator and `odis show` decode through here, so one image gives the same pixels everywhere.
 """
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Union
@@ -75,24 +77,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
 
 
-def load_image(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """Decode `src` (a path or the file's bytes) into an RGB PIL image, EXIF orientation applied.
+def decode_rgb(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None,
+               max_reduction=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode `src` (a path or the file's bytes) -> (RGB uint8 HWC array, (width, height) as displayed).
 
-    Raises ImageDecodeError("<name>: <reason>") for anything unreadable; `name` defaults to the path.
+    Plain JPEGs (RGB or grey, with their end marker) decode with OpenCV (libjpeg-turbo straight into numpy, EXIF
+    orientation applied; the same pixels as PIL, faster); anything else with PIL. `max_reduction(w, h)` may allow
+    a large JPEG to decode at 1/2, 1/4 or 1/8 scale (PIL draft, DCT-domain scaling): the size returned is then
+    still the full one, the array smaller. Raises ImageDecodeError("<name>: <reason>").
     """
     name = name or (str(src) if not isinstance(src, (bytes, bytearray, memoryview)) else "<bytes>")
     img = _open(src, name)
     try:
         _check_pixels(img, name, max_pixels)  # the limit, ours: no process-wide warnings filter (decode threads)
+        w, h = img.size
+        r = max_reduction(w, h) if max_reduction is not None and img.format == "JPEG" else 1.0
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and r < 2:
+            arr = _cv2_jpeg(src)
+            if arr is not None:
+                return arr, (arr.shape[1], arr.shape[0])
+        if r >= 2:
+            img.draft("RGB", (math.ceil(w / r), math.ceil(h / r)))
+        if _orientation(img) in _TRANSPOSING_ORIENTATIONS:
+            w, h = h, w
         img.load()  # truncated files fail here (unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set)
-        out = _to_rgb(ImageOps.exif_transpose(img))
-        return out if out is not img else img.copy()
+        return np.asarray(_to_rgb(ImageOps.exif_transpose(img))), (w, h)
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
     except OSError as e:  # truncated or corrupt data, or the read itself failed
@@ -103,16 +120,43 @@ def load_image(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | No
         img.close()  # the file handle, now: loops over millions of files must not wait for the GC
 
 
+def _cv2_jpeg(src: Source) -> np.ndarray | None:
+    """A complete JPEG decoded by OpenCV as RGB, or None (truncated, or OpenCV refuses it: PIL then says why)."""
+    import cv2
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    else:
+        with open(src, "rb") as f:
+            data = f.read()
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # no end marker: PIL names the error
+        return None
+    buf = np.frombuffer(data, np.uint8)
+    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # OpenCV >= 4.11 decodes straight to RGB
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
+    arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the image as stored
+        return 1
+
+
+def load_image(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """`decode_rgb`'s pixels as an RGB PIL image (for resizing, drawing, saving)."""
+    return Image.fromarray(decode_rgb(src, max_pixels, name)[0])
+
+
 def image_size(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), read from the header only: no pixel decoding."""
     name = name or (str(src) if not isinstance(src, (bytes, bytearray, memoryview)) else "<bytes>")
     with _open(src, name) as img:
         _check_pixels(img, name, max_pixels)
         w, h = img.size
-        try:
-            orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-        except Exception:  # a broken EXIF block does not make the size unknown
-            orientation = 1
+        orientation = _orientation(img)
     return (h, w) if orientation in _TRANSPOSING_ORIENTATIONS else (w, h)
 
 

@@ -23,10 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
-from odis.boxes import clip_boxes
+from odis.boxes import account_boxes
 from odis.imageio import ImageDecodeError, image_size, list_images
 from odis.manifest import add_row, empty_columns, image_id_list, make_metadata, table_from_columns
 
@@ -46,16 +45,11 @@ class Imported:
 
 
 def _kept_box(box, width: int, height: int, counts: Counter):
-    """The box clipped to the image, or None, counted as `dropped_not_finite` (NaN or infinite coordinates, which
-    clipping would turn into a wrong box or none) or `dropped_empty` (empty after clipping)."""
-    if not all(math.isfinite(v) for v in box):
-        counts["dropped_not_finite"] += 1
-        return None
-    b = clip_boxes(np.asarray([box], dtype=np.float64), width, height)[0]
-    if b[2] > b[0] and b[3] > b[1]:
-        return b
-    counts["dropped_empty"] += 1
-    return None
+    """The box clipped to the image, or None: odis.boxes.account_boxes, its counts added to `counts` (`clipped`,
+    `dropped_not_finite`, `dropped_empty`; `used` is the rows written)."""
+    b, used, n = account_boxes([box], width, height)
+    counts.update({k: v for k, v in n.items() if v and k != "used"})
+    return b[0] if used[0] else None
 
 
 def _image_ids(rels: list[str], scheme: str) -> list[str]:

@@ -299,6 +299,46 @@ def image_ids_in(path: str | os.PathLike) -> set[str]:
     return set(read_manifest(p, columns=["image_id"]).column("image_id").to_pylist())
 
 
+# ---- one id, one image ----------------------------------------------------------------------------------
+
+def image_conflicts(ids, paths, widths, heights) -> list[tuple[int, int]]:
+    """(first row, conflicting row) for each image id whose rows name two different images (another path or
+    size). The one duplicate-id check: `odis stats` reports it, every command that uses a manifest refuses it."""
+    import pandas as pd
+
+    if not len(ids):
+        return []
+    codes = pd.factorize(np.asarray(ids, dtype=object))[0]
+    _, first_of = np.unique(codes, return_index=True)
+    first = first_of[codes]
+    path_codes = pd.factorize(np.asarray(paths, dtype=object))[0]
+    w, h = np.asarray(widths), np.asarray(heights)
+    differ = (path_codes != path_codes[first]) | (w != w[first]) | (h != h[first])
+    rows = np.flatnonzero(differ)
+    _, pick = np.unique(codes[rows], return_index=True)
+    return [(int(first[r]), int(r)) for r in rows[pick]]
+
+
+def unique_images(table: pa.Table, where: str) -> tuple[pa.Table, int]:
+    """The table without exact duplicate rows (kept once), and how many were dropped. One id for two different
+    images would move one image's boxes onto the other: a ManifestError naming both rows. `table` holds at
+    least image_id, path, width and height."""
+    df = table.to_pandas()
+    dup = df.duplicated(keep="first").to_numpy()
+    kept = np.flatnonzero(~dup)
+    if dup.any():
+        table, df = table.filter(pa.array(~dup)), df.iloc[kept]
+    conflicts = image_conflicts(df["image_id"], df["path"], df["width"], df["height"])
+    if conflicts:
+        a, b = conflicts[0]
+        ra, rb = df.iloc[a], df.iloc[b]
+        more = f" ({len(conflicts) - 1} more id(s) like it; odis stats lists them)" if len(conflicts) > 1 else ""
+        raise ManifestError(f"{where}: image_id {ra.image_id!r} names two different images: row {kept[a]} "
+                            f"({ra.path!r}, {ra.width}x{ra.height}) and row {kept[b]} ({rb.path!r}, "
+                            f"{rb.width}x{rb.height}){more}. Give each image its own id.")
+    return table, int(dup.sum())
+
+
 # ---- validation --------------------------------------------------------------------------------------------
 
 _TOL = 1e-3  # float32 rounding of pixel coordinates
@@ -337,12 +377,7 @@ def _violations(df, nan: np.ndarray, file: Path, limit: int) -> list[str]:
     report(df["score"].isna() | (df["score"] < 0) | (df["score"] > 1 + _TOL), "score",
            lambda r: f"{r.score} not in [0, 1]")
     report(~df["source"].isin(SOURCES), "source", lambda r: f"{r.source!r} not one of {sorted(SOURCES)}")
-    # One image, one path and one size across its rows; one path, one id.
-    per_id = df.groupby("image_id", sort=False).agg(p=("path", "nunique"), w=("width", "nunique"),
-                                                     h=("height", "nunique"))
-    bad_ids = set(per_id.index[(per_id.p > 1) | (per_id.w > 1) | (per_id.h > 1)])
-    report(df["image_id"].isin(bad_ids) & ~df["image_id"].duplicated(), "image_id",
-           lambda r: f"{r.image_id!r} has rows with different paths or sizes")
+    # One path, one id (one id, one image: image_conflicts, over all parts at once).
     per_path = df.groupby("path", sort=False)["image_id"].nunique()
     bad_paths = set(per_path.index[per_path > 1])
     report(df["path"].isin(bad_paths) & ~df["path"].duplicated(), "path",
@@ -373,7 +408,7 @@ def validate_manifest(path: str | os.PathLike, limit: int = 50) -> list[str]:
     null box on error rows, scores in [0, 1], known sources, and one path/size per image id across all parts.
     """
     problems: list[str] = []
-    seen: dict[str, tuple[str, str]] = {}  # image_id -> (path, file) across part files
+    images = []  # (image_id, path, width, height, file, row) of every part, for the one-id-one-image check
     files = manifest_files(path)
     if not files:
         return [f"{path}: no parquet parts"]
@@ -392,12 +427,18 @@ def validate_manifest(path: str | os.PathLike, limit: int = 50) -> list[str]:
                         for c in BOX_COLUMNS], axis=1)
         df = table.to_pandas()
         problems += _violations(df, nan, f, limit - len(problems))
-        for image_id, p in zip(df["image_id"], df["path"]):
-            prev = seen.setdefault(image_id, (p, str(f)))
-            if prev[0] != p and len(problems) < limit:
-                problems.append(f"{f}: column image_id: {image_id!r} is {p!r} here but {prev[0]!r} in {prev[1]}")
+        images.append(df[["image_id", "path", "width", "height"]].assign(file=str(f), row=np.arange(len(df))))
         if len(problems) >= limit:
             break
+    if images:
+        import pandas as pd
+
+        rows = pd.concat(images, ignore_index=True)
+        for a, b in image_conflicts(rows["image_id"], rows["path"], rows["width"], rows["height"]):
+            ra, rb = rows.iloc[a], rows.iloc[b]
+            problems.append(f"{rb.file}: column image_id: {rb.image_id!r} names two different images: "
+                            f"{rb.path!r} {rb.width}x{rb.height} in row {rb.row} here, {ra.path!r} "
+                            f"{ra.width}x{ra.height} in row {ra.row}" + ("" if ra.file == rb.file else f" of {ra.file}"))
     return problems[:limit]
 
 

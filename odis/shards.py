@@ -20,12 +20,13 @@ import json
 import os
 import re
 import tarfile
-import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from odis.names import plain_name, sample_key_problem, under
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "odis-shards"
@@ -64,6 +65,8 @@ def list_shards(spec) -> list[str]:
     - `shards/in1k-{000000..000127}.tar`, `pipe:aws s3 cp s3://b/in1k-{000000..000127}.tar -`, `https://…`:
       brace-expanded as webdataset does; local paths must exist;
     - a list of any of these, or several joined with `::`.
+    Only the spec itself (what the user typed) may be a webdataset URL: every name read from an index.json or a
+    folder listing is a plain file name resolved next to it (odis.names), never a scheme such as `pipe:`.
     Raises FileNotFoundError / ValueError naming the spec when nothing usable is found.
     """
     if isinstance(spec, (list, tuple)):
@@ -74,18 +77,18 @@ def list_shards(spec) -> list[str]:
     if is_remote(s):
         if s.endswith(".json") and s.startswith(("http://", "https://")):
             index = _load_index_json(_fetch_url(s), s)
-            return [urllib.parse.urljoin(s, sh["name"]) for sh in index["shards"]]
+            return [under(s, sh["name"], f"{s}: shards[{i}].name") for i, sh in enumerate(index["shards"])]
         return _braceexpand(s)
     p = local_path(s)
     if p.is_dir():
         if (p / INDEX_NAME).is_file():
-            return [str(p / sh["name"]) for sh in read_index(p)["shards"]]
-        tars = sorted(x for x in p.glob("*.tar") if not x.name.startswith("."))
-        if not tars:
+            return _index_shards(p / INDEX_NAME)
+        names = sorted(x.name for x in p.glob("*.tar") if not x.name.startswith("."))
+        if not names:
             raise FileNotFoundError(f"{p}: no {INDEX_NAME} and no *.tar shards in this folder")
-        return [str(x) for x in tars]
+        return [under(str(p), n, f"{p} (a file in this folder)") for n in names]
     if p.suffix == ".json":
-        return [str(p.parent / sh["name"]) for sh in read_index(p)["shards"]]
+        return _index_shards(p)
     paths = _braceexpand(str(p))
     if paths == [str(p)] and not p.exists():  # a plain path, neither a folder, an index nor a shard
         raise FileNotFoundError(f"{s}: no such shard folder, index.json or .tar file")
@@ -93,6 +96,12 @@ def list_shards(spec) -> list[str]:
     if missing:
         raise FileNotFoundError(f"{s}: {len(missing)} of {len(paths)} shard(s) not found, e.g. {missing[0]}")
     return paths
+
+
+def _index_shards(index_path: Path) -> list[str]:
+    """The shard paths an index.json lists, each name checked and resolved next to it."""
+    return [under(str(index_path.parent), sh["name"], f"{index_path}: shards[{i}].name")
+            for i, sh in enumerate(read_index(index_path)["shards"])]
 
 
 def _braceexpand(s: str) -> list[str]:
@@ -132,14 +141,18 @@ def _load_index_json(data: bytes, where: str) -> dict:
         raise ValueError(f"{where}: not an odis shard index (expected format={INDEX_FORMAT!r})")
     if index.get("version") != INDEX_VERSION:
         raise ValueError(f"{where}: index version {index.get('version')!r}, this odis reads {INDEX_VERSION}")
-    for i, sh in enumerate(index.get("shards", [])):
-        name = sh.get("name", "")
-        # The names come from a file others made: never let one point outside the folder.
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
-            raise ValueError(f"{where}: shards[{i}].name {name!r} is not a plain file name")
+    shards = index.get("shards", [])
+    if not isinstance(shards, list):
+        raise ValueError(f"{where}: 'shards' must be a list, not {type(shards).__name__}")
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            raise ValueError(f"{where}: shards[{i}] must be an object, not {type(sh).__name__}")
+        name = plain_name(sh.get("name", ""), f"{where}: shards[{i}].name")  # from a file others made
         for k, t in (("count", int), ("sha256", str)):
-            if not isinstance(sh.get(k), t):
+            if not isinstance(sh.get(k), t) or isinstance(sh.get(k), bool):
                 raise ValueError(f"{where}: shards[{i}] ({name}) lacks {k!r}")
+        if sh["count"] < 0:
+            raise ValueError(f"{where}: shards[{i}] ({name}) has a negative count")
     return index
 
 
@@ -404,7 +417,7 @@ def verify_shards(folder_or_index, decode: bool = False, max_pixels: int = 178_9
     n_classes = len(index["classes"]) if index.get("classes") else None
     seen: dict[str, str] = {}
     for sh in index["shards"]:
-        path = folder / sh["name"]
+        path = Path(under(str(folder), sh["name"], "index.json"))
         n_before = len(report.problems)
         if not path.is_file():
             report.problems.append(Problem("missing", sh["name"], None, f"listed in the index but {path} is absent"))
@@ -452,6 +465,9 @@ def check_sample(key: str, files: dict[str, bytes], n_classes: int | None = None
     """(kind, message) for every way one sample breaks the contract; empty when it is good."""
     if "." in key or not key:
         return [("bad-sample", "key is empty or contains a dot (webdataset splits keys at the first dot)")]
+    problem = sample_key_problem(key)
+    if problem:
+        return [("bad-sample", problem + ": it could name a path outside the shard set")]
     imgs = [e for e in files if e in IMAGE_EXTS]
     extra = sorted(set(files) - set(IMAGE_EXTS) - {"json"})
     if len(imgs) != 1 or "json" not in files or extra:

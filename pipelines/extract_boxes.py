@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
-from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, list_images, load_image
+from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_ids_in, image_ids_of,
                            make_metadata, manifest_files, manifest_metadata, read_manifest, sha256_of,
                            table_from_columns, write_manifest)
@@ -77,6 +78,7 @@ class ExtractSummary:
     error_images: int = 0
     not_images: int = 0  # files under the root without an image extension (listed, not processed)
     redone: int = 0  # images an earlier run could not read or detect, processed again (counted in `processed`)
+    left_out: list = field(default_factory=list)  # {"path", "reason"}: folders and links the listing did not walk
     seconds: float = 0.0
     images_per_s: float = 0.0
     out: str = ""
@@ -132,15 +134,16 @@ class BoxExtractor:
     def _read(self, rel: str) -> tuple[object, int, int, str | None]:
         """(image for the detector or None, width, height, error) of one file; never raises."""
         try:
-            im = load_image(self.root / rel, max_pixels=self.max_pixels, name=rel)
+            rgb, (w, h) = decode_rgb(self.root / rel, max_pixels=self.max_pixels, name=rel)
         except ImageDecodeError as e:
             return None, 0, 0, str(e)
         except Exception as e:  # noqa: BLE001 - never let one file abort the job
             return None, 0, 0, f"{rel}: cannot read ({type(e).__name__}: {e})"
+        im = Image.fromarray(rgb)
         try:
-            return (self.prepare(im) if self.prepare else im), im.width, im.height, None
+            return (self.prepare(rgb) if self.prepare else im), w, h, None
         except Exception:  # noqa: BLE001 - the detector converts it again: a failure is then its (redone) row
-            return im, im.width, im.height, None
+            return im, w, h, None
 
     def _detect(self, images: list) -> list:
         """Detector on the batch; if the batch fails, image by image so the failure is pinned to its row."""
@@ -347,15 +350,19 @@ def resolve_detector(name: str, **options) -> DetectorConfig:
     return DetectorConfig(name=name, **{**DEFAULTS.get(name, {}), **opts})
 
 
-def _list(cfg: ExtractConfig) -> tuple[list[dict], int]:
-    """({image_id, path} of every image to cover, sorted by path; number of non-image files)."""
+def _list(cfg: ExtractConfig) -> tuple[list[dict], int, list[dict]]:
+    """({image_id, path} of every image to cover, sorted by path; number of non-image files; what the listing left
+    out and why). The same listing as `odis shard` (symlinked folders followed once), so both see the same files."""
+    from pipelines.shard.scan import scan_images
+
     if cfg.id_scheme not in ID_SCHEMES:
         raise ValueError(f"--id-scheme {cfg.id_scheme!r}: expected one of {', '.join(ID_SCHEMES)}")
-    rels, others = list_images(cfg.images)
+    scan = scan_images(cfg.images)
+    rels = [rel for rel, _ in scan.images]
     if cfg.limit is not None:
         rels = rels[: cfg.limit]
     ids = image_ids_of(rels, cfg.id_scheme)  # two files with one id: refused before starting
-    return [{"image_id": ids[rel], "path": rel} for rel in rels], len(others)
+    return [{"image_id": ids[rel], "path": rel} for rel in rels], len(scan.others), scan.warnings
 
 
 def _done(parts_in: tuple[Path, ...], ids: set[str]) -> tuple[set[str], int]:
@@ -417,7 +424,7 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     check_detector(cfg.detector)
     check_ray_address(cfg.ray_address)  # an unreachable cluster is said before the images are listed
     _check_out_apart(out, root)
-    items, not_images = _list(cfg)  # before --overwrite deletes anything: a bad id scheme must not cost the output
+    items, not_images, left_out = _list(cfg)  # before --overwrite deletes anything: a bad id scheme must not cost the output
     staging = staging_dir(out)
     for where in (out, staging):
         _check_only_ours(where)
@@ -428,7 +435,8 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     _check_resumable(out, staging, meta)
     done, redone = _done((out, staging), {it["image_id"] for it in items})
     todo = [it for it in items if it["image_id"] not in done]
-    summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out), redone=redone)
+    summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out), redone=redone,
+                             left_out=left_out)
     started = _ray_init(cfg.ray_address)
     t0 = time.perf_counter()
     try:

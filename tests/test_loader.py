@@ -440,16 +440,19 @@ def _jpeg(arr, **kw) -> bytes:
     return buf.getvalue()
 
 
-def test_decode_paths_agree(coco_tiny, monkeypatch):
-    """cv2 (plain JPEG) and PIL (everything else) give the same upright RGB pixels; bombs are refused first."""
+def test_decode_paths_agree(coco_tiny):
+    """cv2 (plain JPEG) and PIL (everything else) give the same upright RGB pixels; bombs are refused first. The
+    trainer decodes with the project's one decoder (odis.imageio.decode_rgb)."""
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     import trainer.data as D
+    from odis.imageio import ImageDecodeError, decode_rgb
 
+    assert D.decode_rgb is decode_rgb
     data = next((coco_tiny / "val2017").glob("*.jpg")).read_bytes()
-    fast, size = D.decode_image(data, "a.jpg")
+    fast, size = decode_rgb(data, name="a.jpg")
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     assert size == (ref.shape[1], ref.shape[0]) and (fast == ref).all()
     # EXIF orientation 6 (rotate 90): both paths return the displayed image and its displayed size
@@ -457,26 +460,25 @@ def test_decode_paths_agree(coco_tiny, monkeypatch):
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated = _jpeg(arr, exif=exif.tobytes())
-    a, sa = D.decode_image(rotated, "r.jpg")
-    b, sb = D._decode_pil(Image.open(io.BytesIO(rotated)), "r.jpg", 1.0)
-    assert a.shape == (60, 40, 3) and sa == sb == (40, 60) and (a == b).all()
+    a, sa = decode_rgb(rotated, name="r.jpg")
+    b = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(rotated))).convert("RGB"))
+    assert a.shape == (60, 40, 3) and sa == (40, 60) and (a == b).all()
     # PNG with alpha and a paletted PNG -> RGB
     for mode in ("RGBA", "P"):
         buf = io.BytesIO()
         Image.fromarray(arr).convert(mode).save(buf, "PNG")
-        out, s = D.decode_image(buf.getvalue(), f"x_{mode}.png")
+        out, s = decode_rgb(buf.getvalue(), name=f"x_{mode}.png")
         assert out.shape == (40, 60, 3) and out.dtype == np.uint8 and s == (60, 40)
     # draft: a large JPEG decodes at reduced scale when every crop stays shrunk; its stored size is reported
     from odis.views import ViewMaker
 
     big = _jpeg(np.zeros((1600, 2400, 3), np.uint8))
     vm = ViewMaker(global_size=64, local_size=32, n_local=2, patch_size=8)
-    small, s = D.decode_image(big, "big.jpg", vm.max_reduction)
+    small, s = decode_rgb(big, name="big.jpg", max_reduction=vm.max_reduction)
     assert s == (2400, 1600) and small.shape[1] < 2400 and small.shape[1] / small.shape[0] == 1.5
     assert vm.max_reduction(2400, 1600) >= 2400 / small.shape[1]
-    monkeypatch.setattr(D, "MAX_PIXELS", 1000)
-    with pytest.raises(D.BadSample, match="bomb.jpg: refused, 2400x1600"):
-        D.decode_image(big, "bomb.jpg")
+    with pytest.raises(ImageDecodeError, match="bomb.jpg: refused, 2400x1600"):
+        decode_rgb(big, max_pixels=1000, name="bomb.jpg")
 
 
 def test_shards_without_index_count_their_keys(tin_shards, tmp_path):

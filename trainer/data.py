@@ -28,11 +28,8 @@ not read, and exact on clean data.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -42,6 +39,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from odis.augment import GLOBAL1, GLOBAL2, LOCAL, photometric
+from odis.imageio import ImageDecodeError, decode_rgb
+from odis.names import sample_key_problem
 from odis.views import ViewMaker
 
 log = logging.getLogger("odis.data")
@@ -51,7 +50,6 @@ log = logging.getLogger("odis.data")
 cv2.setNumThreads(1)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_PIXELS = 64_000_000  # refuse larger images before decoding (decompression bombs); as odis.imageio
 MAX_WARNINGS_PER_WORKER = 20
 # A worker that meets this many unusable samples in a row stops with the last reason instead of spinning forever
 # (wrong shard format, a bug); isolated bad samples are skipped and counted.
@@ -60,7 +58,12 @@ STATE_VERSION = 3  # the data position in checkpoints: 3 = [pass, chunk, index i
 
 
 class BadSample(ValueError):
-    """A sample that cannot be used; the message names its key and the reason. Counted, never fatal."""
+    """A sample that cannot be used; the message names its key and the reason. Counted, never fatal. `count`:
+    how many samples it stands for (the samples a truncated tar lost)."""
+
+    def __init__(self, message: str, count: int = 1):
+        super().__init__(message)
+        self.count = count
 
 
 # ---- the box join ----------------------------------------------------------------------------------------------
@@ -89,10 +92,12 @@ class BoxTable:
 
     @classmethod
     def from_manifest(cls, path) -> "BoxTable":
-        table = _read_manifest(path)
-        ids = table.column("image_id").combine_chunks().dictionary_encode()
-        uniq = ids.dictionary.to_pylist()
-        row_img = ids.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        """The used boxes of a manifest (odis.manifest_boxes: ids checked, every row accounted for in `stats`)."""
+        from odis.manifest_boxes import read_box_rows
+
+        r = read_box_rows(path)
+        uniq, row_img = np.unique(np.asarray(r.image_id, dtype=object), return_inverse=True)
+        uniq = uniq.tolist()
         hashes = id_hashes(uniq)
         order_img = np.argsort(hashes, kind="stable")
         keys = hashes[order_img]
@@ -102,24 +107,18 @@ class BoxTable:
                              "64-bit hash; rename one")
         rank_of_img = np.empty(len(uniq), np.int64)
         rank_of_img[order_img] = np.arange(len(uniq))
-        xyxy = np.stack([_np(table, c).astype(np.float64) for c in ("x0", "y0", "x1", "y1")], axis=1)
-        err = _np(table, "error", null=True)  # True: no error on this row
-        has = ~np.isnan(xyxy).any(axis=1) & err
-        good = has & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         sizes = np.zeros((len(uniq), 2), np.int32)
-        w, h = _np(table, "width"), _np(table, "height")
-        sizes[rank_of_img[row_img], 0] = w  # rows of one image agree on its size (manifest validation)
-        sizes[rank_of_img[row_img], 1] = h
-        rows = np.nonzero(good)[0]
+        sizes[rank_of_img[row_img], 0] = r.width  # rows of one image agree on its size (checked on reading)
+        sizes[rank_of_img[row_img], 1] = r.height
+        rows = np.nonzero(r.used)[0]
         rows = rows[np.argsort(rank_of_img[row_img[rows]], kind="stable")]
         counts = np.bincount(rank_of_img[row_img[rows]], minlength=len(uniq))
         offsets = np.zeros(len(uniq) + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
-        score = _np(table, "score")
         stats = {"manifest": str(path), "manifest_images": len(uniq), "manifest_boxes": int(len(rows)),
                  "manifest_images_without_box": int((counts == 0).sum()),
-                 "manifest_error_rows": int((~err).sum()), "degenerate_boxes_dropped": int((has & ~good).sum())}
-        return cls(keys, offsets, xyxy[rows].astype(np.float32), np.asarray(score, np.float32)[rows], sizes, stats)
+                 "manifest_error_rows": r.counts["error_rows"], "manifest_rows": r.counts}
+        return cls(keys, offsets, r.boxes[rows].astype(np.float32), r.score[rows].astype(np.float32), sizes, stats)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -160,82 +159,7 @@ class BoxTable:
                 "manifest_ids_not_in_shards": int(len(self.keys) - found.sum())}
 
 
-def _np(table, name: str, null: bool = False) -> np.ndarray:
-    """A column as numpy (nulls -> NaN for floats); with null=True, whether each value is null."""
-    col = table.column(name).combine_chunks()
-    if null:
-        return col.is_null().to_numpy(zero_copy_only=False)
-    return col.to_numpy(zero_copy_only=False)
-
-
-def _read_manifest(path):
-    from odis.manifest import read_manifest
-
-    return read_manifest(path, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score", "error"])
-
-
-# ---- decoding ---------------------------------------------------------------------------------------------------
-
-def decode_image(data: bytes, name: str, max_reduction=None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Bytes -> (RGB uint8 HWC array, the stored (width, height) as displayed).
-
-    The header is read first (PIL, no pixels) and images over MAX_PIXELS are refused before decoding. Plain
-    JPEGs decode with cv2 (libjpeg-turbo straight into numpy, EXIF orientation applied; ~20% faster than PIL plus
-    its array copy); anything else, or a JPEG without its end marker (truncated: PIL names the error), with PIL.
-    JPEGs much larger than any crop needs decode at 1/2, 1/4 or 1/8 scale (PIL draft, DCT-domain scaling) when
-    `max_reduction(width, height)` (ViewMaker's) allows it: every crop any view can draw is then still shrunk,
-    never enlarged, so the views change only by the resampling filter, not in content or geometry.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise BadSample(f"{name}: empty image (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # header only
-    except UnidentifiedImageError:
-        raise BadSample(f"{name}: not an image (format not recognised)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSample(f"{name}: cannot read the image header ({e})") from None
-    w, h = img.size
-    if w <= 0 or h <= 0 or w * h > MAX_PIXELS:
-        raise BadSample(f"{name}: refused, {w}x{h} image exceeds {MAX_PIXELS} pixels or is empty")
-    r = max_reduction(w, h) if max_reduction is not None and img.format == "JPEG" else 1.0
-    if img.format == "JPEG" and img.mode in ("RGB", "L") and r < 2 and data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        arr = _cv2_decode_rgb(data)
-        if arr is not None:
-            return arr, (arr.shape[1], arr.shape[0])
-    return _decode_pil(img, name, r)
-
-
-def _cv2_decode_rgb(data: bytes) -> np.ndarray | None:
-    buf = np.frombuffer(data, np.uint8)
-    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # OpenCV >= 4.11 decodes straight to RGB
-        return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
-    arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-
-
-def _decode_pil(img, name: str, reduction: float) -> tuple[np.ndarray, tuple[int, int]]:
-    from PIL import Image, ImageOps
-
-    w, h = img.size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if reduction >= 2:
-                img.draft("RGB", (math.ceil(w / reduction), math.ceil(h / reduction)))
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
-                w, h = h, w
-            ImageOps.exif_transpose(img, in_place=True)  # a no-op for odis shards (stored pixels are upright)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            arr = np.asarray(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSample(f"{name}: cannot decode image ({e})") from None
-    return arr, (w, h)
-
+# ---- the sample json ------------------------------------------------------------------------------------
 
 def _meta(raw: dict, key: str) -> dict:
     try:
@@ -341,6 +265,7 @@ class StreamSpec:
     positions: list[list[int]] | None = None  # per logical worker [pass, chunk, index], TrainLoader.state_dict()
     draft: bool = True
     plan: PassPlan | None = None
+    counts_known: bool = True  # samples per shard read from an index or the tars (not assumed): losses are counted
 
     @property
     def chunk(self) -> int:
@@ -426,6 +351,13 @@ class TrainStream(IterableDataset):
                         yield p, q0 + got, errors.pop(0)
                     yield p, q0 + n - first, sample
                     got = n - first + 1
+                lost = end - first - got
+                if lost > 0 and s.counts_known:  # a tar that ends early: every sample it lost is counted
+                    if errors:
+                        errors[-1] = BadSample(f"{errors[-1]}; {lost} sample(s) lost", count=lost)
+                    else:
+                        errors.append(BadSample(f"{s.urls[shard]}: ends after {first + got} sample(s), the index "
+                                                f"lists more: {lost} sample(s) lost", count=lost))
                 while errors:
                     yield p, q0 + got, errors.pop(0)
                 if got:
@@ -483,7 +415,7 @@ class TrainStream(IterableDataset):
     def _count(self, exc: Exception, counter: dict, worker: int) -> None:
         """Count a bad sample or an unreadable tar; stop the worker when nothing usable comes any more (the
         stream is endless: skipping forever would hang the run)."""
-        counter["bad"] += 1
+        counter["bad"] += getattr(exc, "count", 1)
         counter["in_a_row"] += 1
         if counter["in_a_row"] >= MAX_BAD_IN_A_ROW:
             raise RuntimeError(f"data worker {worker}: {MAX_BAD_IN_A_ROW} unusable samples in a row in "
@@ -495,11 +427,17 @@ class TrainStream(IterableDataset):
     def process(self, raw: dict, rng: np.random.Generator, reduction=None, out: dict | None = None) -> dict:
         """One raw sample -> its views (written into `out`'s buffers if given). Raises BadSample."""
         key = raw.get("__key__", "?")
+        problem = sample_key_problem(key)
+        if problem:  # a tar member named `../x.jpg`, `/abs/x.jpg` or `a/b.jpg`: not a sample of the contract
+            raise BadSample(f"{raw.get('__url__', '?')}: {problem}")
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             raise BadSample(f"{key}: no image (jpg/png/webp) in the sample (has {sorted(raw)})")
         meta = _meta(raw, key)
-        image, (sw, sh) = decode_image(raw[ext], f"{key}.{ext}", reduction)
+        try:
+            image, (sw, sh) = decode_rgb(raw[ext], name=f"{key}.{ext}", max_reduction=reduction)
+        except ImageDecodeError as e:
+            raise BadSample(str(e)) from None
         jw, jh = meta.get("width"), meta.get("height")
         if isinstance(jw, int) and isinstance(jh, int) and jw > 0 and jh > 0:
             if abs(jw / jh - sw / sh) > 0.02 * sw / sh:
@@ -716,6 +654,7 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         raise FileNotFoundError(f"{d.shards}: no shards")
     table = BoxTable.from_manifest(d.boxes) if d.boxes else None
     counts = shard_counts(d.shards, urls)
+    counts_known = counts is not None
     if counts is not None and not sum(counts):
         raise ValueError(f"{d.shards}: not one readable sample in {len(urls)} shard(s) ({urls[0]} ...); check the "
                          "shards (odis verify)")
@@ -741,7 +680,7 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
     plan = PassPlan(counts, cfg.seed, d.batch_size, max(1, int(d.num_workers)), world_size,
                     max(1, total // (d.batch_size * world_size)))
     spec = StreamSpec(urls, ViewMaker.from_config(d, patch_size, cfg.method), table, cfg.seed, rank,
-                      d.batch_size, d.shuffle_buffer, start_step, plan=plan)
+                      d.batch_size, d.shuffle_buffer, start_step, plan=plan, counts_known=counts_known)
     if state is not None:
         spec.positions = _saved_positions(state, spec)
     if pin_memory is None:

@@ -124,6 +124,12 @@ def save_checkpoint(path: Path, distiller: Distiller, opt: torch.optim.Optimizer
     write_durably(path, lambda tmp: torch.save(payload, tmp))
 
 
+def write_json(path: Path, obj) -> None:
+    import json
+
+    write_durably(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+
+
 def write_durably(path: Path, write) -> None:
     """`write(tmp)`, then fsync, rename over `path` and fsync the folder: after a crash, of the process or of the
     node, `path` is the old file or the new one, whole (a rename alone may reach the disk before the data)."""
@@ -290,8 +296,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     if dd.main:
         log.info(f"{cfg.method}: {stop - state.step} steps to go (epoch = {spe} steps of {batch_total} images), "
                  f"device {device} ({precision}), {dd.world} process(es)" + (f", resumed from {ck}" if ck else ""))
-        if loader.box_report:
+        if loader.box_report:  # every manifest row is a used box or a counted one: said, and kept with the run
             log.info("boxes: " + ", ".join(f"{k} {v}" for k, v in loader.box_report.items()))
+            write_json(out / "boxes.json", loader.box_report)
         if cfg.model.compile:
             log.info("model.compile=true: the first steps compile the backbones" + (
                 " (on a CPU compiled steps were slower than eager ones, BENCHMARKS.md: model.compile=false runs "
@@ -325,6 +332,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     _check_ranks_agree(distiller, dd)
     if dd.main:
         log.info(f"data: {loader.stats}")
+        write_json(out / "data.json", {"steps": [loader.spec.start_step, state.step], **loader.stats})
         write_durably(out / "backbone.safetensors", lambda tmp: export_backbone(distiller.teacher.backbone, tmp))
         log.plot()
         log.info(f"done: {out / 'backbone.safetensors'} (teacher backbone, timm names)")

@@ -156,9 +156,13 @@ def read_classes(spec: str) -> list[str] | None:
 def decode_sample(sample: dict) -> tuple[str, Image.Image, dict]:
     """(image_id, RGB image, meta json) from a raw webdataset sample; errors name the key and the shard."""
     from odis.imageio import load_image
+    from odis.names import sample_key_problem
 
     key = sample.get("__key__", "?")
     where = f"sample {key!r} in {sample.get('__url__', '?')}"
+    problem = sample_key_problem(key)
+    if problem:  # a tar member named `../x.jpg` or `/abs/x.jpg`: counted as unreadable, never used
+        raise ValueError(f"{sample.get('__url__', '?')}: {problem}")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError(f"{where}: no image (expected one of {IMAGE_EXTS}, found {sorted(sample)})")
@@ -170,18 +174,17 @@ def decode_sample(sample: dict) -> tuple[str, Image.Image, dict]:
 # ---- manifests as a box source ------------------------------------------------------------------------------
 
 def manifest_boxes(path: str | Path) -> dict[str, tuple[float, float, np.ndarray, np.ndarray]]:
-    """image_id -> (width, height, boxes [n,4] in original pixels, scores [n]) from a box manifest."""
-    from odis.manifest import read_manifest
+    """image_id -> (width, height, boxes [n,4] in original pixels, scores [n]) from a box manifest, read through
+    odis.manifest_boxes (ids checked, every row accounted for)."""
+    from odis.manifest_boxes import read_box_rows
 
-    cols = read_manifest(path, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score"]).to_pydict()
+    r = read_box_rows(path)
     rows: dict[str, list] = {}
-    scores = cols["score"]
-    for i, iid in enumerate(cols["image_id"]):
-        entry = rows.setdefault(iid, [cols["width"][i], cols["height"][i], [], []])
-        b = [cols[c][i] for c in ("x0", "y0", "x1", "y1")]
-        if all(v is not None for v in b):
-            entry[2].append(b)
-            entry[3].append(scores[i] if scores[i] is not None else 1.0)
+    for i, iid in enumerate(r.image_id):
+        entry = rows.setdefault(iid, [r.width[i], r.height[i], [], []])
+        if r.used[i]:
+            entry[2].append(r.boxes[i])
+            entry[3].append(r.score[i])
     return {k: (float(w), float(h), np.asarray(b, np.float64).reshape(-1, 4), np.asarray(s, np.float64))
             for k, (w, h, b, s) in rows.items()}
 

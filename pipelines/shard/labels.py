@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-from odis.manifest import image_id_list, manifest_metadata, read_manifest, sha256_of
+from odis.manifest import image_id_list, manifest_metadata, sha256_of
 from pipelines.shard.settings import ShardError, ShardSettings
 
 
@@ -85,40 +84,29 @@ def _coco_labels(s: ShardSettings, relpaths: list[str]) -> tuple[dict, list[str]
     return labels, [c["name"] for c in cats], warnings
 
 
-_NULL_BOX = (None,) * 4  # a no-box row
+def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[dict], dict | None]:
+    """image_id -> (boxes, scores, (w, h)) from the manifest, read through odis.manifest_boxes (one id, one image;
+    every row accounted for); rows of images not under the root are left out and counted in a warning. Returns
+    (boxes, inputs, warnings, the manifest's row accounting)."""
+    from odis.manifest import ManifestError
+    from odis.manifest_boxes import read_box_rows
 
-
-def _bad_box(box: tuple, score) -> bool:
-    """A box the sample json must not carry: NaN (bare NaN is not JSON) or partly null values, or an inverted or
-    empty box. Comparisons with NaN are false, so `x0 < x1 and y0 < y1` also refuses NaN coordinates."""
-    if None in box or score is None:
-        return True
-    x0, y0, x1, y1 = box
-    return not (x0 < x1 and y0 < y1 and math.isfinite(score))
-
-
-def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[dict]]:
-    """image_id -> (boxes, scores, (w, h)) from the manifest; rows of images not under the root, and boxes that are
-    not boxes (NaN, inverted), are left out and counted in a warning."""
     if not s.manifest:
-        return {}, {}, []
-    t = read_manifest(s.manifest, columns=["image_id", "width", "height", "x0", "y0", "x1", "y1", "score",
-                                           "error"]).to_pydict()
+        return {}, {}, [], None
+    try:
+        r = read_box_rows(s.manifest)
+    except ManifestError as e:
+        raise ShardError(f"--manifest {e}") from None
     out: dict[str, list] = {}
-    stray, bad = set(), []
-    for i, iid in enumerate(t["image_id"]):
+    stray = set()
+    for i, iid in enumerate(r.image_id):
         if iid not in ids:
             stray.add(iid)
             continue
-        entry = out.setdefault(iid, [[], [], (t["width"][i], t["height"][i])])
-        box = (t["x0"][i], t["y0"][i], t["x1"][i], t["y1"][i])
-        if t["error"][i] is not None or box == _NULL_BOX:
-            continue
-        if _bad_box(box, t["score"][i]):
-            bad.append((i, iid, box))
-            continue
-        entry[0].append(box)
-        entry[1].append(t["score"][i])
+        entry = out.setdefault(iid, [[], [], (int(r.width[i]), int(r.height[i]))])
+        if r.used[i]:
+            entry[0].append(tuple(float(v) for v in r.boxes[i]))
+            entry[1].append(float(r.score[i]))
     if stray and not out:
         meta = manifest_metadata(s.manifest)
         raise ShardError(f"--manifest {s.manifest}: none of its {len(stray)} image ids matches a file under "
@@ -127,13 +115,14 @@ def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[di
                          + ("" if meta.get("id_scheme") else "; it carries no odis metadata (pandas drops it): give "
                             "--id-scheme, the key rule its ids were made with (path, stem or coco)"))
     warnings = []
-    if bad:
-        i, iid, box = bad[0]
-        warnings.append({"path": str(s.manifest), "reason": f"{len(bad)} box(es) left out: NaN or partly null "
-                         f"coordinates or score, or x1 <= x0 or y1 <= y0; e.g. row {i} ({iid!r}): {box}"})
+    c = r.counts
+    if c["dropped_not_finite"] or c["dropped_empty"] or c["clipped"] or c["duplicate_rows_dropped"]:
+        warnings.append({"path": str(s.manifest), "reason": ", ".join(
+            f"{k} {c[k]}" for k in ("dropped_not_finite", "dropped_empty", "clipped", "duplicate_rows_dropped")
+            if c[k]) + " (boxes with NaN/infinite coordinates or empty inside the image are left out; boxes "
+            "reaching outside are clipped to it)"})
     if stray:
         warnings.append({"path": str(s.manifest), "reason": f"{len(stray)} manifest image id(s) match no file under "
                          f"{s.images}, e.g. {sorted(stray)[0]!r}"})
     boxes = {k: (tuple(v[0]), tuple(v[1]), v[2]) for k, v in out.items()}
-    return boxes, {"manifest_sha256": sha256_of(s.manifest)}, warnings
-
+    return boxes, {"manifest_sha256": sha256_of(s.manifest)}, warnings, {**c, "images_not_under_root": len(stray)}

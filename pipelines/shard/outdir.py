@@ -96,6 +96,7 @@ def make_index(plan: Plan, records: list[dict], seconds: float, written: int) ->
         "labels": s.labels, "classes": plan.classes, "id_scheme": plan.id_scheme,
         "source": {"images_root": s.images, "manifest": s.manifest, "coco_json": s.coco_json, **plan.inputs},
         "settings": s.output_settings(),
+        "boxes": plan.box_counts,
         "skipped": skipped, "warnings": sorted(warnings, key=lambda x: x["path"]),
         "ignored_files": {"count": len(plan.ignored), "examples": plan.ignored[:10]},
         "fingerprint": plan.fingerprint,

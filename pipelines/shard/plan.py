@@ -32,6 +32,7 @@ class Plan:
     ignored: list[str]                # files under the root that are not images (by extension)
     warnings: list[dict] = field(default_factory=list)
     fingerprint: str = ""
+    box_counts: dict | None = None    # the manifest's row accounting (odis.manifest_boxes), None without one
 
 
 def build_plan(s: ShardSettings) -> Plan:
@@ -46,14 +47,14 @@ def build_plan(s: ShardSettings) -> Plan:
     scheme, by_manifest = id_scheme(s)
     ids = image_ids(relpaths, scheme, s.manifest if by_manifest else None)
     labels, classes, warnings = labels_for(s, relpaths)
-    boxes, inputs, box_warnings = manifest_boxes(s, set(ids))
+    boxes, inputs, box_warnings, box_counts = manifest_boxes(s, set(ids))
     # Item(relpath, image_id, size, label, boxes, scores, manifest (w, h)), built without NamedTuple's Python-level
     # __new__ (1 µs a file, a tenth of planning on small images)
     items = [_new_item(Item, (r, i, size, labels.get(r), *boxes.get(i, _NO_BOXES)))
              for (r, size), i in zip(scan.images, ids)]
     random.Random(s.seed).shuffle(items)
     plan = Plan(s, split_items(items, s.max_samples, s.max_size), classes, scheme, inputs, scan.others,
-                scan.warnings + warnings + box_warnings)
+                scan.warnings + warnings + box_warnings, box_counts=box_counts)
     if s.coco_json:
         plan.inputs["coco_json_sha256"] = sha256_of(s.coco_json)
     plan.fingerprint = _fingerprint(plan)
