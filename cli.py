@@ -251,8 +251,10 @@ def extract_boxes_cmd(
         typer.echo(f"{s.redone} image(s) an earlier run could not read or its detector failed on were processed again")
     if s.not_images:
         typer.echo(f"{s.not_images} file(s) without an image extension were not processed")
-    for w in s.left_out:
-        typer.secho(f"  left out: {w['path']}: {w['reason']}", fg=typer.colors.YELLOW)
+    if s.left_out:
+        typer.secho(f"{len(s.left_out)} entr(ies) of the folder left out by the listing:", fg=typer.colors.YELLOW)
+        for w in s.left_out:
+            typer.echo(f"  {w['path']}: {w['reason']}")
     for reason, n in s.errors.most_common(10):
         typer.secho(f"  error x{n}: {reason}", fg=typer.colors.YELLOW)
 

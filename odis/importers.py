@@ -27,7 +27,14 @@ import pyarrow as pa
 
 from odis.boxes import account_boxes
 from odis.imageio import ImageDecodeError, image_size, list_images
-from odis.manifest import add_row, empty_columns, image_id_list, make_metadata, table_from_columns
+from odis.manifest import (
+    add_row,
+    empty_columns,
+    image_id_list,
+    make_metadata,
+    table_from_columns,
+)
+from odis.names import UnsafeName, plain_relpath
 
 FORMATS = ("coco", "imagenet", "yolo", "tiny-imagenet")
 MAX_SIDE = 2**31 - 1  # the manifest stores width and height as int32
@@ -109,6 +116,10 @@ def _coco_image_problem(img) -> str | None:
         return f"id must be an integer, got {img['id']!r}"
     if not isinstance(img["file_name"], str) or not img["file_name"]:
         return f"file_name must be a non-empty string, got {img['file_name']!r}"
+    try:  # a name from a file others made: a path under --images, never outside it
+        plain_relpath(img["file_name"], "file_name")
+    except UnsafeName as e:
+        return str(e)
     for key in ("width", "height"):  # 640.0 is accepted: some converters write sizes as floats
         if not (_is_number(img[key]) and 0 < img[key] <= MAX_SIDE and float(img[key]).is_integer()):
             return f"{key} must be a positive integer up to {MAX_SIDE}, got {img[key]!r}"

@@ -29,6 +29,7 @@ class BoxRows:
     boxes: np.ndarray   # float64 [n,4], clipped to the image; meaningful where `used`
     score: np.ndarray   # float64 [n]
     used: np.ndarray    # bool [n]: this row's box is used
+    dropped: np.ndarray  # bool [n]: this row gives a box that is not used (not finite, or empty in its image)
     error: np.ndarray   # bool [n]: an error row (the image could not be read)
     counts: dict
 
@@ -53,7 +54,7 @@ def read_box_rows(path: str | os.PathLike) -> BoxRows:
     counts = {"rows": int(len(xyxy) + duplicates), "duplicate_rows_dropped": duplicates,
               "error_rows": int(error.sum()), "no_box_rows": int(no_box.sum()), **counts}
     ids = table.column("image_id").to_pylist()
-    return BoxRows(ids, width, height, out, np.nan_to_num(score, nan=1.0), used, error, counts)
+    return BoxRows(ids, width, height, out, np.nan_to_num(score, nan=1.0), used, has & ~used, error, counts)
 
 
 def _floats(table: pa.Table, name: str) -> np.ndarray:

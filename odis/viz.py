@@ -92,6 +92,7 @@ def manifest_grid(manifest, images_root, n: int = 16, cols: int = 4, cell: int =
     """
     from odis.imageio import load_image
     from odis.manifest import read_manifest
+    from odis.names import under
 
     df = read_manifest(manifest).to_pandas()
     root = Path(images_root)
@@ -108,10 +109,8 @@ def manifest_grid(manifest, images_root, n: int = 16, cols: int = 4, cell: int =
     groups = df[df["image_id"].isin(ids)].groupby("image_id")
     for iid in ids:
         rows = groups.get_group(iid)
-        path = Path(rows["path"].iloc[0])
-        path = path if path.is_absolute() else root / path
-        try:
-            img = load_image(path)
+        try:  # a manifest's path is a path under the images root, never outside it (odis.names)
+            img = load_image(under(root, rows["path"].iloc[0], f"{manifest}: {iid}: path", nested=True))
         except Exception as e:  # shown in the grid and counted
             cells.append(error_cell(str(e), cell))
             counts["unreadable"] += 1

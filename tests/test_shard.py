@@ -411,10 +411,12 @@ def test_nan_and_inverted_manifest_boxes_are_left_out_and_counted(coco_tiny, coc
     bad = write_manifest(pa.table(t, schema=SCHEMA), tmp_path / "bad.parquet", manifest_metadata(coco_manifest))
     out = tmp_path / "shards"
     r = odis("shard", "--images", coco_tiny / "train2017", "--out", out, "--manifest", bad, "--num-workers", 1)
-    assert "4 box(es) left out: NaN or partly null coordinates or score, or x1 <= x0 or y1 <= y0" in r.output
+    assert "4 box(es) left out (dropped_not_finite 3: NaN, infinite or partly null coordinates or score; " \
+           "dropped_empty 1: empty inside the image)" in r.output
     assert f"e.g. row 0 ({t['image_id'][0]!r})" in r.output
     (warning,) = [w for w in index_of(out)["warnings"] if w["path"] == str(bad)]
     assert warning["reason"].startswith("4 box(es) left out")
+    assert index_of(out)["boxes"]["dropped_not_finite"] == 3 and index_of(out)["boxes"]["dropped_empty"] == 1
 
     def no_nan(word):
         raise ValueError(f"{word} in a sample json")

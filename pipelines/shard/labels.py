@@ -5,7 +5,15 @@ import json
 import os
 from pathlib import Path
 
-from odis.manifest import image_id_list, manifest_metadata, sha256_of
+import numpy as np
+
+from odis.manifest import (
+    BOX_COLUMNS,
+    image_id_list,
+    manifest_metadata,
+    read_manifest,
+    sha256_of,
+)
 from pipelines.shard.settings import ShardError, ShardSettings
 
 
@@ -116,11 +124,16 @@ def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[di
                             "--id-scheme, the key rule its ids were made with (path, stem or coco)"))
     warnings = []
     c = r.counts
-    if c["dropped_not_finite"] or c["dropped_empty"] or c["clipped"] or c["duplicate_rows_dropped"]:
-        warnings.append({"path": str(s.manifest), "reason": ", ".join(
-            f"{k} {c[k]}" for k in ("dropped_not_finite", "dropped_empty", "clipped", "duplicate_rows_dropped")
-            if c[k]) + " (boxes with NaN/infinite coordinates or empty inside the image are left out; boxes "
-            "reaching outside are clipped to it)"})
+    if r.dropped.any():
+        i = int(np.flatnonzero(r.dropped)[0])
+        raw = read_manifest(s.manifest, columns=BOX_COLUMNS).slice(i, 1).to_pylist()[0]
+        warnings.append({"path": str(s.manifest), "reason": f"{int(r.dropped.sum())} box(es) left out "
+                         f"(dropped_not_finite {c['dropped_not_finite']}: NaN, infinite or partly null coordinates "
+                         f"or score; dropped_empty {c['dropped_empty']}: empty inside the image), e.g. row {i} "
+                         f"({r.image_id[i]!r}): {tuple(raw.values())}"})
+    if c["clipped"] or c["duplicate_rows_dropped"]:
+        warnings.append({"path": str(s.manifest), "reason": f"clipped {c['clipped']} box(es) reaching outside "
+                         f"the image; duplicate_rows_dropped {c['duplicate_rows_dropped']} (exact repeats)"})
     if stray:
         warnings.append({"path": str(s.manifest), "reason": f"{len(stray)} manifest image id(s) match no file under "
                          f"{s.images}, e.g. {sorted(stray)[0]!r}"})

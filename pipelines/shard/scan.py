@@ -49,7 +49,22 @@ def scan_images(root: str) -> Scan:
             elif not name.lower().endswith(IMAGE_EXTENSIONS):
                 others.append(rel)
         stack += reversed(subdirs)
-    return Scan(sorted(images), sorted(others), warnings)
+    return Scan(*_utf8_only(sorted(images), warnings), sorted(others), warnings)
+
+
+def _utf8_only(images: list[tuple[str, int]], warnings: list) -> tuple[list[tuple[str, int]]]:
+    """The images whose names are UTF-8; the others (no manifest or index can hold their names) are left out by
+    name, with their bytes shown escaped."""
+    ok = []
+    for rel, size in images:
+        try:
+            rel.encode("utf-8")
+            ok.append((rel, size))
+        except UnicodeEncodeError:
+            shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            warnings.append({"path": shown, "reason": "the name is not UTF-8 (no manifest or index can hold it): "
+                             "left out; rename the file"})
+    return (ok,)
 
 
 def _list_folder(prefix: str, path: str, seen: dict, warnings: list) -> list[tuple[str, int, int | str]]:
