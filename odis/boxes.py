@@ -35,9 +35,9 @@ def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     return b
 
 
-def account_boxes(boxes: np.ndarray, width, height) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+def account_boxes(boxes: np.ndarray, width, height) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Boxes [n,4] checked against their images (width, height: scalars or [n]): (boxes clipped to the image,
-    which of them are used, the counts of BOX_COUNTS). A box with a NaN or infinite coordinate is dropped
+    which of them are used, which of those were clipped, the counts of BOX_COUNTS). A box with a NaN or infinite coordinate is dropped
     (clipping would turn it into a wrong box), one empty after clipping too; one reaching outside is clipped."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     w = np.broadcast_to(np.asarray(width, np.float64), len(b))
@@ -49,7 +49,7 @@ def account_boxes(boxes: np.ndarray, width, height) -> tuple[np.ndarray, np.ndar
         clipped = used & (np.abs(c - b) > CLIP_TOL).any(axis=1)
     counts = {"used": int(used.sum()), "clipped": int(clipped.sum()), "dropped_not_finite": int((~finite).sum()),
               "dropped_empty": int((finite & ~used).sum())}
-    return c, used, counts
+    return c, used, clipped, counts
 
 
 def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -104,9 +104,9 @@ def decode_rgb(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | No
                 return arr, (arr.shape[1], arr.shape[0])
         if r >= 2:
             img.draft("RGB", (math.ceil(w / r), math.ceil(h / r)))
+        img.load()  # first: corrupt data fails here (a PNG's getexif would load it and hide the error)
         if _orientation(img) in _TRANSPOSING_ORIENTATIONS:
             w, h = h, w
-        img.load()  # truncated files fail here (unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set)
         return np.asarray(_to_rgb(ImageOps.exif_transpose(img))), (w, h)
     except ImageDecodeError:
         raise
@@ -136,6 +136,12 @@ def _cv2_jpeg(src: Source) -> np.ndarray | None:
         return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
     arr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def exif_orientation(src: Source) -> int:
+    """The EXIF orientation tag of a file (1 when absent or unreadable), from its header."""
+    with _open(src, "<image>") as img:
+        return _orientation(img)
 
 
 def _orientation(img: Image.Image) -> int:

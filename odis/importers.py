@@ -54,7 +54,7 @@ class Imported:
 def _kept_box(box, width: int, height: int, counts: Counter):
     """The box clipped to the image, or None: odis.boxes.account_boxes, its counts added to `counts` (`clipped`,
     `dropped_not_finite`, `dropped_empty`; `used` is the rows written)."""
-    b, used, n = account_boxes([box], width, height)
+    b, used, _, n = account_boxes([box], width, height)
     counts.update({k: v for k, v in n.items() if v and k != "used"})
     return b[0] if used[0] else None
 

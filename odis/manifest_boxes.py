@@ -30,6 +30,8 @@ class BoxRows:
     score: np.ndarray   # float64 [n]
     used: np.ndarray    # bool [n]: this row's box is used
     dropped: np.ndarray  # bool [n]: this row gives a box that is not used (not finite, or empty in its image)
+    clipped: np.ndarray  # bool [n]: this row's box reached outside its image and was clipped to it
+    given: np.ndarray   # float64 [n,4]: the boxes as the manifest gives them (NaN where null)
     error: np.ndarray   # bool [n]: an error row (the image could not be read)
     counts: dict
 
@@ -46,15 +48,16 @@ def read_box_rows(path: str | os.PathLike) -> BoxRows:
     no_box = null.all(axis=1) & ~error
     has = ~null.all(axis=1) & ~error  # partly null coordinates count as not finite: NaN in their place
     xyxy[has & ~np.isfinite(score)] = np.nan  # a box without a usable score is not a box either
-    boxes, used_of_has, counts = account_boxes(xyxy[has], width[has], height[has])
+    boxes, used_of_has, clipped_of_has, counts = account_boxes(xyxy[has], width[has], height[has])
     out = np.full_like(xyxy, np.nan)
     out[has] = boxes
-    used = np.zeros(len(xyxy), bool)
-    used[has] = used_of_has
+    used, clipped = np.zeros(len(xyxy), bool), np.zeros(len(xyxy), bool)
+    used[has], clipped[has] = used_of_has, clipped_of_has
     counts = {"rows": int(len(xyxy) + duplicates), "duplicate_rows_dropped": duplicates,
               "error_rows": int(error.sum()), "no_box_rows": int(no_box.sum()), **counts}
     ids = table.column("image_id").to_pylist()
-    return BoxRows(ids, width, height, out, np.nan_to_num(score, nan=1.0), used, has & ~used, error, counts)
+    return BoxRows(ids, width, height, out, np.nan_to_num(score, nan=1.0), used, has & ~used, clipped, xyxy, error,
+                   counts)
 
 
 def _floats(table: pa.Table, name: str) -> np.ndarray:

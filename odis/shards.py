@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from odis.imageio import DEFAULT_MAX_PIXELS
 from odis.names import plain_name, sample_key_problem, under
 
 INDEX_NAME = "index.json"
@@ -403,7 +404,7 @@ class VerifyReport:
                 "problems": [vars(p) for p in self.problems]}
 
 
-def verify_shards(folder_or_index, decode: bool = False, max_pixels: int = 178_956_970,
+def verify_shards(folder_or_index, decode: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                   progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Check a shard set against its index: every listed shard exists with its sha256 and sample count, no key
     repeats across the set, every sample has one image + a json that parses, matches the contract and whose boxes
@@ -461,7 +462,7 @@ def _verify_one(path: Path, entry: dict, seen: dict, report: VerifyReport, decod
 
 
 def check_sample(key: str, files: dict[str, bytes], n_classes: int | None = None, decode: bool = False,
-                 max_pixels: int = 178_956_970) -> list[tuple[str, str]]:
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, str]]:
     """(kind, message) for every way one sample breaks the contract; empty when it is good."""
     if "." in key or not key:
         return [("bad-sample", "key is empty or contains a dot (webdataset splits keys at the first dot)")]
@@ -505,17 +506,14 @@ def check_meta(key: str, meta, n_classes: int | None = None) -> list[tuple[str, 
 
 
 def _check_decode(data: bytes, meta: dict, max_pixels: int) -> list[tuple[str, str]]:
-    from PIL import Image
+    """Decode with the project's one decoder (odis.imageio): what the trainer and the evaluators will see."""
+    from odis.imageio import ImageDecodeError, decode_rgb, exif_orientation
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                return [("decode", f"{im.width}x{im.height} exceeds the {max_pixels}-pixel cap; not decoded")]
-            im.load()
-            size = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except Exception as e:  # noqa: BLE001 (any decoder failure is a finding, not a crash)
-        return [("decode", f"image does not decode: {type(e).__name__}: {e}")]
+        _, size = decode_rgb(data, max_pixels, name="image")
+        orientation = exif_orientation(data)
+    except ImageDecodeError as e:
+        return [("decode", f"image does not decode: {e}")]
     probs = []
     if size != (meta["width"], meta["height"]):
         probs.append(("decode", f"decoded size {size[0]}x{size[1]} differs from json {meta['width']}x{meta['height']}"))

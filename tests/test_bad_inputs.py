@@ -6,6 +6,7 @@ decoded pixels equal the reference decode; no command runs and no file appears o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -52,10 +53,11 @@ def corpus(tmp_path_factory, coco_tiny, ray_local, yolo320):
     """The image corpus, its extract-boxes manifest and its shards (the real commands)."""
     root = tmp_path_factory.mktemp("bad")
     ref = B.image_corpus(root / "imgs", sorted((coco_tiny / "val2017").glob("*.jpg"))[0])
+    listing = sorted(os.listdir(os.fsencode(root / "imgs")))
     ex = odis("extract-boxes", "--detector", "yolo", "--weights", yolo320, "--imgsz", 320, "--images",
               root / "imgs", "--out", root / "m", "--batch-size", 8, "--quiet")
     sh = odis("shard", "--images", root / "imgs", "--out", root / "sh", "--labels", "none", "--manifest", root / "m")
-    return {"root": root, "ref": ref, "extract": ex.output, "shard": sh.output}
+    return {"root": root, "ref": ref, "extract": ex.output, "shard": sh.output, "listing": listing}
 
 
 def test_every_image_is_a_row_or_left_out_by_name(corpus):
@@ -83,6 +85,8 @@ def test_every_image_is_a_row_or_left_out_by_name(corpus):
     assert c["rows"] == sum(c[k] for k in ("duplicate_rows_dropped", "error_rows", "no_box_rows", "used",
                                            "dropped_not_finite", "dropped_empty"))
     assert not (REPO / "PWNED").exists()
+    # nothing was written into the input folder (the commands write only under their --out)
+    assert sorted(os.listdir(os.fsencode(root / "imgs"))) == corpus["listing"]
 
 
 def test_decoded_pixels_equal_the_reference(corpus):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from odis.eval.features import MAX_IMAGE_PIXELS
 from odis.imageio import load_image
+from odis.names import plain_name
 
 IGNORE = 255
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -142,6 +143,8 @@ def voc_semantic(root: str | Path, split: str = "val") -> SegDataset:
     if not split_file.is_file():
         raise FileNotFoundError(f"VOC split file not found: {split_file}")
     ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    for k, i in enumerate(ids):  # names from a file others made: plain names in their folder (odis.names)
+        plain_name(i, f"{split_file}: line {k + 1}")
     items = [(i, root / "JPEGImages" / f"{i}.jpg") for i in ids]
     masks = [root / "SegmentationClass" / f"{i}.png" for i in ids]
     missing = [str(p) for (_, p) in items if not p.is_file()] + [str(m) for m in masks if not m.is_file()]

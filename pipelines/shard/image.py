@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from odis.imageio import ImageDecodeError, load_image
+from odis.imageio import ImageDecodeError, decode_rgb, load_image
 from pipelines.shard.settings import ShardSettings
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -91,11 +91,8 @@ def prepare_image(data: bytes, name: str, s: ShardSettings) -> Prepared:
     size = target_size(uw, uh, s.resize_short)
     ext = FORMAT_EXT.get(fmt)
     if size is None and orient == 1 and ext is not None:  # stored as is: the common case
-        if s.check == "decode":
-            try:
-                im.load()
-            except Exception as e:  # noqa: BLE001
-                raise ImageDecodeError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+        if s.check == "decode":  # the project's one decoder: the trainer will see exactly this
+            decode_rgb(data, s.max_pixels, name)
         return Prepared(ext, data, w, h, w, h)
     return _reencode(data, name, s, ext or "png", size, uw, uh)
 
@@ -114,7 +111,7 @@ def _header(data: bytes, name: str, s: ShardSettings) -> tuple:
         except Image.DecompressionBombError as e:
             raise ImageDecodeError(f"{name}: refused, decompression bomb ({e})") from None
         except Exception as e:  # noqa: BLE001
-            raise ImageDecodeError(f"{name}: not an image PIL recognises ({type(e).__name__})") from None
+            raise ImageDecodeError(f"{name}: not an image (format not recognised: {type(e).__name__})") from None
         fmt, (w, h) = im.format, im.size
     if w * h > s.max_pixels:
         raise ImageDecodeError(f"{name}: refused, {w}x{h} = {w * h} pixels exceeds max_pixels={s.max_pixels} "

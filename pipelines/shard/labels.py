@@ -7,13 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from odis.manifest import (
-    BOX_COLUMNS,
-    image_id_list,
-    manifest_metadata,
-    read_manifest,
-    sha256_of,
-)
+from odis.manifest import image_id_list, manifest_metadata, sha256_of
 from pipelines.shard.settings import ShardError, ShardSettings
 
 
@@ -92,10 +86,10 @@ def _coco_labels(s: ShardSettings, relpaths: list[str]) -> tuple[dict, list[str]
     return labels, [c["name"] for c in cats], warnings
 
 
-def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[dict], dict | None]:
+def manifest_boxes(s: ShardSettings, ids: dict[str, str]) -> tuple[dict, dict, list[dict], dict | None]:
     """image_id -> (boxes, scores, (w, h)) from the manifest, read through odis.manifest_boxes (one id, one image;
-    every row accounted for); rows of images not under the root are left out and counted in a warning. Returns
-    (boxes, inputs, warnings, the manifest's row accounting)."""
+    every row accounted for); rows of images not under the root are left out and counted in a warning, a clipped
+    box is named with its image (`ids`: image_id -> relpath). Returns (boxes, inputs, warnings, row counts)."""
     from odis.manifest import ManifestError
     from odis.manifest_boxes import read_box_rows
 
@@ -106,7 +100,7 @@ def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[di
     except ManifestError as e:
         raise ShardError(f"--manifest {e}") from None
     out: dict[str, list] = {}
-    stray = set()
+    stray, clipped = set(), {}
     for i, iid in enumerate(r.image_id):
         if iid not in ids:
             stray.add(iid)
@@ -115,6 +109,8 @@ def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[di
         if r.used[i]:
             entry[0].append(tuple(float(v) for v in r.boxes[i]))
             entry[1].append(float(r.score[i]))
+        if r.clipped[i]:
+            clipped.setdefault(iid, []).append(i)
     if stray and not out:
         meta = manifest_metadata(s.manifest)
         raise ShardError(f"--manifest {s.manifest}: none of its {len(stray)} image ids matches a file under "
@@ -126,14 +122,17 @@ def manifest_boxes(s: ShardSettings, ids: set[str]) -> tuple[dict, dict, list[di
     c = r.counts
     if r.dropped.any():
         i = int(np.flatnonzero(r.dropped)[0])
-        raw = read_manifest(s.manifest, columns=BOX_COLUMNS).slice(i, 1).to_pylist()[0]
         warnings.append({"path": str(s.manifest), "reason": f"{int(r.dropped.sum())} box(es) left out "
                          f"(dropped_not_finite {c['dropped_not_finite']}: NaN, infinite or partly null coordinates "
                          f"or score; dropped_empty {c['dropped_empty']}: empty inside the image), e.g. row {i} "
-                         f"({r.image_id[i]!r}): {tuple(raw.values())}"})
-    if c["clipped"] or c["duplicate_rows_dropped"]:
-        warnings.append({"path": str(s.manifest), "reason": f"clipped {c['clipped']} box(es) reaching outside "
-                         f"the image; duplicate_rows_dropped {c['duplicate_rows_dropped']} (exact repeats)"})
+                         f"({r.image_id[i]!r}): {tuple(float(v) for v in r.given[i])}"})
+    for iid, rows in clipped.items():
+        w, h = out[iid][2]
+        warnings.append({"path": ids[iid], "reason": f"{len(rows)} box(es) outside the {w}x{h} image, e.g. "
+                         f"{[round(float(v), 1) for v in r.given[rows[0]]]}: clipped to it"})
+    if c["duplicate_rows_dropped"]:
+        warnings.append({"path": str(s.manifest), "reason": f"duplicate_rows_dropped {c['duplicate_rows_dropped']}"
+                         " (rows repeated exactly: each used once)"})
     if stray:
         warnings.append({"path": str(s.manifest), "reason": f"{len(stray)} manifest image id(s) match no file under "
                          f"{s.images}, e.g. {sorted(stray)[0]!r}"})

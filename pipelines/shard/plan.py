@@ -47,7 +47,7 @@ def build_plan(s: ShardSettings) -> Plan:
     scheme, by_manifest = id_scheme(s)
     ids = image_ids(relpaths, scheme, s.manifest if by_manifest else None)
     labels, classes, warnings = labels_for(s, relpaths)
-    boxes, inputs, box_warnings, box_counts = manifest_boxes(s, set(ids))
+    boxes, inputs, box_warnings, box_counts = manifest_boxes(s, dict(zip(ids, relpaths)))
     # Item(relpath, image_id, size, label, boxes, scores, manifest (w, h)), built without NamedTuple's Python-level
     # __new__ (1 µs a file, a tenth of planning on small images)
     items = [_new_item(Item, (r, i, size, labels.get(r), *boxes.get(i, _NO_BOXES)))
