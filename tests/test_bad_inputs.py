@@ -315,11 +315,16 @@ def test_tar_members_that_try_to_leave_the_folder_are_counted_never_used(good_sh
     for k, smp in enumerate(good[:8]):
         key = {0: "../evil", 1: "/abs/evil", 2: "a/b"}.get(k, smp.key)
         meta = dict(smp.meta, image_id=key)
+        if k == 3:  # the shard's own boxes, checked as a manifest's: one clipped, two dropped, one used
+            w, h = meta["width"], meta["height"]
+            meta.update(boxes=[[-5, 0, w + 50, h], [float("nan"), 0, 1, 1], [5, 5, 5, 9], [1, 1, 9, 9]],
+                        scores=[1.0] * 4)
         members += [(f"{key}.jpg", smp.image), (f"{key}.json", json.dumps(meta).encode())]
     B.tar_with_members(s / "t-000000.tar", members)
-    train(s, tmp_path / "run", "max_steps=1")
+    train(s, tmp_path / "run", "max_steps=1", "data.shuffle_buffer=1")  # file order: the 3 bad, then 4 good
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert data["bad_samples"] == 3 and data["samples"] == 4
+    assert data["json_boxes_clipped"] == 1 and data["json_boxes_dropped"] == 2
     from odis.shards import check_sample
     for key in ("../evil", "/abs/evil", "a/b"):
         assert check_sample(key, {"jpg": b"", "json": b"{}"})[0][0] == "bad-sample"

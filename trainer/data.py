@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from odis.augment import GLOBAL1, GLOBAL2, LOCAL, photometric
+from odis.boxes import account_boxes
 from odis.imageio import ImageDecodeError, decode_rgb
 from odis.names import sample_key_problem
 from odis.views import ViewMaker
@@ -179,8 +180,6 @@ def _json_boxes(meta: dict, key: str) -> np.ndarray:
         b = np.asarray(boxes, np.float64).reshape(-1, 4)
     except (ValueError, TypeError):
         raise BadSample(f"{key}: json 'boxes' is not a list of [x0, y0, x1, y1]") from None
-    if not np.isfinite(b).all():
-        raise BadSample(f"{key}: json 'boxes' has non-finite values")
     return b
 
 
@@ -444,8 +443,10 @@ class TrainStream(IterableDataset):
                 raise BadSample(f"{key}: json size {jw}x{jh} does not match the image's {sw}x{sh}")
             sw, sh = jw, jh  # boxes are in pixels of the stored image as the json describes it
         boxes = self.spec.boxes.lookup(key, sw, sh) if self.spec.boxes is not None else None
-        if boxes is None:
-            boxes = _json_boxes(meta, key)
+        counts = {}
+        if boxes is None:  # the shard's own boxes: checked and counted as a manifest's are (odis.boxes)
+            boxes, used, _, counts = account_boxes(_json_boxes(meta, key), sw, sh)
+            boxes = boxes[used]
         h, w = image.shape[:2]
         if len(boxes):
             boxes = boxes * np.array([w / sw, h / sh, w / sw, h / sh])  # to the decoded size (draft)
@@ -457,6 +458,8 @@ class TrainStream(IterableDataset):
         views["label"] = label if isinstance(label, int) and not isinstance(label, bool) else -1
         views["key"] = key
         views["has_box"] = bool(len(boxes))
+        views["boxes_clipped"] = counts.get("clipped", 0)
+        views["boxes_dropped"] = counts.get("dropped_not_finite", 0) + counts.get("dropped_empty", 0)
         return views
 
 
@@ -501,6 +504,8 @@ class _Batch:
         self.fallbacks = np.zeros(size, np.int64)
         self.bad = np.zeros(size, np.int64)
         self.has_box = np.zeros(size, bool)
+        self.boxes_clipped = np.zeros(size, np.int64)
+        self.boxes_dropped = np.zeros(size, np.int64)
         self.keys: list[str] = []
 
     @property
@@ -516,6 +521,7 @@ class _Batch:
             getattr(self, name)[:, i] = v[name]
         self.label[i], self.fallbacks[i], self.bad[i] = v["label"], v["fallbacks"], bad
         self.has_box[i] = v.get("has_box", True)
+        self.boxes_clipped[i], self.boxes_dropped[i] = v.get("boxes_clipped", 0), v.get("boxes_dropped", 0)
         self.keys.append(v["key"])
         self.n += 1
 
@@ -532,6 +538,8 @@ class _Batch:
             "fallbacks": t(self.fallbacks),                    # int64 [B] object-aware crop fallbacks (0..2)
             "bad": t(self.bad),                                # int64 [B] bad samples skipped just before each
             "has_box": t(self.has_box),                        # bool [B] False: no box, the whole image was used
+            "boxes_clipped": t(self.boxes_clipped),            # int64 [B] shard-json boxes clipped to the image
+            "boxes_dropped": t(self.boxes_dropped),            # int64 [B] shard-json boxes not finite or empty
             "key": self.keys,                                  # list[str] image ids
             "worker": worker,                                  # logical worker that made the batch
             "position": position,                              # that worker's stream position after it
@@ -550,6 +558,7 @@ def collate(samples: list[dict]) -> dict:
     b.obj_valid, b.obj_box = np.zeros((2, len(samples)), bool), np.zeros((2, len(samples), 4), np.float32)
     b.label, b.fallbacks, b.bad = (np.zeros(len(samples), np.int64) for _ in range(3))
     b.has_box = np.zeros(len(samples), bool)
+    b.boxes_clipped, b.boxes_dropped = np.zeros(len(samples), np.int64), np.zeros(len(samples), np.int64)
     for s in samples:
         b.add(s, s.get("bad", 0))
     return b.finish(worker=samples[-1].get("worker", 0), position=samples[-1].get("position", [0, 0, 0]))
@@ -560,7 +569,9 @@ def collate(samples: list[dict]) -> dict:
 class TrainLoader:
     """Iterable over batches (infinite; count steps yourself). Attributes: steps_per_epoch, epoch_samples,
     box_report (rank 0; None elsewhere), stats (running totals: samples, bad_samples, crop_fallbacks, obj_invalid,
-    whole_image_box = samples without any box, trained with the whole image as the object),
+    whole_image_box = samples without any box, trained with the whole image as the object; json_boxes_clipped /
+    json_boxes_dropped = boxes of the shards' own json clipped to the image / not finite or empty, when no
+    manifest is given),
     state_dict() -> the data position to store in checkpoints (pass back as `state` to resume exactly)."""
 
     def __init__(self, loader: DataLoader, spec: StreamSpec, epoch_samples: int, box_report: dict | None):
@@ -570,7 +581,8 @@ class TrainLoader:
         self.step = spec.start_step
         self.positions = list(spec.positions) if spec.positions is not None else \
             [spec.plan.position(w, spec.start_step, spec.chunk) for w in range(self.num_workers)]
-        self.stats = {"samples": 0, "bad_samples": 0, "crop_fallbacks": 0, "obj_invalid": 0, "whole_image_box": 0}
+        self.stats = {"samples": 0, "bad_samples": 0, "crop_fallbacks": 0, "obj_invalid": 0, "whole_image_box": 0,
+                      "json_boxes_clipped": 0, "json_boxes_dropped": 0}
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
@@ -581,6 +593,8 @@ class TrainLoader:
             self.stats["crop_fallbacks"] += int(batch["fallbacks"].sum())
             self.stats["obj_invalid"] += int((~batch["obj_valid"]).sum())
             self.stats["whole_image_box"] += int((~batch["has_box"]).sum())
+            self.stats["json_boxes_clipped"] += int(batch["boxes_clipped"].sum())
+            self.stats["json_boxes_dropped"] += int(batch["boxes_dropped"].sum())
             yield batch
 
     def state_dict(self) -> dict:
