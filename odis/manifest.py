@@ -445,24 +445,26 @@ def validate_manifest(path: str | os.PathLike, limit: int = 50) -> list[str]:
 # ---- merge -------------------------------------------------------------------------------------------------
 
 def merge_manifests(inputs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Concatenate manifests into one file. Rows of an image id present in several inputs must agree on path
-    (checked); the provenance of every input is kept under `odis.inputs`."""
-    tables, metas, where = [], [], {}
+    """Concatenate manifests into one file. Rows of an image id present in several inputs must name one image
+    (image_conflicts); the provenance of every input is kept under `odis.inputs`."""
+    tables, metas, source = [], [], []
     for src in inputs:
-        t = read_manifest(src)
-        ids = t.column("image_id").to_pylist()
-        paths = t.column("path").to_pylist()
-        for i, p in dict(zip(ids, paths)).items():
-            if i in where and where[i][0] != p:
-                raise ManifestError(f"{src}: image_id {i!r} is {p!r} but {where[i][0]!r} in {where[i][1]}")
-            where.setdefault(i, (p, str(src)))
-        tables.append(t)
+        tables.append(read_manifest(src))
         metas.append(manifest_metadata(src))
+        source += [str(src)] * tables[-1].num_rows
+    merged = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    cols = {c: merged.column(c).to_numpy(zero_copy_only=False) for c in ("image_id", "path", "width", "height")}
+    conflicts = image_conflicts(cols["image_id"], cols["path"], cols["width"], cols["height"])
+    if conflicts:
+        a, b = conflicts[0]
+        raise ManifestError(f"{source[b]}: image_id {cols['image_id'][b]!r} is {cols['path'][b]!r} "
+                            f"({cols['width'][b]}x{cols['height'][b]}) but {cols['path'][a]!r} "
+                            f"({cols['width'][a]}x{cols['height'][a]}) in {source[a]}")
     roots = {m.get("images_root") for m in metas}
     schemes = {m.get("id_scheme") for m in metas}
     meta = make_metadata("merged", roots.pop() if len(roots) == 1 else None,
                          schemes.pop() if len(schemes) == 1 else "mixed", inputs=metas)
-    return write_manifest(pa.concat_tables([t.replace_schema_metadata(None) for t in tables]), out, meta)
+    return write_manifest(merged, out, meta)
 
 
 # ---- statistics --------------------------------------------------------------------------------------------
