@@ -236,6 +236,43 @@ def shard_keys(urls: list[str]) -> list[str] | None:
     return keys
 
 
+def shard_counts(spec_str: str, urls: list[str]) -> list[int] | None:
+    """Samples per shard: from the index.json beside the spec or the shards, else from local tar headers; None
+    for remote shards without an index."""
+    indexes = []
+    if is_remote(spec_str) and spec_str.startswith(("http://", "https://")) and spec_str.endswith(".json"):
+        indexes.append(lambda: _load_index_json(_fetch_url(spec_str), spec_str))  # list_shards read it too
+    candidates = [spec_str] if not is_remote(spec_str) else []
+    if urls and not is_remote(urls[0]):
+        candidates.append(str(local_path(urls[0]).parent / INDEX_NAME))
+    for c in candidates:
+        p = local_path(c)
+        if (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.suffix == ".json" and p.is_file()):
+            indexes.append(lambda p=p: read_index(p))
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    for index in indexes:
+        listed = {sh["name"].rsplit("/", 1)[-1]: int(sh["count"]) for sh in index()["shards"]}
+        if all(n in listed for n in names):
+            return [listed[n] for n in names]
+    if any(is_remote(u) for u in urls):
+        return None
+    return [count_samples(local_path(u)) for u in urls]
+
+
+def count_samples(path) -> int:
+    """Samples in a local tar, from its headers; 0 (with a warning) for one that cannot be read."""
+    try:
+        offsets = sample_offsets(path)
+        if offsets is not None:
+            return len(offsets)
+        with tarfile.open(path, mode="r:") as tar:
+            keys = [sample_key(m.name) for m in tar if m.isfile()]
+        return sum(1 for k, last in zip(keys, [None, *keys]) if k is not None and k != last)
+    except (tarfile.TarError, OSError) as e:  # the readers count it when they meet it
+        warnings.warn(f"{path}: unreadable shard ({type(e).__name__}: {e}); it counts as empty", stacklevel=2)
+        return 0
+
+
 def sample_key(name: str) -> str | None:
     """The sample key webdataset gives a tar member, or None for a member it leaves out: metadata (`__x__`,
     `__meta__/...`) and names without a key and an extension (`README`, `._x.jpg` AppleDouble files, `.x.jpg`)."""

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -300,6 +301,14 @@ def test_a_truncated_tar_counts_every_lost_sample(corpus, tmp_path):
     r = train(s, tmp_path / "run", f"max_steps={steps}", "data.epoch_samples=" + str(index["num_samples"]))
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert data["bad_samples"] >= lost, (data, lost)  # was 1: the tar's error, not the samples it lost
+    from odis.eval.features import ViewConfig, extract_features, shard_loader
+
+    class MeanRGB(torch.nn.Module):  # a stand-in backbone: only the reader is under test here
+        def forward(self, x, obj_mask=None):
+            return (x.mean(dim=(2, 3)),)
+
+    f = extract_features(MeanRGB(), shard_loader(str(s), ViewConfig("none", 32, None, 8)), progress=False)
+    assert f.counts["errors"] + len(f.image_ids) == index["num_samples"] and f.counts["errors"] >= lost
     v = odis("verify", s, ok=False)
     assert "unreadable" in v.output and index["shards"][0]["name"] in v.output
     (s / index["shards"][1]["name"]).unlink()

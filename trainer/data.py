@@ -612,53 +612,10 @@ def _stream_identity(spec: StreamSpec, step: int) -> dict:
             "steps_per_epoch": plan.steps_per_epoch, "shards": shards}
 
 
-def shard_counts(spec_str: str, urls: list[str]) -> list[int] | None:
-    """Samples per shard: from the index.json beside the spec or the shards, else from local tar headers; None
-    for remote shards without an index."""
-    from odis.shards import INDEX_NAME, _fetch_url, _load_index_json, is_remote, local_path, read_index
-
-    indexes = []
-    if is_remote(spec_str) and spec_str.startswith(("http://", "https://")) and spec_str.endswith(".json"):
-        indexes.append(lambda: _load_index_json(_fetch_url(spec_str), spec_str))  # list_shards read it too
-    candidates = [spec_str] if not is_remote(spec_str) else []
-    if urls and not is_remote(urls[0]):
-        candidates.append(str(local_path(urls[0]).parent / INDEX_NAME))
-    for c in candidates:
-        p = local_path(c)
-        if (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.suffix == ".json" and p.is_file()):
-            indexes.append(lambda p=p: read_index(p))
-    names = [u.rsplit("/", 1)[-1] for u in urls]
-    for index in indexes:
-        listed = {sh["name"].rsplit("/", 1)[-1]: int(sh["count"]) for sh in index()["shards"]}
-        if all(n in listed for n in names):
-            return [listed[n] for n in names]
-    if any(is_remote(u) for u in urls):
-        return None
-    log.info("counting the samples of %d shard(s) from their tar headers (no index.json)", len(urls))
-    return [_count_samples(local_path(u)) for u in urls]
-
-
-def _count_samples(path) -> int:
-    import tarfile
-
-    from odis.shards import sample_key, sample_offsets
-
-    try:
-        offsets = sample_offsets(path)
-        if offsets is not None:
-            return len(offsets)
-        with tarfile.open(path, mode="r:") as tar:
-            keys = [sample_key(m.name) for m in tar if m.isfile()]
-        return sum(1 for k, last in zip(keys, [None, *keys]) if k is not None and k != last)
-    except (tarfile.TarError, OSError) as e:  # the readers count it when they meet it
-        log.warning("%s: unreadable shard (%s: %s); it counts as empty", path, type(e).__name__, e)
-        return 0
-
-
 def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
                       state: dict | None = None, pin_memory: bool | None = None) -> TrainLoader:
     """The training batches of `rank` (see the module docstring). `cfg` is trainer.config.Config."""
-    from odis.shards import list_shards, shard_keys
+    from odis.shards import list_shards, shard_counts, shard_keys
 
     d = cfg.data
     if not d.shards:

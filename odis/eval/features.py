@@ -221,7 +221,7 @@ class _MakeView:
 
     def __call__(self, sample: dict) -> dict:
         if "__shard_error__" in sample:
-            return {"error": sample["__shard_error__"]}
+            return {"error": sample["__shard_error__"], "lost": sample["__lost__"]}
         try:
             image_id, img, meta = decode_sample(sample)
             box = box_for_sample(img, meta, image_id, self.manifest, self.cfg.box_select)
@@ -238,7 +238,8 @@ class _MakeView:
 
 def _collate(batch: list[dict]) -> dict:
     good = [b for b in batch if "error" not in b]
-    out = {"errors": [b["error"] for b in batch if "error" in b], "n": len(good)}
+    out = {"errors": [b["error"] for b in batch if "error" in b], "n": len(good),
+           "lost": sum(b.get("lost", 1) for b in batch if "error" in b)}
     if good:
         out["image"] = torch.stack([b["image"] for b in good])
         masks = [b["obj_mask"] for b in good]
@@ -271,36 +272,48 @@ def _shard_end_problem(url: str) -> str | None:
     return None
 
 
-def _shard_samples(shards):
+class _ShardSamples:
     """The samples of each shard in turn. A shard that cannot be read (missing, empty, truncated) gives what it
-    could, then one error record: the loop counts it like an unreadable sample instead of a DataLoader worker
-    dying with a tarfile traceback."""
-    from webdataset.tariterators import tarfile_samples
+    could, then one error record counting the samples it lost (against `counts`, the samples per shard): the loop
+    counts them like unreadable samples instead of a DataLoader worker dying with a tarfile traceback."""
 
-    for shard in shards:
-        url, last = shard["url"], None
-        try:
-            for sample in tarfile_samples([dict(shard)]):  # one behind: the last may turn out incomplete
-                if last is not None:
-                    yield last
-                last = sample
-            problem = _shard_end_problem(url)
-            if problem and last is not None:  # cut at a member boundary: the last sample may miss files
-                problem, last = f"{problem}; its last sample {last['__key__']!r} is left out", None
-        except Exception as e:  # noqa: BLE001 - any failure to read one shard is reported, never fatal
-            problem = f"{type(e).__name__}: {e.args[0] if e.args else e}"
-        if last is not None:
-            yield last
-        if problem:
-            yield {"__url__": url, "__shard_error__": f"{url}: unreadable shard ({problem})"}
+    def __init__(self, counts: dict[str, int]):
+        self.counts = counts
+
+    def __call__(self, shards):
+        from webdataset.tariterators import tarfile_samples
+
+        for shard in shards:
+            url, last, read = shard["url"], None, 0
+            try:
+                for sample in tarfile_samples([dict(shard)]):  # one behind: the last may turn out incomplete
+                    if last is not None:
+                        yield last
+                        read += 1
+                    last = sample
+                problem = _shard_end_problem(url)
+                if problem and last is not None:  # cut at a member boundary: the last sample may miss files
+                    problem, last = f"{problem}; its last sample {last['__key__']!r} is left out", None
+            except Exception as e:  # noqa: BLE001 - any failure to read one shard is reported, never fatal
+                problem = f"{type(e).__name__}: {e.args[0] if e.args else e}"
+            if last is not None:
+                yield last
+                read += 1
+            if problem:
+                lost = max(1, self.counts.get(url, 0) - read)
+                yield {"__url__": url, "__shard_error__": f"{url}: unreadable shard ({problem}): {lost} sample(s) "
+                       "lost", "__lost__": lost}
 
 
 def shard_loader(spec: str, cfg: ViewConfig, manifest: dict | None = None, batch_size: int = 64,
                  num_workers: int = 0):
     import webdataset as wds
 
+    from odis.shards import shard_counts
+
     urls = list_shard_urls(spec)
-    ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, _shard_samples,
+    counts = dict(zip(urls, shard_counts(spec, urls) or []))
+    ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, _ShardSamples(counts),
                           wds.map(_MakeView(cfg, manifest)))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(urls)),
                                        collate_fn=_collate)
@@ -311,7 +324,7 @@ class Features:
     feats: torch.Tensor                  # [N, D] (or [N, n_blocks * D])
     labels: torch.Tensor                 # [N], -1 = no label
     image_ids: list[str]
-    counts: dict = field(default_factory=dict)   # no_box / not_in_manifest / box_cropped_away / errors
+    counts: dict = field(default_factory=dict)   # no_box / not_in_manifest / box_cropped_away / errors (samples)
     errors: list[str] = field(default_factory=list)
 
 
@@ -326,6 +339,7 @@ def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1,
     counts = {"no_box": 0, "not_in_manifest": 0, "box_cropped_away": 0, "errors": 0}
     for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=not progress):
         errors += batch["errors"]
+        counts["errors"] += batch.get("lost", len(batch["errors"]))  # a truncated shard: every sample it lost
         if batch["n"] == 0:
             continue
         x = batch["image"].to(device)
@@ -341,7 +355,6 @@ def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1,
         for fb in batch["fallback"]:
             if fb:
                 counts[fb] += 1
-    counts["errors"] = len(errors)
     if not feats:
         raise ValueError(f"no image could be read ({len(errors)} error(s); first: {errors[0]})" if errors else
                          "no image could be read: the shards hold no samples")
