@@ -14,9 +14,6 @@ import numpy as np
 EMPTY_AREA = 1e-6
 # Edges this close outside the image are float32 rounding, not a box that reaches outside: not counted as clipped.
 CLIP_TOL = 1e-3
-# The box-accounting vocabulary, shared by import-boxes, shard, the trainer and the evaluators: every box given is
-# used (some of them clipped) or dropped for one of these reasons.
-BOX_COUNTS = ("used", "clipped", "dropped_not_finite", "dropped_empty")
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:
@@ -37,8 +34,9 @@ def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
 
 def account_boxes(boxes: np.ndarray, width, height) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Boxes [n,4] checked against their images (width, height: scalars or [n]): (boxes clipped to the image,
-    which of them are used, which of those were clipped, the counts of BOX_COUNTS). A box with a NaN or infinite coordinate is dropped
-    (clipping would turn it into a wrong box), one empty after clipping too; one reaching outside is clipped."""
+    which of them are used, which of those were clipped, counts). The counts are the box-accounting vocabulary
+    of import-boxes, shard, the trainer and the evaluators: `used` (of which `clipped`: it reached outside),
+    `dropped_not_finite` (a NaN or infinite coordinate: clipping would make it a wrong box), `dropped_empty`."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     w = np.broadcast_to(np.asarray(width, np.float64), len(b))
     h = np.broadcast_to(np.asarray(height, np.float64), len(b))

@@ -93,13 +93,14 @@ def decode_rgb(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | No
     still the full one, the array smaller. Raises ImageDecodeError("<name>: <reason>").
     """
     name = name or (str(src) if not isinstance(src, (bytes, bytearray, memoryview)) else "<bytes>")
-    img = _open(src, name)
+    data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else _read_file(src, name)
+    img = _open(data, name)  # the file is read once: PIL's header and OpenCV use the same bytes
     try:
         _check_pixels(img, name, max_pixels)  # the limit, ours: no process-wide warnings filter (decode threads)
         w, h = img.size
         r = max_reduction(w, h) if max_reduction is not None and img.format == "JPEG" else 1.0
         if img.format == "JPEG" and img.mode in ("RGB", "L") and r < 2:
-            arr = _cv2_jpeg(src)
+            arr = _cv2_jpeg(data)
             if arr is not None:
                 return arr, (arr.shape[1], arr.shape[0])
         if r >= 2:
@@ -120,15 +121,20 @@ def decode_rgb(src: Source, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | No
         img.close()  # the file handle, now: loops over millions of files must not wait for the GC
 
 
-def _cv2_jpeg(src: Source) -> np.ndarray | None:
+def _read_file(path, name: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{name}: file not found") from None
+    except OSError as e:  # a folder, permissions, I/O: the system's reason, as _open gives it
+        raise ImageDecodeError(f"{name}: {_os_reason(e, 'cannot open')} ({e})") from None
+
+
+def _cv2_jpeg(data: bytes) -> np.ndarray | None:
     """A complete JPEG decoded by OpenCV as RGB, or None (truncated, or OpenCV refuses it: PIL then says why)."""
     import cv2
 
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        data = bytes(src)
-    else:
-        with open(src, "rb") as f:
-            data = f.read()
     if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # no end marker: PIL names the error
         return None
     buf = np.frombuffer(data, np.uint8)

@@ -436,9 +436,10 @@ def validate_manifest(path: str | os.PathLike, limit: int = 50) -> list[str]:
         rows = pd.concat(images, ignore_index=True)
         for a, b in image_conflicts(rows["image_id"], rows["path"], rows["width"], rows["height"]):
             ra, rb = rows.iloc[a], rows.iloc[b]
+            there = "" if ra.file == rb.file else f" of {ra.file}"
             problems.append(f"{rb.file}: column image_id: {rb.image_id!r} names two different images: "
                             f"{rb.path!r} {rb.width}x{rb.height} in row {rb.row} here, {ra.path!r} "
-                            f"{ra.width}x{ra.height} in row {ra.row}" + ("" if ra.file == rb.file else f" of {ra.file}"))
+                            f"{ra.width}x{ra.height} in row {ra.row}{there}")
     return problems[:limit]
 
 

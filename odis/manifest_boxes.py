@@ -3,7 +3,7 @@ through `read_box_rows`, which checks its image ids and accounts for every row.
 
 Row accounting (`BoxRows.counts`): rows = duplicate_rows_dropped + error_rows + no_box_rows + used +
 dropped_not_finite + dropped_empty, and `clipped` (boxes reaching outside their image, clipped to it) are among the
-used. The names are odis.boxes.BOX_COUNTS, the ones `import-boxes` prints.
+used. The names are those of odis.boxes.account_boxes, the ones `import-boxes` prints.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ class BoxRows:
     dropped: np.ndarray  # bool [n]: this row gives a box that is not used (not finite, or empty in its image)
     clipped: np.ndarray  # bool [n]: this row's box reached outside its image and was clipped to it
     given: np.ndarray   # float64 [n,4]: the boxes as the manifest gives them (NaN where null)
-    error: np.ndarray   # bool [n]: an error row (the image could not be read)
     counts: dict
 
 
@@ -56,8 +55,7 @@ def read_box_rows(path: str | os.PathLike) -> BoxRows:
     counts = {"rows": int(len(xyxy) + duplicates), "duplicate_rows_dropped": duplicates,
               "error_rows": int(error.sum()), "no_box_rows": int(no_box.sum()), **counts}
     ids = table.column("image_id").to_pylist()
-    return BoxRows(ids, width, height, out, np.nan_to_num(score, nan=1.0), used, has & ~used, clipped, xyxy, error,
-                   counts)
+    return BoxRows(ids, width, height, out, np.nan_to_num(score, nan=1.0), used, has & ~used, clipped, xyxy, counts)
 
 
 def _floats(table: pa.Table, name: str) -> np.ndarray:

@@ -65,10 +65,10 @@ def plain_relpath(relpath, where: str) -> str:
 def under(base: str | os.PathLike, name: str, where: str, nested: bool = False) -> str:
     """`name` (a plain file name, or with `nested` a plain relative path) resolved under `base`: a folder path, or
     an http(s) URL of a folder or of a file in it (an index.json). The result is never a URL of another kind."""
-    name = plain_relpath(name, where) if nested else plain_name(name, where)
     base = os.fspath(base)
-    if base.startswith(("http://", "https://")):
-        plain_name(name, where)  # a URL is read by webdataset: the strict rule
+    remote = base.startswith(("http://", "https://"))
+    name = plain_relpath(name, where) if nested and not remote else plain_name(name, where)  # URLs: the strict rule
+    if remote:
         return urllib.parse.urljoin(base, urllib.parse.quote(name))
     # os.path.join keeps a "./" that pathlib drops: "." + "x" is "./x", never a bare name a reader could parse.
     return os.path.join(base or ".", name)

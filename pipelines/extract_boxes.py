@@ -139,11 +139,10 @@ class BoxExtractor:
             return None, 0, 0, str(e)
         except Exception as e:  # noqa: BLE001 - never let one file abort the job
             return None, 0, 0, f"{rel}: cannot read ({type(e).__name__}: {e})"
-        im = Image.fromarray(rgb)
         try:
-            return (self.prepare(rgb) if self.prepare else im), w, h, None
+            return (self.prepare(rgb) if self.prepare else Image.fromarray(rgb)), w, h, None
         except Exception:  # noqa: BLE001 - the detector converts it again: a failure is then its (redone) row
-            return im, w, h, None
+            return Image.fromarray(rgb), w, h, None
 
     def _detect(self, images: list) -> list:
         """Detector on the batch; if the batch fails, image by image so the failure is pinned to its row."""
@@ -424,7 +423,8 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     check_detector(cfg.detector)
     check_ray_address(cfg.ray_address)  # an unreachable cluster is said before the images are listed
     _check_out_apart(out, root)
-    items, not_images, left_out = _list(cfg)  # before --overwrite deletes anything: a bad id scheme must not cost the output
+    # listed before --overwrite deletes anything: a bad id scheme must not cost the output
+    items, not_images, left_out = _list(cfg)
     staging = staging_dir(out)
     for where in (out, staging):
         _check_only_ours(where)

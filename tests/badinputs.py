@@ -39,7 +39,8 @@ TABLE = {
     "index.json names with a scheme (`pipe:`, `https:`), absolute, `..`": (
         "-", "train, eval, verify, show: one error naming the entry; nothing runs"),
     "a shard file named `pipe:...` in a folder without index": ("-", "refused by name; nothing runs"),
-    "truncated tar, missing shard": ("-", "train: every lost sample counted in `bad_samples`, eval in its `errors`; verify: named"),
+    "truncated tar, missing shard": (
+        "-", "train: every lost sample counted in `bad_samples`, eval in its `errors`; verify: named"),
     "tar members named `../x`, `/abs/x`, `a/b`": ("-", "train: skipped and counted; verify: `bad-sample`"),
     "a sample json's boxes out of bounds / NaN / empty": (
         "-", "train: clipped / dropped, counted in `RUN/data.json` (`json_boxes_*`); verify: `bad-box`"),

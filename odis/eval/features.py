@@ -339,7 +339,7 @@ def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1,
     counts = {"no_box": 0, "not_in_manifest": 0, "box_cropped_away": 0, "errors": 0}
     for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=not progress):
         errors += batch["errors"]
-        counts["errors"] += batch.get("lost", len(batch["errors"]))  # a truncated shard: every sample it lost
+        counts["errors"] += batch["lost"]  # samples: a truncated shard counts every sample it lost
         if batch["n"] == 0:
             continue
         x = batch["image"].to(device)

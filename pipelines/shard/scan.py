@@ -49,12 +49,17 @@ def scan_images(root: str) -> Scan:
             elif not name.lower().endswith(IMAGE_EXTENSIONS):
                 others.append(rel)
         stack += reversed(subdirs)
-    return Scan(*_utf8_only(sorted(images), warnings), sorted(others), warnings)
+    return Scan(_utf8_only(sorted(images), warnings), sorted(others), warnings)
 
 
-def _utf8_only(images: list[tuple[str, int]], warnings: list) -> tuple[list[tuple[str, int]]]:
+def _utf8_only(images: list[tuple[str, int]], warnings: list) -> list[tuple[str, int]]:
     """The images whose names are UTF-8; the others (no manifest or index can hold their names) are left out by
-    name, with their bytes shown escaped."""
+    name, with their bytes shown escaped. All names are tried at once first: one call, not one a file."""
+    try:
+        "\0".join(rel for rel, _ in images).encode("utf-8")
+        return images
+    except UnicodeEncodeError:
+        pass
     ok = []
     for rel, size in images:
         try:
@@ -64,7 +69,7 @@ def _utf8_only(images: list[tuple[str, int]], warnings: list) -> tuple[list[tupl
             shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             warnings.append({"path": shown, "reason": "the name is not UTF-8 (no manifest or index can hold it): "
                              "left out; rename the file"})
-    return (ok,)
+    return ok
 
 
 def _list_folder(prefix: str, path: str, seen: dict, warnings: list) -> list[tuple[str, int, int | str]]:
