@@ -4,5 +4,5 @@ optional=True: without a C compiler the package still installs, and `odis shard`
 (same shards, slower on small images)."""
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("pipelines.shard._fastpack", ["pipelines/shard/_fastpack.c"], optional=True,
+setup(ext_modules=[Extension("odis.pipelines.shard._fastpack", ["pipelines/shard/_fastpack.c"], optional=True,
                              extra_compile_args=["-O2"])])

@@ -84,7 +84,7 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 
 def run_odis(images: Path, out: Path, args, workers: int, env: dict) -> dict:
-    cmd = [sys.executable, "-c", "from cli import app; app()", "extract-boxes", "--detector", "yolo",
+    cmd = [sys.executable, "-c", "from odis.cli import app; app()", "extract-boxes", "--detector", "yolo",
            "--weights", str(args.weights), "--imgsz", str(args.imgsz), "--conf", str(args.conf), "--iou",
            str(args.iou), "--max-boxes", str(args.max_boxes), "--images", str(images), "--out", str(out),
            "--num-workers", str(workers), "--batch-size", str(args.batch_size), "--part-size", "100",

@@ -99,7 +99,7 @@ train() {
       for t in .devdata/coco/base/*.tar; do ln -s $PWD/$t /tmp/coco_shards/c$i-$(basename $t); done
     done
     for method in odis ibot; do
-      timeout ${TRAIN_TIMEOUT_S:-120} python3 -m cli train --shards /tmp/coco_shards -c configs/vit_small_coco.yaml \
+      timeout ${TRAIN_TIMEOUT_S:-120} python3 -m odis train --shards /tmp/coco_shards -c configs/vit_small_coco.yaml \
         --method $method --out /tmp/runs/$method --max-steps ${TRAIN_STEPS:-60} --quiet data.batch_size=128 \
         data.num_workers=14 log_every=10 checkpoint_every=100000 ${TRAIN_ARGS:-} 2>&1 | tail -5
       cp /tmp/runs/$method/metrics.csv $AUX/train_$method.csv 2>/dev/null

@@ -122,7 +122,7 @@ def prepare_ti(out: Path, n_classes: int) -> dict:
     joined from the manifest by image_id (the file stem)."""
     from odis.importers import import_boxes
     from odis.manifest import write_manifest
-    from pipelines.shard import ShardSettings, run_shard
+    from odis.pipelines.shard import ShardSettings, run_shard
 
     res = import_boxes("tiny-imagenet", TINY_IMAGENET)
     manifest = out / "ti-gt.parquet"
@@ -154,7 +154,7 @@ def prepare_mnist(out: Path, train: int, val: int, synth: dict) -> dict:
     from odis.importers import import_coco
     from odis.manifest import write_manifest
     from odis.synth import SynthConfig, write_dataset
-    from pipelines.shard import ShardSettings, run_shard
+    from odis.pipelines.shard import ShardSettings, run_shard
 
     counts = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +194,7 @@ def cmd_prepare(args) -> None:
 # ---- one job (a subprocess): train one network, k-NN in both box modes -----------------------------------------
 
 def job_config(p: Preset, data: Path, dataset: str, method: str, seed: int, out: Path):
-    from trainer.config import load_config
+    from odis.trainer.config import load_config
 
     overrides = [f"method={method}", f"seed={seed}", f"out={out}", f"data.shards={data / f'{dataset}-train'}",
                  f"optim.epochs={p.epochs[dataset]}", f"data.batch_size={p.batch_size}",
@@ -233,7 +233,7 @@ def cmd_job(args) -> None:
     if args.method == "untrained":
         untrained(p, cfg, args.seed, out)
     else:
-        from trainer.train import train
+        from odis.trainer.train import train
 
         final = train(cfg, progress=False, overwrite=True)  # a rerun of the job starts it over
     t_train = time.perf_counter() - t0

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     import torch
 
     from odis.eval.protocols import run_knn
-    from trainer.train import train
+    from odis.trainer.train import train
 
     torch.set_num_threads(2)
     data, results = Path(a.data) / a.name, Path(a.results)

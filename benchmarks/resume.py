@@ -34,8 +34,8 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from loader import append_row, load_coco  # noqa: E402
 
-from trainer.config import Config  # noqa: E402
-from trainer.data import make_train_loader  # noqa: E402
+from odis.trainer.config import Config  # noqa: E402
+from odis.trainer.data import make_train_loader  # noqa: E402
 
 
 def write_shards(images: list[dict], copies: int, per_shard: int, folder: Path) -> int:

@@ -32,8 +32,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from odis.imageio import list_images  # noqa: E402
-from pipelines.shard import ShardSettings, run_shard  # noqa: E402
-from pipelines.shard.native import NATIVE_ENV, native  # noqa: E402
+from odis.pipelines.shard import ShardSettings, run_shard  # noqa: E402
+from odis.pipelines.shard.native import NATIVE_ENV, native  # noqa: E402
 
 SHARED = Path(os.environ.get("ODIS_SHARED", REPO.parent / "shared"))
 # name -> (images root, copies, whether --resize-short 256 resizes anything: Tiny-ImageNet images are 64 px).

@@ -6,7 +6,7 @@
 With `weights` (a YOLO model) the detector's boxes are also extracted and a third network is trained on them.
 
 Layering: this module is a pipeline, so it may call odis/ and pipelines/ in-process but never imports trainer/.
-Training runs as a subprocess of the real command, `python -m cli train ...`, which is also what a user would
+Training runs as a subprocess of the real command, `python -m odis train ...`, which is also what a user would
 type; every step's equivalent command is written to the report, so the demo doubles as a tour of the CLI.
 """
 from __future__ import annotations
@@ -14,17 +14,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "configs" / "mini_cpu.yaml"
+RECIPE = "mini_cpu"  # a shipped recipe, found by name (configs/mini_cpu.yaml)
 METHODS = ("ibot", "odis")
 BOX_MODES = ("none", "mask")
 
@@ -85,7 +84,7 @@ def make_data(out: Path, size: DemoSize, steps: _Steps, progress: bool) -> dict:
     from odis.importers import import_coco
     from odis.manifest import write_manifest
     from odis.synth import SynthConfig, write_dataset
-    from pipelines.shard import ShardSettings, run_shard
+    from odis.pipelines.shard import ShardSettings, run_shard
 
     data, man, sh = out / "data", out / "manifests", out / "shards"
     lo, hi = (int(v) for v in size.objects.split("-"))
@@ -121,7 +120,7 @@ def extract_detector_boxes(out: Path, images: Path, weights: str, steps: _Steps)
 
     The detector's manifest keys images by path (it knows no COCO ids), so its boxes are joined at shard time,
     where the shard keys follow the manifest's id scheme; the GT shards keep their COCO-id keys."""
-    from pipelines.shard import ShardSettings, run_shard
+    from odis.pipelines.shard import ShardSettings, run_shard
 
     m = out / "manifests" / "train-yolo.parquet"
     cmd = ["extract-boxes", "--detector", "yolo", "--weights", weights, "--images", images, "--out", m,
@@ -138,12 +137,11 @@ def extract_detector_boxes(out: Path, images: Path, weights: str, steps: _Steps)
 # ---- training (subprocesses of the real command) ----------------------------------------------------------------
 
 def _odis(args: list, log: Path) -> None:
-    """Run `python -m cli ARGS`, output to `log`; on failure raise with the log's last lines."""
+    """Run `python -m odis ARGS`, output to `log`; on failure raise with the log's last lines."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", "cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
-                            cwd=REPO, env=env).returncode
+        rc = subprocess.run([sys.executable, "-m", "odis", *map(str, args)], stdout=f,
+                            stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise DemoError(f"`odis {args[0]}` failed (exit {rc}); log {log}:\n{tail}")
@@ -331,8 +329,8 @@ def run_demo(out: str | Path = "runs/demo", size: str = "default", weights: str 
              progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
-    if not RECIPE.is_file():
-        raise DemoError(f"the demo recipe {RECIPE} is missing")
+    if not (resources.files("odis.configs") / f"{RECIPE}.yaml").is_file():
+        raise DemoError(f"the demo recipe {RECIPE}.yaml is missing from the installed package")
     if weights is not None and not Path(weights).exists():
         raise DemoError(f"--weights {weights}: not found")
     sz, out = SIZES[size], Path(out).resolve()

@@ -44,11 +44,10 @@ DEFAULTS = {
 
 
 def default_yolo_weights(shared: Path | None = None) -> str | None:
-    """../shared/weights/yolo11n_int8_openvino_model when present (offline default)."""
-    here = Path(__file__).resolve().parents[1]
-    candidates = [Path(os.environ["ODIS_SHARED"]) if "ODIS_SHARED" in os.environ else None, shared,
-                  here.parent / "shared"]
-    for base in candidates:
+    """The offline default, yolo11n_int8_openvino_model under `shared`, $ODIS_SHARED or ../shared from the
+    current folder (the data/weights folder beside a checkout); None when none holds it."""
+    env = os.environ.get("ODIS_SHARED")
+    for base in (shared, Path(env) if env else None, Path.cwd().parent / "shared"):
         if base is not None and (base / "weights" / "yolo11n_int8_openvino_model").is_dir():
             return str(base / "weights" / "yolo11n_int8_openvino_model")
     return None

@@ -38,8 +38,8 @@ from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from odis.manifest import (ID_SCHEMES, ManifestError, add_row, empty_columns, image_ids_in, image_ids_of,
                            make_metadata, manifest_files, manifest_metadata, read_manifest, sha256_of,
                            table_from_columns, write_manifest)
-from pipelines.detectors import DEFAULTS, DetectorConfig, blank_image, build_detector, check_detector
-from pipelines.ray_connect import check_ray_address, init_ray
+from odis.pipelines.detectors import DEFAULTS, DetectorConfig, blank_image, build_detector, check_detector
+from odis.pipelines.ray_connect import check_ray_address, init_ray
 
 # Metadata that must agree for a resumed run to add rows to an existing manifest.
 _RESUME_KEYS = ("source", "images_root", "id_scheme", "weights_sha256", "conf", "iou", "max_boxes", "min_area",
@@ -352,7 +352,7 @@ def resolve_detector(name: str, **options) -> DetectorConfig:
 def _list(cfg: ExtractConfig) -> tuple[list[dict], int, list[dict]]:
     """({image_id, path} of every image to cover, sorted by path; number of non-image files; what the listing left
     out and why). The same listing as `odis shard` (symlinked folders followed once), so both see the same files."""
-    from pipelines.shard.scan import scan_images
+    from odis.pipelines.shard.scan import scan_images
 
     if cfg.id_scheme not in ID_SCHEMES:
         raise ValueError(f"--id-scheme {cfg.id_scheme!r}: expected one of {', '.join(ID_SCHEMES)}")

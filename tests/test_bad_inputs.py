@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import badinputs as B
-from cli import app
+from odis.cli import app
 from odis.imageio import decode_rgb
 from odis.manifest import SCHEMA, image_id_for, make_metadata, read_manifest, write_manifest
 from odis.manifest_boxes import read_box_rows

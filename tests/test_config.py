@@ -11,7 +11,7 @@ from typing import get_type_hints
 
 import pytest
 
-from trainer.config import Config, load_config
+from odis.trainer.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "configs" / "mini_cpu.yaml"  # test_vit, 8-px patches, 32-px globals, 16-px locals, 10 epochs
@@ -178,7 +178,7 @@ def test_text_settings_take_an_override_as_typed():
 
 
 def test_errors_are_config_errors_carrying_their_keys():
-    from trainer.config import ConfigError
+    from odis.trainer.config import ConfigError
 
     assert issubclass(ConfigError, ValueError)  # what cli.py's train command turns into `error: ...`
     with pytest.raises(ConfigError) as err:
@@ -196,7 +196,7 @@ def test_every_recipe_validates():
 
 def test_every_numeric_setting_has_a_range():
     """A numeric field added later without a rule would again be accepted at any value."""
-    from trainer.config import RULES
+    from odis.trainer.config import RULES
 
     def numeric_keys(cls, prefix=""):
         for name, typ in get_type_hints(cls).items():
@@ -211,7 +211,7 @@ def test_every_numeric_setting_has_a_range():
 
 
 def test_a_run_that_logged_nothing_plots_nothing(tmp_path):
-    from trainer.metrics import COLUMNS, plot_metrics
+    from odis.trainer.metrics import COLUMNS, plot_metrics
 
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text(",".join(COLUMNS) + "\n")

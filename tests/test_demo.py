@@ -1,6 +1,6 @@
 """`odis demo` end to end (tiny size) and the run path of benchmarks/mini_repro.py (smoke preset, time guard).
 
-These are the real commands on real data: odis synth -> import -> shard -> `python -m cli train` subprocesses ->
+These are the real commands on real data: odis synth -> import -> shard -> `python -m odis train` subprocesses ->
 k-NN; mini_repro prepares from ../shared (Tiny-ImageNet subset, MNIST) and runs its job subprocesses.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _png(path: Path) -> tuple[int, int]:
 
 def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(out), "--size", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "odis", "demo", "--out", str(out), "--size", "tiny",
                            "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("report.md", "loss.png", "boxes.png", "attention.png", "results.json"):
@@ -69,7 +69,7 @@ def test_demo_tiny_with_yolo_boxes(yolo320, tmp_path):
     from odis.shards import iter_samples
 
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(out), "--size", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "odis", "demo", "--out", str(out), "--size", "tiny",
                            "--no-progress", "--weights", str(yolo320)], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,10 +84,10 @@ def test_demo_tiny_with_yolo_boxes(yolo320, tmp_path):
 
 
 def test_demo_bad_arguments_fail_clearly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(tmp_path), "--size", "huge"],
+    proc = subprocess.run([sys.executable, "-m", "odis", "demo", "--out", str(tmp_path), "--size", "huge"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--size must be one of" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(tmp_path), "--size", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "odis", "demo", "--out", str(tmp_path), "--size", "tiny",
                            "--weights", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "nope: not found" in proc.stderr
     assert not (tmp_path / "data").exists()  # refused before any work
@@ -180,7 +180,7 @@ def test_demo_unwritable_out_is_one_line_before_any_work(unwritable_outs):
     """A file as --out or its parent, or /proc, ended in a traceback."""
     from typer.testing import CliRunner
 
-    from cli import app
+    from odis.cli import app
 
     for out in unwritable_outs("demo", folder=True):
         r = CliRunner().invoke(app, ["demo", "--out", str(out), "--size", "tiny"])

@@ -162,7 +162,7 @@ def test_four_box_modes_differ_and_full_box_mask_equals_none(tiny_shards, backbo
 # ---- the CLI ------------------------------------------------------------------------------------------------------
 
 def _odis(*args):
-    from cli import app
+    from odis.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -107,7 +107,7 @@ def test_cli_dense_nn_on_coco_tiny(coco_tiny, tmp_path):
 
     from typer.testing import CliRunner
 
-    from cli import app
+    from odis.cli import app
     from odis.model import OdisViT, export_backbone
 
     torch.manual_seed(0)

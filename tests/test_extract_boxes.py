@@ -20,16 +20,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from odis.cli import app
 from odis.boxes import box_iou
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size, load_image
 from odis.importers import import_coco
 from odis.manifest import image_id_for, manifest_metadata, read_manifest, validate_manifest
-from pipelines.detectors import DetectorConfig
-from pipelines.extract_boxes import BoxExtractor, staging_dir
+from odis.pipelines.detectors import DetectorConfig
+from odis.pipelines.extract_boxes import BoxExtractor, staging_dir
 
 runner = CliRunner()
-ODIS = [sys.executable, "-c", "from cli import app; app()"]
+ODIS = [sys.executable, "-c", "from odis.cli import app; app()"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -93,7 +93,7 @@ def make_bad_corpus(root: Path, good: Path) -> dict[str, object]:
 def test_a_resume_redoes_only_the_read_errors_that_may_pass(tmp_path, coco_tiny):
     """The bad corpus's errors are the files' own: kept on resume. The system's errors (an errno: permissions, I/O
     on a network filesystem; here a folder named like an image) are "cannot read", and redone."""
-    from pipelines.extract_boxes import redone_on_resume
+    from odis.pipelines.extract_boxes import redone_on_resume
 
     expect = make_bad_corpus(tmp_path / "bad", sorted((coco_tiny / "val2017").glob("*.jpg"))[0])
     for name in [n for n, want in expect.items() if want == "error"]:
@@ -205,7 +205,7 @@ def test_yolo_suffixes_cover_every_ultralytics_format():
     adds a format must not have its models refused."""
     from ultralytics.engine.exporter import export_formats
 
-    from pipelines.detectors import YOLO_SUFFIXES
+    from odis.pipelines.detectors import YOLO_SUFFIXES
 
     for suffix in export_formats()["Suffix"]:
         assert any(s in suffix for s in YOLO_SUFFIXES), suffix
@@ -260,7 +260,7 @@ def test_a_detector_failing_on_a_whole_batch_stops_one_image_is_a_row(yolo320, c
     """Loaded, then failing on every image of a batch (here ultralytics refuses max_det=0): a broken detector or
     device, not the images, so no manifest of errors. A batch of one image cannot tell, and gets an error row that
     a resume redoes (redone_on_resume)."""
-    from pipelines.extract_boxes import DetectorBatchError, redone_on_resume
+    from odis.pipelines.extract_boxes import DetectorBatchError, redone_on_resume
 
     names = [p.name for p in sorted((coco_tiny / "val2017").glob("*.jpg"))[:2]]
     extractor = BoxExtractor(asdict(DetectorConfig("yolo", weights=str(yolo320), imgsz=320)),
@@ -598,7 +598,7 @@ def test_mavl_on_a_tiny_random_owlvit(ray_local, coco_tiny, tmp_path):
         assert (iou[~np.eye(len(g), dtype=bool)] <= 0.5 + 1e-4).all()
     assert manifest_metadata(out)["iou"] == 0.5
     # another input size than the model's (position embeddings interpolated), straight through the detector
-    from pipelines.detectors import DetectorConfig, build_detector
+    from odis.pipelines.detectors import DetectorConfig, build_detector
 
     det = build_detector(DetectorConfig("mavl", weights=str(weights), conf=0.0, iou=0.5, max_boxes=5, imgsz=96))
     ims = [load_image(p) for p in sorted(images.iterdir())[:2]]
@@ -624,7 +624,7 @@ def test_selective_search_on_real_images(ray_local, coco_tiny, tmp_path):
     assert validate_manifest(out) == []
     # reproducible: the same image gives the same proposals again, after another image or alone, also in a
     # process where other threads call C's rand() (OpenCV ranks its proposals with it)
-    from pipelines.detectors import DetectorConfig, SelectiveSearchDetector
+    from odis.pipelines.detectors import DetectorConfig, SelectiveSearchDetector
 
     ims = [Image.open(f).convert("RGB") for f in sorted(images.iterdir())[:2]]
     det = SelectiveSearchDetector(DetectorConfig(name="selective-search", imgsz=160, max_boxes=20))
@@ -701,7 +701,7 @@ def test_extract_boxes_on_a_two_node_ray_cluster(yolo320, coco_tiny, tmp_path):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pipelines.detectors import finalize  # noqa: E402
+from odis.pipelines.detectors import finalize  # noqa: E402
 
 coord = st.floats(-50, 700, allow_nan=False, width=32)
 

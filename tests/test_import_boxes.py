@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from odis.cli import app
 from odis.importers import AnnotationError, import_coco, import_imagenet, import_tiny_imagenet, import_yolo
 from odis.manifest import manifest_metadata, read_manifest, validate_manifest, write_manifest
 

@@ -233,7 +233,7 @@ def test_stats_cli_prints_plots_and_fails_on_violations(tmp_path):
 
     from typer.testing import CliRunner
 
-    from cli import app
+    from odis.cli import app
 
     good = write_manifest(_table(3), tmp_path / "good.parquet", make_metadata("yolo", tmp_path, "path"))
     res = CliRunner().invoke(app, ["stats", str(good), "--plot", str(tmp_path / "s.png")])
@@ -255,7 +255,7 @@ def test_stats_unwritable_plot_is_one_line_before_reading(tmp_path, unwritable_o
     """Tracebacks, or (a folder) a plot written as FOLDER.png while `plot: FOLDER` was printed."""
     from typer.testing import CliRunner
 
-    from cli import app
+    from odis.cli import app
 
     good = write_manifest(_table(3), tmp_path / "good.parquet", make_metadata("yolo", tmp_path, "path"))
     for plot in [*unwritable_outs("s.png"), tmp_path / "s.xyz"]:
@@ -267,7 +267,7 @@ def test_stats_unwritable_plot_is_one_line_before_reading(tmp_path, unwritable_o
 def _stats(path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from odis.cli import app
 
     return CliRunner().invoke(app, ["stats", str(path)])
 

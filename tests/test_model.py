@@ -346,6 +346,6 @@ def test_intermediate_obj_ends_with_the_final_obj_token(vit, images):
 def test_trainer_default_attention_is_the_models():
     """trainer/config.py keeps its own literal (it does not import torch): it must name odis.model's default."""
     from odis.model import DEFAULT_ATTN_IMPL
-    from trainer.config import ModelConfig
+    from odis.trainer.config import ModelConfig
 
     assert ModelConfig().attn_impl == DEFAULT_ATTN_IMPL

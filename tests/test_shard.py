@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
+from odis.cli import app
 from odis.importers import import_coco
 from odis.manifest import image_id_for, read_manifest, write_manifest
 
@@ -253,7 +253,7 @@ def test_kill_then_rerun_equals_uninterrupted(tin_root, tmp_path):
     args = ["--images", str(tin_root), "--labels", "folder", "--max-samples", "20", "--seed", "7",
             "--num-workers", "1"]
     env = {**os.environ, "ODIS_SHARD_TEST_SLEEP": "0.02"}  # 0.4 s per shard of 20
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "shard", "--out", str(out), *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "odis", "shard", "--out", str(out), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
     deadline = time.time() + 120
     try:
@@ -306,7 +306,7 @@ def test_deleted_shard_is_rewritten_alone(tin_root, tmp_path):
 
 
 def test_ray_job_writes_the_same_shards(tin_root, tmp_path, ray_local):
-    from pipelines.shard import ShardSettings, run_shard
+    from odis.pipelines.shard import ShardSettings, run_shard
 
     s = ShardSettings(images=str(tin_root), out=str(tmp_path / "ray" / "tin"), labels="folder", max_samples=40)
     by_ray = run_shard(s, use_ray=True)
@@ -388,7 +388,7 @@ def test_unreachable_ray_address_fails_within_seconds_naming_it(tin_root, tmp_pa
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "cli", "shard", "--images", str(tin_root), "--out", str(tmp_path / "s"),
+    r = subprocess.run([sys.executable, "-m", "odis", "shard", "--images", str(tin_root), "--out", str(tmp_path / "s"),
                         "--ray-address", f"127.0.0.1:{port}"], cwd=Path(__file__).parents[1], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and time.monotonic() - t0 < 30, r.stdout + r.stderr
@@ -433,7 +433,7 @@ def test_nan_and_inverted_manifest_boxes_are_left_out_and_counted(coco_tiny, coc
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from pipelines.shard import Item, estimated_bytes, parse_size, split_items, target_size  # noqa: E402
+from odis.pipelines.shard import Item, estimated_bytes, parse_size, split_items, target_size  # noqa: E402
 
 
 @settings(max_examples=200, deadline=None)
@@ -498,7 +498,7 @@ def test_fast_headers_match_tarfile_and_pil(coco_tiny, tiny_imagenet):
     import io
     import tarfile
 
-    from pipelines.shard import TAR_MTIME, jpeg_size, tar_header
+    from odis.pipelines.shard import TAR_MTIME, jpeg_size, tar_header
 
     for name, n in [("a.jpg", 0), ("k" * 100, 12345), ("x-1.json", 511), ("ñandú.jpg", 3), ("k" * 101, 7)]:
         info = tarfile.TarInfo(name)
@@ -517,7 +517,7 @@ def test_fast_headers_match_tarfile_and_pil(coco_tiny, tiny_imagenet):
 
 
 def test_sample_meta_scales_and_clips_boxes():
-    from pipelines.shard import Prepared, sample_meta
+    from odis.pipelines.shard import Prepared, sample_meta
 
     item = Item("a.jpg", "a", 10, 3, ((0.0, 0.0, 640.0, 480.0), (10.5, 20.25, 640.0004, 30.0)), (1.0, 0.5),
                 (640, 480))
@@ -575,7 +575,7 @@ def test_shard_on_a_two_node_ray_cluster(tin_root, tmp_path):
             time.sleep(1)
         assert alive() == 2, "the two-node test cluster did not come up"
         out = tmp_path / "cluster" / "tin"
-        r = subprocess.run([sys.executable, "-m", "cli", "shard", "--images", str(tin_root), "--out", str(out),
+        r = subprocess.run([sys.executable, "-m", "odis", "shard", "--images", str(tin_root), "--out", str(out),
                             "--labels", "folder", "--max-samples", "50", "--ray-address", address], env=env,
                            capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[1])
         assert r.returncode == 0, r.stdout + r.stderr
@@ -603,7 +603,7 @@ def test_encode_meta_equals_json_dumps(image_id, label, w, h, boxes, seed):
     """The json template of the writer gives json.dumps(meta, sort_keys=True)'s bytes exactly."""
     import json
 
-    from pipelines.shard.meta import encode_meta
+    from odis.pipelines.shard.meta import encode_meta
 
     meta = {"image_id": image_id, "label": label, "width": w, "height": h, "boxes": [list(b) for b in boxes],
             "scores": [0.1 * seed + i / 3 for i in range(len(boxes))]}
@@ -618,7 +618,7 @@ def test_tar_writer_equals_tarfile(tmp_path):
     import os
     import tarfile
 
-    from pipelines.shard.tar import TAR_MTIME, TarWriter
+    from odis.pipelines.shard.tar import TAR_MTIME, TarWriter
 
     rng = np.random.default_rng(0)
     sizes = [0, 1, 511, 512, 513, 16383, 16384, 100_000, 3, 2_000_000] + list(rng.integers(0, 40_000, 700))

@@ -14,9 +14,9 @@ from PIL import Image
 
 from odis.importers import import_coco
 from odis.manifest import write_manifest
-from pipelines.shard import ShardSettings, build_plan, run_shard, write_shard
-from pipelines.shard.native import NATIVE_ENV, native
-from pipelines.shard.scan import _entries_python
+from odis.pipelines.shard import ShardSettings, build_plan, run_shard, write_shard
+from odis.pipelines.shard.native import NATIVE_ENV, native
+from odis.pipelines.shard.scan import _entries_python
 from test_shard import TIN_CLASSES, _odd_folder, tin_root  # noqa: F401 (tin_root: a fixture)
 
 
@@ -173,7 +173,7 @@ def test_list_folder_equals_scandir(tmp_path):
 def test_pack_hands_over_at_the_first_item_it_cannot_write(tin_root):
     """pack stops before a sample with a bool label, boxes it would not write as they are, a missing file or a
     file of another size than planned, and packs the plain ones before."""
-    from pipelines.shard.tar import USTAR_TEMPLATE
+    from odis.pipelines.shard.tar import USTAR_TEMPLATE
 
     s = ShardSettings(images=str(tin_root), out="unused")
     items = build_plan(s).shards[0][:6]

@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
-from cli import app
+from odis.cli import app
 from odis.shards import iter_samples, list_shards, read_index, verify_shards
 
 runner = CliRunner()

@@ -15,7 +15,7 @@ COCO_IMG = "000000010764.jpg"  # 640 x 424, a baseball catcher
 
 
 def _odis(*args):
-    from cli import app
+    from odis.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cli import app
+from odis.cli import app
 from odis.boxes import box_area, box_iou
 from odis.synth import (DIGITS, SHAPES, MnistSource, ShapeSource, SynthConfig, load_mnist, read_idx, render_scene,
                         scene_rng, tight_box)

@@ -17,8 +17,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from trainer.config import load_config
-from trainer.train import build_distiller, set_schedules, train
+from odis.trainer.config import load_config
+from odis.trainer.train import build_distiller, set_schedules, train
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny but complete recipe: ViT-tiny with 2 blocks, 8-px patches, 32-px globals, 2 x 16-px locals.
@@ -46,7 +46,7 @@ def tin_shards(tiny_imagenet, tmp_path_factory) -> Path:
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True, **kw)
+    res = subprocess.run([sys.executable, "-m", "odis", *args], cwd=REPO, capture_output=True, text=True, **kw)
     assert res.returncode == 0, f"odis {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
     return res
 
@@ -129,7 +129,7 @@ def test_fp16_trains_with_loss_scaling_and_resumes_the_same(tin_shards, tmp_path
 def test_auto_precision_follows_the_gpu_generation(monkeypatch, capability, chosen):
     """bf16 from Ampere on; before (V100 7.0, T4 7.5) fp16 with a GradScaler: torch's is_bf16_supported() says
     True there too (emulated, slow)."""
-    from trainer.train import mixed_precision
+    from odis.trainer.train import mixed_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     _, scaler, precision = mixed_precision("auto", torch.device("cuda", 0))
@@ -162,7 +162,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tin_shards, tmp_path):
     out = tmp_path / "killed"
     args = ["train", "--shards", str(tin_shards), "--out", str(out), "--quiet", *SMALL,
             "checkpoint_every=2", "max_steps=14"]
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "odis", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = 240
@@ -185,7 +185,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tin_shards, tmp_path):
 
 def _torchrun(shards: Path, out: Path, *extra: str, env: dict | None = None) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-           "-m", "cli", "train", "--shards", str(shards), "--out", str(out), "--quiet", *SMALL,
+           "-m", "odis", "train", "--shards", str(shards), "--out", str(out), "--quiet", *SMALL,
            "data.num_workers=1", *extra]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -224,7 +224,7 @@ def test_ddp_with_the_gpu_recipes_model_settings(tin_shards, tmp_path):
 
 
 def test_ranks_draw_different_samples(tin_shards):
-    from trainer.data import make_train_loader
+    from odis.trainer.data import make_train_loader
 
     cfg = _cfg(tin_shards, "unused", "data.num_workers=0")
     keys = [next(iter(make_train_loader(cfg, 8, rank, 2)))["key"] for rank in (0, 1)]
@@ -366,7 +366,7 @@ def test_the_patch_teacher_temperature_has_its_own_schedule():
 
 
 def test_gpu_processes_use_nccl_by_default(monkeypatch):
-    from trainer.train import process_group_backend
+    from odis.trainer.train import process_group_backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [process_group_backend(d) for d in ("auto", "cuda", "cuda:1", "cpu")] == ["nccl"] * 3 + ["gloo"]
@@ -400,7 +400,7 @@ def test_bad_config_overrides_are_named(override, message):
 
 
 def test_train_options_reach_the_config_and_bad_values_are_named(tin_shards, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "cli", "train", "--shards", str(tin_shards), "--out",
+    res = subprocess.run([sys.executable, "-m", "odis", "train", "--shards", str(tin_shards), "--out",
                           str(tmp_path / "r"), "--precision", "fp8"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode != 0 and "precision must be auto|bf16|fp16|fp32, got 'fp8'" in res.stdout + res.stderr
     assert not (tmp_path / "r").exists()

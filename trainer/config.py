@@ -11,6 +11,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, get_type_hints
 
@@ -402,6 +403,24 @@ def _read_config_file(path: Path) -> dict:
     return data
 
 
+def recipe_names() -> list[str]:
+    """The recipes that ship with odis (`configs/*.yaml`, installed as odis.configs)."""
+    return sorted(p.name[:-5] for p in resources.files("odis.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: `name_or_path` itself when it is a file, else a shipped recipe by name (`vit_small_coco`,
+    `vit_small_coco.yaml` or `configs/vit_small_coco.yaml`), so that `-c` works from any folder."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if stem in recipe_names() and (path.parent == Path(".") or path.parent.name == "configs"):
+        return Path(str(resources.files("odis.configs") / f"{stem}.yaml"))
+    raise FileNotFoundError(f"config file not found: {name_or_path} (a path, or one of the shipped recipes: "
+                            f"{', '.join(recipe_names())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- `key.sub=value` overrides (values parsed as YAML: numbers, lists, null; a text
     setting takes the text as typed, unless quoted or null).
@@ -410,7 +429,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     source: dict[str, str | None] = {}  # key -> the file that set it last (None: an override, which names itself)
     if path is not None:
-        path = Path(path)
+        path = find_recipe(path)
         for key, value in _read_config_file(path).items():
             try:
                 source.update(dict.fromkeys(_set(cfg, key, value), str(path)))

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from odis import schedules
 from odis.distill import Distiller, Views, clip_gradients
 from odis.model import check_obj_mask, export_backbone, load_error
-from trainer.config import Config, save_config, to_dict
-from trainer.metrics import MetricsLog
+from odis.trainer.config import Config, save_config, to_dict
+from odis.trainer.metrics import MetricsLog
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -241,7 +241,7 @@ def set_schedules(opt, cfg: Config, it: int, spe: int, total: int, batch_total: 
 
 
 def to_views(batch: dict, device: torch.device, method: str, step: int, seed: int, rank: int) -> Views:
-    from trainer.data import augment_batch
+    from odis.trainer.data import augment_batch
 
     # The photometric randomness is a function of (seed, step, rank): resuming needs no generator state.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
@@ -254,7 +254,7 @@ def to_views(batch: dict, device: torch.device, method: str, step: int, seed: in
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Run (or continue) a training run into cfg.out. Returns the final metrics of rank 0."""
-    from trainer.data import make_train_loader
+    from odis.trainer.data import make_train_loader
 
     dd = setup_distributed(cfg.device)
     device = pick_device(cfg.device, dd)

@@ -16,16 +16,16 @@ How a run goes, and where each step lives:
 
 The names below are the package's API (cli.py, pipelines/demo.py, benchmarks/, tests/ import them from here).
 """
-from pipelines.shard.image import Prepared, jpeg_size, prepare_image, target_size
-from pipelines.shard.labels import default_coco_json
-from pipelines.shard.meta import sample_meta
-from pipelines.shard.outdir import make_index
-from pipelines.shard.plan import Plan, build_plan, estimated_bytes, split_items
-from pipelines.shard.run import run_shard
-from pipelines.shard.scan import scan_images
-from pipelines.shard.settings import Item, ShardError, ShardSettings, parse_size
-from pipelines.shard.tar import TAR_MTIME, TarWriter, tar_header
-from pipelines.shard.write import write_shard
+from odis.pipelines.shard.image import Prepared, jpeg_size, prepare_image, target_size
+from odis.pipelines.shard.labels import default_coco_json
+from odis.pipelines.shard.meta import sample_meta
+from odis.pipelines.shard.outdir import make_index
+from odis.pipelines.shard.plan import Plan, build_plan, estimated_bytes, split_items
+from odis.pipelines.shard.run import run_shard
+from odis.pipelines.shard.scan import scan_images
+from odis.pipelines.shard.settings import Item, ShardError, ShardSettings, parse_size
+from odis.pipelines.shard.tar import TAR_MTIME, TarWriter, tar_header
+from odis.pipelines.shard.write import write_shard
 
 __all__ = ["Item", "Plan", "Prepared", "ShardError", "ShardSettings", "TAR_MTIME", "TarWriter", "build_plan",
            "default_coco_json", "estimated_bytes", "jpeg_size", "make_index", "parse_size", "prepare_image",

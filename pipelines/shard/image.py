@@ -10,7 +10,7 @@ import io
 from dataclasses import dataclass
 
 from odis.imageio import ImageDecodeError, decode_rgb, load_image
-from pipelines.shard.settings import ShardSettings
+from odis.pipelines.shard.settings import ShardSettings
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from odis.manifest import image_id_list, manifest_metadata, sha256_of
-from pipelines.shard.settings import ShardError, ShardSettings
+from odis.pipelines.shard.settings import ShardError, ShardSettings
 
 
 def id_scheme(s: ShardSettings) -> tuple[str, bool]:

@@ -6,8 +6,8 @@ import json
 import numpy as np
 
 from odis.boxes import clip_boxes
-from pipelines.shard.image import Prepared
-from pipelines.shard.settings import Item
+from odis.pipelines.shard.image import Prepared
+from odis.pipelines.shard.settings import Item
 
 
 def sample_meta(item: Item, p: Prepared) -> tuple[dict, str | None]:

@@ -15,7 +15,7 @@ def native(name: str) -> Callable | None:
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None
     try:
-        from pipelines.shard import _fastpack
+        from odis.pipelines.shard import _fastpack
     except ImportError:  # installed without a C compiler
         return None
     return getattr(_fastpack, name)

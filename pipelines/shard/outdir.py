@@ -10,9 +10,9 @@ from pathlib import Path
 
 from odis import __version__
 from odis.shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION
-from pipelines.shard.plan import Plan
-from pipelines.shard.settings import ShardError
-from pipelines.shard.write import STATE_DIR
+from odis.pipelines.shard.plan import Plan
+from odis.pipelines.shard.settings import ShardError
+from odis.pipelines.shard.write import STATE_DIR
 
 
 def prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:

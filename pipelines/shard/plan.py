@@ -17,9 +17,9 @@ from itertools import accumulate
 from pathlib import Path
 
 from odis.manifest import sha256_of
-from pipelines.shard.labels import id_scheme, image_ids, labels_for, manifest_boxes
-from pipelines.shard.scan import scan_images
-from pipelines.shard.settings import Item, ShardError, ShardSettings
+from odis.pipelines.shard.labels import id_scheme, image_ids, labels_for, manifest_boxes
+from odis.pipelines.shard.scan import scan_images
+from odis.pipelines.shard.settings import Item, ShardError, ShardSettings
 
 
 @dataclass

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 from odis.shards import INDEX_NAME
-from pipelines.ray_connect import check_ray_address, init_ray
-from pipelines.shard.labels import default_coco_json
-from pipelines.shard.outdir import make_index, prepare_out, write_json_atomic
-from pipelines.shard.plan import Plan, build_plan
-from pipelines.shard.settings import Item, ShardError, ShardSettings
-from pipelines.shard.write import STATE_DIR, write_shard
+from odis.pipelines.ray_connect import check_ray_address, init_ray
+from odis.pipelines.shard.labels import default_coco_json
+from odis.pipelines.shard.outdir import make_index, prepare_out, write_json_atomic
+from odis.pipelines.shard.plan import Plan, build_plan
+from odis.pipelines.shard.settings import Item, ShardError, ShardSettings
+from odis.pipelines.shard.write import STATE_DIR, write_shard
 
 
 def run_shard(s: ShardSettings, overwrite: bool = False, num_workers: int = 1, use_ray: bool = False,

@@ -6,7 +6,7 @@ import os
 from typing import NamedTuple
 
 from odis.imageio import IMAGE_EXTENSIONS
-from pipelines.shard.native import native
+from odis.pipelines.shard.native import native
 
 
 class Scan(NamedTuple):

@@ -9,11 +9,11 @@ from typing import Callable
 
 from odis.imageio import ImageDecodeError
 from odis.shards import shard_name
-from pipelines.shard.image import prepare_image
-from pipelines.shard.meta import encode_meta, sample_meta
-from pipelines.shard.native import native
-from pipelines.shard.settings import Item, ShardSettings
-from pipelines.shard.tar import USTAR_TEMPLATE, TarWriter
+from odis.pipelines.shard.image import prepare_image
+from odis.pipelines.shard.meta import encode_meta, sample_meta
+from odis.pipelines.shard.native import native
+from odis.pipelines.shard.settings import Item, ShardSettings
+from odis.pipelines.shard.tar import USTAR_TEMPLATE, TarWriter
 
 STATE_DIR = ".odis-shard"  # per-shard records of a run in progress, next to the shards
 # Hidden test hook: seconds to sleep after each sample, so that a test can kill a run mid-shard deterministically.
