@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of training and of every evaluator
+IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2, as PIL's "L")
 SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(threshold=128): values >= 128 are inverted
 
@@ -125,8 +125,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int = BLUR_KERNEL)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

@@ -119,7 +119,7 @@ def test_normalisation_and_identity_when_nothing_applies():
     x = images(5)
     none = A.ViewAug(blur_p=0.0, solarize_p=0.0, jitter_p=0.0, gray_p=0.0)
     out = A.photometric(x, none, torch.Generator().manual_seed(0))
-    ref = TF.normalize(as_float(x), A.MEAN, A.STD)
+    ref = TF.normalize(as_float(x), A.IMAGENET_MEAN, A.IMAGENET_STD)
     torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="uint8"):
         A.photometric(x.float(), none, torch.Generator())

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from odis.boxes import box_to_patch_mask
 from odis.eval.features import (IMAGENET_MEAN, IMAGENET_STD, ViewConfig, box_view, eval_crop, eval_view,
                                 extract_features, select_box, shard_loader)
+from odis.samples import BoxTable
 
 SIZE, PATCH = 64, 8  # Tiny-ImageNet's 64-px images; Resize 73 / CenterCrop 64, an 8 x 8 patch grid
 
@@ -154,7 +155,8 @@ def test_four_box_modes_differ_and_full_box_mask_equals_none(tiny_shards, backbo
                 diff = (feats[a].feats - feats[b].feats).norm(dim=1)
                 assert (diff > 1e-3).sum() >= 3, (a, b)
     # a full-image box: the masked OBJ row sees every patch, so `mask` is exactly the plain CLS
-    full = {iid: (64.0, 64.0, np.array([[0, 0, 64, 64]], float), np.array([1.0])) for iid in ids}
+    full = BoxTable.from_images({iid: (64.0, 64.0, np.array([[0, 0, 64, 64]], float), np.array([1.0]))
+                                 for iid in ids})
     masked_full = _features(backbone, tiny_shards / "train", "mask", manifest=full)
     assert torch.allclose(masked_full.feats, feats["none"].feats, atol=1e-5)
 
@@ -343,7 +345,7 @@ def test_unreadable_sample_is_counted_not_fatal(tiny_imagenet, backbone, tmp_pat
 
 
 def test_manifest_boxes_are_scaled_to_the_stored_image(tmp_path):
-    from odis.eval.features import box_for_sample, manifest_boxes
+    from odis.eval.features import box_for_sample
     from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
 
     cols = empty_columns()
@@ -351,7 +353,7 @@ def test_manifest_boxes_are_scaled_to_the_stored_image(tmp_path):
     add_row(cols, "a", "a.jpg", 128, 256, "yolo", box=(0, 0, 100, 200), score=0.3)
     add_row(cols, "b", "b.jpg", 128, 256, "yolo", box=None)
     path = write_manifest(table_from_columns(cols), tmp_path / "m.parquet", make_metadata("yolo", None, "path"))
-    man = manifest_boxes(path)
+    man = BoxTable.from_manifest(path)
     stored = Image.new("RGB", (64, 64))  # the shard holds a resized copy: 0.5 x 0.25
     assert box_for_sample(stored, {}, "a", man, "score").tolist() == [10, 10, 30, 20]
     assert box_for_sample(stored, {}, "a", man, "largest").tolist() == [0, 0, 50, 50]

@@ -5,7 +5,7 @@
 
 Per DataLoader worker: its range of each pass over the shards (`PassPlan`: an epoch shows each image at most once,
 split between all ranks' workers) -> tar (entered by a seek) -> chunks of `data.shuffle_buffer` samples, each
-permuted -> decode -> boxes (manifest join, else the shard's json, else the whole image) -> `odis.views.ViewMaker`.
+permuted -> `odis.samples.read_sample` (decode, boxes by its one rule) -> `odis.views.ViewMaker`.
 Workers send uint8 crops and masks; photometric augmentation runs batched on the training device (`augment_batch`).
 
 Batch layout (view-major: `flatten(0, 1)` gives iBOT's order view 0 of every image, then view 1, ...):
@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import cv2
@@ -39,9 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from odis.augment import GLOBAL1, GLOBAL2, LOCAL, photometric
-from odis.boxes import account_boxes
-from odis.imageio import ImageDecodeError, decode_rgb
-from odis.names import sample_key_problem
+from odis.samples import BadSample, BoxTable, read_sample
 from odis.views import ViewMaker
 
 log = logging.getLogger("odis.data")
@@ -50,137 +48,11 @@ log = logging.getLogger("odis.data")
 # thread pool (from cv2 work in the parent, e.g. num_workers=0 runs or tools) deadlocks in its first cv2 call.
 cv2.setNumThreads(1)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS_PER_WORKER = 20
 # A worker that meets this many unusable samples in a row stops with the last reason instead of spinning forever
 # (wrong shard format, a bug); isolated bad samples are skipped and counted.
 MAX_BAD_IN_A_ROW = 1000
 STATE_VERSION = 3  # the data position in checkpoints: 3 = [pass, chunk, index in it] per worker
-
-
-class BadSample(ValueError):
-    """A sample that cannot be used; the message names its key and the reason. Counted, never fatal. `count`:
-    how many samples it stands for (the samples a truncated tar lost)."""
-
-    def __init__(self, message: str, count: int = 1):
-        super().__init__(message)
-        self.count = count
-
-
-# ---- the box join ----------------------------------------------------------------------------------------------
-
-def id_hashes(ids) -> np.ndarray:
-    """Stable 64-bit hashes of image ids (blake2b; the same in every process, unlike Python's hash())."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
-                        for s in ids), dtype=np.uint64, count=len(ids))
-
-
-@dataclass
-class BoxTable:
-    """The boxes of a manifest by image_id, in flat arrays: 16 B per box + 24 B per image (+4 B per box score).
-
-    keys: uint64 [n] sorted id hashes; offsets: int64 [n+1]; boxes: float32 [m,4] in the manifest's pixels;
-    scores: float32 [m]; sizes: int32 [n,2] the manifest's (width, height) per image. An image listed with no
-    box (detector found none, or an error row) has an empty range: it is trained with the whole image as its box.
-    """
-
-    keys: np.ndarray
-    offsets: np.ndarray
-    boxes: np.ndarray
-    scores: np.ndarray
-    sizes: np.ndarray
-    stats: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_manifest(cls, path) -> "BoxTable":
-        """The used boxes of a manifest (odis.manifest_boxes: ids checked, every row accounted for in `stats`)."""
-        from odis.manifest_boxes import read_box_rows
-
-        r = read_box_rows(path)
-        uniq, row_img = np.unique(np.asarray(r.image_id, dtype=object), return_inverse=True)
-        uniq = uniq.tolist()
-        hashes = id_hashes(uniq)
-        order_img = np.argsort(hashes, kind="stable")
-        keys = hashes[order_img]
-        if len(keys) > 1 and (np.diff(keys) == 0).any():
-            i = int(np.nonzero(np.diff(keys) == 0)[0][0])
-            raise ValueError(f"{path}: image ids {uniq[order_img[i]]!r} and {uniq[order_img[i + 1]]!r} share a "
-                             "64-bit hash; rename one")
-        rank_of_img = np.empty(len(uniq), np.int64)
-        rank_of_img[order_img] = np.arange(len(uniq))
-        sizes = np.zeros((len(uniq), 2), np.int32)
-        sizes[rank_of_img[row_img], 0] = r.width  # rows of one image agree on its size (checked on reading)
-        sizes[rank_of_img[row_img], 1] = r.height
-        rows = np.nonzero(r.used)[0]
-        rows = rows[np.argsort(rank_of_img[row_img[rows]], kind="stable")]
-        counts = np.bincount(rank_of_img[row_img[rows]], minlength=len(uniq))
-        offsets = np.zeros(len(uniq) + 1, np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        stats = {"manifest": str(path), "manifest_images": len(uniq), "manifest_boxes": int(len(rows)),
-                 "manifest_images_without_box": int((counts == 0).sum()),
-                 "manifest_error_rows": r.counts["error_rows"], "manifest_rows": r.counts}
-        return cls(keys, offsets, r.boxes[rows].astype(np.float32), r.score[rows].astype(np.float32), sizes, stats)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.keys, self.offsets, self.boxes, self.scores, self.sizes))
-
-    def _find(self, hashes: np.ndarray) -> np.ndarray:
-        """Row of each hash in the table, -1 where absent."""
-        i = np.searchsorted(self.keys, hashes)
-        i = np.minimum(i, max(len(self.keys) - 1, 0))
-        hit = (self.keys[i] == hashes) if len(self.keys) else np.zeros(len(hashes), bool)
-        return np.where(hit, i, -1)
-
-    def lookup(self, image_id: str, width: float, height: float) -> np.ndarray | None:
-        """Boxes [K,4] float32 scaled to an image stored at width x height; None when the id is not listed."""
-        i = int(self._find(id_hashes([image_id]))[0])
-        if i < 0:
-            return None
-        b = self.boxes[self.offsets[i]:self.offsets[i + 1]].astype(np.float64)
-        mw, mh = self.sizes[i]
-        if len(b) and mw > 0 and mh > 0:
-            b = b * np.array([width / mw, height / mh, width / mw, height / mh])
-        return b
-
-    def match(self, shard_keys) -> dict:
-        """Counts of the join against the shards' keys (`shard_keys` may hold duplicates)."""
-        h = np.unique(id_hashes(list(shard_keys)))
-        row = self._find(h)
-        found = row >= 0
-        nbox = np.zeros(len(h), np.int64)
-        nbox[found] = self.offsets[row[found] + 1] - self.offsets[row[found]]
-        return {"shard_images": int(len(h)),
-                "shard_images_with_manifest_boxes": int((nbox > 0).sum()),
-                "shard_images_in_manifest_without_box": int((found & (nbox == 0)).sum()),
-                "shard_images_not_in_manifest": int((~found).sum()),
-                "manifest_ids_not_in_shards": int(len(self.keys) - found.sum())}
-
-
-# ---- the sample json ------------------------------------------------------------------------------------
-
-def _meta(raw: dict, key: str) -> dict:
-    try:
-        meta = json.loads(raw["json"])
-    except KeyError:
-        raise BadSample(f"{key}: no json in the sample (has {sorted(k for k in raw if not k.startswith('_'))})")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadSample(f"{key}: bad json ({e})") from None
-    if not isinstance(meta, dict):
-        raise BadSample(f"{key}: json is not an object")
-    return meta
-
-
-def _json_boxes(meta: dict, key: str) -> np.ndarray:
-    boxes = meta.get("boxes") or []
-    try:
-        b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    except (ValueError, TypeError):
-        raise BadSample(f"{key}: json 'boxes' is not a list of [x0, y0, x1, y1]") from None
-    return b
 
 
 # ---- the per-worker stream -------------------------------------------------------------------------------------
@@ -373,7 +245,8 @@ class TrainStream(IterableDataset):
         `first` by a seek; anything else is read from its start (webdataset's openers: pipe:, https:, ...)."""
         from webdataset import tariterators
 
-        from odis.shards import is_remote, local_path, sample_offsets
+        from odis.shards import is_remote, local_path
+        from odis.tarscan import sample_offsets
 
         url = self.spec.urls[shard]
 
@@ -425,41 +298,12 @@ class TrainStream(IterableDataset):
 
     def process(self, raw: dict, rng: np.random.Generator, reduction=None, out: dict | None = None) -> dict:
         """One raw sample -> its views (written into `out`'s buffers if given). Raises BadSample."""
-        key = raw.get("__key__", "?")
-        problem = sample_key_problem(key)
-        if problem:  # a tar member named `../x.jpg`, `/abs/x.jpg` or `a/b.jpg`: not a sample of the contract
-            raise BadSample(f"{raw.get('__url__', '?')}: {problem}")
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None:
-            raise BadSample(f"{key}: no image (jpg/png/webp) in the sample (has {sorted(raw)})")
-        meta = _meta(raw, key)
-        try:
-            image, (sw, sh) = decode_rgb(raw[ext], name=f"{key}.{ext}", max_reduction=reduction)
-        except ImageDecodeError as e:
-            raise BadSample(str(e)) from None
-        jw, jh = meta.get("width"), meta.get("height")
-        if isinstance(jw, int) and isinstance(jh, int) and jw > 0 and jh > 0:
-            if abs(jw / jh - sw / sh) > 0.02 * sw / sh:
-                raise BadSample(f"{key}: json size {jw}x{jh} does not match the image's {sw}x{sh}")
-            sw, sh = jw, jh  # boxes are in pixels of the stored image as the json describes it
-        boxes = self.spec.boxes.lookup(key, sw, sh) if self.spec.boxes is not None else None
-        counts = {}
-        if boxes is None:  # the shard's own boxes: checked and counted as a manifest's are (odis.boxes)
-            boxes, used, _, counts = account_boxes(_json_boxes(meta, key), sw, sh)
-            boxes = boxes[used]
-        h, w = image.shape[:2]
-        if len(boxes):
-            boxes = boxes * np.array([w / sw, h / sh, w / sw, h / sh])  # to the decoded size (draft)
-            boxes = np.clip(boxes, 0, [w, h, w, h])
-            boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
-        views = self.spec.views(image, boxes, rng, out)
+        sample = read_sample(raw, self.spec.boxes, reduction)
+        boxes = sample.boxes
+        views = self.spec.views(sample.image, boxes, rng, out)
         del views["crops"]
-        label = meta.get("label")
-        views["label"] = label if isinstance(label, int) and not isinstance(label, bool) else -1
-        views["key"] = key
-        views["has_box"] = bool(len(boxes))
-        views["boxes_clipped"] = counts.get("clipped", 0)
-        views["boxes_dropped"] = counts.get("dropped_not_finite", 0) + counts.get("dropped_empty", 0)
+        views["label"], views["key"], views["has_box"] = sample.label, sample.key, bool(len(boxes))
+        views["boxes_clipped"], views["boxes_dropped"] = sample.clipped, sample.dropped
         return views
 
 
@@ -643,8 +487,7 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         keys = shard_keys(urls)
         report = dict(table.stats, box_table_bytes=table.nbytes)
         if keys is not None:
-            report.update(table.match(keys))
-            _require_box_match(report, d, keys)
+            report.update(table.check_match(d.shards, keys))
         else:
             report["shard_keys"] = "unknown (remote shards): shard/manifest overlap not counted"
         log.info("boxes: %s", report)
@@ -675,20 +518,6 @@ def _saved_positions(state: dict, spec: StreamSpec) -> list[list[int]] | None:
     log.warning("the checkpoint's data position does not fit this run (%s): the resumed data stream differs "
                 "from the uninterrupted run's", diff or "no worker positions")
     return None
-
-
-def _require_box_match(report: dict, d, keys: list[str]) -> None:
-    """Refuse a manifest that shares no id with the shards; warn when it covers less than half of them."""
-    from odis.manifest import read_manifest
-    from odis.shards import no_box_match_error
-
-    matched = report["shard_images_with_manifest_boxes"] + report["shard_images_in_manifest_without_box"]
-    if keys and not matched:
-        ids = read_manifest(d.boxes, columns=["image_id"]).column("image_id")
-        raise ValueError(no_box_match_error(d.shards, d.boxes, keys[0], str(ids[0]) if len(ids) else "(empty)"))
-    if matched < report["shard_images"] / 2:
-        log.warning("--boxes %s: only %d of %d shard images are in this manifest; the others use the boxes in "
-                    "their shard json, else the whole image", d.boxes, matched, report["shard_images"])
 
 
 def _worker_init(_):

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from odis.boxes import Crop, box_area, box_to_patch_mask, clip_boxes, is_empty, scale_boxes
+from odis.augment import IMAGENET_MEAN, IMAGENET_STD
+from odis.boxes import Crop, box_area, box_to_patch_mask, clip_boxes, is_empty
+from odis.samples import BoxTable, read_sample, sample_boxes
 
 BOX_MODES = ("none", "mask", "crop", "blackout")
 BOX_SELECT = ("largest", "score", "union")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_IMAGE_PIXELS = 64_000_000  # checked from the header before decoding (odis.imageio); the refusal names the file
 
 
 # ---- the transform ------------------------------------------------------------------------------------------
@@ -153,52 +151,9 @@ def read_classes(spec: str) -> list[str] | None:
     return None
 
 
-def decode_sample(sample: dict) -> tuple[str, Image.Image, dict]:
-    """(image_id, RGB image, meta json) from a raw webdataset sample; errors name the key and the shard."""
-    from odis.imageio import load_image
-    from odis.names import sample_key_problem
-
-    key = sample.get("__key__", "?")
-    where = f"sample {key!r} in {sample.get('__url__', '?')}"
-    problem = sample_key_problem(key)
-    if problem:  # a tar member named `../x.jpg` or `/abs/x.jpg`: counted as unreadable, never used
-        raise ValueError(f"{sample.get('__url__', '?')}: {problem}")
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise ValueError(f"{where}: no image (expected one of {IMAGE_EXTS}, found {sorted(sample)})")
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    img = load_image(sample[ext], max_pixels=MAX_IMAGE_PIXELS, name=where)
-    return str(meta.get("image_id", key)), img, meta
-
-
-# ---- manifests as a box source ------------------------------------------------------------------------------
-
-def manifest_boxes(path: str | Path) -> dict[str, tuple[float, float, np.ndarray, np.ndarray]]:
-    """image_id -> (width, height, boxes [n,4] in original pixels, scores [n]) from a box manifest, read through
-    odis.manifest_boxes (ids checked, every row accounted for)."""
-    from odis.manifest_boxes import read_box_rows
-
-    r = read_box_rows(path)
-    rows: dict[str, list] = {}
-    for i, iid in enumerate(r.image_id):
-        entry = rows.setdefault(iid, [r.width[i], r.height[i], [], []])
-        if r.used[i]:
-            entry[2].append(r.boxes[i])
-            entry[3].append(r.score[i])
-    return {k: (float(w), float(h), np.asarray(b, np.float64).reshape(-1, 4), np.asarray(s, np.float64))
-            for k, (w, h, b, s) in rows.items()}
-
-
-def box_for_sample(img: Image.Image, meta: dict, image_id: str, manifest: dict | None, how: str):
-    """The box for one sample: from the manifest (scaled to the stored image) when given, else the shard json."""
-    if manifest is not None:
-        if image_id not in manifest:
-            return None
-        mw, mh, boxes, scores = manifest[image_id]
-        boxes = scale_boxes(boxes, img.width / mw, img.height / mh) if len(boxes) else boxes
-    else:
-        boxes = np.asarray(meta.get("boxes") or [], np.float64).reshape(-1, 4)
-        scores = np.asarray(meta.get("scores") or [1.0] * len(boxes), np.float64)
+def box_for_sample(img: Image.Image, meta: dict, image_id: str, table: BoxTable | None, how: str):
+    """The one box of a sample (odis.samples' rule: the manifest when given, else the json), or None."""
+    boxes, scores, _, _ = sample_boxes(table, image_id, meta, img.width, img.height)
     return select_box(boxes, scores, how)
 
 
@@ -216,24 +171,22 @@ class ViewConfig:
 class _MakeView:
     """Picklable map function for the webdataset pipeline: raw sample -> dict (or an error record)."""
 
-    def __init__(self, cfg: ViewConfig, manifest: dict | None):
-        self.cfg, self.manifest = cfg, manifest
+    def __init__(self, cfg: ViewConfig, table: BoxTable | None):
+        self.cfg, self.table = cfg, table
 
-    def __call__(self, sample: dict) -> dict:
-        if "__shard_error__" in sample:
-            return {"error": sample["__shard_error__"], "lost": sample["__lost__"]}
+    def __call__(self, raw: dict) -> dict:
+        if "__shard_error__" in raw:
+            return {"error": raw["__shard_error__"], "lost": raw["__lost__"]}
         try:
-            image_id, img, meta = decode_sample(sample)
-            box = box_for_sample(img, meta, image_id, self.manifest, self.cfg.box_select)
-            v = box_view(img, box, self.cfg.mode, self.cfg.size, self.cfg.resize, self.cfg.patch)
+            s = read_sample(raw, self.table)
+            box = select_box(s.boxes, s.scores, self.cfg.box_select)
+            v = box_view(Image.fromarray(s.image), box, self.cfg.mode, self.cfg.size, self.cfg.resize, self.cfg.patch)
         except Exception as e:  # counted and reported, never silently dropped
-            return {"error": f"{sample.get('__key__', '?')}: {e}"}
+            return {"error": f"sample {raw.get('__key__', '?')!r} in {raw.get('__url__', '?')}: {e}"}
         fallback = v.fallback
-        if fallback == "no_box" and self.manifest is not None and image_id not in self.manifest:
+        if fallback == "no_box" and s.source == "not_in_manifest":
             fallback = "not_in_manifest"  # told apart: an id mismatch is not the detector finding nothing
-        label = meta.get("label")
-        return {"image_id": image_id, "image": v.image, "obj_mask": v.obj_mask, "fallback": fallback,
-                "label": -1 if label is None else int(label)}
+        return {"image_id": s.key, "image": v.image, "obj_mask": v.obj_mask, "fallback": fallback, "label": s.label}
 
 
 def _collate(batch: list[dict]) -> dict:
@@ -305,7 +258,7 @@ class _ShardSamples:
                        "lost", "__lost__": lost}
 
 
-def shard_loader(spec: str, cfg: ViewConfig, manifest: dict | None = None, batch_size: int = 64,
+def shard_loader(spec: str, cfg: ViewConfig, table: BoxTable | None = None, batch_size: int = 64,
                  num_workers: int = 0):
     import webdataset as wds
 
@@ -314,7 +267,7 @@ def shard_loader(spec: str, cfg: ViewConfig, manifest: dict | None = None, batch
     urls = list_shard_urls(spec)
     counts = dict(zip(urls, shard_counts(spec, urls) or []))
     ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, _ShardSamples(counts),
-                          wds.map(_MakeView(cfg, manifest)))
+                          wds.map(_MakeView(cfg, table)))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(urls)),
                                        collate_fn=_collate)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from odis.eval.features import (Features, ViewConfig, extract_features, input_size, list_shard_urls, load_features,
-                                manifest_boxes, read_classes, save_features, shard_loader)
+                                read_classes, save_features, shard_loader)
+from odis.samples import BoxTable
 
 
 def pick_device(device: str = "auto") -> str:
@@ -35,7 +36,7 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:12]
 
 
-def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path: str | None, manifest: dict | None,
+def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path: str | None, table: BoxTable | None,
                  n_last_blocks: int, batch_size: int, workers: int, device: str, cache: str | None,
                  split: str, progress: bool = True) -> Features:
     """Extract (or reuse from `cache`) the features of one shard set."""
@@ -45,9 +46,11 @@ def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path
         path = Path(cache) / f"{split}-{cfg.mode}-{key}.safetensors"
         if path.is_file():
             return load_features(path)
-    if manifest is not None:
-        _require_box_match(spec, manifest_path, manifest)
-    loader = shard_loader(spec, cfg, manifest, batch_size, workers)
+    if table is not None:  # refused before extracting when no shard image is in the manifest (tar headers)
+        from odis.shards import shard_keys
+
+        table.check_match(spec, shard_keys(list_shard_urls(spec)) or [])
+    loader = shard_loader(spec, cfg, table, batch_size, workers)
     f = extract_features(model, loader, device, n_last_blocks, desc=f"{split} features ({cfg.mode})",
                          progress=progress, total=_batches(spec, batch_size))
     if path is not None:
@@ -64,15 +67,6 @@ def _batches(spec: str, batch_size: int) -> int | None:
         return math.ceil(int(read_index(spec)["num_samples"]) / batch_size)
     except (OSError, ValueError, KeyError, TypeError):  # a pattern, a URL, an index without the count
         return None
-
-
-def _require_box_match(spec: str, manifest_path: str, manifest: dict) -> None:
-    """Refuse a manifest that shares no image id with the shards (checked on the tar headers, before extracting)."""
-    from odis.shards import no_box_match_error, shard_keys
-
-    keys = shard_keys(list_shard_urls(spec))
-    if keys and not any(k in manifest for k in keys):
-        raise ValueError(no_box_match_error(spec, manifest_path, keys[0], next(iter(manifest), "(empty)")))
 
 
 def _classes(train: str, val: str) -> list[str] | None:
@@ -113,7 +107,7 @@ def _setup(backbone, arch, size, mode, box_select, boxes, device):
     model = open_backbone(backbone, arch)
     size = input_size(model, size)
     cfg = ViewConfig(mode=mode, size=size, patch=model.patch_size, box_select=box_select)
-    manifest = manifest_boxes(boxes) if boxes else None
+    manifest = BoxTable.from_manifest(boxes) if boxes else None
     return model, cfg, manifest, pick_device(device)
 
 

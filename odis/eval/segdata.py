@@ -19,8 +19,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from odis.eval.features import MAX_IMAGE_PIXELS
-from odis.imageio import load_image
+from odis.imageio import DEFAULT_MAX_PIXELS, load_image
 from odis.names import plain_name
 
 IGNORE = 255
@@ -28,15 +27,13 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
 
-
 def open_label_png(path: Path) -> Image.Image:
     """A label PNG as stored (palette / grey), refused before decoding when over the pixel cap."""
     img = Image.open(path)
-    if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{path}: image of {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS} cap")
+    if img.width * img.height > DEFAULT_MAX_PIXELS:
+        raise ValueError(f"{path}: image of {img.width}x{img.height} pixels is over the {DEFAULT_MAX_PIXELS} cap")
     img.load()
     return img
-
 
 @dataclass
 class SegDataset:
@@ -56,7 +53,7 @@ class SegDataset:
 
     def __getitem__(self, i: int) -> tuple[str, Image.Image, np.ndarray]:
         image_id, path = self.items[i]
-        img = load_image(path, max_pixels=MAX_IMAGE_PIXELS)
+        img = load_image(path, max_pixels=DEFAULT_MAX_PIXELS)
         mask = self.make_mask(i)
         if mask.shape != (img.height, img.width):
             raise ValueError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image {img.width}x{img.height}")
@@ -68,13 +65,11 @@ class SegDataset:
         keep = self.items[:n]
         return SegDataset(self.name, self.class_names, keep, self.make_mask)
 
-
 def _mask_image_problem(img: dict) -> str | None:
     """The [H, W] label mask is allocated from the JSON's size before the image is read: cap it like the image."""
-    if img["width"] * img["height"] > MAX_IMAGE_PIXELS:
-        return f"{img['width']}x{img['height']} pixels is over the {MAX_IMAGE_PIXELS} cap"
+    if img["width"] * img["height"] > DEFAULT_MAX_PIXELS:
+        return f"{img['width']}x{img['height']} pixels is over the {DEFAULT_MAX_PIXELS} cap"
     return None
-
 
 def _mask_annotation_problem(ann: dict) -> str | None:
     """Every annotation is painted, larger areas first: it needs a mask and a numeric area."""
@@ -84,7 +79,6 @@ def _mask_annotation_problem(ann: dict) -> str | None:
     if not isinstance(area, (int, float)) or isinstance(area, bool):
         return f"area must be a number, got {area!r}"
     return None
-
 
 def load_coco_masks(ann_file: str | Path):
     """A pycocotools COCO over the instances JSON, checked up front (odis.importers.load_coco: every image, polygon
@@ -104,7 +98,6 @@ def load_coco_masks(ann_file: str | Path):
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
-
 
 def coco_semantic(ann_file: str | Path, images_dir: str | Path) -> SegDataset:
     """Semantic masks from a COCO instances JSON (pycocotools decodes polygons and RLE alike)."""
@@ -127,14 +120,12 @@ def coco_semantic(ann_file: str | Path, images_dir: str | Path) -> SegDataset:
 
     return SegDataset("coco", names, items, make_mask)
 
-
 def _png_labels(path: Path) -> np.ndarray:
     """Label indices of an annotation PNG (palette indices for VOC, grey levels for ADE20K)."""
     img = open_label_png(path)
     if img.mode not in ("P", "L", "I", "I;16"):
         raise ValueError(f"{path}: expected a palette or greyscale label PNG, got mode {img.mode}")
     return np.asarray(img, dtype=np.int64)
-
 
 def voc_semantic(root: str | Path, split: str = "val") -> SegDataset:
     """PASCAL VOC (2012 or SBD-augmented) from `root` = the folder with JPEGImages/ and SegmentationClass/."""
@@ -151,7 +142,6 @@ def voc_semantic(root: str | Path, split: str = "val") -> SegDataset:
     if missing:
         raise FileNotFoundError(f"VOC {split}: {len(missing)} files missing, e.g. {missing[0]}")
     return SegDataset("voc", list(VOC_CLASSES), items, lambda k: _png_labels(masks[k]))
-
 
 def ade20k_semantic(root: str | Path, split: str = "validation") -> SegDataset:
     """ADE20K (SceneParsing `ADEChallengeData2016`): 150 classes -> 0..149, ADE's 0 ('other') -> ignored."""
@@ -171,7 +161,6 @@ def ade20k_semantic(root: str | Path, split: str = "validation") -> SegDataset:
         return np.where(m == 0, IGNORE, m - 1)
 
     return SegDataset("ade20k", [f"class{i}" for i in range(1, 151)], items, make_mask)
-
 
 def open_dataset(kind: str, root: str | Path, split: str) -> SegDataset:
     """`coco` (root = the folder with annotations/ and SPLIT2017/), `voc` or `ade20k`."""
