@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from odis.trainer.config import Config  # noqa: E402
-from odis.trainer.data import augment_batch, make_train_loader  # noqa: E402
+from odis.augment import augment_batch  # noqa: E402
+from odis.trainer.data import make_train_loader  # noqa: E402
 
 SHARED = Path(os.environ.get("ODIS_SHARED", REPO.parent / "shared"))
 COCO = SHARED / "data" / "coco_tiny"

@@ -195,3 +195,15 @@ def photometric(images: torch.Tensor, aug: ViewAug | list[tuple[int, ViewAug]], 
         return images.to(dtype)
     x = images.to(dtype).div_(255.0)
     return normalize(apply_params(x, params))
+
+
+def augment_batch(batch: dict, device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch's crops to `device` and apply the photometric augmentation with DINO's per-view probabilities.
+
+    Returns (global [2B,3,G,G], local [n_local*B,3,Ls,Ls]) float32, ImageNet-normalised, view-major.
+    `generator` is a CPU torch.Generator (parameters are drawn on the CPU; see odis.augment).
+    """
+    g = batch["global"].to(device, non_blocking=True)
+    glob = photometric(g.flatten(0, 1), [(g.shape[1], GLOBAL1), (g.shape[1], GLOBAL2)], generator)
+    loc = batch["local"].to(device, non_blocking=True).flatten(0, 1)
+    return glob.contiguous(), photometric(loc, LOCAL, generator).contiguous()

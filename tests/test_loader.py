@@ -16,7 +16,9 @@ import webdataset as wds
 from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
 from odis.trainer.config import Config
 from odis.samples import BoxTable
-from odis.trainer.data import TrainStream, augment_batch, make_train_loader
+from odis.augment import augment_batch
+from odis.trainer.data import make_train_loader
+from odis.trainer.stream import TrainStream
 
 N_CLASSES = 4
 PER_CLASS = 30  # 120 Tiny-ImageNet images
@@ -227,7 +229,7 @@ def test_bad_samples_are_counted_not_fatal(tin_shards):
 def test_an_epoch_plan_shows_each_sample_at_most_once(counts, batch, workers, world, seed):
     """Every pass gives each (rank, worker) stream a range as long as the samples it uses in that epoch, the ranges
     disjoint (when the epoch fits the shards), and the computed position of any step agrees with the quotas."""
-    from odis.trainer.data import PassPlan, batches_before
+    from odis.trainer.stream import PassPlan, batches_before
 
     total = sum(counts)
     spe = max(1, total // (batch * world))
@@ -251,7 +253,7 @@ def test_an_epoch_plan_shows_each_sample_at_most_once(counts, batch, workers, wo
 
 
 def _stream(chunk):
-    from odis.trainer.data import StreamSpec
+    from odis.trainer.stream import StreamSpec
 
     return TrainStream(StreamSpec(["a.tar"], None, None, seed=5, rank=0, batch_size=1, shuffle_buffer=chunk))
 
@@ -415,7 +417,7 @@ def test_boxes_come_from_the_manifest_first(coco_shards):
             captured.append((image.shape, np.array(boxes)))
             return super().__call__(image, boxes, rng, out)
 
-    from odis.trainer.data import StreamSpec
+    from odis.trainer.stream import StreamSpec
 
     spec = StreamSpec([], Spy(global_size=64, local_size=32, n_local=0, patch_size=16), BoxTable.from_manifest(manifest),
                       0, 0, 1, 1)
