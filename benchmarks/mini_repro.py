@@ -153,7 +153,8 @@ def prepare_mnist(out: Path, train: int, val: int, synth: dict) -> dict:
     """odis synth --mnist (JPEG), odis import-boxes --format coco, odis shard --labels folder --manifest."""
     from odis.importers import import_coco
     from odis.manifest import write_manifest
-    from odis.synth import SynthConfig, write_dataset
+    from odis.synth import SynthConfig
+    from odis.synth_dataset import write_dataset
     from odis.pipelines.shard import ShardSettings, run_shard
 
     counts = {}
@@ -221,6 +222,7 @@ def cmd_job(args) -> None:
     import torch
 
     from odis.eval.protocols import run_knn
+    from odis.eval.settings import KnnSettings
 
     p = PRESETS[args.preset]
     if args.epochs is not None:  # what the parent decided (--epochs-scale)
@@ -240,8 +242,8 @@ def cmd_job(args) -> None:
     result = {"dataset": args.dataset, "method": args.method, "seed": args.seed, "train_s": round(t_train, 1),
               "steps": final.get("step", 0), "final_loss": final.get("loss"), "knn": {}}
     for mode in BOX_MODES:
-        r = run_knn(out, str(data / f"{args.dataset}-train"), str(data / f"{args.dataset}-val"), mode=mode,
-                    ks=(p.knn_k,), batch_size=256, workers=p.workers, device=cfg.device)
+        r = run_knn(KnnSettings(out, str(data / f"{args.dataset}-train"), str(data / f"{args.dataset}-val"),
+                                mode=mode, ks=(p.knn_k,), batch_size=256, workers=p.workers, device=cfg.device))
         result["knn"][mode] = {"top1": r["results"][0]["top1"], "top5": r["results"][0]["top5"],
                                "k": r["results"][0]["k_effective"], "n_train": r["n_train"], "n_val": r["n_val"]}
     result["total_s"] = round(time.perf_counter() - t0, 1)

@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     import torch
 
     from odis.eval.protocols import run_knn
+    from odis.eval.settings import KnnSettings
     from odis.trainer.train import train
 
     torch.set_num_threads(2)
@@ -83,8 +84,8 @@ def main(argv=None) -> None:
                 final = {}
             else:
                 final = train(cfg, progress=False, overwrite=True)
-            knn = {mode: run_knn(out, str(data / "mnist-train"), str(data / "mnist-val"), mode=mode, ks=(20,),
-                                 batch_size=256, workers=1, device=cfg.device)["results"][0]["top1"]
+            knn = {mode: run_knn(KnnSettings(out, str(data / "mnist-train"), str(data / "mnist-val"), mode=mode,
+                                             ks=(20,), batch_size=256, workers=1, device=cfg.device))["results"][0]["top1"]
                    for mode in mr.BOX_MODES}
             row = {"name": a.name, "synth": synth, "method": method, "seed": seed, "epochs": a.epochs,
                    "steps": final.get("step", 0), "overrides": a.override,

@@ -9,6 +9,15 @@ import typer
 from odis.cli.common import eval_app, fail, positive, number_list, check_out_path, writing
 
 
+def _run(protocol, settings, out: Optional[Path], compare: Optional[Path]) -> None:
+    """Run one protocol (its settings are checked in the library), then write and print its result."""
+    try:
+        result = protocol(settings)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    _eval_finish(result, out, compare)
+
+
 def _eval_finish(result: dict, out: Optional[Path], compare: Optional[Path]) -> None:
     """Write the JSON, print the table (side by side with --compare)."""
     from odis.eval.protocols import load_result, table, write_result
@@ -72,21 +81,13 @@ def eval_knn_cmd(
     odis eval knn --backbone runs/odis-s16 --train shards/in1k-train --val shards/in1k-val --boxes-mode mask
     odis eval knn --backbone dino_vits16.pth --arch vit_small_patch16_224 --train ... --val ... --out dino.json
     """
-    from odis.eval.features import BOX_MODES, BOX_SELECT
     from odis.eval.protocols import run_knn
+    from odis.eval.settings import KnnSettings
 
     check_out_path(out, "--out")
     check_out_path(cache, "--cache", folder=True)
-    if boxes_mode not in BOX_MODES:
-        fail(f"--boxes-mode must be one of {', '.join(BOX_MODES)}, got {boxes_mode!r}")
-    if box_select not in BOX_SELECT:
-        fail(f"--box-select must be one of {', '.join(BOX_SELECT)}, got {box_select!r}")
-    try:
-        result = run_knn(backbone, train, val, boxes_mode, boxes, box_select, size, k, temperature, arch,
-                         batch_size, workers, device, cache)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    _eval_finish(result, out, compare)
+    _run(run_knn, KnnSettings(backbone, train, val, boxes_mode, boxes, box_select, size, arch, batch_size, workers,
+                              device, cache, ks=tuple(k), T=temperature), out, compare)
 
 
 @eval_app.command("linear")
@@ -126,20 +127,15 @@ def eval_linear_cmd(
     odis eval linear --backbone runs/odis-s16 --train shards/in1k-train --val shards/in1k-val --shots 1,2,5 \\
         --fraction 0.01 --out linear.json
     """
-    from odis.eval.features import BOX_MODES
     from odis.eval.protocols import run_linear
+    from odis.eval.settings import LinearSettings
 
     check_out_path(out, "--out")
     check_out_path(cache, "--cache", folder=True)
-    if boxes_mode not in BOX_MODES:
-        fail(f"--boxes-mode must be one of {', '.join(BOX_MODES)}, got {boxes_mode!r}")
-    try:
-        result = run_linear(backbone, train, val, boxes_mode, boxes, box_select, size, n_last_blocks, lrs, epochs,
-                            256, shots, fraction, tuple(range(seeds)), not skip_full, arch, batch_size, workers,
-                            device, cache)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    _eval_finish(result, out, compare)
+    _run(run_linear, LinearSettings(backbone, train, val, boxes_mode, boxes, box_select, size, arch, batch_size,
+                                    workers, device, cache, n_last_blocks=n_last_blocks, lrs=tuple(lrs),
+                                    epochs=epochs, shots=tuple(shots), fractions=tuple(fraction),
+                                    seeds=tuple(range(seeds)), full=not skip_full), out, compare)
 
 
 @eval_app.command("dense-nn")
@@ -175,15 +171,8 @@ def eval_dense_cmd(
     odis eval dense-nn --backbone runs/odis-s16 --dataset voc --root data/VOCdevkit/VOC2012 --train-split trainaug
     """
     from odis.eval.protocols import run_dense
+    from odis.eval.settings import DenseSettings
 
     check_out_path(out, "--out")
-    defaults = {"coco": ("train2017", "val2017"), "voc": ("train", "val"), "ade20k": ("training", "validation")}
-    if dataset not in defaults:
-        fail(f"--dataset must be one of {', '.join(defaults)}, got {dataset!r}")
-    try:
-        result = run_dense(backbone, dataset, root, train_split or defaults[dataset][0],
-                           val_split or defaults[dataset][1], size, factors, k, beta, max_train, max_val, arch,
-                           batch_size, device, seed)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    _eval_finish(result, out, compare)
+    _run(run_dense, DenseSettings(backbone, dataset, root, train_split, val_split, size, tuple(factors), k, beta,
+                                  max_train, max_val, arch, batch_size, device, seed), out, compare)

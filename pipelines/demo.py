@@ -83,7 +83,8 @@ def make_data(out: Path, size: DemoSize, steps: _Steps, progress: bool) -> dict:
     """Synthetic scenes, their GT manifests and shards. Returns the paths the later steps need."""
     from odis.importers import import_coco
     from odis.manifest import write_manifest
-    from odis.synth import SynthConfig, write_dataset
+    from odis.synth import SynthConfig
+    from odis.synth_dataset import write_dataset
     from odis.pipelines.shard import ShardSettings, run_shard
 
     data, man, sh = out / "data", out / "manifests", out / "shards"
@@ -176,6 +177,7 @@ def knn_all(backbones: dict[str, Path], paths: dict, size: DemoSize, steps: _Ste
     """k-NN top-1/top-5 of every network in every box mode (val boxes: the GT in the shards; the largest box,
     which odis synth makes the target)."""
     from odis.eval.protocols import run_knn, write_result
+    from odis.eval.settings import KnnSettings
 
     table: dict = {}
     for name, bb in backbones.items():
@@ -183,9 +185,9 @@ def knn_all(backbones: dict[str, Path], paths: dict, size: DemoSize, steps: _Ste
             res_path = cache.parent / "knn" / f"{name}-{mode}.json"
             cmd = ["odis", "eval", "knn", "--backbone", bb, "--train", paths["train_shards"], "--val",
                    paths["val_shards"], "--boxes-mode", mode, "--k", size.knn_k, "--out", res_path]
-            res = steps.run(f"k-NN {name} {mode}", cmd, lambda bb=bb, mode=mode: run_knn(
+            res = steps.run(f"k-NN {name} {mode}", cmd, lambda bb=bb, mode=mode: run_knn(KnnSettings(
                 bb, str(paths["train_shards"]), str(paths["val_shards"]), mode=mode, ks=(size.knn_k,),
-                batch_size=128, workers=0, cache=str(cache), progress=steps.progress))
+                batch_size=128, workers=0, cache=str(cache), progress=steps.progress)))
             write_result(res, res_path)
             r = res["results"][0]
             table.setdefault(name, {})[mode] = {"top1": r["top1"], "top5": r["top5"], "k": r["k_effective"]}

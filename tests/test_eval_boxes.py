@@ -271,6 +271,7 @@ def test_knn_size_and_box_select_change_the_features(tiny_shards, backbone, tmp_
     """--size and --box-select reach the features (read back from the cache), not only the result's record."""
     from odis.eval.features import load_features
     from odis.eval.protocols import run_knn
+    from odis.eval.settings import KnnSettings
     from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
 
     cols = empty_columns()  # two boxes per image: the larger one scores lower
@@ -281,8 +282,8 @@ def test_knn_size_and_box_select_change_the_features(tiny_shards, backbone, tmp_
     feats = {}
     for name, kw in (("largest", {}), ("score", {"box_select": "score"}), ("size48", {"size": 48})):
         cache = tmp_path / name
-        res = run_knn(backbone, str(tiny_shards / "train"), str(tiny_shards / "val"), mode="mask", boxes=man,
-                      ks=(5,), workers=0, cache=str(cache), progress=False, **kw)
+        res = run_knn(KnnSettings(backbone, str(tiny_shards / "train"), str(tiny_shards / "val"), mode="mask",
+                                  boxes=man, ks=(5,), workers=0, cache=str(cache), progress=False, **kw))
         assert res["size"] == kw.get("size", SIZE) and res["box_select"] == kw.get("box_select", "largest")
         feats[name] = load_features(next(cache.glob("train-*.safetensors"))).feats
     assert (feats["largest"] - feats["score"]).norm(dim=1).min() > 1e-3  # every image: another box

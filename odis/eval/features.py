@@ -23,10 +23,9 @@ from PIL import Image
 
 from odis.augment import IMAGENET_MEAN, IMAGENET_STD
 from odis.boxes import Crop, box_area, box_to_patch_mask, clip_boxes, is_empty
+from odis.eval.settings import BOX_MODES, BOX_SELECT
 from odis.samples import BoxTable, read_sample, sample_boxes
 
-BOX_MODES = ("none", "mask", "crop", "blackout")
-BOX_SELECT = ("largest", "score", "union")
 
 
 # ---- the transform ------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+from odis.eval.settings import DEFAULT_LRS
+
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 
 from odis.eval.features import (Features, ViewConfig, extract_features, input_size, list_shard_urls, load_features,
                                 read_classes, save_features, shard_loader)
+from odis.eval.settings import DenseSettings, FeatureSettings, KnnSettings, LinearSettings
 from odis.samples import BoxTable
 
 
@@ -103,83 +104,72 @@ def open_backbone(backbone, arch=None):
         raise ValueError(f"{backbone}: does not fit {arch or 'its recorded architecture'}: {lines[0]}{more}") from None
 
 
-def _setup(backbone, arch, size, mode, box_select, boxes, device):
-    model = open_backbone(backbone, arch)
-    size = input_size(model, size)
-    cfg = ViewConfig(mode=mode, size=size, patch=model.patch_size, box_select=box_select)
-    manifest = BoxTable.from_manifest(boxes) if boxes else None
-    return model, cfg, manifest, pick_device(device)
-
-
-def _common(backbone, train, val, cfg, boxes, tr: Features, va: Features) -> dict:
-    return {"backbone": str(backbone), "train": str(train), "val": str(val), "box_mode": cfg.mode,
-            "box_select": cfg.box_select, "boxes": str(boxes) if boxes else "shards", "size": cfg.size,
+def _common(s: FeatureSettings, cfg: ViewConfig, tr: Features, va: Features) -> dict:
+    return {"backbone": str(s.backbone), "train": str(s.train), "val": str(s.val), "box_mode": cfg.mode,
+            "box_select": cfg.box_select, "boxes": str(s.boxes) if s.boxes else "shards", "size": cfg.size,
             "resize": cfg.resize or round(cfg.size * 256 / 224), "n_train": len(tr.image_ids),
             "n_val": len(va.image_ids), "counts": {"train": tr.counts, "val": va.counts},
             "errors": (tr.errors + va.errors)[:20]}
 
 
-def _train_val(backbone, train, val, mode, boxes, box_select, size, arch, n_last_blocks, batch_size, workers,
-               device, cache, progress):
+def _train_val(s: FeatureSettings, n_last_blocks: int):
     """(view config, device, number of classes, train features, val features): the part k-NN and linear share."""
-    classes = _classes(train, val)
-    model, cfg, manifest, device = _setup(backbone, arch, size, mode, box_select, boxes, device)
+    classes = _classes(s.train, s.val)
+    model = open_backbone(s.backbone, s.arch)
+    cfg = ViewConfig(mode=s.mode, size=input_size(model, s.size), patch=model.patch_size, box_select=s.box_select)
+    table = BoxTable.from_manifest(s.boxes) if s.boxes else None
+    device = pick_device(s.device)
     if n_last_blocks > model.depth:
         raise ValueError(f"--n-last-blocks {n_last_blocks}: the backbone has {model.depth} blocks")
 
     def features(spec: str, split: str) -> Features:
-        f = features_for(model, str(backbone), spec, cfg, boxes, manifest, n_last_blocks, batch_size, workers,
-                         device, cache, split, progress)
+        f = features_for(model, str(s.backbone), spec, cfg, s.boxes, table, n_last_blocks, s.batch_size, s.workers,
+                         device, s.cache, split, s.progress)
         return _labelled(f, split, spec)
 
-    tr, va = features(train, "train"), features(val, "val")
+    tr, va = features(s.train, "train"), features(s.val, "val")
     num_classes = len(classes) if classes else int(max(tr.labels.max(), va.labels.max())) + 1
     return cfg, device, num_classes, tr, va
 
 
-def run_knn(backbone, train, val, mode="none", boxes=None, box_select="largest", size=None, ks=(10, 20, 100, 200),
-            T=0.07, arch=None, batch_size=64, workers=2, device="auto", cache=None, progress=True) -> dict:
+def run_knn(s: KnnSettings) -> dict:
     """DINO's weighted k-NN on the teacher's last-block OBJ/CLS token, with the given box mode."""
     from odis.eval.knn import knn_classify, results_to_dict
 
-    cfg, device, num_classes, tr, va = _train_val(backbone, train, val, mode, boxes, box_select, size, arch, 1,
-                                                  batch_size, workers, device, cache, progress)
-    res = knn_classify(tr.feats.to(device), tr.labels, va.feats.to(device), va.labels, ks, T, num_classes)
-    return {"protocol": "knn", **_common(backbone, train, val, cfg, boxes, tr, va), "T": T,
-            "num_classes": num_classes, "results": results_to_dict(res)}
+    cfg, device, num_classes, tr, va = _train_val(s.validate(), 1)
+    res = knn_classify(tr.feats.to(device), tr.labels, va.feats.to(device), va.labels, s.ks, s.T, num_classes)
+    return {"protocol": "knn", **_common(s, cfg, tr, va), "T": s.T, "num_classes": num_classes,
+            "results": results_to_dict(res)}
 
 
-def run_linear(backbone, train, val, mode="none", boxes=None, box_select="largest", size=None, n_last_blocks=4,
-               lrs=None, epochs=100, probe_batch=256, shots=(), fractions=(), seeds=(0, 1, 2), full=True, arch=None,
-               batch_size=64, workers=2, device="auto", cache=None, progress=True) -> dict:
+def run_linear(s: LinearSettings) -> dict:
     """Linear probes (lr sweep, few-shot settings averaged over seeds) on cached frozen features."""
-    from odis.eval.linear import DEFAULT_LRS, probe_settings
+    from odis.eval.linear import probe_settings
 
-    lrs = tuple(lrs or DEFAULT_LRS)
-    cfg, device, num_classes, tr, va = _train_val(backbone, train, val, mode, boxes, box_select, size, arch,
-                                                  n_last_blocks, batch_size, workers, device, cache, progress)
-    res = probe_settings(tr.feats, tr.labels, va.feats, va.labels, num_classes, shots=shots, fractions=fractions,
-                         seeds=tuple(seeds), full=full, lrs=lrs, epochs=epochs, batch_size=probe_batch,
-                         device=device)
-    return {"protocol": "linear", **_common(backbone, train, val, cfg, boxes, tr, va),
-            "n_last_blocks": n_last_blocks, "feature_dim": int(tr.feats.shape[1]), "lrs": list(lrs),
-            "epochs": epochs, "num_classes": num_classes, "results": res}
+    cfg, device, num_classes, tr, va = _train_val(s.validate(), s.n_last_blocks)
+    res = probe_settings(tr.feats, tr.labels, va.feats, va.labels, num_classes, shots=s.shots,
+                         fractions=s.fractions, seeds=tuple(s.seeds), full=s.full, lrs=tuple(s.lrs),
+                         epochs=s.epochs, batch_size=s.probe_batch, device=device)
+    return {"protocol": "linear", **_common(s, cfg, tr, va), "n_last_blocks": s.n_last_blocks,
+            "feature_dim": int(tr.feats.shape[1]), "lrs": list(s.lrs), "epochs": s.epochs,
+            "num_classes": num_classes, "results": res}
 
 
-def run_dense(backbone, dataset, root, train_split, val_split, size=512, factors=(1, 8, 64, 128), k=30, beta=0.02,
-              max_train=None, max_val=None, arch=None, batch_size=16, device="auto", seed=0) -> dict:
+def run_dense(s: DenseSettings) -> dict:
     """Hummingbird dense NN retrieval mIoU for each memory subsampling factor."""
     from odis.eval.dense import dense_nn_eval
     from odis.eval.segdata import open_dataset
 
-    model = open_backbone(backbone, arch)
-    size = input_size(model, size)
-    tr = open_dataset(dataset, root, train_split).subset(max_train)
-    va = open_dataset(dataset, root, val_split).subset(max_val)
-    res = dense_nn_eval(model, tr, va, size, factors, k, beta, batch_size, pick_device(device), seed)
-    return {"protocol": "dense-nn", "backbone": str(backbone), "dataset": dataset, "root": str(root),
-            "train_split": train_split, "val_split": val_split, "n_train": len(tr), "n_val": len(va), "size": size,
-            "k": k, "beta": beta, "num_classes": tr.num_classes, "class_names": tr.class_names, "results": res}
+    s.validate()
+    model = open_backbone(s.backbone, s.arch)
+    size = input_size(model, s.size)
+    tr = open_dataset(s.dataset, s.root, s.train_split).subset(s.max_train)
+    va = open_dataset(s.dataset, s.root, s.val_split).subset(s.max_val)
+    res = dense_nn_eval(model, tr, va, size, s.factors, s.k, s.beta, s.batch_size, pick_device(s.device), s.seed)
+    return {"protocol": "dense-nn", "backbone": str(s.backbone), "dataset": s.dataset, "root": str(s.root),
+            "train_split": s.train_split, "val_split": s.val_split, "n_train": len(tr), "n_val": len(va),
+            "size": size, "k": s.k, "beta": s.beta, "num_classes": tr.num_classes, "class_names": tr.class_names,
+            "results": res}
 
 
 # ---- tables and comparison ----------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""The settings of each evaluator, with their defaults and checks in one place (the CLI only parses and prints).
+
+    KnnSettings, LinearSettings   frozen features of two shard sets (FeatureSettings) + the protocol's own
+    DenseSettings                 a segmentation dataset in one of segdata's layouts
+
+`validate()` raises ValueError naming the option; the run_* functions of odis.eval.protocols call it first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BOX_MODES = ("none", "mask", "crop", "blackout")
+BOX_SELECT = ("largest", "score", "union")
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # iBOT's linear-probe sweep
+DENSE_SPLITS = {"coco": ("train2017", "val2017"), "voc": ("train", "val"), "ade20k": ("training", "validation")}
+
+
+def _one_of(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _all(option: str, values, ok, expected: str) -> None:
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        raise ValueError(f"{option}: every value must be {expected}, got {bad[0]!r}")
+
+
+@dataclass
+class FeatureSettings:
+    """Which backbone, which shards, and how one feature per image is taken (the box mode)."""
+    backbone: str | Path
+    train: str                      # the bank / training shards
+    val: str                        # the queries / validation shards
+    mode: str = "none"              # BOX_MODES
+    boxes: str | Path | None = None  # a box manifest; None: the boxes in the shards' json
+    box_select: str = "largest"     # BOX_SELECT: which box of several
+    size: int | None = None         # input size; None: the backbone's training size
+    arch: str | None = None         # timm architecture, for checkpoints without odis metadata
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    cache: str | Path | None = None  # a folder to keep extracted features in
+    progress: bool = True
+
+    def validate(self) -> "FeatureSettings":
+        _one_of("--boxes-mode", self.mode, BOX_MODES)
+        _one_of("--box-select", self.box_select, BOX_SELECT)
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"--size must be >= 1, got {self.size}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {self.batch_size}, {self.workers}")
+        return self
+
+
+@dataclass
+class KnnSettings(FeatureSettings):
+    """DINO's weighted k-NN: the votes of the ks nearest bank features, weighted exp(cos / T)."""
+    ks: tuple[int, ...] = (10, 20, 100, 200)
+    T: float = 0.07
+
+    def validate(self) -> "KnnSettings":
+        super().validate()
+        _all("--k", self.ks, lambda v: v >= 1, ">= 1")
+        if not self.ks or not self.T > 0:
+            raise ValueError(f"--k needs at least one value and --temperature must be > 0, got {self.ks}, {self.T}")
+        return self
+
+
+@dataclass
+class LinearSettings(FeatureSettings):
+    """Linear probes on cached features: an lr sweep, full data and few-shot settings averaged over seeds."""
+    n_last_blocks: int = 4           # concatenate the OBJ/CLS of the last N blocks (DINO/iBOT: 4 for ViT-S)
+    lrs: tuple[float, ...] = DEFAULT_LRS
+    epochs: int = 100
+    probe_batch: int = 256           # the probe's own batch, over cached features
+    shots: tuple[int, ...] = ()      # images per class
+    fractions: tuple[float, ...] = ()  # class-stratified fractions of the training set
+    seeds: tuple[int, ...] = (0, 1, 2)
+    full: bool = True                # also the probe on the whole training set
+
+    def validate(self) -> "LinearSettings":
+        super().validate()
+        _all("--lrs", self.lrs, lambda v: v > 0, "> 0")
+        _all("--shots", self.shots, lambda v: v >= 1, ">= 1")
+        _all("--fraction", self.fractions, lambda v: 0 < v <= 1, "in (0, 1]")
+        if self.n_last_blocks < 1 or self.epochs < 1 or not self.seeds or not self.lrs:
+            raise ValueError("--n-last-blocks and --epochs must be >= 1, with at least one seed and one lr")
+        return self
+
+
+@dataclass
+class DenseSettings:
+    """Hummingbird's dense nearest-neighbour retrieval: a patch memory, k neighbours, softmax(cos / beta)."""
+    backbone: str | Path
+    dataset: str                     # DENSE_SPLITS' keys: segdata's layouts
+    root: str | Path
+    train_split: str = ""            # "": the layout's default (DENSE_SPLITS)
+    val_split: str = ""
+    size: int = 512
+    factors: tuple[int, ...] = (1, 8, 64, 128)  # memory subsampling: each image gives 1/f of its patches
+    k: int = 30
+    beta: float = 0.02
+    max_train: int | None = None
+    max_val: int | None = None
+    arch: str | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> "DenseSettings":
+        _one_of("--dataset", self.dataset, DENSE_SPLITS)
+        _all("--factors", self.factors, lambda v: v >= 1, ">= 1")
+        if self.size < 1 or self.k < 1 or not self.beta > 0 or self.batch_size < 1:
+            raise ValueError("--size, --k and --batch-size must be >= 1 and --beta > 0")
+        self.train_split = self.train_split or DENSE_SPLITS[self.dataset][0]
+        self.val_split = self.val_split or DENSE_SPLITS[self.dataset][1]
+        return self
