@@ -1,7 +1,6 @@
 """The train command (also `torchrun ... -m odis train`)."""
 from __future__ import annotations
 
-
 import typer
 
 from odis.cli.common import app, fail
@@ -12,11 +11,12 @@ def train(
     ctx: typer.Context,
     shards: str = typer.Option(None, help="Training shards: a folder with index.json, an index.json, a brace "
                                "pattern (shards/in1k-{000000..000127}.tar) or URLs (s3/gs/http via pipe:)."),
-    boxes: str = typer.Option(None, help="Box manifest (parquet) joined by image_id; else the shards' own boxes; "
-                              "else the whole image."),
-    config: str = typer.Option(None, "--config", "-c", help="YAML recipe from configs/ (or your own). Without "
-                               "it: the defaults of trainer/config.py (ODIS, ViT-S/16 at 224 px, the paper's "
-                               "recipe; on a small CPU machine start from configs/tiny_cpu.yaml)."),
+    boxes: str = typer.Option(None, help="Box manifest (parquet) joined by image_id, the only box source when "
+                              "given (an image it does not list is trained whole). Default: the shards' own boxes."),
+    config: str = typer.Option(None, "--config", "-c", help="A shipped recipe by name (tiny_cpu, mini_cpu, "
+                               "vit_small_coco, vit_small_in1k, vit_base_in1k, vit_large_in1k) or a YAML file of "
+                               "your own. Without it: the defaults of trainer/config.py (ODIS, ViT-S/16 at 224 px; "
+                               "on a small CPU machine start from tiny_cpu)."),
     method: str = typer.Option(None, help="odis | ibot | dino (overrides the recipe; default odis)."),
     out: str = typer.Option(None, help="Run folder (default: the recipe's `out`)."),
     resume: str = typer.Option(None, help="'auto' (continue from OUT/checkpoint.pt if present) or a checkpoint. "
