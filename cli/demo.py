@@ -70,7 +70,8 @@ def synth(
     """
     from pathlib import Path
 
-    from odis.synth import SynthConfig, write_dataset
+    from odis.synth import SynthConfig
+    from odis.synth_dataset import write_dataset
 
     check_out_path(Path(out), "--out", folder=True)
     cfg = SynthConfig(size=size, objects=_parse_range(objects, int, "objects"),

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from odis.cli import app
 from odis.importers import AnnotationError, import_coco, import_imagenet, import_tiny_imagenet, import_yolo
-from odis.manifest import manifest_metadata, read_manifest, validate_manifest, write_manifest
+from odis.manifest import manifest_metadata, read_manifest, write_manifest
+from odis.manifest_validate import validate_manifest
 
 runner = CliRunner()
 

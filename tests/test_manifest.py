@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from odis.manifest import (SCHEMA, ManifestError, add_row, empty_columns, image_id_for, image_ids_in,
-                           image_id_list, make_metadata, manifest_files, manifest_metadata, merge_manifests, plot_stats,
-                           read_manifest, summary_stats, table_from_columns, validate_manifest, write_manifest)
+from odis.image_ids import image_id_for, image_id_list
+from odis.manifest import (SCHEMA, ManifestError, add_row, empty_columns, image_ids_in, make_metadata, manifest_files,
+                           manifest_metadata, merge_manifests, read_manifest, table_from_columns, write_manifest)
+from odis.manifest_stats import plot_stats, summary_stats
+from odis.manifest_validate import validate_manifest
 
 path_part = st.text(alphabet=st.characters(blacklist_characters="/\\\x00", blacklist_categories=("Cs",)),
                     min_size=1, max_size=12).filter(lambda s: s.strip(".") != "")
@@ -40,7 +42,7 @@ def test_id_sanitiser_equals_the_regex_rule(text):
     contract, a shortcut that changed one character would orphan every box of that image."""
     import re
 
-    from odis.manifest import _sanitise
+    from odis.image_ids import _sanitise
 
     assert _sanitise(text) == re.sub(r"[^\w\-]", "_", text)
 
