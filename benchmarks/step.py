@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from odis.distill import Distiller, Views  # noqa: E402
 from odis.losses import loss_obj, loss_patch, teacher_probs  # noqa: E402
-from odis.model import ATTN_IMPLS, DEFAULT_ATTN_IMPL  # noqa: E402
+from odis.choices import ATTN_IMPLS, DEFAULT_ATTN_IMPL  # noqa: E402
 
 OBJ_ROW = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}  # --obj-row choices
 

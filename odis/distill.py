@@ -1,7 +1,7 @@
 """The meta-architecture: student and EMA teacher (backbone + shared DINO head), centers, and the loss for
 `method = odis | ibot | dino`.
 
-Which network sees what (iBOT main_ibot.py:407-413, ODIS §3):
+Which network sees what (as in iBOT's training loop; ODIS §3):
 - teacher: the 2 global views, unmasked; odis: its OBJ row masked to the box of each view.
 - student: the 2 global views with iBOT's block masks (ibot/odis) + the local views; odis: OBJ masked on the
   globals, unmasked on the locals (a local crop's OBJ is the crop itself).
@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from odis.choices import CENTERINGS, DEFAULT_ATTN_IMPL, METHODS, check_choice
 from odis.heads import DINOHead
 from odis.losses import Centers, koleo, loss_obj, loss_patch, sinkhorn_probs, teacher_probs
-from odis.model import DEFAULT_ATTN_IMPL, OdisViT
-
-METHODS = ("odis", "ibot", "dino")
-CENTERINGS = ("center", "sinkhorn")  # iBOT/ODIS's EMA center, or DINOv2's Sinkhorn-Knopp
+from odis.model import OdisViT
 
 
 @dataclass
@@ -38,7 +36,9 @@ class Views:
     mim_mask: torch.Tensor | None  # bool [2, B, gh, gw] (ibot/odis) or None
 
 
-class Student(nn.Module):
+class Network(nn.Module):
+    """A backbone and its projection head: the student's, or the EMA teacher's (the same architecture)."""
+
     def __init__(self, backbone: OdisViT, head: DINOHead):
         super().__init__()
         self.backbone, self.head = backbone, head
@@ -52,20 +52,16 @@ class Distiller(nn.Module):
                  attn_impl: str = DEFAULT_ATTN_IMPL, depth: int | None = None, centering: str = "center",
                  lambda_koleo: float = 0.0):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-        self.centering = centering
-        self.method = method
+        self.method = check_choice("method", method, METHODS)
+        self.centering = check_choice("centering", centering, CENTERINGS)
         backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl,
                            depth=depth)
         head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
-        self.student = Student(backbone, head)
+        self.student = Network(backbone, head)
         # The teacher has no drop-path; it starts as a copy of the student and only follows it by EMA.
         t_backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=0.0, attn_impl=attn_impl, depth=depth)
         t_backbone.load_state_dict(backbone.state_dict())
-        self.teacher = Student(t_backbone, copy.deepcopy(head))
+        self.teacher = Network(t_backbone, copy.deepcopy(head))
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         if method == "dino":  # no masked image modelling: the mask token would be an unused parameter under DDP

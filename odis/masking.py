@@ -2,7 +2,7 @@
 
 Per image: with probability `1 - mask_prob` nothing is masked; otherwise a ratio r ~ U(ratio) of the patch grid
 is covered with random rectangular blocks (aspect ratio log-uniform in `aspect`), as iBOT's
-`pred_ratio=[0, 0.3], pred_ratio_var=[0, 0.2]` recipe does (REFERENCE-hparams: "50% no mask, 50% r~U(0.1,0.5)").
+`pred_ratio=[0, 0.3], pred_ratio_var=[0, 0.2]` recipe does: half the images unmasked, the others r ~ U(0.1, 0.5).
 """
 from __future__ import annotations
 

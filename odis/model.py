@@ -5,12 +5,11 @@ attention (paper §3). iBOT's learnable mask token replaces masked patch embeddi
 are added. The wrapped timm model keeps timm's own parameter names, so the exported backbone loads into
 `timm.create_model(arch, num_classes=0)` with `strict=True`.
 
-Two implementations of the masked attention give the same outputs (tested):
+Two implementations of the masked attention give the same outputs (tested; `attn_impl`, odis/choices.py):
 - `mask`:  one `attn_mask [B,1,N,N]` built once per batch and passed to every timm block (SDPA with a mask);
 - `split` (the default): the patch rows run unmasked SDPA (so flash attention stays available) and the OBJ query
-           row runs alone with its `[B,1,1,N]` mask; level with `mask` on CPU and in an eager GPU forward.
-           Under torch.compile `mask` is the faster (no second call, no join): the GPU recipes' choice
-           (benchmarks/step.py, BENCHMARKS.md).
+           row runs alone with its `[B,1,1,N]` mask. Under torch.compile `mask` is the faster (no second call, no
+           join): the GPU recipes' choice (benchmarks/step.py compares them).
 Either mask is made once per forward pass as an additive bias in the attention's dtype (`attn_bias`).
 """
 from __future__ import annotations
@@ -25,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTN_IMPLS = ("mask", "split")
-DEFAULT_ATTN_IMPL = "split"  # eager: level with mask (CPU, GPU forward; BENCHMARKS.md); trainer/config.py too
+from odis.choices import ATTN_IMPLS, DEFAULT_ATTN_IMPL, check_choice
 
 
 def obj_attn_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
@@ -52,10 +50,9 @@ def _obj_row_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
 
 def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask [..., N] (True = attend) as SDPA's additive bias (0 / -inf) in the attention's
-    dtype, made once per forward pass. Given the boolean mask, SDPA makes this bias again in every block, and pads
-    its rows to 16 elements for the memory-efficient kernel: that cost the split attention 4.6 ms of a 79 ms
-    training step (eager bf16 ViT-S/16, batch 64, on an H200; BENCHMARKS.md). The padding is made here too: the
-    bias is a view of a tensor with 16-aligned rows."""
+    dtype, made once per forward pass: given the boolean mask, SDPA would make this bias again in every block and
+    pad its rows to 16 elements for the memory-efficient kernel. The padding is made here too: the bias is a view
+    of a tensor with 16-aligned rows."""
     n = mask.shape[-1]
     bias = torch.full((*mask.shape[:-1], -(-n // 16) * 16), float("-inf"), dtype=dtype, device=mask.device)
     bias[..., :n].masked_fill_(mask, 0.0)
@@ -88,8 +85,8 @@ class OdisViT(nn.Module):
         self.num_heads = self.vit.blocks[0].attn.num_heads
         self.num_prefix = self.vit.num_prefix_tokens
         self.attn_impl = attn_impl
-        # SDPA backends the split attention's OBJ row may use, as SDPBackend names (empty: PyTorch's choice). For
-        # benchmarks/step.py --obj-row: the length-1 masked call costs more than its size on some kernels.
+        # SDPA backends the split attention's OBJ row may use, as SDPBackend names (empty: PyTorch's choice), for
+        # benchmarks/step.py --obj-row: some kernels are slow on the length-1 masked call.
         self.obj_row_backends: tuple[str, ...] = ()
         # iBOT/DINO initialise [CLS] (here [OBJ]) as trunc_normal(std .02); timm uses normal(std 1e-6).
         nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
@@ -102,9 +99,7 @@ class OdisViT(nn.Module):
 
     @attn_impl.setter
     def attn_impl(self, value: str) -> None:
-        if value not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {value!r}")
-        self._attn_impl = value
+        self._attn_impl = check_choice("attn_impl", value, ATTN_IMPLS)
 
     def config(self) -> dict:
         return {"arch": self.arch, "img_size": self.img_size, "patch_size": self.patch_size,

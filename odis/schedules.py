@@ -19,7 +19,7 @@ def cosine(it: int, total: int, start: float, end: float, warmup: int = 0, warmu
 
 
 def teacher_temp(it: int, steps_per_epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
-    """Linear per EPOCH from `warmup_temp` to `temp` over `warmup_epochs`, then constant (iBOT main_ibot.py:498)."""
+    """Linear per EPOCH from `warmup_temp` to `temp` over `warmup_epochs`, then constant (as iBOT's)."""
     epoch = it // max(steps_per_epoch, 1)
     if epoch >= warmup_epochs or warmup_epochs <= 1:
         return temp if epoch >= warmup_epochs else warmup_temp

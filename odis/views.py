@@ -2,25 +2,28 @@
 
 Geometry only: crops, resizes, flips, the object mask on each global view's patch grid and the iBOT block masks.
 Photometric augmentation runs later, batched on the training device (odis/augment.py), because the reference
-per-image PIL pipeline is the loader's bottleneck.
+per-image PIL pipeline is the loader's bottleneck. The options of the views, their defaults and their ranges live
+in `ViewSettings`; the trainer's `data.*` config inherits them.
 
 The box follows the pixels exactly: a view is `Crop(top, left, height, width, out, out, flip)` of the source image;
 the pixels are resampled with cv2 (whose pixel-centre convention maps source x to `(x - left) * out / width`, the
 same map as `Crop.apply`) and flipped; the box goes through `Crop.apply`.
 
-"Contains the object" (DataConfig.min_visible, default 0.5): at least that share of the box lies in the crop, or the
+"Contains the object" (ViewSettings.min_visible): at least that share of the box lies in the crop, or the
 object fills at least that share of the crop (see `contains_object`). An image without boxes uses the whole image
 as its box, so every crop contains it and its OBJ token sees the whole view.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 
 from odis.boxes import EMPTY_AREA, Crop, box_to_patch_mask, sample_box
+from odis.choices import METHODS, check_choice
 from odis.masking import BlockMasker
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision default, used by DINO/iBOT)
@@ -92,7 +95,7 @@ def render(image: np.ndarray, crop: Crop, out: np.ndarray | None = None) -> np.n
     included: cv2.resize for integer crops shrunk by less than 2x, else one `cv2.warpAffine` (exact for fractional
     crops too). Shrinking by f >= 2 first averages k x k blocks (k = floor(f), cv2 INTER_AREA's fast integer
     path) so that every source pixel still contributes (no aliasing from skipped pixels); bilinear then covers
-    the remaining factor f / k < 2. PIL's bicubic resize in the reference is smoother still, and 5x slower.
+    the remaining factor f / k < 2. PIL's bicubic resize in the reference is smoother still, and slower.
     """
     H, W = image.shape[:2]
     t, l, ch, cw = crop.top, crop.left, crop.height, crop.width
@@ -101,8 +104,8 @@ def render(image: np.ndarray, crop: Crop, out: np.ndarray | None = None) -> np.n
     k = int(min(ch / crop.out_h, cw / crop.out_w))
     integral = all(float(v).is_integer() for v in (t, l, ch, cw))
     if k < 2 and integral:
-        # The common case (RandomResizedCrop's integer crops): cv2.resize maps pixel centres the same way and is
-        # 2-3x faster than warpAffine; it replicates the crop's own edge pixels where bilinear needs a neighbour.
+        # The common case (RandomResizedCrop's integer crops): cv2.resize maps pixel centres the same way, faster
+        # than warpAffine; it replicates the crop's own edge pixels where bilinear needs a neighbour.
         src = image[int(t):int(t + ch), int(l):int(l + cw)]
         if crop.flip:
             cv2.flip(cv2.resize(src, (crop.out_w, crop.out_h), interpolation=cv2.INTER_LINEAR), 1, dst=out)
@@ -128,53 +131,91 @@ def render(image: np.ndarray, crop: Crop, out: np.ndarray | None = None) -> np.n
     return out.transpose(2, 0, 1)
 
 
+BOX_SAMPLINGS = ("uniform", "area")  # odis.boxes.sample_box's modes
+
+
 @dataclass
-class ViewMaker:
-    """Per-sample views for `method` odis | ibot | dino (2 global + n_local local crops, masks).
+class ViewSettings:
+    """The options of the views, with their defaults. trainer.config.DataConfig inherits them as `data.*`;
+    `check` holds them to the ranges of VIEW_RULES, which the config's rules reuse."""
 
-    `__call__(image HWC uint8, boxes [K,4] image pixels, rng)` returns a dict:
-      global [2,3,G,G] uint8, local [n_local,3,L,L] uint8 (CHW views of HWC memory), obj_mask [2,gh,gw] bool, obj_valid [2] bool,
-      mim_mask [2,gh,gw] bool, obj_box [2,4] float32 (the box in each global view's pixels), fallbacks int,
-      crops list[Crop] (the 2 global crops; not collated).
-    """
-
-    global_size: int = 224
+    box_sampling: str = "uniform"  # how one box per image is drawn: uniform | area
+    global_size: int = 224  # pixels
     local_size: int = 96
     n_local: int = 10
-    global_scale: tuple[float, float] = (0.25, 1.0)
+    global_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop's share of the image area
     local_scale: tuple[float, float] = (0.05, 0.25)
+    max_crop_tries: int = 20  # object-aware crop: redraw until the crop contains the box
+    min_visible: float = 0.5  # "contains the box": this share of the box's area lies inside the crop
+    # odis only: draw the local crops object-aware too (each up to max_crop_tries times, until it holds the sampled
+    # box or lies inside it), an option of the ODIS-derived code; off as in the paper. Why one might: every local's
+    # token is distilled towards the teacher's OBJ token of one object, which an ordinary local crop may miss.
+    local_object_aware: bool = False
+    mask_prob: float = 0.5  # iBOT: half the images unmasked
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # the share of a masked image's patch grid
+
+    def check(self) -> "ViewSettings":
+        """This, or a ValueError naming the first setting outside its range."""
+        for name, (text, ok) in VIEW_RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {text}, got {value!r}")
+        return self
+
+
+_CROP_SCALE = ("[lo, hi] with 0 < lo <= hi <= 1 (shares of the image area)", lambda v: 0 < v[0] <= v[1] <= 1)
+
+# Each ViewSettings field's range, as (what it "must be", the test); trainer/config.py's rules take them as data.*.
+VIEW_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "box_sampling": ("|".join(BOX_SAMPLINGS), lambda v: v in BOX_SAMPLINGS),
+    "global_size": (">= 1", lambda v: v >= 1),  # the trainer also asks for a multiple of the patch size
+    "local_size": (">= 1", lambda v: v >= 1),
+    "n_local": (">= 0", lambda v: v >= 0),  # 0: no local crops
+    "global_scale": _CROP_SCALE,
+    "local_scale": _CROP_SCALE,
+    "max_crop_tries": (">= 1", lambda v: v >= 1),
+    "min_visible": ("in (0, 1]", lambda v: 0 < v <= 1),  # 0 would count a crop beside the box as holding it
+    "mask_prob": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    # all of the grid masked would leave the student nothing to see
+    "mask_ratio": ("[lo, hi] with 0 <= lo <= hi < 1", lambda v: 0 <= v[0] <= v[1] < 1),
+}
+_TUPLES = ("global_scale", "local_scale", "mask_ratio")
+
+
+@dataclass(init=False)
+class ViewMaker(ViewSettings):
+    """Per-sample views for `method` odis | ibot | dino (2 global + n_local local crops, masks) on a grid of
+    `patch_size` pixels.
+
+    `__call__(image HWC uint8, boxes [K,4] image pixels, rng)` returns a dict:
+      global [2,3,G,G] uint8, local [n_local,3,L,L] uint8 (CHW views of HWC memory), obj_mask [2,gh,gw] bool,
+      obj_valid [2] bool, mim_mask [2,gh,gw] bool, obj_box [2,4] float32 (the box in each global view's pixels),
+      fallbacks int, crops list[Crop] (the 2 global crops; not collated).
+    """
+
     patch_size: int = 16
     method: str = "odis"
-    box_sampling: str = "uniform"
-    max_tries: int = 20
-    min_visible: float = 0.5
-    mask_prob: float = 0.5
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    # odis only: draw the local crops object-aware too (each up to max_tries times, until it holds the sampled
-    # box or lies inside it), as an option of the ODIS-derived code. Off by default (the paper: ordinary crops).
-    # Why: every local's unmasked token is distilled towards the teacher's OBJ token of that one object; in a
-    # scene of several objects an ordinary local crop often shows only the others.
-    local_object_aware: bool = False
-    masker: BlockMasker = field(init=False)
+    masker: BlockMasker = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
-        if self.method not in ("odis", "ibot", "dino"):
-            raise ValueError(f"method must be odis|ibot|dino, got {self.method!r}")
-        self.masker = BlockMasker(self.grid, self.grid, self.mask_prob, tuple(self.mask_ratio))
-
-    @classmethod
-    def from_config(cls, data, patch_size: int, method: str) -> "ViewMaker":
-        """From trainer.config.DataConfig (duck-typed: odis/ does not import trainer/)."""
-        return cls(data.global_size, data.local_size, data.n_local, tuple(data.global_scale),
-                   tuple(data.local_scale), patch_size, method, data.box_sampling, data.max_crop_tries,
-                   data.min_visible, data.mask_prob, tuple(data.mask_ratio), data.local_object_aware)
+    def __init__(self, settings: ViewSettings | None = None, patch_size: int = 16, method: str = "odis",
+                 **changes):
+        """The views of `settings` (None: the defaults; a trainer DataConfig is a ViewSettings) with `changes` to
+        some of them by name, e.g. `ViewMaker(global_size=64, n_local=2, patch_size=8)`."""
+        values = {f.name: getattr(settings, f.name) for f in fields(ViewSettings)} if settings is not None else {}
+        values.update(changes)
+        values.update({name: tuple(values[name]) for name in _TUPLES if name in values})
+        ViewSettings.__init__(self, **values)
+        self.check()
+        self.patch_size, self.method = patch_size, check_choice("method", method, METHODS)
+        self.masker = BlockMasker(self.grid, self.grid, self.mask_prob, self.mask_ratio)
 
     def _local_crop(self, h: int, w: int, box, rng: np.random.Generator) -> Crop:
         """An ordinary local crop, or with local_object_aware (odis) one that holds the sampled box."""
         ls = self.local_size
         if box is None or not self.local_object_aware:
             return random_resized_crop(h, w, self.local_scale, RATIO, ls, rng)
-        return object_aware_crop(h, w, box, self.local_scale, RATIO, ls, self.max_tries, self.min_visible, rng)[0]
+        return object_aware_crop(h, w, box, self.local_scale, RATIO, ls, self.max_crop_tries, self.min_visible,
+                                 rng)[0]
 
     @property
     def grid(self) -> int:
@@ -206,7 +247,7 @@ class ViewMaker:
             boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
             box = boxes[sample_box(boxes, self.box_sampling, rng)] if len(boxes) else np.array([0, 0, w, h], float)
             for v in range(2):
-                crop, found = object_aware_crop(h, w, box, self.global_scale, RATIO, g, self.max_tries,
+                crop, found = object_aware_crop(h, w, box, self.global_scale, RATIO, g, self.max_crop_tries,
                                                 self.min_visible, rng)
                 fallbacks += not found
                 vb = crop.apply(box)

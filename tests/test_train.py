@@ -366,7 +366,7 @@ def test_the_patch_teacher_temperature_has_its_own_schedule():
 
 
 def test_gpu_processes_use_nccl_by_default(monkeypatch):
-    from odis.trainer.train import process_group_backend
+    from odis.trainer.dist import process_group_backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [process_group_backend(d) for d in ("auto", "cuda", "cuda:1", "cpu")] == ["nccl"] * 3 + ["gloo"]

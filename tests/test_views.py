@@ -150,7 +150,7 @@ def test_fallback_gives_invalid_view():
     rng = np.random.default_rng(0)
     crop, found = object_aware_crop(400, 400, box, (0.01, 0.02), RATIO, 64, 3, 0.5, rng)
     assert not found and isinstance(crop, Crop)
-    vm = ViewMaker(global_size=64, local_size=32, n_local=0, patch_size=8, global_scale=(0.01, 0.02), max_tries=3)
+    vm = ViewMaker(global_size=64, local_size=32, n_local=0, patch_size=8, global_scale=(0.01, 0.02), max_crop_tries=3)
     out = vm(np.zeros((400, 400, 3), np.uint8), box[None], rng)
     assert out["fallbacks"] == 2 and not out["obj_valid"].any() and not out["obj_mask"].any()
 
@@ -249,7 +249,7 @@ def test_random_resized_crop_positions_are_uniform():
     assert len(counts) == 7 and counts.min() > 850 and counts.max() < 1150  # 6x6 crops: tops 0..6
 
 
-def test_view_maker_from_config_carries_every_setting():
+def test_view_maker_from_the_config_carries_every_setting():
     """Each data.* view setting of the trainer's config reaches the ViewMaker (none silently left at default)."""
     from odis.trainer.config import load_config
 
@@ -257,7 +257,7 @@ def test_view_maker_from_config_carries_every_setting():
                                  "data.global_scale=[0.3,0.9]", "data.local_scale=[0.1,0.2]",
                                  "data.box_sampling=area", "data.max_crop_tries=7", "data.min_visible=0.6",
                                  "data.mask_prob=0.3", "data.mask_ratio=[0.2,0.4]", "data.local_object_aware=true"])
-    vm = ViewMaker.from_config(cfg.data, 8, "odis")
+    vm = ViewMaker(cfg.data, 8, "odis")  # a DataConfig is a ViewSettings
     got = (vm.global_size, vm.local_size, vm.n_local, vm.global_scale, vm.local_scale, vm.box_sampling,
-           vm.max_tries, vm.min_visible, vm.mask_prob, vm.mask_ratio, vm.local_object_aware, vm.patch_size)
+           vm.max_crop_tries, vm.min_visible, vm.mask_prob, vm.mask_ratio, vm.local_object_aware, vm.patch_size)
     assert got == (96, 48, 3, (0.3, 0.9), (0.1, 0.2), "area", 7, 0.6, 0.3, (0.2, 0.4), True, 8)

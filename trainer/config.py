@@ -1,7 +1,8 @@
 """One dataclass tree for a training run; YAML recipes in configs/; dotted overrides (`optim.lr=1e-3`).
 
-Defaults are the iBOT ViT-S/16 recipe that ODIS builds on (REFERENCE-hparams.md); the resolved config is saved
-with every run as config.yaml.
+Defaults are the iBOT ViT-S/16 recipe that ODIS builds on; the resolved config is saved with every run as
+config.yaml. A setting the library also knows has its default and its range there: the views' in
+odis.views.ViewSettings (which DataConfig inherits), the named choices in odis/choices.py.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from typing import Any, Callable, NamedTuple, get_type_hints
 
 import yaml
 
-METHODS = ("odis", "ibot", "dino")
+from odis.choices import ATTN_IMPLS, CENTERINGS, DEFAULT_ATTN_IMPL, METHODS
+from odis.views import VIEW_RULES, ViewSettings
 
 
 class ConfigError(ValueError):
-    """A bad setting. A ValueError, so callers (cli.py) print it as a clean error; `keys` are the dotted keys it
+    """A bad setting. A ValueError, so callers (cli/train.py) print it as a clean error; `keys` are the dotted keys it
     concerns, so that load_config can name the file that set them."""
 
     def __init__(self, message: str, *keys: str):
@@ -39,31 +41,25 @@ class ModelConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = False  # iBOT ViT-S recipe
-    # split | mask: two equal implementations of the OBJ masked attention (odis/model.py). split, the default
-    # (odis.model.DEFAULT_ATTN_IMPL), keeps flash attention for the patch rows; eager the two are level (CPU, GPU
-    # forward); compiled, mask (one SDPA call) is the faster, so the GPU recipes set both (BENCHMARKS.md)
-    attn_impl: str = "split"
-    # torch.compile both backbones (odis.distill.Distiller.compile_backbones): fuses the many small operations of a
-    # ViT step, for GPUs (the GPU recipes turn it on); the first steps are slow while it compiles. Off by default:
-    # eager runs start at once, and on a CPU compiled steps were slower and need a C++ compiler (BENCHMARKS.md)
+    attn_impl: str = DEFAULT_ATTN_IMPL  # mask | split: the OBJ-masked attention's implementation (odis/choices.py)
+    # torch.compile both backbones (Distiller.compile_backbones), for GPUs: the GPU recipes turn it on. Off by
+    # default: eager runs start at once, and compiling on a CPU needs a C++ compiler and does not pay off there
     compile: bool = False
 
 
 @dataclass
-class DataConfig:
+class DataSource:
+    """Where the training images and their boxes come from."""
+
     shards: str = ""  # folder, index.json, brace pattern or URL list (see odis.shards.list_shards)
     boxes: str | None = None  # manifest joined by image_id; else boxes in the shards' json; else whole image
-    box_sampling: str = "uniform"  # uniform | area
-    global_size: int = 224
-    local_size: int = 96
-    n_local: int = 10
-    global_scale: tuple[float, float] = (0.25, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.25)
-    max_crop_tries: int = 20  # object-aware crop: redraw until the crop contains the box
-    min_visible: float = 0.5  # "contains the box": this share of the box's area lies inside the crop
-    local_object_aware: bool = False  # odis: local crops object-aware too (ODIS-derived code's option; paper: off)
-    mask_prob: float = 0.5  # iBOT: half the images unmasked
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
+
+
+@dataclass
+class DataConfig(ViewSettings, DataSource):
+    """The source, the views (odis.views.ViewSettings, with their defaults and ranges) and the loader. A dataclass
+    lists the fields of its last base first, so config.yaml keeps the order shards, boxes, box_sampling, ..."""
+
     batch_size: int = 64  # per process
     num_workers: int = 8
     shuffle_buffer: int = 2000  # a worker permutes its samples in chunks of this many (0 or 1: shard order)
@@ -148,11 +144,10 @@ def _choice(*options: str) -> Rule:
 _COUNT = _at_least(1)
 _NON_NEGATIVE = _at_least(0)
 _POSITIVE = Rule("> 0", lambda v: v > 0)
-_UNIT = Rule("in [0, 1]", lambda v: 0 <= v <= 1)  # probabilities, EMA momenta
-_CROP_SCALE = Rule("[lo, hi] with 0 < lo <= hi <= 1 (shares of the image area)", lambda v: 0 < v[0] <= v[1] <= 1)
+_UNIT = Rule("in [0, 1]", lambda v: 0 <= v <= 1)  # EMA momenta
 
-# The range of every number and the choices of every string, by how the run uses them (trainer/train.py,
-# odis/views.py, odis/masking.py, odis/schedules.py). tests/test_config.py checks that every numeric field has one.
+# The range of every number and the choices of every string, by how the run uses them (trainer/, odis/schedules.py;
+# the views' are odis.views.VIEW_RULES). tests/test_config.py checks that every numeric field has one.
 RULES: dict[str, Rule] = {
     "method": Rule(f"one of {METHODS}", lambda v: v in METHODS),
     # torch generators take 64-bit seeds; the loop derives seed * 1_000_003 + step * 1009 + rank from it
@@ -171,17 +166,8 @@ RULES: dict[str, Rule] = {
     "model.out_dim": _COUNT,
     "model.hidden_dim": _COUNT,
     "model.bottleneck_dim": _COUNT,
-    "data.box_sampling": _choice("uniform", "area"),
-    "data.global_size": _COUNT,  # pixels; a multiple of the patch size: _check_model
-    "data.local_size": _COUNT,
-    "data.n_local": _NON_NEGATIVE,  # 0: no local crops
-    "data.global_scale": _CROP_SCALE,
-    "data.local_scale": _CROP_SCALE,
-    "data.max_crop_tries": _COUNT,
-    "data.min_visible": Rule("in (0, 1]", lambda v: 0 < v <= 1),  # 0 would count a crop beside the box as holding it
-    "data.mask_prob": _UNIT,
-    # shares of the patch grid to mask: all of it would leave the student nothing to see
-    "data.mask_ratio": Rule("[lo, hi] with 0 <= lo <= hi < 1", lambda v: 0 <= v[0] <= v[1] < 1),
+    "model.attn_impl": _choice(*ATTN_IMPLS),
+    **{f"data.{name}": Rule(*rule) for name, rule in VIEW_RULES.items()},  # global_size: also _check_model's
     "data.batch_size": _COUNT,
     "data.num_workers": _NON_NEGATIVE,  # 0: load in the training process
     "data.shuffle_buffer": _NON_NEGATIVE,
@@ -203,7 +189,7 @@ RULES: dict[str, Rule] = {
     # may exceed optim.epochs (the temperature then never reaches teacher_temp): short runs of long recipes
     "loss.warmup_teacher_temp_epochs": _NON_NEGATIVE,
     "loss.center_momentum": _UNIT,
-    "loss.centering": _choice("center", "sinkhorn"),
+    "loss.centering": _choice(*CENTERINGS),
     "loss.lambda_obj": _NON_NEGATIVE,  # loss weights: a negative one would maximise its loss
     "loss.lambda_patch": _NON_NEGATIVE,
     "loss.lambda_koleo": _NON_NEGATIVE,
@@ -221,10 +207,7 @@ def _check_within_epochs(o: OptimConfig) -> None:
 def _check_model(cfg: Config) -> None:
     """What timm knows: the arch exists and is a ViT with a [CLS] token, and the crops tile into its patches (timm's
     patch embedding asserts that at the first forward, deep inside the run)."""
-    from odis.model import ATTN_IMPLS  # imports torch and timm: only when validating
-
     m, d = cfg.model, cfg.data
-    _require("model.attn_impl", m.attn_impl, _choice(*ATTN_IMPLS))
     native = _vit_patch_size(m.arch)  # also when patch_size overrides it: this checks the arch
     patch = m.patch_size or native
     if patch is None:
@@ -389,7 +372,7 @@ def _read_config_file(path: Path) -> dict:
         raise FileNotFoundError(f"config file not found: {path}")
     try:
         raw = path.read_bytes()
-    except OSError as e:  # permissions, a vanished mount: cli.py prints ValueErrors, not OSErrors
+    except OSError as e:  # permissions, a vanished mount: cli/train.py prints ValueErrors, not OSErrors
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8")

@@ -109,7 +109,7 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         log.info("boxes: %s", report)
     plan = PassPlan(counts, cfg.seed, d.batch_size, max(1, int(d.num_workers)), world_size,
                     max(1, total // (d.batch_size * world_size)))
-    spec = StreamSpec(urls, ViewMaker.from_config(d, patch_size, cfg.method), table, cfg.seed, rank,
+    spec = StreamSpec(urls, ViewMaker(d, patch_size, cfg.method), table, cfg.seed, rank,
                       d.batch_size, d.shuffle_buffer, start_step, plan=plan, counts_known=counts_known)
     if state is not None:
         spec.positions = _saved_positions(state, spec)

@@ -43,14 +43,15 @@ class MetricsLog:
             (self.bar.write if self.bar else print)(msg)
 
     @staticmethod
-    def reduce(row: dict, dd) -> dict:
-        """Average tensor metrics over all processes; every rank must call this at the same step."""
+    def reduce(row: dict, proc) -> dict:
+        """Average tensor metrics over all processes (`proc`: trainer.dist.Dist); every rank must call this at the
+        same step."""
         keys = [k for k, v in row.items() if isinstance(v, torch.Tensor)]
         if keys:
             vec = torch.stack([row[k].float().reshape(()) for k in keys])
-            if dd.world > 1:
+            if proc.world > 1:
                 dist.all_reduce(vec)
-                vec /= dd.world
+                vec /= proc.world
             row.update({k: float(v) for k, v in zip(keys, vec.cpu())})
         return row
 
