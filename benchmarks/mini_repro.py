@@ -195,7 +195,7 @@ def cmd_prepare(args) -> None:
 # ---- one job (a subprocess): train one network, k-NN in both box modes -----------------------------------------
 
 def job_config(p: Preset, data: Path, dataset: str, method: str, seed: int, out: Path):
-    from odis.trainer.config import load_config
+    from odis.trainer.recipes import load_config
 
     overrides = [f"method={method}", f"seed={seed}", f"out={out}", f"data.shards={data / f'{dataset}-train'}",
                  f"optim.epochs={p.epochs[dataset]}", f"data.batch_size={p.batch_size}",

@@ -36,17 +36,13 @@ def train(
     Under torchrun (`torchrun --nproc_per_node 8 -m odis train ...`) each process trains on its own device and
     only rank 0 writes OUT: config.yaml, checkpoint.pt, backbone.safetensors, metrics.csv, tb/, plots/.
     """
-    from odis.trainer.config import load_config
+    from odis.trainer.recipes import load_config
     from odis.trainer.train import train as run_training
 
-    overrides = list(ctx.args)
-    for key, value in (("data.shards", shards), ("data.boxes", boxes), ("method", method), ("out", out),
-                       ("max_steps", max_steps), ("device", device), ("precision", precision),
-                       ("data.box_sampling", box_sampling)):
-        if value is not None:
-            overrides.append(f"{key}={value}")  # text settings take the text as typed (load_config)
+    options = {"data.shards": shards, "data.boxes": boxes, "method": method, "out": out, "max_steps": max_steps,
+               "device": device, "precision": precision, "data.box_sampling": box_sampling}
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, list(ctx.args), options)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if not cfg.data.shards:

@@ -73,6 +73,9 @@ def scale_boxes(boxes: np.ndarray, sx: float, sy: float) -> np.ndarray:
     return b
 
 
+BOX_SAMPLINGS = ("uniform", "area")
+
+
 def sample_box(boxes: np.ndarray, mode: str, rng: np.random.Generator) -> int:
     """Index of one box: `uniform` over boxes or proportional to `area` (paper: one object per image per step)."""
     n = len(boxes)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from odis.boxes import EMPTY_AREA, Crop, box_to_patch_mask, sample_box
+from odis.boxes import BOX_SAMPLINGS, EMPTY_AREA, Crop, box_to_patch_mask, sample_box
 from odis.choices import METHODS, check_choice
 from odis.masking import BlockMasker
 
@@ -131,7 +131,6 @@ def render(image: np.ndarray, crop: Crop, out: np.ndarray | None = None) -> np.n
     return out.transpose(2, 0, 1)
 
 
-BOX_SAMPLINGS = ("uniform", "area")  # odis.boxes.sample_box's modes
 
 
 @dataclass

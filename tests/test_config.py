@@ -11,7 +11,8 @@ from typing import get_type_hints
 
 import pytest
 
-from odis.trainer.config import Config, load_config
+from odis.trainer.config import Config
+from odis.trainer.recipes import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "configs" / "mini_cpu.yaml"  # test_vit, 8-px patches, 32-px globals, 16-px locals, 10 epochs

@@ -10,7 +10,8 @@ import pytest
 import typer
 
 from odis.cli import app
-from odis.trainer.config import ConfigError, find_recipe, load_config
+from odis.trainer.config import ConfigError
+from odis.trainer.recipes import find_recipe, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -344,7 +344,7 @@ def test_intermediate_obj_ends_with_the_final_obj_token(vit, images):
 
 
 def test_trainer_default_attention_is_the_models():
-    """trainer/config.py keeps its own literal (it does not import torch): it must name odis.model's default."""
+    """The trainer's default attention is the model's (one default, odis/choices.py)."""
     from odis.model import DEFAULT_ATTN_IMPL
     from odis.trainer.config import ModelConfig
 

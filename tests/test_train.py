@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from odis.trainer.config import load_config
+from odis.trainer.recipes import load_config
 from odis.trainer.train import build_distiller, set_schedules, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -251,7 +251,7 @@ def test_random_resized_crop_positions_are_uniform():
 
 def test_view_maker_from_the_config_carries_every_setting():
     """Each data.* view setting of the trainer's config reaches the ViewMaker (none silently left at default)."""
-    from odis.trainer.config import load_config
+    from odis.trainer.recipes import load_config
 
     cfg = load_config(overrides=["data.global_size=96", "data.local_size=48", "data.n_local=3",
                                  "data.global_scale=[0.3,0.9]", "data.local_scale=[0.1,0.2]",

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from odis.devices import pick_device
+
 
 @dataclass
 class Dist:
@@ -41,18 +43,12 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def pick_device(requested: str, proc: Dist) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested} was asked for, but no CUDA device is visible (use --device "
-                             "cpu or auto)")
-        # cuda:N names the GPU of a single process; under torchrun each process takes its LOCAL_RANK's
-        index = int(requested.partition(":")[2]) if ":" in requested and proc.world == 1 else proc.local_rank
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+def training_device(requested: str, proc: Dist) -> torch.device:
+    """odis.devices.pick_device for this process (its LOCAL_RANK's GPU under torchrun), made current."""
+    device = torch.device(pick_device(requested, proc.local_rank if proc.world > 1 else None))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device, proc: Dist) -> torch.nn.Module:

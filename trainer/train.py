@@ -19,8 +19,9 @@ from odis.files import write_json
 from odis.model import check_obj_mask
 from odis.trainer.checkpoint import (CHECKPOINT, State, export_teacher, load_checkpoint, prepare_run_folder,
                                      rng_state, save_checkpoint, set_rng_state)
-from odis.trainer.config import Config, save_config
-from odis.trainer.dist import (Dist, all_finite, check_ranks_agree, finish, gather, pick_device,
+from odis.trainer.config import Config
+from odis.trainer.recipes import save_config
+from odis.trainer.dist import (Dist, all_finite, check_ranks_agree, finish, gather, training_device,
                                setup_distributed, wrap_ddp)
 from odis.trainer.metrics import MetricsLog
 
@@ -73,7 +74,7 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     from odis.trainer.data import make_train_loader
 
     proc = setup_distributed(cfg.device)
-    device = pick_device(cfg.device, proc)
+    device = training_device(cfg.device, proc)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run folder")

@@ -11,18 +11,12 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from odis.eval.features import (Features, ViewConfig, extract_features, input_size, list_shard_urls, load_features,
                                 read_classes, save_features, shard_loader)
+from odis.devices import pick_device
 from odis.eval.settings import DenseSettings, FeatureSettings, KnnSettings, LinearSettings
 from odis.samples import BoxTable
-
-
-def pick_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _fingerprint(*parts) -> str:
