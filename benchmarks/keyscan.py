@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import webdataset as wds  # noqa: E402
 from loader import append_row  # noqa: E402
 
-from odis.shards import sample_key, shard_keys  # noqa: E402
+from odis.shards import shard_keys  # noqa: E402
+from odis.tarscan import sample_key  # noqa: E402
 
 
 def tarfile_keys(urls: list[str]) -> list[str]:

@@ -47,7 +47,8 @@ def import_boxes_cmd(
         --out manifests/in1k-gt.parquet
     """
     from odis.importers import AnnotationError, import_boxes
-    from odis.manifest import summary_stats, write_manifest
+    from odis.manifest import write_manifest
+    from odis.manifest_stats import summary_stats
 
     check_out_path(out, "--out")
     if out.exists() and not overwrite:
@@ -116,7 +117,7 @@ def extract_boxes_cmd(
     """
     from odis.manifest import ManifestError
     from odis.pipelines.detectors import DETECTORS, default_yolo_weights
-    from odis.pipelines.extract_boxes import ExtractConfig, extract_boxes, resolve_detector
+    from odis.pipelines.extract import ExtractConfig, extract_boxes, resolve_detector
 
     check_out_path(out, "--out", folder=True)
     if detector not in DETECTORS:
@@ -164,8 +165,9 @@ def stats_cmd(
     Exit code 1 if the manifest breaks a schema rule (each violation names file, row and column)."""
     import json as _json
 
-    from odis.manifest import (ManifestError, manifest_files, manifest_metadata, plot_stats, read_manifest,
-                               summary_stats, validate_manifest)
+    from odis.manifest import ManifestError, manifest_files, manifest_metadata, read_manifest
+    from odis.manifest_stats import plot_stats, summary_stats
+    from odis.manifest_validate import validate_manifest
 
     if manifest.is_dir() and not manifest_files(manifest):
         fail(f"{manifest}: no parquet parts in this folder")

@@ -121,7 +121,8 @@ def verify_cmd(
 
     from tqdm import tqdm
 
-    from odis.shards import read_index, verify_shards
+    from odis.shards import read_index
+    from odis.verify import verify_shards
 
     try:
         n = len(read_index(shards)["shards"])

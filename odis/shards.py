@@ -1,4 +1,4 @@
-"""Webdataset shards (DESIGN.md §2): the format, the reader API and `verify_shards`.
+"""Webdataset shards: the format, index.json, and the reader API over a set of shards.
 
 A shard set is a folder `NAME/` holding `PREFIX-000000.tar …` and `index.json` (written last). Each sample is
 `KEY.jpg|png|webp` (the image bytes) + `KEY.json` = {"image_id", "label", "width", "height", "boxes", "scores"},
@@ -10,32 +10,30 @@ Reader API (used by the trainer and the evaluators):
                                             any URL webdataset opens (pipe:, https:, gs:, …), or a list of these
     read_index(folder_or_index) -> dict      the parsed, checked index.json
     iter_samples(spec) -> Iterator[Sample]   every sample in order, for evaluators and tools
-    verify_shards(spec, decode=False) -> VerifyReport
+    shard_counts(spec, urls), shard_keys(urls)   samples per shard, every key, without reading the images
+Reading the tars themselves is odis/tarscan.py; checking a set against its index is odis/verify.py.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
 import tarfile
 import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from odis.imageio import DEFAULT_MAX_PIXELS
-from odis.names import plain_name, sample_key_problem, under
+from odis.names import plain_name, under
+from odis.tarscan import iter_tar_samples, plain_tar_members, sample_key, sample_offsets
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "odis-shards"
 INDEX_VERSION = 1
 IMAGE_EXTS = ("jpg", "png", "webp")
 META_KEYS = ("image_id", "label", "width", "height", "boxes", "scores")
-# Tolerance (pixels) for boxes touching the image border after float scaling.
-BOX_EPS = 1e-6
+
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
@@ -49,10 +47,6 @@ def is_remote(s: str) -> bool:
 
 def local_path(s: str) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s[len("file:"):] if s.startswith("file:") else s)
-
-
-# Private names the trainer imported before these were public.
-_is_remote, _local_path = is_remote, local_path
 
 
 # ---- the reader API ----------------------------------------------------------------------------------------
@@ -169,11 +163,15 @@ class Sample:
 def iter_samples(spec) -> Iterator[Sample]:
     """Every sample of the shards `spec` names, in shard order (no shuffling, no decoding)."""
     for url in list_shards(spec):
-        for key, files in _iter_tar_samples(url):
-            ext = next((e for e in IMAGE_EXTS if e in files), None)
-            if ext is None or "json" not in files:
-                raise ValueError(f"{url}: sample {key!r} lacks an image or its json (has {sorted(files)})")
-            yield Sample(key, ext, files[ext], json.loads(files["json"]), url)
+        f = _open_shard(url)
+        try:
+            for key, files in iter_tar_samples(f):
+                ext = next((e for e in IMAGE_EXTS if e in files), None)
+                if ext is None or "json" not in files:
+                    raise ValueError(f"{url}: sample {key!r} lacks an image or its json (has {sorted(files)})")
+                yield Sample(key, ext, files[ext], json.loads(files["json"]), url)
+        finally:
+            f.close()
 
 
 def _open_shard(url: str):
@@ -182,38 +180,6 @@ def _open_shard(url: str):
 
         return wds.gopen(url, "rb")
     return open(local_path(url), "rb")
-
-
-class _HashingReader(io.RawIOBase):
-    """A read-only stream that hashes and counts what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha.update(data)
-        self.nbytes += n
-        return n
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def split_member(name: str) -> tuple[str, str]:
-    """(key, extension) the way webdataset splits a member name: key up to the first dot of the base name."""
-    d, _, base = name.rpartition("/")
-    key, dot, ext = base.partition(".")
-    return (f"{d}/{key}" if d else key), ext if dot else ""
-
-
-_split_member = split_member
 
 
 def shard_keys(urls: list[str]) -> list[str] | None:
@@ -226,7 +192,7 @@ def shard_keys(urls: list[str]) -> list[str] | None:
             members = plain_tar_members(local_path(u))
             if members is not None:
                 names = [name for name, _ in members]
-            else:  # long names, GNU headers, ...: tarfile reads them (4x slower)
+            else:  # long names, GNU headers, ...: tarfile reads them, more slowly
                 with tarfile.open(local_path(u), mode="r:") as tar:  # seekable: tarfile skips over member data
                     names = [m.name for m in tar if m.isfile()]
             keys.extend(k for k in map(sample_key, names) if k is not None)
@@ -273,81 +239,6 @@ def count_samples(path) -> int:
         return 0
 
 
-def sample_key(name: str) -> str | None:
-    """The sample key webdataset gives a tar member, or None for a member it leaves out: metadata (`__x__`,
-    `__meta__/...`) and names without a key and an extension (`README`, `._x.jpg` AppleDouble files, `.x.jpg`)."""
-    from webdataset import tariterators
-
-    if "/" not in name and name.startswith(tariterators.meta_prefix) and name.endswith(tariterators.meta_suffix):
-        return None
-    if re.match(r"__[^/]*__($|/)", name):  # tar_file_iterator's skip_meta
-        return None
-    return tariterators.base_plus_ext(name)[0]
-
-
-def sample_offsets(path: Path) -> list[int] | None:
-    """Byte offset of each sample's first header in a local tar (a sample: consecutive members sharing a key, as
-    webdataset groups them), so that a reader can seek to the n-th sample; None where plain_tar_members is None."""
-    members = plain_tar_members(path)
-    if members is None:
-        return None
-    offsets, last = [], None
-    for name, offset in members:
-        key = sample_key(name)
-        if key is not None and key != last:
-            offsets.append(offset)
-            last = key
-    return offsets
-
-
-def plain_tar_members(path: Path) -> list[tuple[str, int]] | None:
-    """(name, offset of its first header) of each regular file in a tar of ustar headers (pax 'x' headers
-    included: webdataset writes one per member), read straight from its 512-byte headers, checksums checked; None
-    when it holds anything else, for tarfile to read. With --boxes the trainer reads every key of the training set
-    at start (IN1K: 2.6M members); tarfile spends ~20 us a member building TarInfos."""
-    import mmap
-
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return None
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            try:
-                return _walk_headers(m)
-            except ValueError:  # a number field that is not octal: a damaged header, tarfile says how
-                return None
-
-
-def _walk_headers(m) -> list[tuple[str, int]] | None:
-    """plain_tar_members on a mapped tar."""
-    members: list[tuple[str, int]] = []
-    pos, end, pax, first = 0, len(m), {}, None
-    while pos + 512 <= end:
-        h = m[pos:pos + 512]
-        if h.count(0) == 512:  # the end-of-archive block
-            return members
-        kind = h[156:157]
-        if h[124] & 0x80 or kind not in (b"0", b"\0", b"5", b"x") or h[257:262] != b"ustar" \
-                or int(h[148:156].split(b"\0")[0] or b"0", 8) != sum(h[:148]) + 256 + sum(h[156:]):
-            return None
-        size = int(h[124:136].split(b"\0")[0].strip() or b"0", 8)
-        if kind == b"x":  # records "LEN key=value\n" for the next member: path and size may change
-            records = [line.partition(b" ")[2] for line in m[pos + 512:pos + 512 + size].splitlines()]
-            if pos + 512 + size > end or not all(b"=" in r for r in records):
-                return None  # truncated or malformed: tarfile says how
-            pax = dict(r.split(b"=", 1) for r in records)
-            first = pos
-        else:
-            size = int(pax.get(b"size", size))
-            if kind != b"5":
-                prefix = h[345:500].split(b"\0")[0] if h[257:263] == b"ustar\0" else b""  # POSIX only
-                name = (prefix + b"/" if prefix else b"") + h[:100].split(b"\0")[0]
-                path = pax.get(b"path", name).decode("utf-8", "surrogateescape")  # as tarfile
-                members.append((path, pos if first is None else first))
-            pax, first = {}, None
-        pos += 512 + (size + 511) // 512 * 512
-    return None  # no end-of-archive block: truncated, tarfile says how
-
-
 def no_box_match_error(shards: str, manifest: str, shard_key: str, manifest_id: str) -> str:
     """The error for a box manifest that shares no image id with the shards: both id schemes, an id of each, and
     the fix. (Joined anyway, every image would silently fall back to the shards' own boxes or the whole image.)"""
@@ -364,196 +255,3 @@ def no_box_match_error(shards: str, manifest: str, shard_key: str, manifest_id: 
     return (f"--boxes {manifest}: none of the shards' image ids is in this manifest (shards {shards}: id scheme "
             f"{s_scheme}, e.g. {shard_key!r}; manifest: id scheme {m_scheme}, e.g. {manifest_id!r}). "
             + fix.format(s=s_scheme, m=m_scheme))
-
-
-def _iter_tar_samples(url: str, reader: _HashingReader | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, grouping consecutive members with the same key as webdataset does.
-
-    A key that repeats an extension inside one group starts a new group, so a duplicate shows up as a repeat."""
-    f = reader if reader is not None else _open_shard(url)
-    try:
-        with tarfile.open(fileobj=f, mode="r|") as tar:
-            key, files = None, {}
-            for m in tar:
-                if not m.isfile():
-                    continue
-                k, ext = split_member(m.name)
-                data = tar.extractfile(m).read()
-                if k != key or ext in files:
-                    if key is not None:
-                        yield key, files
-                    key, files = k, {}
-                files[ext] = data
-            if key is not None:
-                yield key, files
-    finally:
-        if reader is None:
-            f.close()
-
-
-# ---- verify ------------------------------------------------------------------------------------------------
-
-@dataclass
-class Problem:
-    kind: str        # missing | sha256 | count | unreadable | duplicate-key | bad-sample | bad-json | bad-box | decode
-    shard: str
-    key: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.shard}" + (f" [{self.key}]" if self.key else "")
-        return f"{self.kind}: {where}: {self.message}"
-
-
-@dataclass
-class VerifyReport:
-    folder: str
-    shards_listed: int = 0
-    shards_ok: int = 0
-    samples: int = 0
-    decoded: int = 0
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for p in self.problems:
-            out[p.kind] = out.get(p.kind, 0) + 1
-        return out
-
-    def summary(self, max_lines: int = 50) -> str:
-        head = (f"{self.folder}: {self.shards_ok}/{self.shards_listed} shards ok, {self.samples} samples read"
-                + (f", {self.decoded} decoded" if self.decoded else ""))
-        if self.ok:
-            return head + ": OK"
-        lines = [head + f": {len(self.problems)} problem(s) " + json.dumps(self.counts())]
-        lines += [f"  {p}" for p in self.problems[:max_lines]]
-        if len(self.problems) > max_lines:
-            lines.append(f"  … and {len(self.problems) - max_lines} more")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {"folder": self.folder, "ok": self.ok, "shards_listed": self.shards_listed,
-                "shards_ok": self.shards_ok, "samples": self.samples, "decoded": self.decoded,
-                "problems": [vars(p) for p in self.problems]}
-
-
-def verify_shards(folder_or_index, decode: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Check a shard set against its index: every listed shard exists with its sha256 and sample count, no key
-    repeats across the set, every sample has one image + a json that parses, matches the contract and whose boxes
-    lie inside the image; `decode=True` also decodes every image and checks its size against the json.
-    Never raises for a bad shard set: every finding is a `Problem` in the report. `progress(samples, bytes)`
-    is called after each shard."""
-    index = read_index(folder_or_index)
-    p = local_path(os.fspath(folder_or_index))
-    folder = p if p.is_dir() else p.parent
-    report = VerifyReport(str(folder), shards_listed=len(index["shards"]))
-    n_classes = len(index["classes"]) if index.get("classes") else None
-    seen: dict[str, str] = {}
-    for sh in index["shards"]:
-        path = Path(under(str(folder), sh["name"], "index.json"))
-        n_before = len(report.problems)
-        if not path.is_file():
-            report.problems.append(Problem("missing", sh["name"], None, f"listed in the index but {path} is absent"))
-            continue
-        count, nbytes = _verify_one(path, sh, seen, report, decode, n_classes, max_pixels)
-        if progress:
-            progress(count, nbytes)
-        if len(report.problems) == n_before:
-            report.shards_ok += 1
-    return report
-
-
-def _verify_one(path: Path, entry: dict, seen: dict, report: VerifyReport, decode: bool,
-                n_classes: int | None, max_pixels: int) -> tuple[int, int]:
-    name, count = entry["name"], 0
-    with open(path, "rb") as f:
-        reader = _HashingReader(f)
-        try:
-            for key, files in _iter_tar_samples(str(path), reader):
-                count += 1
-                if key in seen:
-                    where = "earlier in this shard" if seen[key] == name else f"in {seen[key]}"
-                    report.problems.append(Problem("duplicate-key", name, key, f"key already seen {where}"))
-                seen.setdefault(key, name)
-                for prob in check_sample(key, files, n_classes, decode, max_pixels):
-                    report.problems.append(Problem(prob[0], name, key, prob[1]))
-                report.decoded += int(decode and any(e in files for e in IMAGE_EXTS))
-            reader.drain()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            report.problems.append(Problem("unreadable", name, None, f"tar stream broken after {count} "
-                                           f"sample(s): {type(e).__name__}: {e}"))
-            reader.drain()
-    report.samples += count
-    digest = reader.sha.hexdigest()
-    if digest != entry["sha256"]:
-        report.problems.append(Problem("sha256", name, None, f"sha256 {digest[:16]}… differs from the index's "
-                                       f"{entry['sha256'][:16]}… ({reader.nbytes} bytes on disk)"))
-    if count != entry["count"]:
-        report.problems.append(Problem("count", name, None, f"{count} samples, the index says {entry['count']}"))
-    return count, reader.nbytes
-
-
-def check_sample(key: str, files: dict[str, bytes], n_classes: int | None = None, decode: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, str]]:
-    """(kind, message) for every way one sample breaks the contract; empty when it is good."""
-    if "." in key or not key:
-        return [("bad-sample", "key is empty or contains a dot (webdataset splits keys at the first dot)")]
-    problem = sample_key_problem(key)
-    if problem:
-        return [("bad-sample", problem + ": it could name a path outside the shard set")]
-    imgs = [e for e in files if e in IMAGE_EXTS]
-    extra = sorted(set(files) - set(IMAGE_EXTS) - {"json"})
-    if len(imgs) != 1 or "json" not in files or extra:
-        return [("bad-sample", f"expected one image (jpg/png/webp) and a json, found {sorted(files)}")]
-    try:
-        meta = json.loads(files["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [("bad-json", f"json does not parse: {e}")]
-    probs = check_meta(key, meta, n_classes)
-    if decode and not probs:
-        probs += _check_decode(files[imgs[0]], meta, max_pixels)
-    return probs
-
-
-def check_meta(key: str, meta, n_classes: int | None = None) -> list[tuple[str, str]]:
-    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
-        have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        return [("bad-json", f"json must hold {list(META_KEYS)}, has {have}")]
-    if meta["image_id"] != key:
-        return [("bad-json", f"image_id {meta['image_id']!r} differs from the key")]
-    w, h, label = meta["width"], meta["height"], meta["label"]
-    if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
-        return [("bad-json", f"width/height must be positive ints, got {w!r}x{h!r}")]
-    if label is not None and not (isinstance(label, int) and 0 <= label < (n_classes or 1 << 62)):
-        return [("bad-json", f"label {label!r} is not null or a class index < {n_classes}")]
-    boxes, scores = meta["boxes"], meta["scores"]
-    if not isinstance(boxes, list) or not isinstance(scores, list) or len(boxes) != len(scores):
-        return [("bad-json", "boxes and scores must be lists of the same length")]
-    probs = []
-    for i, b in enumerate(boxes):
-        ok = isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
-        if not ok or not (-BOX_EPS <= b[0] < b[2] <= w + BOX_EPS and -BOX_EPS <= b[1] < b[3] <= h + BOX_EPS):
-            probs.append(("bad-box", f"boxes[{i}] = {b} is not inside the {w}x{h} image (0 <= x0 < x1 <= w)"))
-    return probs
-
-
-def _check_decode(data: bytes, meta: dict, max_pixels: int) -> list[tuple[str, str]]:
-    """Decode with the project's one decoder (odis.imageio): what the trainer and the evaluators will see."""
-    from odis.imageio import ImageDecodeError, decode_rgb, exif_orientation
-
-    try:
-        _, size = decode_rgb(data, max_pixels, name="image")
-        orientation = exif_orientation(data)
-    except ImageDecodeError as e:
-        return [("decode", f"image does not decode: {e}")]
-    probs = []
-    if size != (meta["width"], meta["height"]):
-        probs.append(("decode", f"decoded size {size[0]}x{size[1]} differs from json {meta['width']}x{meta['height']}"))
-    if orientation not in (1, None):
-        probs.append(("decode", f"EXIF orientation {orientation} left in a stored image (decoders disagree on it)"))
-    return probs

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 import badinputs as B
 from odis.cli import app
 from odis.imageio import decode_rgb
-from odis.manifest import SCHEMA, image_id_for, make_metadata, read_manifest, write_manifest
+from odis.image_ids import image_id_for
+from odis.manifest import SCHEMA, make_metadata, read_manifest, write_manifest
 from odis.manifest_boxes import read_box_rows
 from odis.names import UnsafeName
 from odis.shards import _load_index_json, iter_samples, list_shards
@@ -294,7 +295,7 @@ def test_a_truncated_tar_counts_every_lost_sample(corpus, tmp_path):
     odis("shard", "--images", root / "imgs", "--out", s, "--labels", "none", "--max-samples", "9")
     index = json.loads((s / "index.json").read_text())
     tar0 = s / index["shards"][0]["name"]
-    offsets = __import__("odis.shards", fromlist=["x"]).sample_offsets(tar0)
+    offsets = __import__("odis.tarscan", fromlist=["x"]).sample_offsets(tar0)
     tar0.write_bytes(tar0.read_bytes()[: offsets[3] + 700])  # samples 3.. of the first shard are lost
     lost = index["shards"][0]["count"] - 3
     steps = (index["num_samples"] - lost) // 4
@@ -334,7 +335,7 @@ def test_tar_members_that_try_to_leave_the_folder_are_counted_never_used(good_sh
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert data["bad_samples"] == 3 and data["samples"] == 4
     assert data["json_boxes_clipped"] == 1 and data["json_boxes_dropped"] == 2
-    from odis.shards import check_sample
+    from odis.verify import check_sample
     for key in ("../evil", "/abs/evil", "a/b"):
         assert check_sample(key, {"jpg": b"", "json": b"{}"})[0][0] == "bad-sample"
     assert not (tmp_path / "evil.jpg").exists() and not Path("/abs").exists()

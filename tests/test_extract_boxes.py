@@ -24,9 +24,11 @@ from odis.cli import app
 from odis.boxes import box_iou
 from odis.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, image_size, load_image
 from odis.importers import import_coco
-from odis.manifest import image_id_for, manifest_metadata, read_manifest, validate_manifest
+from odis.image_ids import image_id_for
+from odis.manifest import manifest_metadata, read_manifest
+from odis.manifest_validate import validate_manifest
 from odis.pipelines.detectors import DetectorConfig
-from odis.pipelines.extract_boxes import BoxExtractor, staging_dir
+from odis.pipelines.extract import BoxExtractor, staging_dir
 
 runner = CliRunner()
 ODIS = [sys.executable, "-c", "from odis.cli import app; app()"]
@@ -93,7 +95,7 @@ def make_bad_corpus(root: Path, good: Path) -> dict[str, object]:
 def test_a_resume_redoes_only_the_read_errors_that_may_pass(tmp_path, coco_tiny):
     """The bad corpus's errors are the files' own: kept on resume. The system's errors (an errno: permissions, I/O
     on a network filesystem; here a folder named like an image) are "cannot read", and redone."""
-    from odis.pipelines.extract_boxes import redone_on_resume
+    from odis.pipelines.extract import redone_on_resume
 
     expect = make_bad_corpus(tmp_path / "bad", sorted((coco_tiny / "val2017").glob("*.jpg"))[0])
     for name in [n for n, want in expect.items() if want == "error"]:
@@ -260,7 +262,7 @@ def test_a_detector_failing_on_a_whole_batch_stops_one_image_is_a_row(yolo320, c
     """Loaded, then failing on every image of a batch (here ultralytics refuses max_det=0): a broken detector or
     device, not the images, so no manifest of errors. A batch of one image cannot tell, and gets an error row that
     a resume redoes (redone_on_resume)."""
-    from odis.pipelines.extract_boxes import DetectorBatchError, redone_on_resume
+    from odis.pipelines.extract import DetectorBatchError, redone_on_resume
 
     names = [p.name for p in sorted((coco_tiny / "val2017").glob("*.jpg"))[:2]]
     extractor = BoxExtractor(asdict(DetectorConfig("yolo", weights=str(yolo320), imgsz=320)),

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from odis.cli import app
 from odis.importers import import_coco
-from odis.manifest import image_id_for, read_manifest, write_manifest
+from odis.image_ids import image_id_for
+from odis.manifest import read_manifest, write_manifest
 
 runner = CliRunner()
 TIN_CLASSES = ["n01443537", "n01629819", "n01641577", "n01644900"]  # 4 of 200 classes: 200 images

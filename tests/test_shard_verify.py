@@ -16,7 +16,8 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from odis.cli import app
-from odis.shards import iter_samples, list_shards, read_index, verify_shards
+from odis.shards import iter_samples, list_shards, read_index
+from odis.verify import verify_shards
 
 runner = CliRunner()
 CLASSES = ["n01443537", "n01629819"]  # 100 Tiny-ImageNet images -> 4 shards of 25
@@ -262,7 +263,8 @@ def test_shard_keys_leave_out_an_unreadable_shard_and_say_so(tmp_path):
 def test_the_fast_key_scan_reads_what_tarfile_reads(tmp_path, fmt):
     """shard_keys parses plain ustar and pax headers itself (4x faster than tarfile) and leaves anything else, or a
     damaged shard, to tarfile: the names must always be tarfile's."""
-    from odis.shards import plain_tar_members, sample_key, sample_offsets, shard_keys
+    from odis.shards import shard_keys
+    from odis.tarscan import plain_tar_members, sample_key, sample_offsets
 
     def _plain_tar_names(p):
         members = plain_tar_members(p)

@@ -1,4 +1,4 @@
-"""`odis shard`: an image folder (+ labels, + a box manifest) -> webdataset shards + index.json (DESIGN.md §2).
+"""`odis shard`: an image folder (+ labels, + a box manifest) -> webdataset shards + index.json.
 
 How a run goes, and where each step lives:
 1. `scan`: list the image files under the root (symlinked folders followed, once each);

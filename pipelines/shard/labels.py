@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from odis.manifest import image_id_list, manifest_metadata, sha256_of
+from odis.image_ids import image_id_list
+from odis.manifest import manifest_metadata, sha256_of
 from odis.pipelines.shard.settings import ShardError, ShardSettings
 
 

@@ -1,14 +1,15 @@
-"""The output folder between runs: what a previous (maybe killed) run left, and the index written last."""
+"""The output folder between runs: what a previous (maybe killed) run left, and the index written last
+(atomically, odis.files)."""
 from __future__ import annotations
 
 import datetime as _dt
 import glob
 import json
-import os
 import shutil
 from pathlib import Path
 
 from odis import __version__
+from odis.files import write_json
 from odis.shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION
 from odis.pipelines.shard.plan import Plan
 from odis.pipelines.shard.settings import ShardError
@@ -33,8 +34,8 @@ def prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:
     for p in out.glob(f".{pattern}.tar.partial"):
         p.unlink()  # left by a killed run
     state.mkdir(exist_ok=True)
-    (state / "plan.json").write_text(json.dumps({"fingerprint": plan.fingerprint,
-                                                 "settings": plan.settings.output_settings(), "inputs": plan.inputs}))
+    write_json(state / "plan.json", {"fingerprint": plan.fingerprint, "settings": plan.settings.output_settings(),
+                                     "inputs": plan.inputs}, indent=None)
     if index_path.is_file():
         # A finished set being completed again (a shard was deleted): its records go back to STATE_DIR first, so
         # that a kill during this run loses nothing, then the index goes (it is rewritten last).
@@ -112,10 +113,3 @@ def _records_from_index(index: dict) -> dict[int, dict]:
                            if x.get("shard") == sh["name"]]
         recs[i] = {**sh, "skipped": per("skipped"), "warnings": per("warnings")}
     return recs
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Temp name + rename: a reader never sees half an index."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)

@@ -8,10 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from odis.files import write_json
 from odis.shards import INDEX_NAME
 from odis.pipelines.ray_connect import check_ray_address, init_ray
 from odis.pipelines.shard.labels import default_coco_json
-from odis.pipelines.shard.outdir import make_index, prepare_out, write_json_atomic
+from odis.pipelines.shard.outdir import make_index, prepare_out
 from odis.pipelines.shard.plan import Plan, build_plan
 from odis.pipelines.shard.settings import Item, ShardError, ShardSettings
 from odis.pipelines.shard.write import STATE_DIR, write_shard
@@ -36,7 +37,7 @@ def run_shard(s: ShardSettings, overwrite: bool = False, num_workers: int = 1, u
         new = _run_local(s, {i: plan.shards[i] for i in todo}, num_workers, progress)
     done.update(new)
     index = make_index(plan, [done[i] for i in range(len(plan.shards))], time.perf_counter() - t0, len(todo))
-    write_json_atomic(Path(s.out) / INDEX_NAME, index)
+    write_json(Path(s.out) / INDEX_NAME, index)
     shutil.rmtree(Path(s.out) / STATE_DIR, ignore_errors=True)
     return index
 
