@@ -19,10 +19,10 @@ import numpy as np
 from odis.boxes import account_boxes
 from odis.imageio import ImageDecodeError, decode_rgb
 from odis.names import sample_key_problem
+from odis.shards import IMAGE_EXTS
 
 log = logging.getLogger("odis.samples")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image members a sample may hold, in the order they are looked for
 SOURCES = ("manifest", "not_in_manifest", "json")
 
 

@@ -31,7 +31,7 @@ from odis.tarscan import iter_tar_samples, plain_tar_members, sample_key, sample
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "odis-shards"
 INDEX_VERSION = 1
-IMAGE_EXTS = ("jpg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image members a sample may hold, in the order they are looked for
 META_KEYS = ("image_id", "label", "width", "height", "boxes", "scores")
 
 

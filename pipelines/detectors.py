@@ -95,7 +95,14 @@ class YoloDetector:
         os.environ.setdefault("YOLO_OFFLINE", "1")
         os.environ.setdefault("YOLO_AUTOINSTALL", "false")
         os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="odis-yolo-"))
+        os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
+        import ultralytics.nn.tasks as tasks
         from ultralytics import YOLO
+
+        # A .pt file is a pickle: load it with torch's weights_only and ultralytics' allow-list of model classes,
+        # so weights from elsewhere cannot run code (the flag is read when ultralytics is first imported; set it
+        # here too for a process that imported it earlier).
+        tasks.SAFE_LOAD = True
 
         if not cfg.weights:
             raise ValueError("--detector yolo needs --weights (a local .pt file or an exported model folder)")

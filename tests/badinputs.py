@@ -39,6 +39,7 @@ TABLE = {
     "index.json names with a scheme (`pipe:`, `https:`), absolute, `..`": (
         "-", "train, eval, verify, show: one error naming the entry; nothing runs"),
     "a shard file named `pipe:...` in a folder without index": ("-", "refused by name; nothing runs"),
+    "YOLO `.pt` weights whose pickle runs code": ("extract-boxes: refused before any image is read; nothing runs", "checkpoints: loaded with `weights_only`, the same"),
     "truncated tar, missing shard": (
         "-", "train: every lost sample counted in `bad_samples`, eval in its `errors`; verify: named"),
     "tar members named `../x`, `/abs/x`, `a/b`": ("-", "train: skipped and counted; verify: `bad-sample`"),

@@ -289,6 +289,30 @@ def test_a_shard_file_named_like_a_command_is_refused(good_shards, tmp_path, mon
     assert not list(tmp_path.rglob("PWNED"))
 
 
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # what unpickling this does: a shell command
+        return (os.system, (f"touch '{self.path}'",))
+
+
+def test_yolo_weights_that_run_code_are_refused(coco_tiny, ray_local, tmp_path, monkeypatch):
+    """ultralytics unpickles a .pt file whole by default; odis loads it with weights_only and ultralytics'
+    allow-list of model classes, so the pickle's command never runs."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _RunsCode(tmp_path / "PWNED")}, tmp_path / "yolo_evil.pt")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(sorted((coco_tiny / "val2017").glob("*.jpg"))[0], imgs / "a.jpg")
+    r = odis("extract-boxes", "--detector", "yolo", "--weights", tmp_path / "yolo_evil.pt", "--images", imgs,
+             "--out", tmp_path / "m.parquet", "--quiet", ok=False)
+    assert "cannot load the yolo detector" in r.output and "nothing was written" in r.output, r.output
+    assert not list(tmp_path.rglob("PWNED")) and not (tmp_path / "m.parquet").exists()
+
+
 def test_a_truncated_tar_counts_every_lost_sample(corpus, tmp_path):
     root = corpus["root"]
     s = tmp_path / "s"
