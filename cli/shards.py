@@ -63,19 +63,19 @@ def shard_cmd(
     from odis.pipelines.shard import ShardError, ShardSettings, parse_size, run_shard
 
     check_out_path(out, "--out", folder=True)
-    bar = None
-    t0 = [0.0, 0]
+    bar, started, written = None, 0.0, 0  # the progress bar, when writing began, bytes written since
 
     def on_plan(plan, n_todo):
-        nonlocal bar
+        nonlocal bar, started
         typer.echo(f"{len(plan.shards)} shard(s) planned, {sum(map(len, plan.shards))} images; "
                    f"{n_todo} images to write")
         bar = tqdm(total=n_todo, unit="img", dynamic_ncols=True, smoothing=0.1)
-        t0[0] = _time.perf_counter()
+        started = _time.perf_counter()
 
     def progress(n, nbytes):
-        t0[1] += nbytes
-        bar.set_postfix_str(f"{t0[1] / 1e6 / max(_time.perf_counter() - t0[0], 1e-9):.1f} MB/s", refresh=False)
+        nonlocal written
+        written += nbytes
+        bar.set_postfix_str(f"{written / 1e6 / max(_time.perf_counter() - started, 1e-9):.1f} MB/s", refresh=False)
         bar.update(n)
 
     try:

@@ -117,7 +117,7 @@ class YoloDetector:
     @staticmethod
     def prepare(im) -> np.ndarray:
         """A decoded RGB PIL image as the BGR array ultralytics wants (what it does to PIL input itself), in one
-        OpenCV pass: a numpy channel flip costs 0.7 ms more a 640x480 image. BoxExtractor calls it in its decode
+        OpenCV pass (faster than a numpy channel flip). BoxExtractor calls it in its decode
         threads."""
         import cv2
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, get_type_hints
 
 import yaml
 
+from odis.files import write_atomic
 from odis.trainer.config import Config, ConfigError, to_dict
 
 
@@ -196,4 +197,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """config.yaml, written atomically: a resume compares against it."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    write_atomic(path, lambda tmp: tmp.write_text(text))

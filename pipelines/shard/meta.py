@@ -47,8 +47,8 @@ _JSON = '{"boxes": %s, "height": %d, "image_id": %s, "label": %s, "scores": %s, 
 def encode_meta(meta: dict) -> bytes:
     """json.dumps(meta, sort_keys=True).encode(), byte for byte, for the dicts sample_meta builds.
 
-    Why not json.dumps: on small images (Tiny-ImageNet's 2 KB files) its ~5 µs per call was a tenth of the
-    per-image cost. The keys are fixed, so the template holds them in sorted order; lists go through json.dumps
+    Why not json.dumps: on small images (Tiny-ImageNet's 2 KB files) it is a large share of the per-image cost.
+    The keys are fixed, so the template holds them in sorted order; lists go through json.dumps
     only when not empty (most samples have no box)."""
     label = meta["label"]
     if type(label) is not int and label is not None:  # bool, numpy ints, ...: let json decide

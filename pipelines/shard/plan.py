@@ -49,7 +49,7 @@ def build_plan(s: ShardSettings) -> Plan:
     labels, classes, warnings = labels_for(s, relpaths)
     boxes, inputs, box_warnings, box_counts = manifest_boxes(s, dict(zip(ids, relpaths)))
     # Item(relpath, image_id, size, label, boxes, scores, manifest (w, h)), built without NamedTuple's Python-level
-    # __new__ (1 µs a file, a tenth of planning on small images)
+    # __new__ (the largest cost of planning a set of small images)
     items = [_new_item(Item, (r, i, size, labels.get(r), *boxes.get(i, _NO_BOXES)))
              for (r, size), i in zip(scan.images, ids)]
     random.Random(s.seed).shuffle(items)
@@ -71,7 +71,7 @@ def estimated_bytes(item: Item) -> int:
 
 
 def _estimates(items: list[Item]) -> list[int]:
-    """estimated_bytes of each item, in one comprehension (a call per item cost 1 µs)."""
+    """estimated_bytes of each item, in one comprehension (a function call per item is the cost here)."""
     return [1024 + -(-it.size // 512) * 512 + -(-(160 + len(it.image_id) + 60 * len(it.boxes)) // 512) * 512
             for it in items]
 
@@ -80,7 +80,7 @@ def split_items(items: list[Item], max_samples: int | None, max_size: int | None
     """Cut the shuffled items into consecutive shards, greedily: a shard closes when it holds max_samples items or
     the next item would take it over max_size bytes; it holds at least one item even if that is larger.
 
-    The cuts are found by bisection on the running byte total, not by a loop over the items (1 µs a file)."""
+    The cuts are found by bisection on the running byte total, not by a loop over the items (a Python step per file)."""
     if not max_size:
         step = max_samples or len(items) or 1
         return [items[i:i + step] for i in range(0, len(items), step)]
@@ -98,8 +98,8 @@ def split_items(items: list[Item], max_samples: int | None, max_size: int | None
 def _fingerprint(plan: Plan) -> str:
     """SHA-256 of what decides the shards' bytes: settings, key rule, inputs, and each shard's files and sizes.
 
-    The file lists are hashed as NUL-joined paths plus packed sizes, not as json (1.5 µs a file on small images,
-    a tenth of `odis shard`'s cost there)."""
+    The file lists are hashed as NUL-joined paths plus packed sizes, not as json (which is a
+    large share of `odis shard`'s cost on small images)."""
     head = {"settings": plan.settings.output_settings(), "id_scheme": plan.id_scheme, "inputs": plan.inputs}
     h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     for shard in plan.shards:
