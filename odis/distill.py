@@ -4,7 +4,9 @@
 Which network sees what (as in iBOT's training loop; ODIS §3):
 - teacher: the 2 global views, unmasked; odis: its OBJ row masked to the box of each view.
 - student: the 2 global views with iBOT's block masks (ibot/odis) + the local views; odis: OBJ masked on the
-  globals, unmasked on the locals (a local crop's OBJ is the crop itself).
+  globals, unmasked on the locals (a local crop's OBJ is the crop itself), unless MALC masks them too.
+- PMLC (Table 5): block masks on the student's locals as well; the teacher then also sees the locals, unmasked,
+  for their patch targets.
 - loss: odis = L_OBJ + L_PATCH, ibot = L_CLS + L_PATCH, dino = L_CLS.
 
 Compute goes only where the loss reads (as DINOv2, unlike iBOT's head on every token of every view): the student
@@ -34,6 +36,10 @@ class Views:
     obj_mask: torch.Tensor | None  # bool [2, B, gh, gw] (odis) or None
     obj_valid: torch.Tensor | None  # bool [2, B] (odis) or None
     mim_mask: torch.Tensor | None  # bool [2, B, gh, gw] (ibot/odis) or None
+    # Table 5's switches, None when off: MALC, each local view's OBJ mask (all True where the crop misses the box);
+    # PMLC, block masks on the student's local views (L_PATCH against the teacher's unmasked local views)
+    local_obj_mask: torch.Tensor | None = None  # bool [L, B, lg, lg]
+    local_mim_mask: torch.Tensor | None = None  # bool [L, B, lg, lg]
 
 
 class Network(nn.Module):
@@ -102,14 +108,19 @@ class Distiller(nn.Module):
 
         s_obj, s_patch = self.student.backbone(views.globals_, obj_mask=obj_mask, patch_mask=mim)
         s_tokens = [s_obj]
-        if views.locals_ is not None and views.locals_.shape[0]:
-            s_tokens.append(self.student.backbone(views.locals_)[0])
+        local = _LocalViews.of(views, self.uses_patch_loss)
+        if local is not None:
+            l_obj, l_patch = self.student.backbone(views.locals_, obj_mask=local.obj_mask, patch_mask=local.mim)
+            s_tokens.append(l_obj)
         s_tokens = torch.cat(s_tokens)
         n_obj = s_tokens.shape[0]
         masked = None
         if self.uses_patch_loss:
             masked = mim.flatten(1)  # [2B, N]
-            s_tokens = torch.cat([s_tokens, s_patch[masked]])  # one head call: OBJ/CLS + masked patches only
+            s_tokens = [s_tokens, s_patch[masked]]  # one head call: OBJ/CLS + masked patches only
+            if local is not None and local.mim is not None:
+                s_tokens.append(l_patch[local.mim.flatten(1)])
+            s_tokens = torch.cat(s_tokens)
         s_logits = self.student.head(s_tokens)
         s_obj_logits = s_logits[:n_obj].reshape(-1, b, s_logits.shape[-1])  # [2+L, B, K]
 
@@ -125,7 +136,15 @@ class Distiller(nn.Module):
         if self.uses_patch_loss:
             tpp = self._teacher_probs(t_patch_logits[masked], self.centers.patch,
                                       teacher_temp if teacher_patch_temp is None else teacher_patch_temp)
-            l_patch = loss_patch(s_logits[n_obj:], tpp, masked.reshape(2, b, -1), self.student_temp)
+            patch_logits, local_logits = s_logits[n_obj:], None
+            if local is not None and local.mim is not None:
+                n_masked = int(masked.sum())
+                patch_logits, local_logits = patch_logits[:n_masked], patch_logits[n_masked:]
+            l_patch = loss_patch(patch_logits, tpp, masked.reshape(2, b, -1), self.student_temp)
+            if local_logits is not None:
+                l_patch = self._with_local_patch_loss(l_patch, views, local, local_logits, b,
+                                                      teacher_temp if teacher_patch_temp is None else
+                                                      teacher_patch_temp)
             out["loss_patch"] = l_patch
             loss = loss + self.lambda_patch * l_patch
         if self.lambda_koleo:  # DINOv2: on the student's global OBJ/CLS tokens, one global view at a time
@@ -137,6 +156,18 @@ class Distiller(nn.Module):
         self.centers.update(t_obj_logits, t_patch_logits)
         out["loss"] = loss
         return out
+
+    def _with_local_patch_loss(self, l_global: torch.Tensor, views: Views, local: "_LocalViews",
+                               s_local_logits: torch.Tensor, b: int, temp: float) -> torch.Tensor:
+        """PMLC: L_PATCH over the 2 global and the L local views, each view's term weighted alike (as iBOT
+        averages its global views). The teacher's targets are its patches of the unmasked local views."""
+        lmasked = local.mim.flatten(1)  # [L*B, n]
+        with torch.no_grad():
+            t_lpatch = self.teacher.backbone(views.locals_, obj_mask=local.obj_mask)[1]
+            tpp = self._teacher_probs(self.teacher.head(t_lpatch[lmasked]), self.centers.patch, temp)
+        n_local = lmasked.shape[0] // b
+        l_local = loss_patch(s_local_logits, tpp, lmasked.reshape(n_local, b, -1), self.student_temp)
+        return (2 * l_global + n_local * l_local) / (2 + n_local)
 
     def _teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
         if self.centering == "sinkhorn":
@@ -167,6 +198,21 @@ class Distiller(nn.Module):
         for name, p in self.student.head.named_parameters():
             if name.startswith("last_layer"):
                 p.grad = None
+
+
+@dataclass
+class _LocalViews:
+    """The local views' masks as the student takes them: flattened, None when off."""
+
+    obj_mask: torch.Tensor | None  # bool [L*B, lg, lg]
+    mim: torch.Tensor | None       # bool [L*B, lg, lg]
+
+    @classmethod
+    def of(cls, views: Views, patch_loss: bool) -> "_LocalViews | None":
+        if views.locals_ is None or not views.locals_.shape[0]:
+            return None
+        flat = lambda m: None if m is None else m.flatten(0, 1)  # noqa: E731
+        return cls(flat(views.local_obj_mask), flat(views.local_mim_mask) if patch_loss else None)
 
 
 @torch.no_grad()

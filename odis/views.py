@@ -152,6 +152,9 @@ class ViewSettings:
     local_object_aware: bool = False
     mask_prob: float = 0.5  # iBOT: half the images unmasked
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # the share of a masked image's patch grid
+    # PMLC (paper Table 5): iBOT's block masks on the student's local views too, with L_PATCH on them against the
+    # teacher's patches of the same (unmasked) local view; off in the final recipe.
+    local_block_masking: bool = False
 
     def check(self) -> "ViewSettings":
         """This, or a ValueError naming the first setting outside its range."""
@@ -189,17 +192,22 @@ class ViewMaker(ViewSettings):
     `__call__(image HWC uint8, boxes [K,4] image pixels, rng)` returns a dict:
       global [2,3,G,G] uint8, local [n_local,3,L,L] uint8 (CHW views of HWC memory), obj_mask [2,gh,gw] bool,
       obj_valid [2] bool, mim_mask [2,gh,gw] bool, obj_box [2,4] float32 (the box in each global view's pixels),
-      fallbacks int, crops list[Crop] (the 2 global crops; not collated).
+      fallbacks int, crops / local_crops list[Crop] (the global and the local crops; not collated); with
+      local_obj_masks (odis) also local_obj_mask [n_local,lg,lg] bool and local_obj_hit [n_local] bool, with
+      local_block_masking (ibot/odis) local_mim_mask [n_local,lg,lg] bool; lg = local_size // patch_size.
     """
 
     patch_size: int = 16
     method: str = "odis"
+    local_obj_masks: bool = False  # MALC (model.local_obj_attention): each local view's OBJ row masked too
     masker: BlockMasker = field(init=False, repr=False, compare=False)
+    local_masker: BlockMasker | None = field(init=False, repr=False, compare=False)
 
     def __init__(self, settings: ViewSettings | None = None, patch_size: int = 16, method: str = "odis",
-                 **changes):
+                 local_obj_masks: bool = False, **changes):
         """The views of `settings` (None: the defaults; a trainer DataConfig is a ViewSettings) with `changes` to
-        some of them by name, e.g. `ViewMaker(global_size=64, n_local=2, patch_size=8)`."""
+        some of them by name, e.g. `ViewMaker(global_size=64, n_local=2, patch_size=8)`. `local_obj_masks`: the
+        box carried into each local crop as its OBJ mask (MALC; odis only)."""
         values = {f.name: getattr(settings, f.name) for f in fields(ViewSettings)} if settings is not None else {}
         values.update(changes)
         values.update({name: tuple(values[name]) for name in _TUPLES if name in values})
@@ -207,6 +215,14 @@ class ViewMaker(ViewSettings):
         self.check()
         self.patch_size, self.method = patch_size, check_choice("method", method, METHODS)
         self.masker = BlockMasker(self.grid, self.grid, self.mask_prob, self.mask_ratio)
+        self.local_obj_masks = bool(local_obj_masks) and method == "odis"
+        self.local_block_masking = self.local_block_masking and method != "dino"
+        if (self.local_obj_masks or self.local_block_masking) and self.local_size % patch_size:
+            raise ValueError(f"local_size {self.local_size} must be a multiple of the patch size {patch_size} "
+                             "for masks on the local views")
+        lg = self.local_size // patch_size
+        self.local_masker = BlockMasker(lg, lg, self.mask_prob, self.mask_ratio) if self.local_block_masking \
+            else None
 
     def _local_crop(self, h: int, w: int, box, rng: np.random.Generator) -> Crop:
         """An ordinary local crop, or with local_object_aware (odis) one that holds the sampled box."""
@@ -267,11 +283,31 @@ class ViewMaker(ViewSettings):
         local = out["local"] if out is not None else np.empty((self.n_local, ls, ls, 3), np.uint8)
         for v, c in enumerate(crops):
             render(image, c, views[v])
-        for i in range(self.n_local):
-            render(image, self._local_crop(h, w, box, rng), local[i])
+        local_crops = [self._local_crop(h, w, box, rng) for _ in range(self.n_local)]
+        for i, c in enumerate(local_crops):
+            render(image, c, local[i])
         if self.method == "dino":
             mim = np.zeros((2, gh, gh), bool)
         else:
             mim = np.stack([self.masker(rng), self.masker(rng)])
-        return {"global": views.transpose(0, 3, 1, 2), "local": local.transpose(0, 3, 1, 2), "obj_mask": obj_mask,
-                "obj_valid": obj_valid, "mim_mask": mim, "obj_box": obj_box, "fallbacks": fallbacks, "crops": crops}
+        out = {"global": views.transpose(0, 3, 1, 2), "local": local.transpose(0, 3, 1, 2), "obj_mask": obj_mask,
+               "obj_valid": obj_valid, "mim_mask": mim, "obj_box": obj_box, "fallbacks": fallbacks, "crops": crops,
+               "local_crops": local_crops}
+        if self.local_obj_masks:
+            out["local_obj_mask"], out["local_obj_hit"] = self._local_obj_masks(box, local_crops)
+        if self.local_masker is not None:  # drawn last: the views above are those of a run without it
+            lg = self.local_size // self.patch_size
+            out["local_mim_mask"] = np.stack([self.local_masker(rng) for _ in local_crops]) if local_crops \
+                else np.zeros((0, lg, lg), bool)
+        return out
+
+    def _local_obj_masks(self, box: np.ndarray, crops: list[Crop]) -> tuple[np.ndarray, np.ndarray]:
+        """The sampled box carried into each local crop as a patch mask; a crop that misses the box keeps an
+        unmasked OBJ row (all True) and is marked in `hit`."""
+        ls, lg = self.local_size, self.local_size // self.patch_size
+        masks, hit = np.ones((len(crops), lg, lg), bool), np.zeros(len(crops), bool)
+        for i, c in enumerate(crops):
+            m = box_to_patch_mask(c.apply(box), ls, ls, self.patch_size)
+            if m.any():
+                masks[i], hit[i] = m, True
+        return masks, hit

@@ -42,6 +42,9 @@ class ModelConfig:
     # torch.compile both backbones (Distiller.compile_backbones), for GPUs: the GPU recipes turn it on. Off by
     # default: eager runs start at once, and compiling on a CPU needs a C++ compiler and does not pay off there
     compile: bool = False
+    # MALC (paper Table 5, odis): each local view's OBJ row masked to the sampled box carried into that crop (a crop
+    # that misses the box keeps an unmasked row, counted as local_obj_unmasked); off in the final recipe
+    local_obj_attention: bool = False
 
 
 @dataclass
@@ -117,6 +120,7 @@ class Config:
             _require(key, functools.reduce(getattr, key.split("."), self), rule)
         _check_within_epochs(self.optim)
         _check_model(self)
+        _check_switches(self)
         return self
 
 
@@ -191,6 +195,16 @@ RULES: dict[str, Rule] = {
     "loss.lambda_patch": _NON_NEGATIVE,
     "loss.lambda_koleo": _NON_NEGATIVE,
 }
+
+
+def _check_switches(cfg: Config) -> None:
+    """Table 5's switches name what they change: refused for a method that has no such part."""
+    if cfg.model.local_obj_attention and cfg.method != "odis":
+        raise ConfigError(f"model.local_obj_attention masks the [OBJ] row of local views: method odis only, got "
+                          f"method {cfg.method}", "model.local_obj_attention", "method")
+    if cfg.data.local_block_masking and cfg.method == "dino":
+        raise ConfigError("data.local_block_masking adds L_PATCH on local views: method ibot or odis, got "
+                          "method dino", "data.local_block_masking", "method")
 
 
 def _check_within_epochs(o: OptimConfig) -> None:

@@ -55,6 +55,9 @@ class TrainLoader:
             self.stats["whole_image_box"] += int((~batch["has_box"]).sum())
             self.stats["json_boxes_clipped"] += int(batch["boxes_clipped"].sum())
             self.stats["json_boxes_dropped"] += int(batch["boxes_dropped"].sum())
+            if "local_obj_hit" in batch:  # MALC: local crops that missed the box, their OBJ row unmasked
+                n = int((~batch["local_obj_hit"]).sum())
+                self.stats["local_obj_unmasked"] = self.stats.get("local_obj_unmasked", 0) + n
             yield batch
 
     def state_dict(self) -> dict:
@@ -109,7 +112,7 @@ def make_train_loader(cfg, patch_size: int, rank: int = 0, world_size: int = 1, 
         log.info("boxes: %s", report)
     plan = PassPlan(counts, cfg.seed, d.batch_size, max(1, int(d.num_workers)), world_size,
                     max(1, total // (d.batch_size * world_size)))
-    spec = StreamSpec(urls, ViewMaker(d, patch_size, cfg.method), table, cfg.seed, rank,
+    spec = StreamSpec(urls, ViewMaker(d, patch_size, cfg.method, local_obj_masks=cfg.model.local_obj_attention), table, cfg.seed, rank,
                       d.batch_size, d.shuffle_buffer, start_step, plan=plan, counts_known=counts_known)
     if state is not None:
         spec.positions = _saved_positions(state, spec)

@@ -293,7 +293,7 @@ class TrainStream(IterableDataset):
         sample = read_sample(raw, self.spec.boxes, reduction)
         boxes = sample.boxes
         views = self.spec.views(sample.image, boxes, rng, out)
-        del views["crops"]
+        del views["crops"], views["local_crops"]
         views["label"], views["key"], views["has_box"] = sample.label, sample.key, bool(len(boxes))
         views["boxes_clipped"], views["boxes_dropped"] = sample.clipped, sample.dropped
         return views
@@ -343,6 +343,7 @@ class _Batch:
         self.boxes_clipped = np.zeros(size, np.int64)
         self.boxes_dropped = np.zeros(size, np.int64)
         self.keys: list[str] = []
+        self.local_masks = _local_mask_buffers(vm, size)  # the Table 5 switches' masks, when they are on
 
     @property
     def full(self) -> bool:
@@ -358,6 +359,8 @@ class _Batch:
         self.label[i], self.fallbacks[i], self.bad[i] = v["label"], v["fallbacks"], bad
         self.has_box[i] = v.get("has_box", True)
         self.boxes_clipped[i], self.boxes_dropped[i] = v.get("boxes_clipped", 0), v.get("boxes_dropped", 0)
+        for name, buf in self.local_masks.items():
+            buf[:, i] = v[name]
         self.keys.append(v["key"])
         self.n += 1
 
@@ -379,7 +382,21 @@ class _Batch:
             "key": self.keys,                                  # list[str] image ids
             "worker": worker,                                  # logical worker that made the batch
             "position": position,                              # that worker's stream position after it
+            # with the switches on: local_obj_mask bool [n_local, B, lg, lg], local_obj_hit bool [n_local, B],
+            # local_mim_mask bool [n_local, B, lg, lg]
+            **{name: t(buf) for name, buf in self.local_masks.items()},
         }
+
+
+def _local_mask_buffers(vm: ViewMaker, size: int) -> dict[str, np.ndarray]:
+    lg = vm.local_size // vm.patch_size
+    bufs = {}
+    if vm.local_obj_masks:
+        bufs["local_obj_mask"] = np.zeros((vm.n_local, size, lg, lg), bool)
+        bufs["local_obj_hit"] = np.zeros((vm.n_local, size), bool)
+    if vm.local_masker is not None:
+        bufs["local_mim_mask"] = np.zeros((vm.n_local, size, lg, lg), bool)
+    return bufs
 
 
 def collate(samples: list[dict]) -> dict:
@@ -395,6 +412,8 @@ def collate(samples: list[dict]) -> dict:
     b.label, b.fallbacks, b.bad = (np.zeros(len(samples), np.int64) for _ in range(3))
     b.has_box = np.zeros(len(samples), bool)
     b.boxes_clipped, b.boxes_dropped = np.zeros(len(samples), np.int64), np.zeros(len(samples), np.int64)
+    b.local_masks = {name: np.zeros((len(samples[0][name]), len(samples)) + samples[0][name].shape[1:], bool)
+                     for name in ("local_obj_mask", "local_obj_hit", "local_mim_mask") if name in samples[0]}
     for s in samples:
         b.add(s, s.get("bad", 0))
     return b.finish(worker=samples[-1].get("worker", 0), position=samples[-1].get("position", [0, 0, 0]))

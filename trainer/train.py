@@ -66,7 +66,9 @@ def to_views(batch: dict, device: torch.device, method: str, step: int, seed: in
     obj = batch["obj_mask"].to(device, non_blocking=True) if method == "odis" else None
     valid = batch["obj_valid"].to(device, non_blocking=True) if method == "odis" else None
     mim = batch["mim_mask"].to(device, non_blocking=True) if method != "dino" else None
-    return Views(g, loc if loc is not None and loc.shape[0] else None, obj, valid, mim)
+    local_masks = {name: batch[name].to(device, non_blocking=True) for name in ("local_obj_mask", "local_mim_mask")
+                   if name in batch}  # present only with the Table 5 switches on
+    return Views(g, loc if loc is not None and loc.shape[0] else None, obj, valid, mim, **local_masks)
 
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
