@@ -7,7 +7,9 @@ Which network sees what (as in iBOT's training loop; ODIS §3):
   globals, unmasked on the locals (a local crop's OBJ is the crop itself), unless MALC masks them too.
 - PMLC (Table 5): block masks on the student's locals as well; the teacher then also sees the locals, unmasked,
   for their patch targets.
-- loss: odis = L_OBJ + L_PATCH, ibot = L_CLS + L_PATCH, dino = L_CLS.
+- loss: odis = L_OBJ + L_PATCH, ibot = L_CLS + L_PATCH, dino = L_CLS; odis with `lambda_img` > 0 (L_i, Table 5)
+  adds an image token beside [OBJ] that attends everywhere, distilled across views as iBOT's [CLS] with its own
+  center.
 
 Compute goes only where the loss reads (as DINOv2, unlike iBOT's head on every token of every view): the student
 head runs on the OBJ/CLS tokens and on the masked global patches; the teacher head on its OBJ/CLS tokens and on all
@@ -56,16 +58,20 @@ class Distiller(nn.Module):
                  bottleneck_dim: int = 256, norm_last_layer: bool = False, student_temp: float = 0.1,
                  center_momentum: float = 0.9, lambda_obj: float = 1.0, lambda_patch: float = 1.0,
                  attn_impl: str = DEFAULT_ATTN_IMPL, depth: int | None = None, centering: str = "center",
-                 lambda_koleo: float = 0.0):
+                 lambda_koleo: float = 0.0, lambda_img: float = 0.0):
         super().__init__()
         self.method = check_choice("method", method, METHODS)
         self.centering = check_choice("centering", centering, CENTERINGS)
+        if lambda_img and method != "odis":
+            raise ValueError(f"lambda_img adds an image token beside [OBJ]: method odis only, got {method}")
+        img_token = bool(lambda_img)
         backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=drop_path_rate, attn_impl=attn_impl,
-                           depth=depth)
+                           depth=depth, img_token=img_token)
         head = DINOHead(backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
         self.student = Network(backbone, head)
         # The teacher has no drop-path; it starts as a copy of the student and only follows it by EMA.
-        t_backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=0.0, attn_impl=attn_impl, depth=depth)
+        t_backbone = OdisViT(arch, img_size, patch_size, drop_path_rate=0.0, attn_impl=attn_impl, depth=depth,
+                             img_token=img_token)
         t_backbone.load_state_dict(backbone.state_dict())
         self.teacher = Network(t_backbone, copy.deepcopy(head))
         for p in self.teacher.parameters():
@@ -73,8 +79,10 @@ class Distiller(nn.Module):
         if method == "dino":  # no masked image modelling: the mask token would be an unused parameter under DDP
             backbone.mask_token.requires_grad_(False)
         self.centers = Centers(out_dim, center_momentum)
+        self.img_centers = Centers(out_dim, center_momentum, names=("obj",)) if img_token else None
         self.student_temp = student_temp
         self.lambda_obj, self.lambda_patch, self.lambda_koleo = lambda_obj, lambda_patch, lambda_koleo
+        self.lambda_img = lambda_img
 
     def compile_backbones(self, mode: str | None = None) -> None:
         """torch.compile the student's and the teacher's backbone in place: parameter names, state dicts,
@@ -97,8 +105,10 @@ class Distiller(nn.Module):
         obj_mask = views.obj_mask.flatten(0, 1) if self.method == "odis" else None
         mim = views.mim_mask.flatten(0, 1) if self.uses_patch_loss else None
 
+        with_img = self.img_centers is not None
+        img = {"with_img": True} if with_img else {}  # L_i: the backbones also return their image token
         with torch.no_grad():
-            t_obj, t_patch = self.teacher.backbone(views.globals_, obj_mask=obj_mask)
+            t_obj, t_patch, *t_img = self.teacher.backbone(views.globals_, obj_mask=obj_mask, **img)
             if self.uses_patch_loss:
                 n = t_patch.shape[1]
                 t_logits = self.teacher.head(torch.cat([t_obj, t_patch.flatten(0, 1)]))
@@ -106,12 +116,14 @@ class Distiller(nn.Module):
             else:
                 t_obj_logits, t_patch_logits = self.teacher.head(t_obj), None
 
-        s_obj, s_patch = self.student.backbone(views.globals_, obj_mask=obj_mask, patch_mask=mim)
+        s_obj, s_patch, *s_img = self.student.backbone(views.globals_, obj_mask=obj_mask, patch_mask=mim, **img)
         s_tokens = [s_obj]
         local = _LocalViews.of(views, self.uses_patch_loss)
         if local is not None:
-            l_obj, l_patch = self.student.backbone(views.locals_, obj_mask=local.obj_mask, patch_mask=local.mim)
+            l_obj, l_patch, *l_img = self.student.backbone(views.locals_, obj_mask=local.obj_mask,
+                                                           patch_mask=local.mim, **img)
             s_tokens.append(l_obj)
+            s_img += l_img
         s_tokens = torch.cat(s_tokens)
         n_obj = s_tokens.shape[0]
         masked = None
@@ -153,9 +165,22 @@ class Distiller(nn.Module):
                 views_obj = [x[v] for x, v in zip(views_obj, valid_t)]
             out["loss_koleo"] = sum(koleo(x) for x in views_obj)
             loss = loss + self.lambda_koleo * out["loss_koleo"]
+        if with_img:
+            out["loss_img"] = self._image_loss(t_img[0], torch.cat(s_img), b, teacher_temp)
+            loss = loss + self.lambda_img * out["loss_img"]
         self.centers.update(t_obj_logits, t_patch_logits)
         out["loss"] = loss
         return out
+
+    def _image_loss(self, t_img: torch.Tensor, s_img: torch.Tensor, b: int, temp: float) -> torch.Tensor:
+        """L_i: the image tokens distilled as iBOT's [CLS] (teacher's 2 global views -> the student's other views),
+        centered by their own EMA center."""
+        with torch.no_grad():
+            t_logits = self.teacher.head(t_img)
+            tp = self._teacher_probs(t_logits, self.img_centers.obj, temp).reshape(2, b, -1)
+        s_logits = self.student.head(s_img).reshape(-1, b, t_logits.shape[-1])
+        self.img_centers.update(t_logits, None)
+        return loss_obj(s_logits, tp, self.student_temp)
 
     def _with_local_patch_loss(self, l_global: torch.Tensor, views: Views, local: "_LocalViews",
                                s_local_logits: torch.Tensor, b: int, temp: float) -> torch.Tensor:

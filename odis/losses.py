@@ -119,11 +119,11 @@ def loss_patch(student: torch.Tensor, teacher_p: torch.Tensor, mask: torch.Tenso
 class Centers(nn.Module):
     """EMA centers of the teacher's OBJ/CLS and patch logits (momentum 0.9), all-reduced under DDP."""
 
-    def __init__(self, out_dim: int, momentum: float = 0.9):
+    def __init__(self, out_dim: int, momentum: float = 0.9, names: tuple[str, ...] = ("obj", "patch")):
         super().__init__()
         self.momentum = momentum
-        self.register_buffer("obj", torch.zeros(1, out_dim))
-        self.register_buffer("patch", torch.zeros(1, out_dim))
+        for name in names:
+            self.register_buffer(name, torch.zeros(1, out_dim))
 
     @torch.no_grad()
     def update(self, obj_logits: torch.Tensor | None, patch_logits: torch.Tensor | None) -> None:

@@ -27,25 +27,26 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from odis.choices import ATTN_IMPLS, DEFAULT_ATTN_IMPL, check_choice
 
 
-def obj_attn_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+def obj_attn_mask(obj_mask: torch.Tensor, num_prefix: int = 1, hidden: int = 0) -> torch.Tensor:
     """Boolean attention mask [B,1,N,N]: True everywhere except the OBJ query row (row 0), which is True for the
-    prefix tokens (OBJ itself, so an empty box never gives an all-False row) and for patches inside the box.
+    prefix tokens (OBJ itself, so an empty box never gives an all-False row) and for patches inside the box, and
+    False for the `hidden` tokens after the prefix (the image token of L_i, which sees the whole image).
 
     obj_mask: bool [B, gh, gw] or [B, gh*gw], True for patches inside the box.
     """
     b = obj_mask.shape[0]
-    inside = obj_mask.reshape(b, -1).bool()
-    n = num_prefix + inside.shape[1]
-    mask = torch.ones(b, 1, n, n, dtype=torch.bool, device=obj_mask.device)
-    mask[:, 0, 0, num_prefix:] = inside
+    row = _obj_row_mask(obj_mask, num_prefix, hidden)[:, 0, 0]
+    mask = torch.ones(b, 1, row.shape[1], row.shape[1], dtype=torch.bool, device=obj_mask.device)
+    mask[:, 0, 0] = row
     return mask
 
 
-def _obj_row_mask(obj_mask: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+def _obj_row_mask(obj_mask: torch.Tensor, num_prefix: int = 1, hidden: int = 0) -> torch.Tensor:
     """The OBJ query row alone: bool [B,1,1,N]."""
     b = obj_mask.shape[0]
     prefix = torch.ones(b, num_prefix, dtype=torch.bool, device=obj_mask.device)
-    return torch.cat([prefix, obj_mask.reshape(b, -1).bool()], dim=1)[:, None, None, :]
+    unseen = torch.zeros(b, hidden, dtype=torch.bool, device=obj_mask.device)
+    return torch.cat([prefix, unseen, obj_mask.reshape(b, -1).bool()], dim=1)[:, None, None, :]
 
 
 def attn_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,10 +67,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class OdisViT(nn.Module):
-    """timm ViT + iBOT mask token + [OBJ] masked attention. Outputs (OBJ [B,D], patches [B,N,D]) after the norm."""
+    """timm ViT + iBOT mask token + [OBJ] masked attention. Outputs (OBJ [B,D], patches [B,N,D]) after the norm.
+
+    `img_token` (L_i, paper Table 5): one more class token after the prefix that attends everywhere and that the
+    OBJ row does not see; it takes the class slot's position embedding. A training aid: not exported."""
 
     def __init__(self, arch: str = "vit_small_patch16_224", img_size: int = 224, patch_size: int | None = None,
-                 drop_path_rate: float = 0.0, attn_impl: str = DEFAULT_ATTN_IMPL, depth: int | None = None):
+                 drop_path_rate: float = 0.0, attn_impl: str = DEFAULT_ATTN_IMPL, depth: int | None = None,
+                 img_token: bool = False):
         super().__init__()
         kwargs = dict(img_size=img_size, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
         if patch_size is not None:
@@ -92,6 +97,10 @@ class OdisViT(nn.Module):
         nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
         # iBOT initialises its masked embedding to zeros.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
+        self.img_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if img_token else None
+        if img_token:
+            nn.init.trunc_normal_(self.img_token, std=0.02)
+        self.n_front = self.num_prefix + int(img_token)  # tokens before the patches
 
     @property
     def attn_impl(self) -> str:
@@ -113,6 +122,9 @@ class OdisViT(nn.Module):
         if patch_mask is not None:
             t = torch.where(patch_mask[..., None].bool(), self.mask_token.to(t.dtype), t)
         t = self._pos_embed(t)
+        if self.img_token is not None:
+            img = (self.img_token + self.vit.pos_embed[:, :1]).expand(t.shape[0], -1, -1).to(t.dtype)
+            t = torch.cat([t[:, :self.num_prefix], img, t[:, self.num_prefix:]], dim=1)
         return self.vit.norm_pre(self.vit.patch_drop(t))
 
     def _pos_embed(self, t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +164,7 @@ class OdisViT(nn.Module):
     def obj_bias(self, obj_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The OBJ mask as this implementation's attention bias: [B,1,N,N] (`mask`) or the OBJ row's [B,1,1,N]."""
         rows = obj_attn_mask if self.attn_impl == "mask" else _obj_row_mask
-        return attn_bias(rows(obj_mask, self.num_prefix), _compute_dtype(x))
+        return attn_bias(rows(obj_mask, self.num_prefix, self.n_front - self.num_prefix), _compute_dtype(x))
 
     def attention(self, blk: nn.Module, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """One block's masked attention on its normed input `y`, as this implementation computes it."""
@@ -161,14 +173,17 @@ class OdisViT(nn.Module):
         return _split_attention(blk.attn, y, bias, self.obj_row_backends)
 
     def forward(self, x: torch.Tensor, obj_mask: torch.Tensor | None = None,
-                patch_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                patch_mask: torch.Tensor | None = None, with_img: bool = False) -> tuple[torch.Tensor, ...]:
         """x: normalised images [B,3,H,W]; obj_mask: bool [B,gh,gw] (None: OBJ unmasked, i.e. a plain [CLS]);
-        patch_mask: bool [B,gh,gw] masked-image-modelling mask. Returns (OBJ [B,D], patches [B,gh*gw,D])."""
+        patch_mask: bool [B,gh,gw] masked-image-modelling mask. Returns (OBJ [B,D], patches [B,gh*gw,D]), and the
+        image token [B,D] after them with `with_img`."""
         t = self.embed(x, patch_mask)
         for t in self.blocks(t, obj_mask):
             pass
         t = self.vit.norm(t)
-        return t[:, 0], t[:, self.num_prefix:]
+        if with_img:
+            return t[:, 0], t[:, self.n_front:], t[:, self.num_prefix]
+        return t[:, 0], t[:, self.n_front:]
 
     @torch.no_grad()
     def intermediate_obj(self, x: torch.Tensor, n: int, obj_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -190,8 +205,9 @@ class OdisViT(nn.Module):
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, h, 1, N]
         if obj_mask is not None:
-            logits = logits.masked_fill(~_obj_row_mask(obj_mask, self.num_prefix), float("-inf"))
-        probs = logits.softmax(-1)[:, :, 0, self.num_prefix:]
+            row = _obj_row_mask(obj_mask, self.num_prefix, self.n_front - self.num_prefix)
+            logits = logits.masked_fill(~row, float("-inf"))
+        probs = logits.softmax(-1)[:, :, 0, self.n_front:]
         gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         return probs.reshape(b, attn.num_heads, gh, gw)
 
@@ -245,7 +261,7 @@ def _obj_mask_problem(model: OdisViT, images: int, seed: int) -> str | None:
     blk = model.vit.blocks[0]
     with torch.no_grad():
         y = blk.norm1(model.embed(x))
-        inside = _obj_row_mask(box, model.num_prefix)[:, 0, 0, :, None]  # [B, N, 1]
+        inside = _obj_row_mask(box, model.num_prefix, model.n_front - model.num_prefix)[:, 0, 0, :, None]  # [B,N,1]
         moved = torch.where(inside, y, y + torch.randn(y.shape, generator=g).to(y))
         bias = model.obj_bias(box, y)
         out, out_moved = (model.attention(blk, v, bias).float() for v in (y, moved))

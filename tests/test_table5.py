@@ -1,6 +1,7 @@
-"""Table 5's switches of the recipe: masked attention for local crops (MALC, `model.local_obj_attention`) and
-patch masking for local crops (PMLC, `data.local_block_masking`). Each changes what it names and nothing else;
-off (the final recipe) the views and the step are today's."""
+"""Table 5's switches of the recipe: masked attention for local crops (MALC, `model.local_obj_attention`), patch
+masking for local crops (PMLC, `data.local_block_masking`) and the auxiliary image-level term (L_i,
+`loss.lambda_img`). Each changes what it names and nothing else; off (the final recipe) the views and the step are
+today's."""
 from __future__ import annotations
 
 import json
@@ -69,9 +70,11 @@ def test_the_switches_belong_to_their_methods():
 
 def test_the_switches_are_recorded_and_a_resume_may_not_change_them():
     off, on = load_config(None, []), load_config(None, ["model.local_obj_attention=true",
-                                                        "data.local_block_masking=true"])
+                                                        "data.local_block_masking=true", "loss.lambda_img=0.5"])
     assert off.model.local_obj_attention is False and off.data.local_block_masking is False
+    assert off.loss.lambda_img == 0.0
     assert config_changes(to_dict(off), to_dict(on)) == ["data.local_block_masking: False -> True",
+                                                          "loss.lambda_img: 0.0 -> 0.5",
                                                           "model.local_obj_attention: False -> True"]
 
 
@@ -116,9 +119,9 @@ def test_pmlc_adds_the_local_views_patch_loss_against_the_teachers_unmasked_loca
     torch.testing.assert_close(none["loss_obj"], base["loss_obj"])
     calls, forward = [], OdisViT.forward
 
-    def spy(self, x, obj_mask=None, patch_mask=None):
+    def spy(self, x, obj_mask=None, patch_mask=None, **kw):
         calls.append(("teacher" if self is d.teacher.backbone else "student", x.shape[-1], patch_mask))
-        return forward(self, x, obj_mask=obj_mask, patch_mask=patch_mask)
+        return forward(self, x, obj_mask=obj_mask, patch_mask=patch_mask, **kw)
 
     d = _distiller("ibot")
     monkeypatch.setattr(OdisViT, "forward", spy)
@@ -132,16 +135,49 @@ def test_pmlc_adds_the_local_views_patch_loss_against_the_teachers_unmasked_loca
     assert d.student.backbone.mask_token.grad.abs().sum() > 0
 
 
-def test_both_switches_train_from_the_cli(tiny_imagenet, tmp_path):
-    """A tiny CPU recipe with MALC and PMLC on: it trains, records both, and counts the local crops whose OBJ
-    row stayed unmasked (they missed the box)."""
+def _img_distiller(attn_impl="split", lambda_img=0.5):
+    torch.manual_seed(0)
+    return Distiller("odis", "vit_tiny_patch16_224", 32, patch_size=8, out_dim=64, hidden_dim=32,
+                     bottleneck_dim=16, drop_path_rate=0.0, attn_impl=attn_impl, lambda_img=lambda_img)
+
+
+def test_l_i_adds_an_image_token_the_obj_row_never_sees():
+    from odis.model import obj_attn_mask
+
+    off, on = _distiller(), _img_distiller()
+    assert set(off.state_dict()) == set(on.state_dict()) - {"student.backbone.img_token", "teacher.backbone.img_token",
+                                                            "img_centers.obj"}
+    mask = obj_attn_mask(torch.ones(1, 2, 2, dtype=torch.bool), num_prefix=1, hidden=1)[0, 0]
+    assert mask[0].tolist() == [True, False, True, True, True, True] and mask[1:].all()  # OBJ row: not the image
+    out = on(_views(), 0.04)
+    assert torch.isfinite(out["loss_img"]) and "loss_img" not in off(_views(), 0.04)
+    out["loss"].backward()
+    assert on.student.backbone.img_token.grad.abs().sum() > 0 and on.teacher.backbone.img_token.grad is None
+    assert on.img_centers.obj.abs().sum() > 0  # its own center moved
+    # both attention implementations give the same step with the image token
+    torch.testing.assert_close(_img_distiller("mask")(_views(), 0.04)["loss"],
+                               _img_distiller("split")(_views(), 0.04)["loss"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="loss.lambda_img"):
+        load_config(None, ["method=ibot", "loss.lambda_img=0.5"])
+
+
+def test_the_switches_train_from_the_cli(tiny_imagenet, tmp_path):
+    """A tiny CPU recipe with MALC, PMLC and L_i on: it trains, exports a plain timm backbone, records the
+    switches, logs L_i, and counts the local crops whose OBJ row stayed unmasked (they missed the box)."""
     from test_train import SMALL, run
 
     shards = _shards(tiny_imagenet, tmp_path)
     run(["train", "--shards", str(shards), "--out", str(tmp_path / "r"), "--quiet", *SMALL, "max_steps=2",
-         "model.local_obj_attention=true", "data.local_block_masking=true"])
+         "model.local_obj_attention=true", "data.local_block_masking=true", "loss.lambda_img=0.5"])
     saved = (tmp_path / "r" / "config.yaml").read_text()
     assert "local_obj_attention: true" in saved and "local_block_masking: true" in saved
+    assert "lambda_img: 0.5" in saved
+    header, *rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    col = header.split(",").index("loss_img")
+    assert rows and all(float(r.split(",")[col]) > 0 for r in rows)
+    from odis.model import load_backbone
+
+    assert load_backbone(tmp_path / "r" / "backbone.safetensors").img_token is None  # a training aid
     data = json.loads((tmp_path / "r" / "data.json").read_text())
     assert "local_obj_unmasked" in json.dumps(data)
 

@@ -94,6 +94,9 @@ class LossConfig:
     lambda_obj: float = 1.0  # weight of L_OBJ (L_CLS for ibot/dino)
     lambda_patch: float = 1.0
     lambda_koleo: float = 0.0  # DINOv2's KoLeo regulariser on the student's global OBJ/CLS (DINOv2 uses 0.1)
+    # L_i (paper Table 5, odis): an image token beside [OBJ] that attends everywhere, distilled as iBOT's [CLS];
+    # 0 = off, as in the final recipe
+    lambda_img: float = 0.0
 
 
 @dataclass
@@ -194,6 +197,7 @@ RULES: dict[str, Rule] = {
     "loss.lambda_obj": _NON_NEGATIVE,  # loss weights: a negative one would maximise its loss
     "loss.lambda_patch": _NON_NEGATIVE,
     "loss.lambda_koleo": _NON_NEGATIVE,
+    "loss.lambda_img": _NON_NEGATIVE,
 }
 
 
@@ -202,6 +206,9 @@ def _check_switches(cfg: Config) -> None:
     if cfg.model.local_obj_attention and cfg.method != "odis":
         raise ConfigError(f"model.local_obj_attention masks the [OBJ] row of local views: method odis only, got "
                           f"method {cfg.method}", "model.local_obj_attention", "method")
+    if cfg.loss.lambda_img and cfg.method != "odis":
+        raise ConfigError(f"loss.lambda_img adds an image token beside [OBJ]: method odis only, got method "
+                          f"{cfg.method}", "loss.lambda_img", "method")
     if cfg.data.local_block_masking and cfg.method == "dino":
         raise ConfigError("data.local_block_masking adds L_PATCH on local views: method ibot or odis, got "
                           "method dino", "data.local_block_masking", "method")

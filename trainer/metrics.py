@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-COLUMNS = ["step", "epoch", "loss", "loss_obj", "loss_patch", "loss_koleo", "t_entropy", "t_batch_entropy", "lr", "wd",
+COLUMNS = ["step", "epoch", "loss", "loss_obj", "loss_patch", "loss_koleo", "loss_img", "t_entropy", "t_batch_entropy", "lr", "wd",
            "teacher_temp", "momentum", "img_per_s", "data_wait", "fallbacks", "bad_steps", "loss_scale"]
 
 

@@ -33,7 +33,7 @@ def build_distiller(cfg: Config) -> Distiller:
                      norm_last_layer=m.norm_last_layer, student_temp=lo.student_temp,
                      center_momentum=lo.center_momentum, lambda_obj=lo.lambda_obj, lambda_patch=lo.lambda_patch,
                      attn_impl=m.attn_impl, depth=m.depth, centering=lo.centering,
-                     lambda_koleo=lo.lambda_koleo)
+                     lambda_koleo=lo.lambda_koleo, lambda_img=lo.lambda_img)
 
 
 def set_schedules(opt, cfg: Config, it: int, steps_per_epoch: int, total: int, batch_total: int) -> dict:
