@@ -1,7 +1,7 @@
 """The `odis` command line: parse, call the library or a pipeline, print. No logic lives here.
 
-Each stage of the flow has its module here: boxes, shards, train, evaluate, show, demo; common.py holds what
-they share.
+Each stage of the flow has its module here: boxes, shards, train, evaluate (k-NN, linear, dense-nn), linear_seg,
+retrieval, show, demo; common.py holds what they share.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 # Each module registers its commands on import; this order is the order of `odis --help` (the flow's order).
-from odis.cli import boxes, shards, train, evaluate, show, demo  # noqa: E402,F401,I001
+from odis.cli import boxes, shards, train, evaluate, linear_seg, retrieval, show, demo  # noqa: E402,F401,I001
 from odis.cli.common import app  # noqa: E402
 
 def main() -> None:

@@ -17,7 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-eval_app = typer.Typer(help="Evaluate frozen features: k-NN, linear probe, dense nearest-neighbour retrieval.",
+eval_app = typer.Typer(help="Evaluate frozen features: k-NN, linear probe, linear segmentation, dense "
+                       "nearest-neighbour retrieval, image retrieval.",
                        no_args_is_help=True)
 show_app = typer.Typer(help="Pictures: boxes on images, OBJ attention maps, the ODIS views of a sample.",
                        no_args_is_help=True)

@@ -16,6 +16,8 @@ from odis.eval.features import (Features, ViewConfig, extract_features, input_si
                                 read_classes, save_features, shard_loader)
 from odis.devices import pick_device
 from odis.eval.settings import DenseSettings, FeatureSettings, KnnSettings, LinearSettings
+from odis.eval.settings import LinearSegSettings
+from odis.eval.settings import RetrievalSettings
 from odis.samples import BoxTable
 
 
@@ -166,6 +168,61 @@ def run_dense(s: DenseSettings) -> dict:
             "results": res}
 
 
+def run_linear_seg(s: LinearSegSettings) -> dict:
+    """Linear segmentation: a 1x1 head trained on the frozen teacher's patch tokens, mIoU on the validation split."""
+    from odis.eval.linear_seg import linear_seg_eval
+    from odis.eval.segdata import open_dataset
+
+    s.validate()
+    model = open_backbone(s.backbone, s.arch)
+    size = input_size(model, s.size)
+    device = pick_device(s.device)
+    tr = open_dataset(s.dataset, s.root, s.train_split).subset(s.max_train)
+    va = open_dataset(s.dataset, s.root, s.val_split).subset(s.max_val)
+    _, res = linear_seg_eval(model, tr, va, size, s.epochs, s.lr, s.momentum, s.weight_decay, s.drop_at,
+                             s.batch_size, s.mask_size, s.augment, s.workers, device, s.seed, s.progress)
+    return {"protocol": "linear-seg", "backbone": str(s.backbone), "dataset": s.dataset, "root": str(s.root),
+            "train_split": s.train_split, "val_split": s.val_split, "n_train": len(tr), "n_val": len(va),
+            "size": size, "mask_size": res["mask_size"], "epochs": s.epochs, "lr": s.lr, "momentum": s.momentum,
+            "weight_decay": s.weight_decay, "drop_at": s.drop_at, "batch_size": s.batch_size, "augment": s.augment,
+            "seed": s.seed, "feature_dim": int(model.embed_dim), "num_classes": tr.num_classes,
+            "class_names": tr.class_names, "mIoU": res["mIoU"], "pixel_accuracy": res["pixel_accuracy"],
+            "pixels": res["pixels"], "per_class_iou": res["per_class_iou"], "train_loss": res["train_loss"]}
+
+
+def run_retrieval(s: RetrievalSettings) -> dict:
+    """Revisited Oxford/Paris retrieval (DINO's eval_image_retrieval.py): mAP and mP@1/5/10, Medium and Hard."""
+    from odis.eval.retrieval import (KS, RetrievalImages, evaluate, gnd_file, load_ground_truth, rank,
+                                     retrieval_features)
+
+    s.validate()
+    gt = load_ground_truth(s.gnd or gnd_file(s.root, s.dataset)).subset(s.max_db, s.max_queries)
+    images = Path(s.root) / s.dataset / "jpg"
+    db_paths, q_paths = gt.paths(images), gt.paths(images, queries=True)
+    model = open_backbone(s.backbone, s.arch)
+    device = pick_device(s.device)
+
+    def features(paths, boxes, split):
+        return retrieval_features(model, RetrievalImages(paths, boxes, s.imsize), device, s.multiscale,
+                                  s.batch_size, s.workers, f"{split} features", s.progress)
+
+    if s.query_crop:
+        missing = [name for name, g in zip(gt.qimlist, gt.gnd) if g["bbx"] is None]
+        if missing:
+            raise ValueError(f"{gt.path}: {len(missing)} queries have no bbx to crop to (first: {missing[0]}); "
+                             "pass --no-query-crop to use the whole query images")
+    db = features(db_paths, None, "database")
+    q = features(q_paths, [g["bbx"] for g in gt.gnd] if s.query_crop else None, "query")
+    results, per_query = evaluate(rank(db, q), gt.gnd, KS)
+    if results["medium"]["queries"] == 0:
+        raise ValueError(f"{gt.path}: no query has a positive among the {len(gt.imlist)} database images")
+    return {"protocol": "retrieval", "backbone": str(s.backbone), "dataset": s.dataset, "root": str(s.root),
+            "gnd": gt.path, "imsize": s.imsize, "multiscale": s.multiscale, "query_crop": s.query_crop,
+            "patch_size": model.patch_size, "feature_dim": int(db.shape[1]), "n_db": len(gt.imlist),
+            "n_queries": len(gt.qimlist), "ks": list(KS), "results": results,
+            "per_query_ap": {"queries": gt.qimlist, **per_query}}
+
+
 # ---- tables and comparison ----------------------------------------------------------------------------------
 
 def metrics(result: dict) -> dict[str, float]:
@@ -182,6 +239,11 @@ def metrics(result: dict) -> dict[str, float]:
         return {f"{r['setting']} top-1": r["top1"] for r in result["results"]}
     if p == "dense-nn":
         return {f"mIoU memory 1/{r['factor']} ({r['memory_size']} patches)": r["mIoU"] for r in result["results"]}
+    if p == "linear-seg":
+        return {"mIoU": result["mIoU"], "pixel accuracy": result["pixel_accuracy"]}
+    if p == "retrieval":
+        return {f"{proto.capitalize()} {m}": float("nan") if v is None else v  # null: no query had a positive
+                for proto, r in result["results"].items() for m, v in r.items() if m == "mAP" or m.startswith("mP@")}
     raise ValueError(f"not an odis eval result (protocol {p!r})")
 
 

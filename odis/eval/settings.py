@@ -2,6 +2,8 @@
 
     KnnSettings, LinearSettings   frozen features of two shard sets (FeatureSettings) + the protocol's own
     DenseSettings                 a segmentation dataset in one of segdata's layouts
+    LinearSegSettings             the same datasets, a linear head trained on frozen patch tokens
+    RetrievalSettings             revisited Oxford/Paris: a ground truth and its jpg/ folder
 
 `validate()` raises ValueError naming the option; the run_* functions of odis.eval.protocols call it first.
 """
@@ -116,4 +118,79 @@ class DenseSettings:
             raise ValueError("--size, --k and --batch-size must be >= 1 and --beta > 0")
         self.train_split = self.train_split or DENSE_SPLITS[self.dataset][0]
         self.val_split = self.val_split or DENSE_SPLITS[self.dataset][1]
+        return self
+
+
+@dataclass
+class LinearSegSettings:
+    """Linear segmentation (Leopart / NeCo protocol): a 1x1 head on frozen patch tokens, trained with SGD."""
+    backbone: str | Path
+    dataset: str                     # DENSE_SPLITS' keys: segdata's layouts
+    root: str | Path
+    train_split: str = ""            # "": the layout's default (DENSE_SPLITS)
+    val_split: str = ""
+    size: int = 448                  # input size (RandomResizedCrop / resize)
+    epochs: int = 20
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    drop_at: int = 20                # StepLR: lr x 0.1 every drop_at epochs (20 of 20: never)
+    batch_size: int = 128
+    mask_size: int = 100             # logits and labels compared on a mask_size grid; 0: the input size
+    augment: bool = True             # RandomResizedCrop + flip every epoch; False: features extracted once
+    max_train: int | None = None
+    max_val: int | None = None
+    arch: str | None = None
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> "LinearSegSettings":
+        _one_of("--dataset", self.dataset, DENSE_SPLITS)
+        if self.size < 1 or self.epochs < 1 or self.batch_size < 1 or self.drop_at < 1:
+            raise ValueError("--size, --epochs, --batch-size and --drop-at must be >= 1")
+        if not self.lr > 0 or not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
+            raise ValueError(f"--lr must be > 0, --momentum in [0, 1) and --weight-decay >= 0, got {self.lr}, "
+                             f"{self.momentum}, {self.weight_decay}")
+        if self.mask_size < 0 or self.workers < 0:
+            raise ValueError(f"--mask-size and --workers must be >= 0, got {self.mask_size}, {self.workers}")
+        for option, n in (("--max-train", self.max_train), ("--max-val", self.max_val)):
+            if n is not None and n < 1:
+                raise ValueError(f"{option} must be >= 1, got {n}")
+        self.train_split = self.train_split or DENSE_SPLITS[self.dataset][0]
+        self.val_split = self.val_split or DENSE_SPLITS[self.dataset][1]
+        return self
+
+
+RETRIEVAL_DATASETS = ("roxford5k", "rparis6k")
+
+
+@dataclass
+class RetrievalSettings:
+    """Revisited Oxford/Paris retrieval as DINO's eval_image_retrieval.py: [OBJ]/[CLS] of the whole image (long
+    side at most imsize), queries cropped to their bbx, optional 3-scale average, mAP / mP@k Medium and Hard."""
+    backbone: str | Path
+    dataset: str                     # RETRIEVAL_DATASETS
+    root: str | Path                 # holds DATASET/gnd_DATASET.pkl (or .json) and DATASET/jpg/
+    gnd: str | Path | None = None    # another ground-truth file (.pkl or .json); None: the one under root
+    imsize: int = 224                # DINO's --imsize: the long side after the resize (never enlarged)
+    multiscale: bool = False         # DINO's --multiscale: scales 1, 1/sqrt(2), 1/2 averaged
+    query_crop: bool = True          # crop the queries to their bbx (revisitop); False: the whole image (DINO)
+    arch: str | None = None
+    batch_size: int = 32             # images of the same size that run together
+    workers: int = 2
+    device: str = "auto"
+    max_db: int | None = None        # the first N database images (quick checks)
+    max_queries: int | None = None
+    progress: bool = True
+
+    def validate(self) -> "RetrievalSettings":
+        _one_of("--dataset", self.dataset, RETRIEVAL_DATASETS)
+        if self.imsize < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError(f"--imsize and --batch-size must be >= 1 and --workers >= 0, got {self.imsize}, "
+                             f"{self.batch_size}, {self.workers}")
+        for option, v in (("--max-db", self.max_db), ("--max-queries", self.max_queries)):
+            if v is not None and v < 1:
+                raise ValueError(f"{option} must be >= 1, got {v}")
         return self
