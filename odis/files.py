@@ -2,6 +2,7 @@
 
     write_atomic(path, write)     write(tmp) -> fsync -> rename over path -> fsync the folder
     write_json(path, obj)         the same for a JSON document
+    tmp_pattern(name)             a regex for the temporary names a killed write_atomic leaves
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], tmp: str
     `tmp` names it instead where the folder's owner must recognise what a killed run left (a shard's `.partial`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")  # what tmp_pattern finds
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -38,3 +39,9 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Pat
     """`obj` as JSON (UTF-8, non-ASCII kept; objects JSON cannot hold, such as paths, written as text)."""
     return write_atomic(path, lambda tmp: tmp.write_text(
         json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n", encoding="utf-8"))
+
+
+def tmp_pattern(name: str) -> str:
+    """A regex for the temporary files write_atomic leaves, when killed, beside files whose names match the regex
+    `name`: the folder's owner counts them as its own (odis.outdir)."""
+    return rf"\.(?:{name})\.tmp-[0-9]+"

@@ -8,7 +8,6 @@ losses. Files are written with odis.files.write_atomic: a crash leaves the old f
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +17,15 @@ import torch
 from odis.distill import Distiller
 from odis.files import write_atomic
 from odis.model import export_backbone, load_error
+from odis.outdir import OutputFolder, changed_settings, describe_changes
 from odis.trainer.config import Config, to_dict
 from odis.trainer.dist import Dist, barrier
 
 CHECKPOINT = "checkpoint.pt"
 BACKBONE = "backbone.safetensors"
-# A run folder's own files: what --overwrite removes (and nothing else in the folder).
-RUN_FILES = (CHECKPOINT, BACKBONE, "metrics.csv", "config.yaml", "tb", "plots")
+# A run folder's own files and folders: what --overwrite removes (and nothing else in the folder).
+RUN_FILES = (CHECKPOINT, BACKBONE, "metrics.csv", "config.yaml")
+RUN_DIRS = ("tb", "plots")
 
 
 @dataclass
@@ -103,17 +104,14 @@ RESUME_MAY_CHANGE = {"out", "max_steps", "log_every", "checkpoint_every", "max_b
                      "data.shards", "data.boxes", "data.num_workers", "model.compile"}
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+def config_changes(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every setting that differs and may not change on resume (keys in both only: a
     setting added by a newer odis is not a change)."""
-    changes = []
-    for key in old.keys() & new.keys():
-        name, a, b = prefix + key, old[key], new[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, name + ".")
-        elif a != b and name not in RESUME_MAY_CHANGE:
-            changes.append(f"{name}: {a!r} -> {b!r}")
-    return sorted(changes)
+    return describe_changes(changed_settings(old, new, ignore=RESUME_MAY_CHANGE))
+
+
+def run_folder(out: Path) -> OutputFolder:
+    return OutputFolder(out, files=RUN_FILES, dirs=RUN_DIRS)
 
 
 def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, proc: Dist) -> Path | None:
@@ -127,9 +125,7 @@ def prepare_run_folder(out: Path, resume: str | None, overwrite: bool, proc: Dis
         raise ValueError(f"{out} already holds a run ({', '.join(old)}): --resume auto continues it, --overwrite "
                          "starts over (removing its files), or choose another --out")
     if ck is None and overwrite and proc.main:
-        for name in RUN_FILES:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        run_folder(out).clear()
     barrier(proc)  # no rank may start before rank 0 has cleared the folder
     return ck
 

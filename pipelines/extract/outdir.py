@@ -10,15 +10,16 @@ OUT that holds anything else, or that overlaps the images folder, is refused.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from odis.files import tmp_pattern
 from odis.manifest import (ManifestError, empty_columns, manifest_files, manifest_metadata, read_manifest,
                            table_from_columns, write_manifest)
+from odis.outdir import OutputFolder, changed_settings, refuse_changed
 from odis.pipelines.extract.job import DETECTOR_FAILED
 from odis.pipelines.extract.settings import RESUME_KEYS
 
@@ -30,7 +31,8 @@ PASSING_REASONS = (f"{DETECTOR_FAILED} (", "cannot read (", "file not found")
 
 # What extract-boxes writes into OUT and its staging folder: parts, and the temporary file of a part being
 # written (write_manifest) when a run was killed.
-_OURS = re.compile(r"part-.*\.parquet|\.part-.*\.parquet\.tmp-\d+")
+_PART = r"part-.*\.parquet"
+_OURS = f"{_PART}|{tmp_pattern(_PART)}"
 
 
 def redone_on_resume(path: str, error: str | None) -> bool:
@@ -55,11 +57,12 @@ def prepare_out(out: Path, overwrite: bool, meta: dict, ids: set[str]) -> tuple[
     """Check OUT and its staging folder for a run with provenance `meta` over the images `ids`, emptying both
     first with `overwrite`; return (ids already done, error rows dropped to be redone)."""
     staging = staging_dir(out)
-    for where in (out, staging):
-        _check_only_ours(where)
+    folders = [OutputFolder(where, files=_OURS) for where in (out, staging)]
+    for f in folders:  # a resume would mix in, --overwrite would delete, what extract-boxes did not write
+        f.refuse_others(ManifestError, "extract-boxes", "an extract-boxes output folder")
     if overwrite:
-        for where in (out, staging):
-            _delete_ours(where)
+        for f in folders:
+            f.clear(drop_empty=True)
     _check_resumable(out, staging, meta)
     return _done((out, staging), ids)
 
@@ -75,41 +78,11 @@ def finish_out(out: Path, meta: dict) -> None:
         write_manifest(table_from_columns(empty_columns()), out / "part-empty.parquet", meta)
 
 
-def _check_only_ours(where: Path) -> None:
-    """Refuse an output (or staging) folder that holds anything extract-boxes did not write: a resume would mix
-    foreign parquet files into the manifest, and --overwrite must never delete someone else's files."""
-    if where.is_file() or where.is_symlink() and not where.is_dir():
-        raise ManifestError(f"{where} exists and is a file, not an extract-boxes output folder; "
-                            "use another --out (or remove it yourself)")
-    if not where.is_dir():
-        return
-    others = sorted(p.name for p in where.iterdir() if not (_OURS.fullmatch(p.name) and p.is_file()))
-    if others:
-        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-        raise ManifestError(f"{where} holds files extract-boxes did not write ({', '.join(others[:3])}{more}); "
-                            "use another --out (extract-boxes never deletes or mixes in other files)")
-
-
-def _delete_ours(where: Path) -> None:
-    """--overwrite: remove the parts written by an earlier run, then the folder if nothing else is left (only
-    after _check_only_ours, so nothing else is in it)."""
-    if not where.is_dir():
-        return
-    for p in where.iterdir():
-        if _OURS.fullmatch(p.name):
-            p.unlink()
-    where.rmdir()
-
-
 def _check_resumable(out: Path, staging: Path, meta: dict) -> None:
     """Refuse to add rows to parts made with other settings (RESUME_KEYS): the manifest would mix two runs."""
     for where in (out, staging):
         if where.is_dir() and manifest_files(where):
-            old = manifest_metadata(where)
-            diff = {k: (old.get(k), meta.get(k)) for k in RESUME_KEYS if old.get(k) != meta.get(k)}
-            if diff:
-                raise ManifestError(f"{where} was made with other settings {diff} (old, new); "
-                                    "use --overwrite to start over or another --out")
+            refuse_changed(where, changed_settings(manifest_metadata(where), meta, keys=RESUME_KEYS), ManifestError)
 
 
 def _done(parts_in: tuple[Path, ...], ids: set[str]) -> tuple[set[str], int]:

@@ -1,19 +1,30 @@
-"""The output folder between runs: what a previous (maybe killed) run left, and the index written last
-(atomically, odis.files)."""
+"""The output folder between runs: what a previous (maybe killed) run left (which entries are ours: odis.outdir),
+and the index written last (atomically, odis.files)."""
 from __future__ import annotations
 
 import datetime as _dt
-import glob
 import json
-import shutil
+import re
 from pathlib import Path
 
 from odis import __version__
 from odis.files import write_json
+from odis.outdir import OutputFolder, changed_settings
 from odis.shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION
 from odis.pipelines.shard.plan import Plan
 from odis.pipelines.shard.settings import ShardError
 from odis.pipelines.shard.write import STATE_DIR
+
+
+def shard_folder(out: Path, prefix: str) -> OutputFolder:
+    """What `odis shard --prefix PREFIX` writes into OUT: its shards and `.partial` shards, the index and the state
+    folder (--overwrite removes these; other files, other prefixes' shards included, are never touched)."""
+    name = _shard_name(prefix)
+    return OutputFolder(out, files=rf"{name}|\.{name}\.partial|{re.escape(INDEX_NAME)}", dirs=[STATE_DIR])
+
+
+def _shard_name(prefix: str) -> str:
+    return re.escape(prefix) + r"-[0-9]{6}\.tar"
 
 
 def prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:
@@ -23,16 +34,14 @@ def prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:
     STATE_DIR, complete shards under their final names, `.partial` files). Completed shards are trusted only
     with their record, written after the rename: a shard without its record is redone."""
     s, out = plan.settings, Path(plan.settings.out)
-    state, index_path = out / STATE_DIR, out / INDEX_NAME
-    pattern = glob.escape(s.prefix) + "-[0-9][0-9][0-9][0-9][0-9][0-9]"
-    if overwrite and out.exists():
-        for p in _ours(out, pattern) + [index_path]:
-            p.unlink(missing_ok=True)
-        shutil.rmtree(state, ignore_errors=True)
+    state, index_path, folder = out / STATE_DIR, out / INDEX_NAME, shard_folder(out, s.prefix)
+    if overwrite:
+        folder.clear()
     out.mkdir(parents=True, exist_ok=True)
-    _check_same_plan(plan, out, pattern)
-    for p in out.glob(f".{pattern}.tar.partial"):
-        p.unlink()  # left by a killed run
+    _check_same_plan(plan, folder)
+    for p in folder.ours():
+        if p.name.endswith(".partial"):
+            p.unlink()  # left by a killed run
     state.mkdir(exist_ok=True)
     write_json(state / "plan.json", {"fingerprint": plan.fingerprint, "settings": plan.settings.output_settings(),
                                      "inputs": plan.inputs}, indent=None)
@@ -43,27 +52,25 @@ def prepare_out(plan: Plan, overwrite: bool) -> dict[int, dict]:
             (state / f"{rec['name']}.json").write_text(json.dumps(rec, sort_keys=True))
         index_path.unlink()
     done = {}
-    for rec_path in state.glob(f"{pattern}.tar.json"):
-        rec = json.loads(rec_path.read_text())
-        done[int(rec["name"][len(s.prefix) + 1:-4])] = rec
+    shard_record = re.compile(_shard_name(s.prefix) + r"\.json")
+    for rec_path in state.iterdir():
+        if shard_record.fullmatch(rec_path.name):
+            rec = json.loads(rec_path.read_text())
+            done[int(rec["name"][len(s.prefix) + 1:-4])] = rec
     return {i: r for i, r in done.items() if (out / r["name"]).is_file()}
 
 
-def _ours(out: Path, pattern: str) -> list[Path]:
-    """The shards and partial shards of this prefix (other files in the folder are never touched)."""
-    return list(out.glob(pattern + ".tar")) + list(out.glob(f".{pattern}.tar.partial"))
-
-
-def _check_same_plan(plan: Plan, out: Path, pattern: str) -> None:
+def _check_same_plan(plan: Plan, folder: OutputFolder) -> None:
     """Refuse to add shards to a set planned from other inputs or settings: the result would mix two plans."""
-    s, state, index_path = plan.settings, out / STATE_DIR, out / INDEX_NAME
+    s, out = plan.settings, folder.path
+    state, index_path = out / STATE_DIR, out / INDEX_NAME
     old = None
     if index_path.is_file():
         old = json.loads(index_path.read_text())
         old["inputs"] = {k: v for k, v in old.get("source", {}).items() if k.endswith("sha256")}
     elif (state / "plan.json").is_file():
         old = json.loads((state / "plan.json").read_text())
-    elif any(p.suffix == ".tar" for p in _ours(out, pattern)):
+    elif any(p.name.endswith(".tar") for p in folder.ours()):
         raise ShardError(f"{out} holds {s.prefix}-*.tar shards that no odis index or plan describes; "
                          "use --overwrite to start over")
     if old is not None and old.get("fingerprint") != plan.fingerprint:
@@ -72,12 +79,11 @@ def _check_same_plan(plan: Plan, out: Path, pattern: str) -> None:
 
 
 def _what_changed(old: dict, plan: Plan) -> str:
-    """'with --seed 0 (now 1)', 'from another manifest', or 'from other image files'; for the refusal above."""
-    before, now = old.get("settings") or {}, plan.settings.output_settings()
-    changed = [f"--{k.replace('_', '-')} {before[k]} (now {now[k]})" for k in sorted(now)
-               if k in before and before[k] != now[k]]
+    """'with --seed 0 (now 1)', 'from another manifest', or 'from other image files'; for the refusal above (in
+    the options' names: the user reruns a command, not a config)."""
+    changed = changed_settings(old.get("settings") or {}, plan.settings.output_settings())
     if changed:
-        return "with " + ", ".join(changed)
+        return "with " + ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in changed.items())
     if (old.get("inputs") or {}) != plan.inputs:
         return "from another version of the manifest or annotation file"
     return "from other image files (added, removed or resized since)"
