@@ -13,7 +13,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 # Each module registers its commands on import; this order is the order of `odis --help` (the flow's order).
-from odis.cli import boxes, shards, train, evaluate, linear_seg, retrieval, show, demo  # noqa: E402,F401,I001
+from odis.cli import boxes, shards, train, evaluate, linear_seg, retrieval, show, demo, experiment  # noqa: E402,F401,I001
 from odis.cli.common import app  # noqa: E402
 
 def main() -> None:

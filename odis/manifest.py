@@ -46,7 +46,8 @@ COLUMNS = SCHEMA.names
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 GT_SOURCES = {"coco-gt", "imagenet-gt", "yolo-labels", "tiny-imagenet-gt"}
 DETECTOR_SOURCES = {"yolo", "mavl", "selective-search"}
-SOURCES = GT_SOURCES | DETECTOR_SOURCES | {"merged"}
+CONTROL_SOURCES = {"jitter", "random"}  # boxes made by odis experiment: GT moved and scaled, or random
+SOURCES = GT_SOURCES | DETECTOR_SOURCES | CONTROL_SOURCES | {"merged"}
 
 
 class ManifestError(ValueError):

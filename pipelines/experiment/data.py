@@ -1,0 +1,102 @@
+"""An experiment's data: synthetic scenes sharded once (`odis synth` -> import-boxes -> shard), and each run's box
+source as a manifest: the ground truth, or one of the two controls odis makes from it.
+
+- `jitter:S`: each GT box moved by up to S of its width/height and scaled by a factor in [1 - S, 1 + S] per side
+  (a weak detector's boxes);
+- `random`: one box per image, anywhere, with sides of 25-60% of the image's (does the box's content matter?).
+Both are drawn once per experiment (seed 0): every seed of a run sees the same boxes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from odis.pipelines.experiment.spec import Spec
+
+
+def prepare_data(spec: Spec, out: Path, echo=print) -> dict:
+    """{"train", "val": shard sets, "boxes": {name: manifest}} (synthetic scenes are made once, then reused)."""
+    if "synth" not in spec.data:
+        return {"train": spec.data["train"], "val": spec.data["val"], "boxes": dict(spec.data.get("boxes", {}))}
+    root = out / "data"
+    paths = {"train": root / "shards" / "train", "val": root / "shards" / "val",
+             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}}
+    if not (paths["val"] / "index.json").is_file():
+        echo(f"[experiment] data: synth scenes -> {root}")
+        _synth(spec.data["synth"], root)
+    return paths
+
+
+def _synth(s: dict, root: Path) -> None:
+    from odis.importers import import_coco
+    from odis.manifest import write_manifest
+    from odis.pipelines.shard import ShardSettings, run_shard
+    from odis.synth import SynthConfig
+    from odis.synth_dataset import write_dataset
+
+    rng = lambda text, cast: tuple(cast(v) for v in str(text).split("-"))  # noqa: E731  "2-3" -> (2, 3)
+    cfg = SynthConfig(size=int(s.get("size", 64)), objects=rng(s.get("objects", "2-3"), int),
+                      scale=rng(s.get("scale", "0.25-0.35"), float), max_iou=float(s.get("max_iou", 0.2)),
+                      clutter=float(s.get("clutter", 0.3)), palette=str(s.get("palette", "gray")),
+                      seed=int(s.get("seed", 0)))
+    write_dataset(root / "scenes", cfg, int(s["train"]), int(s["val"]), fmt="jpg", overwrite=True, progress=False)
+    for split in ("train", "val"):
+        res = import_coco(root / "scenes" / split, root / "scenes" / "annotations" / f"instances_{split}.json")
+        m = write_manifest(res.table, root / "manifests" / f"{split}-gt.parquet", res.metadata)
+        run_shard(ShardSettings(images=str(root / "scenes" / split), out=str(root / "shards" / split),
+                                labels="folder", manifest=str(m)), overwrite=True, num_workers=1)
+
+
+def box_manifest(source: str, paths: dict, out: Path) -> str | None:
+    """The manifest a run trains with (None: no boxes, the shards' own json)."""
+    if source == "none":
+        return None
+    if source in paths["boxes"]:
+        return str(paths["boxes"][source])
+    gt = paths["boxes"].get("gt")
+    if gt is None:
+        raise ValueError(f"boxes {source!r} are made from the ground truth: give data.boxes.gt")
+    target = out / "data" / "manifests" / f"train-{source.replace(':', '-')}.parquet"
+    if not target.exists():
+        _control_manifest(source, Path(gt), target)
+    return str(target)
+
+
+def _control_manifest(source: str, gt: Path, target: Path) -> None:
+    from odis.manifest import add_row, empty_columns, make_metadata, manifest_metadata, read_manifest
+    from odis.manifest import table_from_columns, write_manifest
+
+    rows = read_manifest(gt).to_pylist()
+    rng = np.random.default_rng(0)
+    cols, seen = empty_columns(), set()
+    for r in rows:
+        w, h = r["width"], r["height"]
+        if source == "random":
+            if r["image_id"] in seen:
+                continue
+            seen.add(r["image_id"])
+            bw, bh = rng.uniform(0.25, 0.6) * w, rng.uniform(0.25, 0.6) * h
+            x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            add_row(cols, r["image_id"], r["path"], w, h, "random", box=(x0, y0, x0 + bw, y0 + bh))
+            continue
+        if r["x0"] is None:
+            add_row(cols, r["image_id"], r["path"], w, h, "jitter", error=r["error"])
+            continue
+        add_row(cols, r["image_id"], r["path"], w, h, "jitter", box=_jitter(r, float(source[7:]), w, h, rng))
+    meta = manifest_metadata(gt)
+    write_manifest(table_from_columns(cols), target,
+                   make_metadata(source.split(":")[0], meta.get("images_root"), meta.get("id_scheme", "path"),
+                                 made_from=str(gt)))
+
+
+def _jitter(r: dict, s: float, w: float, h: float, rng: np.random.Generator) -> tuple[float, ...]:
+    bw, bh = r["x1"] - r["x0"], r["y1"] - r["y0"]
+    cx = (r["x0"] + r["x1"]) / 2 + rng.uniform(-s, s) * bw
+    cy = (r["y0"] + r["y1"]) / 2 + rng.uniform(-s, s) * bh
+    bw, bh = bw * rng.uniform(1 - s, 1 + s), bh * rng.uniform(1 - s, 1 + s)
+    x0, y0 = np.clip([cx - bw / 2, cy - bh / 2], 0, [w, h])
+    x1, y1 = np.clip([cx + bw / 2, cy + bh / 2], 0, [w, h])
+    if x1 - x0 < 1 or y1 - y0 < 1:  # moved off the image: keep the GT box
+        return r["x0"], r["y0"], r["x1"], r["y1"]
+    return float(x0), float(y0), float(x1), float(y1)

@@ -1,0 +1,136 @@
+"""An experiment's results as a reviewer reads them: OUT/results.json, results.md and results.png.
+
+Per run and k-NN mode: mean ± std over seeds. Per compared pair: the paired difference over the seeds both have,
+with its 95% t-interval (odis.stats). Before methods are compared, each trained run must beat the untrained
+network of the same seeds by the spec's `min_gain` points; the report says so when one does not.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from odis.files import write_json
+from odis.stats import mean_std, paired_difference
+
+
+def summarise(spec, results: list[dict]) -> dict:
+    by_run = {r.name: [x for x in results if x["name"] == r.name] for r in spec.runs}
+    top1 = {name: {m: {x["seed"]: x["knn"][m]["top1"] for x in rows} for m in spec.modes}
+            for name, rows in by_run.items()}
+    summary = {name: {m: mean_std(list(top1[name][m].values())) for m in spec.modes} for name in by_run}
+    paired = [{"a": a, "b": b, "metric": f"knn.{m}.top1", **paired_difference(top1[a][m], top1[b][m])}
+              for a, b in spec.compare for m in spec.modes]
+    checks = []
+    base = next((r.name for r in spec.runs if r.method == "untrained"), None)
+    for r in spec.runs:
+        if base is None or r.name == base:
+            continue
+        for m in spec.modes:
+            d = paired_difference(top1[r.name][m], top1[base][m])
+            checks.append({"run": r.name, "metric": f"knn.{m}.top1", "gain": d["mean_diff"], "ci95": d["ci95"],
+                           "min_gain": spec.min_gain,
+                           "learned": d["mean_diff"] is not None and d["mean_diff"] >= spec.min_gain})
+    return {"name": spec.name, "preset": spec.preset, "spec": spec.source, "k": spec.k, "runs": results,
+            "summary": summary, "paired": paired, "untrained_check": checks}
+
+
+def write_report(spec, results: list[dict], out: Path) -> dict:
+    report = summarise(spec, results)
+    write_json(out / "results.json", report)
+    (out / "results.md").write_text(markdown(report, spec), encoding="utf-8")
+    plot(report, spec, out / "results.png")
+    return report
+
+
+def _ms(s: dict) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "") + f" (n={s['n']})"
+
+
+def _ci(p: dict) -> str:
+    return "-" if p["ci95"] is None else f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]"
+
+
+def markdown(report: dict, spec) -> str:
+    modes = list(spec.modes)
+    lines = [f"# {report['name']}" + (f" (preset {report['preset']})" if report["preset"] else ""), "",
+             f"Spec `{report['spec']}`; k-NN top-1 % (k = {report['k']}), mean ± std over seeds {spec.seeds}; "
+             "`none`: the whole image, `mask`: the [OBJ] token masked to the target's box.", "",
+             "| run | method | boxes | " + " | ".join(f"k-NN {m}" for m in modes) + " |",
+             "|---|---|---|" + "---|" * len(modes)]
+    for r in spec.runs:
+        lines.append(f"| {r.name} | {r.method} | {r.boxes} | "
+                     + " | ".join(_ms(report["summary"][r.name][m]) for m in modes) + " |")
+    lines += ["", "Paired differences (a - b over the seeds both ran; 95% t-interval):", "",
+              "| a - b | metric | n | mean diff | 95% CI | per seed |", "|---|---|---|---|---|---|"]
+    for p in report["paired"]:
+        per = ", ".join(f"{x['diff']:+.1f}" for x in p["per_seed"])
+        mean = "-" if p["mean_diff"] is None else f"{p['mean_diff']:+.1f}"
+        lines.append(f"| {p['a']} - {p['b']} | {p['metric']} | {p['n']} | {mean} | {_ci(p)} | {per} |")
+    failed = [c for c in report["untrained_check"] if not c["learned"]]
+    lines.append("")
+    if not report["untrained_check"]:
+        lines.append("No untrained baseline in this spec: nothing shows that the networks learned.")
+    elif failed:
+        lines.append(f"**Not every trained run beats the untrained network by {spec.min_gain} points**, so these "
+                     "comparisons say little: " + ", ".join(f"{c['run']} {c['metric']} "
+                                                           f"{(c['gain'] or 0):+.1f}" for c in failed) + ".")
+    else:
+        lines.append(f"Every trained run beats the untrained network by at least {spec.min_gain} points.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, spec, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names, modes, width = [r.name for r in spec.runs], list(spec.modes), 0.8 / max(1, len(spec.modes))
+    for j, m in enumerate(modes):
+        s = [report["summary"][n][m] for n in names]
+        left.bar([i + j * width for i in range(len(names))], [x["mean"] or 0 for x in s], width,
+                 yerr=[x["std"] or 0 for x in s], capsize=3, label=m)
+    left.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+    left.set_ylabel("k-NN top-1 %")
+    left.set_title("mean ± std over seeds")
+    left.legend()
+    pairs = report["paired"]
+    labels = [f"{p['a']} - {p['b']}\n{p['metric'].split('.')[1]}" for p in pairs]
+    means = [p["mean_diff"] or 0 for p in pairs]
+    err = [[m - p["ci95"][0] if p["ci95"] else 0 for m, p in zip(means, pairs)],
+           [p["ci95"][1] - m if p["ci95"] else 0 for m, p in zip(means, pairs)]]
+    right.bar(range(len(pairs)), means, yerr=err, capsize=3, color="tab:gray")
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xticks(range(len(pairs)), labels, rotation=30, ha="right", fontsize=8)
+    right.set_ylabel("paired difference, points")
+    right.set_title("paired differences, 95% interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_results(out: str | Path) -> dict:
+    path = Path(out) / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: no readable experiment results ({e})") from None
+
+
+def report_experiment(out: str | Path) -> dict:
+    """The report again from the runs' result.json files (e.g. of a killed or still running experiment)."""
+    from odis.pipelines.experiment.spec import load_spec
+
+    out = Path(out)
+    try:
+        meta = json.loads((out / "spec.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{out}: not an experiment folder (spec.json: {e})") from None
+    spec = load_spec(meta["source"], meta.get("preset"))
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+    order = {(s, r.name): i for i, (s, r) in enumerate((s, r) for s in spec.seeds for r in spec.runs)}
+    results = sorted((r for r in results if (r["seed"], r["name"]) in order), key=lambda r: order[r["seed"], r["name"]])
+    return write_report(spec, results, out)

@@ -1,0 +1,129 @@
+"""An experiment spec: a grid of runs (method x box source) x seeds, trained at one budget, evaluated alike.
+
+    load_spec(path, preset=None) -> Spec     (YAML, safe loader; a preset is merged over the spec's top level)
+
+A spec (experiments/*.yaml):
+
+    name: text
+    recipe: mini_cpu                 # odis train -c ...
+    data: {synth: {...}}             # scenes made by `odis synth` (and their GT boxes), or
+    data: {train: SHARDS, val: SHARDS, boxes: {gt: MANIFEST, yolo: MANIFEST, ...}}
+    train: {epochs: 12, batch_size: 64, overrides: [key=value, ...]}   # the same for every run
+    seeds: [0, 1, 2]
+    eval: {k: 20, modes: [none, mask]}
+    min_gain: 2.0                    # k-NN points a trained run must gain over the untrained one
+    runs: [{name, method: untrained|dino|ibot|odis, boxes: none|gt|jitter:S|random|<a name in data.boxes>,
+            overrides: [...]}]
+    compare: [[run a, run b], ...]   # paired differences a - b
+    presets: {smoke: {...}, cpu: {...}, gpu: {...}}
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("untrained", "dino", "ibot", "odis")
+MODES = ("none", "mask")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    boxes: str = "none"      # none | gt | jitter:S | random | a name in data.boxes
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Spec:
+    name: str
+    recipe: str
+    data: dict
+    train: dict
+    seeds: list[int]
+    runs: list[Run]
+    compare: list[tuple[str, str]]
+    k: int = 20
+    modes: tuple[str, ...] = MODES
+    min_gain: float = 2.0
+    preset: str | None = None
+    source: str = ""
+
+    def run(self, name: str) -> Run:
+        return next(r for r in self.runs if r.name == name)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_spec(path: str | Path, preset: str | None = None) -> Spec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{path}: cannot read the spec ({e})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec is a mapping at the top level")
+    presets = raw.pop("presets", {}) or {}
+    if preset is not None:
+        if preset not in presets:
+            raise SpecError(f"{path}: no preset {preset!r} (has: {', '.join(presets) or 'none'})")
+        raw = _merge(raw, presets[preset])
+    return _validate(raw, path, preset)
+
+
+def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
+    def need(key, typ):
+        if not isinstance(raw.get(key), typ):
+            raise SpecError(f"{path}: `{key}` must be a {typ.__name__}, got {raw.get(key)!r}")
+        return raw[key]
+
+    data, train, ev = need("data", dict), need("train", dict), raw.get("eval", {}) or {}
+    runs = []
+    for i, r in enumerate(need("runs", list)):
+        if not isinstance(r, dict) or "name" not in r:
+            raise SpecError(f"{path}: runs[{i}] needs a name")
+        run = Run(str(r["name"]), str(r.get("method", "odis")), str(r.get("boxes", "none")),
+                  [str(o) for o in r.get("overrides", [])])
+        _check_run(run, data, path, i)
+        runs.append(run)
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n) for n in names):
+        raise SpecError(f"{path}: run names must be unique plain names, got {names}")
+    only = raw.get("runs_only")
+    if only:
+        runs = [r for r in runs if r.name in only]
+    kept = {r.name for r in runs}
+    compare = [tuple(c) for c in raw.get("compare", []) if len(c) == 2 and set(c) <= kept]
+    seeds = [int(s) for s in need("seeds", list)]
+    modes = tuple(ev.get("modes", MODES))
+    if not seeds or len(set(seeds)) != len(seeds) or not set(modes) <= set(MODES):
+        raise SpecError(f"{path}: seeds must be distinct integers and eval.modes a subset of {MODES}")
+    if not ("synth" in data or ("train" in data and "val" in data)):
+        raise SpecError(f"{path}: data needs `synth` or both `train` and `val` shard sets")
+    return Spec(str(raw.get("name", path.stem)), str(need("recipe", str)), data, train, seeds, runs, compare,
+                int(ev.get("k", 20)), modes, float(raw.get("min_gain", 2.0)), preset, str(path))
+
+
+def _check_run(run: Run, data: dict, path: Path, i: int) -> None:
+    if run.method not in METHODS:
+        raise SpecError(f"{path}: runs[{i}] {run.name}: method must be one of {METHODS}, got {run.method!r}")
+    known = {"none", "gt", "random"} | set(data.get("boxes", {}) or {})
+    jitter = re.fullmatch(r"jitter:(\d*\.?\d+)", run.boxes)
+    if run.boxes not in known and not jitter:
+        raise SpecError(f"{path}: runs[{i}] {run.name}: boxes must be none, gt, jitter:S, random or one of "
+                        f"data.boxes, got {run.boxes!r}")
+    if run.method == "odis" and run.boxes == "none" and "synth" not in data:
+        raise SpecError(f"{path}: runs[{i}] {run.name}: odis needs a box source")

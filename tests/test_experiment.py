@@ -1,0 +1,120 @@
+"""`odis experiment`: the paired statistics against a hand computation, the spec's checks, the box controls, and
+the smoke preset of the miniature reproduction through the real command (results.json/.md/.png, resumable)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from odis.cli import app
+from odis.pipelines.experiment import SpecError, load_spec, summarise
+from odis.stats import paired_difference
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "experiments" / "mini_repro.yaml"
+
+
+def test_paired_difference_is_the_hand_computation():
+    d = paired_difference({0: 30.0, 1: 32.0, 2: 31.0, 7: 50.0}, {0: 28.0, 1: 29.0, 2: 30.0})
+    # diffs 2, 3, 1 (seed 7 has no pair): mean 2, sd 1, t(0.975, df=2) = 4.302653 -> half-width 4.302653 / sqrt(3)
+    assert d["n"] == 3 and d["mean_diff"] == pytest.approx(2.0) and d["std"] == pytest.approx(1.0)
+    half = 4.302652729911275 / math.sqrt(3)
+    assert d["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert [x["seed"] for x in d["per_seed"]] == [0, 1, 2]
+    one = paired_difference({0: 1.0}, {0: 0.5})
+    assert one["mean_diff"] == 0.5 and one["ci95"] is None  # one seed: no interval
+
+
+def _fake(name, method, seed, none, mask):
+    return {"name": name, "method": method, "boxes": "none", "seed": seed, "overrides": [], "steps": 1,
+            "train_s": 0.0, "knn": {"none": {"top1": none}, "mask": {"top1": mask}}}
+
+
+def test_the_report_compares_only_what_learned():
+    spec = load_spec(SPEC, "smoke")
+    results = [_fake("untrained", "untrained", s, 10.0, 10.0) for s in (0, 1)]
+    results += [_fake("ibot", "ibot", 0, 20.0, 21.0), _fake("ibot", "ibot", 1, 22.0, 23.0),
+                _fake("odis-gt", "odis", 0, 11.0, 30.0), _fake("odis-gt", "odis", 1, 10.5, 33.0)]
+    r = summarise(spec, results)
+    assert r["summary"]["ibot"]["none"]["mean"] == 21.0 and r["summary"]["ibot"]["none"]["std"] == pytest.approx(
+        math.sqrt(2))
+    pair = next(p for p in r["paired"] if p["a"] == "odis-gt" and p["metric"] == "knn.mask.top1")
+    assert pair["b"] == "ibot" and pair["mean_diff"] == pytest.approx(9.5)
+    failed = [(c["run"], c["metric"]) for c in r["untrained_check"] if not c["learned"]]
+    assert failed == [("odis-gt", "knn.none.top1")]  # +0.75 < min_gain 2.0
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"runs": [{"name": "a", "method": "mae"}]}, "method must be one of"),
+    ({"runs": [{"name": "a", "method": "odis", "boxes": "jitter"}]}, "boxes must be"),
+    ({"runs": [{"name": "a"}, {"name": "a"}]}, "unique plain names"),
+    ({"runs": [{"name": "../a"}]}, "unique plain names"),
+    ({"seeds": []}, "seeds"),
+])
+def test_bad_specs_are_refused_naming_the_key(tmp_path, edit, match):
+    import yaml
+
+    raw = yaml.safe_load(SPEC.read_text())
+    raw.update(edit)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match=match):
+        load_spec(path)
+    with pytest.raises(SpecError, match="no preset"):
+        load_spec(SPEC, "huge")
+
+
+def test_jitter_and_random_boxes_are_made_from_the_ground_truth(tmp_path):
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+    from odis.manifest_boxes import read_box_rows
+    from odis.pipelines.experiment.data import box_manifest
+
+    cols = empty_columns()
+    rng = np.random.default_rng(1)
+    for i in range(50):
+        add_row(cols, f"im{i}", f"im{i}.jpg", 100, 80, "coco-gt", box=(20, 20, 60, 50))
+        add_row(cols, f"im{i}", f"im{i}.jpg", 100, 80, "coco-gt", box=tuple(rng.uniform(0, 1, 2) * 30) + (90, 70))
+    gt = write_manifest(table_from_columns(cols), tmp_path / "gt.parquet", make_metadata("coco-gt", None, "stem"))
+    paths = {"boxes": {"gt": gt}}
+    jit = read_box_rows(box_manifest("jitter:0.3", paths, tmp_path))
+    assert len(jit.image_id) == 100 and jit.used.all()
+    first = jit.boxes[::2]  # the (20, 20, 60, 50) boxes: moved by <= 30% of 40x30, sides scaled by 0.7-1.3
+    centre = (first[:, :2] + first[:, 2:]) / 2
+    assert (np.abs(centre - [40, 35]) <= [0.3 * 40 + 1e-6, 0.3 * 30 + 1e-6]).all() and not (first == [20, 20, 60, 50]).all()
+    rnd = read_box_rows(box_manifest("random", paths, tmp_path))
+    assert sorted(rnd.image_id) == sorted(f"im{i}" for i in range(50))  # one box per image
+    assert (rnd.boxes[:, :2] >= 0).all() and (rnd.boxes[:, 2] <= 100).all() and (rnd.boxes[:, 3] <= 80).all()
+
+
+@pytest.mark.slow
+def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
+    out = tmp_path / "exp"
+    args = ["experiment", "run", str(SPEC), "--preset", "smoke", "--out", str(out), "--device", "cpu"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").is_file() and (out / "results.png").stat().st_size > 1000
+    assert {(x["name"], x["seed"]) for x in results["runs"]} == {(n, s) for n in ("untrained", "ibot", "odis-gt")
+                                                                  for s in (0, 1)}
+    for x in results["runs"]:
+        assert {"name", "method", "boxes", "seed", "overrides", "steps", "train_s", "knn"} <= set(x)
+        assert x["steps"] > 0 or x["method"] == "untrained"
+        assert 0 <= x["knn"]["mask"]["top1"] <= 100
+    # the paired rows are the statistics of the runs' own numbers
+    top1 = {(x["name"], x["seed"]): x["knn"]["none"]["top1"] for x in results["runs"]}
+    pair = next(p for p in results["paired"] if p["a"] == "odis-gt" and p["metric"] == "knn.none.top1")
+    expect = paired_difference({s: top1["odis-gt", s] for s in (0, 1)}, {s: top1[pair["b"], s] for s in (0, 1)})
+    assert pair["mean_diff"] == pytest.approx(expect["mean_diff"]) and pair["n"] == 2
+    # killed after the runs: the rerun trains only what has no result, the report is the same
+    kept = out / "runs" / "ibot-s0" / "result.json"
+    before = kept.stat().st_mtime_ns
+    (out / "runs" / "odis-gt-s1" / "result.json").unlink()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert kept.stat().st_mtime_ns == before and (out / "runs" / "odis-gt-s1" / "result.json").is_file()
+    r = CliRunner().invoke(app, ["experiment", "report", str(out)])
+    assert r.exit_code == 0 and "odis-gt - ibot" in r.output
