@@ -155,6 +155,9 @@ class ViewSettings:
     # PMLC (paper Table 5): iBOT's block masks on the student's local views too, with L_PATCH on them against the
     # teacher's patches of the same (unmasked) local view; off in the final recipe.
     local_block_masking: bool = False
+    # odis: the share of samples whose sampled box is the whole image (an unmasked OBJ row, as for IN1K's images
+    # without a box), so that the OBJ token also learns the whole-image view it is evaluated with without a box
+    whole_image_box_prob: float = 0.0
 
     def check(self) -> "ViewSettings":
         """This, or a ValueError naming the first setting outside its range."""
@@ -178,6 +181,7 @@ VIEW_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_crop_tries": (">= 1", lambda v: v >= 1),
     "min_visible": ("in (0, 1]", lambda v: 0 < v <= 1),  # 0 would count a crop beside the box as holding it
     "mask_prob": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "whole_image_box_prob": ("in [0, 1]", lambda v: 0 <= v <= 1),
     # all of the grid masked would leave the student nothing to see
     "mask_ratio": ("[lo, hi] with 0 <= lo <= hi < 1", lambda v: 0 <= v[0] <= v[1] < 1),
 }
@@ -260,7 +264,8 @@ class ViewMaker(ViewSettings):
         fallbacks, box = 0, None
         if self.method == "odis":
             boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-            box = boxes[sample_box(boxes, self.box_sampling, rng)] if len(boxes) else np.array([0, 0, w, h], float)
+            whole = not len(boxes) or (self.whole_image_box_prob > 0 and rng.random() < self.whole_image_box_prob)
+            box = np.array([0, 0, w, h], float) if whole else boxes[sample_box(boxes, self.box_sampling, rng)]
             for v in range(2):
                 crop, found = object_aware_crop(h, w, box, self.global_scale, RATIO, g, self.max_crop_tries,
                                                 self.min_visible, rng)

@@ -206,6 +206,9 @@ def _check_switches(cfg: Config) -> None:
     if cfg.model.local_obj_attention and cfg.method != "odis":
         raise ConfigError(f"model.local_obj_attention masks the [OBJ] row of local views: method odis only, got "
                           f"method {cfg.method}", "model.local_obj_attention", "method")
+    if cfg.data.whole_image_box_prob and cfg.method != "odis":
+        raise ConfigError(f"data.whole_image_box_prob chooses the [OBJ] token's box: method odis only, got method "
+                          f"{cfg.method}", "data.whole_image_box_prob", "method")
     if cfg.loss.lambda_img and cfg.method != "odis":
         raise ConfigError(f"loss.lambda_img adds an image token beside [OBJ]: method odis only, got method "
                           f"{cfg.method}", "loss.lambda_img", "method")
