@@ -157,14 +157,15 @@ def train_network(out: Path, name: str, method: str, shards: Path, size: DemoSiz
     return run
 
 
-def untrained_backbone(like: Path, out: Path) -> Path:
-    """The same architecture as `like`, freshly initialised (seed 0): the baseline a trained network must beat."""
+def untrained_backbone(like: Path, out: Path, seed: int = 0) -> Path:
+    """The same architecture as `like`, freshly initialised with `seed`: the baseline a trained network must beat
+    (with the trained run's seed, its initialisation)."""
     import torch
 
     from odis.model import OdisViT, export_backbone, load_backbone
 
     ref = load_backbone(like)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = OdisViT(ref.arch, img_size=ref.img_size, patch_size=ref.patch_size, depth=ref.depth)
     out.mkdir(parents=True, exist_ok=True)
     export_backbone(model, out / "backbone.safetensors")

@@ -93,13 +93,24 @@ class LinearSettings(FeatureSettings):
 
 
 @dataclass
-class DenseSettings:
-    """Hummingbird's dense nearest-neighbour retrieval: a patch memory, k neighbours, softmax(cos / beta)."""
+class SegDataSettings:
+    """A backbone and a segmentation dataset in one of segdata's layouts, with its two splits."""
     backbone: str | Path
     dataset: str                     # DENSE_SPLITS' keys: segdata's layouts
     root: str | Path
     train_split: str = ""            # "": the layout's default (DENSE_SPLITS)
     val_split: str = ""
+
+    def validate(self) -> "SegDataSettings":
+        _one_of("--dataset", self.dataset, DENSE_SPLITS)
+        self.train_split = self.train_split or DENSE_SPLITS[self.dataset][0]
+        self.val_split = self.val_split or DENSE_SPLITS[self.dataset][1]
+        return self
+
+
+@dataclass
+class DenseSettings(SegDataSettings):
+    """Hummingbird's dense nearest-neighbour retrieval: a patch memory, k neighbours, softmax(cos / beta)."""
     size: int = 512
     factors: tuple[int, ...] = (1, 8, 64, 128)  # memory subsampling: each image gives 1/f of its patches
     k: int = 30
@@ -112,23 +123,16 @@ class DenseSettings:
     seed: int = 0
 
     def validate(self) -> "DenseSettings":
-        _one_of("--dataset", self.dataset, DENSE_SPLITS)
+        super().validate()
         _all("--factors", self.factors, lambda v: v >= 1, ">= 1")
         if self.size < 1 or self.k < 1 or not self.beta > 0 or self.batch_size < 1:
             raise ValueError("--size, --k and --batch-size must be >= 1 and --beta > 0")
-        self.train_split = self.train_split or DENSE_SPLITS[self.dataset][0]
-        self.val_split = self.val_split or DENSE_SPLITS[self.dataset][1]
         return self
 
 
 @dataclass
-class LinearSegSettings:
+class LinearSegSettings(SegDataSettings):
     """Linear segmentation (Leopart / NeCo protocol): a 1x1 head on frozen patch tokens, trained with SGD."""
-    backbone: str | Path
-    dataset: str                     # DENSE_SPLITS' keys: segdata's layouts
-    root: str | Path
-    train_split: str = ""            # "": the layout's default (DENSE_SPLITS)
-    val_split: str = ""
     size: int = 448                  # input size (RandomResizedCrop / resize)
     epochs: int = 20
     lr: float = 0.01
@@ -147,7 +151,7 @@ class LinearSegSettings:
     progress: bool = True
 
     def validate(self) -> "LinearSegSettings":
-        _one_of("--dataset", self.dataset, DENSE_SPLITS)
+        super().validate()
         if self.size < 1 or self.epochs < 1 or self.batch_size < 1 or self.drop_at < 1:
             raise ValueError("--size, --epochs, --batch-size and --drop-at must be >= 1")
         if not self.lr > 0 or not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
@@ -158,8 +162,6 @@ class LinearSegSettings:
         for option, n in (("--max-train", self.max_train), ("--max-val", self.max_val)):
             if n is not None and n < 1:
                 raise ValueError(f"{option} must be >= 1, got {n}")
-        self.train_split = self.train_split or DENSE_SPLITS[self.dataset][0]
-        self.val_split = self.val_split or DENSE_SPLITS[self.dataset][1]
         return self
 
 

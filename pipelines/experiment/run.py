@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from odis.files import write_json
+from odis.pipelines.demo import untrained_backbone
 from odis.pipelines.experiment.data import box_manifest, prepare_data
 from odis.pipelines.experiment.report import write_report
 from odis.pipelines.experiment.spec import Run, Spec
@@ -52,7 +53,7 @@ def _run_one(spec: Spec, run: Run, seed: int, paths: dict, out: Path, device: st
         like = next((Path(r["folder"]) for r in done if r["seed"] == seed and r["method"] != "untrained"), None)
         if like is None:
             raise ExperimentError(f"{run.name}: the untrained baseline needs a trained run of seed {seed}")
-        _untrained(like, folder, seed)
+        untrained_backbone(like, folder, seed)
         steps = 0
     else:
         steps = _train(spec, run, seed, paths, out, folder, device)
@@ -84,18 +85,6 @@ def _train(spec: Spec, run: Run, seed: int, paths: dict, out: Path, folder: Path
     with open(folder / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     return int(rows[-1]["step"]) if rows else 0
-
-
-def _untrained(like: Path, folder: Path, seed: int) -> None:
-    import torch
-
-    from odis.model import OdisViT, export_backbone, load_backbone
-
-    ref = load_backbone(like)
-    torch.manual_seed(seed)
-    model = OdisViT(ref.arch, img_size=ref.img_size, patch_size=ref.patch_size, depth=ref.depth)
-    folder.mkdir(parents=True, exist_ok=True)
-    export_backbone(model, folder / "backbone.safetensors")
 
 
 def _knn(spec: Spec, folder: Path, paths: dict, out: Path, device: str) -> dict:
