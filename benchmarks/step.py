@@ -19,7 +19,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from odis.distill import Distiller, Views  # noqa: E402

@@ -31,10 +31,17 @@ def _eval_finish(result: dict, out: Optional[Path], compare: Optional[Path]) -> 
     except ValueError as e:
         fail(str(e))
     for split, c in result.get("counts", {}).items():
-        fell = {k: v for k, v in c.items() if v and k != "errors"}
+        fell = {k: v for k, v in c.items() if v and k != "errors" and not k.startswith("mask_")}
         if fell:
             typer.echo(f"{split}: whole image used for " + ", ".join(f"{v} ({k.replace('_', ' ')})"
                                                                      for k, v in fell.items()))
+        if "mask_segmentation" in c:  # --masks: segmentations, and the box masks that stayed (by reason)
+            why = {k: v for k, v in c.items() if v and k.startswith("mask_") and
+                   k not in ("mask_segmentation", "mask_fallback_box")}
+            typer.echo(f"{split}: segmentation mask used for {c['mask_segmentation']}, box mask for "
+                       f"{c.get('mask_fallback_box', 0)}" + (" (" + ", ".join(
+                           f"{v} {k.removeprefix('mask_').replace('_', ' ')}" for k, v in why.items()) + ")"
+                           if why else ""))
         if c.get("errors"):
             typer.secho(f"{split}: {c['errors']} unreadable sample(s) left out, first: "
                         f"{result.get('errors', ['?'])[0]}", fg=typer.colors.YELLOW)
@@ -47,6 +54,12 @@ _BACKBONE_HELP = ("An odis run folder (runs/NAME), its backbone.safetensors or c
 _MODE_HELP = ("How the box conditions the feature: none = whole image; mask = OBJ token with attention masked to "
               "the box (as trained); crop = the box cut out and resized to the input; blackout = pixels outside the "
               "box set to black (before normalisation). Images without a box use the whole image (counted).")
+_MASKS_HELP = ("With --boxes-mode mask: a COCO instances JSON (e.g. annotations/instances_val2017.json) whose "
+               "segmentations replace the boxes (the paper's Table 5 'Use Masks'). A shard key is the COCO image id "
+               "(odis shard --id-scheme coco); the selected box takes the segmentation of the annotation whose box "
+               "matches it best (IoU >= 0.5), scaled to the stored image, carried through the same Resize/CenterCrop "
+               "(nearest) and reduced to the patches with any pixel in it. Images not in the file, or whose object "
+               "has no segmentation, keep the box mask (counted as mask_fallback_box, by reason).")
 _BOXES_HELP = ("Box manifest (.parquet or part folder) to take boxes from, joined by image_id and scaled to the "
                "stored image. Default: the boxes in the shards' json.")
 
@@ -59,6 +72,7 @@ def eval_knn_cmd(
     boxes_mode: str = typer.Option("none", "--boxes-mode", help=_MODE_HELP),
     boxes: Optional[Path] = typer.Option(None, "--boxes", help=_BOXES_HELP),
     box_select: str = typer.Option("largest", "--box-select", help="Which box of several: largest | score | union."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help=_MASKS_HELP),
     arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture for checkpoints without odis "
                                        "metadata, e.g. vit_small_patch16_224."),
     size: Optional[int] = typer.Option(None, "--size", min=1, help="Input size (CenterCrop), a multiple of the "
@@ -87,7 +101,7 @@ def eval_knn_cmd(
     check_out_path(out, "--out")
     check_out_path(cache, "--cache", folder=True)
     _run(run_knn, KnnSettings(backbone, train, val, boxes_mode, boxes, box_select, size, arch, batch_size, workers,
-                              device, cache, ks=tuple(k), T=temperature), out, compare)
+                              device, cache, ks=tuple(k), T=temperature, masks=masks), out, compare)
 
 
 @eval_app.command("linear")
@@ -98,6 +112,7 @@ def eval_linear_cmd(
     boxes_mode: str = typer.Option("none", "--boxes-mode", help=_MODE_HELP),
     boxes: Optional[Path] = typer.Option(None, "--boxes", help=_BOXES_HELP),
     box_select: str = typer.Option("largest", "--box-select", help="Which box of several: largest | score | union."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help=_MASKS_HELP),
     arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture for checkpoints without odis metadata."),
     size: Optional[int] = typer.Option(None, "--size", min=1, help="Input size, a multiple of the patch size; "
                                        "default: the backbone's training size."),
@@ -135,7 +150,7 @@ def eval_linear_cmd(
     _run(run_linear, LinearSettings(backbone, train, val, boxes_mode, boxes, box_select, size, arch, batch_size,
                                     workers, device, cache, n_last_blocks=n_last_blocks, lrs=tuple(lrs),
                                     epochs=epochs, shots=tuple(shots), fractions=tuple(fraction),
-                                    seeds=tuple(range(seeds)), full=not skip_full), out, compare)
+                                    seeds=tuple(range(seeds)), full=not skip_full, masks=masks), out, compare)
 
 
 @eval_app.command("dense-nn")

@@ -56,8 +56,14 @@ def image_id_for(relpath: str, scheme: str = "path") -> str:
         if m is None:
             raise ValueError(f"{relpath}: not a COCO image name (NNNNNNNNNNNN.jpg or COCO_<split>_NNNNNNNNNNNN.jpg), "
                              "so it has no --id-scheme coco id; use --id-scheme stem (unique file stems) or path")
-        return f"{int(m.group(1)):012d}"
+        return coco_image_id(m.group(1))
     raise ValueError(f"image_id_for: unknown scheme {scheme!r}, expected one of {ID_SCHEMES}")
+
+
+def coco_image_id(image_id) -> str:
+    """The image_id of a COCO image: its numeric id, 12-digit zero-padded (`000000000139`, the stem of COCO-2017
+    file names); what import-boxes keys COCO rows by and the `coco` scheme gives."""
+    return f"{int(image_id):012d}"
 
 
 def image_ids_of(relpaths, scheme: str) -> dict[str, str]:

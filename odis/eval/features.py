@@ -10,6 +10,10 @@ Box modes (one box per image; the largest unless `box_select` says otherwise):
 - `blackout` pixels outside the box set to black (RGB 0, i.e. before normalisation), the OBJ row unmasked.
 
 An image without a box, or whose box the centre crop cuts away, falls back to `none`; both are counted.
+
+With a `SegmentTable` (`--masks COCO_JSON`, mode `mask` only; the paper's Table 5 "Use Masks") the OBJ mask is the
+patch mask of the segmentation of the object whose box was selected instead of its box; an image without one uses
+its box mask, counted by reason (MASK_COUNTS).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from PIL import Image
 
 from odis.augment import IMAGENET_MEAN, IMAGENET_STD
 from odis.boxes import Crop, box_area, box_to_patch_mask, clip_boxes, is_empty
+from odis.eval.segments import MASK_COUNTS, SegmentTable
 from odis.eval.settings import BOX_MODES, BOX_SELECT
 from odis.samples import BoxTable, read_sample, sample_boxes
 
@@ -170,8 +175,8 @@ class ViewConfig:
 class _MakeView:
     """Picklable map function for the webdataset pipeline: raw sample -> dict (or an error record)."""
 
-    def __init__(self, cfg: ViewConfig, table: BoxTable | None):
-        self.cfg, self.table = cfg, table
+    def __init__(self, cfg: ViewConfig, table: BoxTable | None, segments: SegmentTable | None = None):
+        self.cfg, self.table, self.segments = cfg, table, segments
 
     def __call__(self, raw: dict) -> dict:
         if "__shard_error__" in raw:
@@ -180,12 +185,21 @@ class _MakeView:
             s = read_sample(raw, self.table)
             box = select_box(s.boxes, s.scores, self.cfg.box_select)
             v = box_view(Image.fromarray(s.image), box, self.cfg.mode, self.cfg.size, self.cfg.resize, self.cfg.patch)
+            mask_source = None
+            if self.segments is not None and v.obj_mask is not None:  # mode `mask` with a box in the view
+                h, w = s.image.shape[:2]
+                crop = eval_crop(w, h, self.cfg.size, self.cfg.resize)
+                pm, mask_source = self.segments.patch_mask(s.key, w, h, s.boxes, box, self.cfg.box_select, crop,
+                                                           self.cfg.patch)
+                if pm is not None:
+                    v.obj_mask = torch.from_numpy(pm)
         except Exception as e:  # counted and reported, never silently dropped
             return {"error": f"sample {raw.get('__key__', '?')!r} in {raw.get('__url__', '?')}: {e}"}
         fallback = v.fallback
         if fallback == "no_box" and s.source == "not_in_manifest":
             fallback = "not_in_manifest"  # told apart: an id mismatch is not the detector finding nothing
-        return {"image_id": s.key, "image": v.image, "obj_mask": v.obj_mask, "fallback": fallback, "label": s.label}
+        return {"image_id": s.key, "image": v.image, "obj_mask": v.obj_mask, "fallback": fallback, "label": s.label,
+                "mask_source": mask_source}
 
 
 def _collate(batch: list[dict]) -> dict:
@@ -204,6 +218,7 @@ def _collate(batch: list[dict]) -> dict:
         out["label"] = torch.tensor([b["label"] for b in good])
         out["image_id"] = [b["image_id"] for b in good]
         out["fallback"] = [b["fallback"] for b in good]
+        out["mask_source"] = [b.get("mask_source") for b in good]
     return out
 
 
@@ -258,7 +273,8 @@ class _ShardSamples:
 
 
 def shard_loader(spec: str, cfg: ViewConfig, table: BoxTable | None = None, batch_size: int = 64,
-                 num_workers: int = 0):
+                 num_workers: int = 0, segments: SegmentTable | None = None):
+    """Batches of box views of a shard set; `segments`: OBJ masks from segmentations (mode `mask`)."""
     import webdataset as wds
 
     from odis.shards import shard_counts
@@ -266,7 +282,7 @@ def shard_loader(spec: str, cfg: ViewConfig, table: BoxTable | None = None, batc
     urls = list_shard_urls(spec)
     counts = dict(zip(urls, shard_counts(spec, urls) or []))
     ds = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, _ShardSamples(counts),
-                          wds.map(_MakeView(cfg, table)))
+                          wds.map(_MakeView(cfg, table, segments)))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(urls)),
                                        collate_fn=_collate)
 
@@ -307,6 +323,13 @@ def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1,
         for fb in batch["fallback"]:
             if fb:
                 counts[fb] += 1
+        for src in batch.get("mask_source", ()):
+            if src:  # mode `mask` with --masks: the segmentation, or the box mask and why
+                for k in MASK_COUNTS:
+                    counts.setdefault(k, 0)
+                counts["mask_segmentation" if src == "segmentation" else "mask_fallback_box"] += 1
+                if src != "segmentation":
+                    counts[src] += 1
     if not feats:
         raise ValueError(f"no image could be read ({len(errors)} error(s); first: {errors[0]})" if errors else
                          "no image could be read: the shards hold no samples")

@@ -12,9 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from odis.eval.features import (Features, ViewConfig, extract_features, input_size, list_shard_urls, load_features,
-                                read_classes, save_features, shard_loader)
+from odis.eval.features import (Features, ViewConfig, extract_features, input_size,
+                                list_shard_urls, load_features, read_classes, save_features, shard_loader)
 from odis.devices import pick_device
+from odis.eval.segments import MASK_COUNTS, SegmentTable
 from odis.eval.settings import DenseSettings, FeatureSettings, KnnSettings, LinearSettings
 from odis.eval.settings import LinearSegSettings
 from odis.eval.settings import RetrievalSettings
@@ -35,21 +36,30 @@ def _fingerprint(*parts) -> str:
 
 def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path: str | None, table: BoxTable | None,
                  n_last_blocks: int, batch_size: int, workers: int, device: str, cache: str | None,
-                 split: str, progress: bool = True) -> Features:
-    """Extract (or reuse from `cache`) the features of one shard set."""
+                 split: str, progress: bool = True, segments: SegmentTable | None = None) -> Features:
+    """Extract (or reuse from `cache`) the features of one shard set; `segments`: OBJ masks from the
+    segmentations of a COCO JSON (`--masks`, mode `mask`)."""
     path = None
     if cache:
-        key = _fingerprint(str(Path(backbone).resolve()), spec, manifest_path, asdict(cfg), n_last_blocks)
+        masks = [segments.path] if segments is not None else []  # (no entry without: older caches stay valid)
+        key = _fingerprint(str(Path(backbone).resolve()), spec, manifest_path, asdict(cfg), n_last_blocks, *masks)
         path = Path(cache) / f"{split}-{cfg.mode}-{key}.safetensors"
         if path.is_file():
             return load_features(path)
-    if table is not None:  # refused before extracting when no shard image is in the manifest (tar headers)
-        from odis.shards import shard_keys
+    if table is not None or segments is not None:  # refused before extracting when no shard image is in the
+        from odis.shards import shard_keys          # manifest / the annotation file (tar headers)
 
-        table.check_match(spec, shard_keys(list_shard_urls(spec)) or [])
-    loader = shard_loader(spec, cfg, table, batch_size, workers)
+        keys = shard_keys(list_shard_urls(spec))
+        if table is not None:
+            table.check_match(spec, keys or [])
+        if segments is not None and keys is not None:
+            segments.check_match(spec, keys)
+            segments = segments.subset(keys)
+    loader = shard_loader(spec, cfg, table, batch_size, workers, segments)
     f = extract_features(model, loader, device, n_last_blocks, desc=f"{split} features ({cfg.mode})",
                          progress=progress, total=_batches(spec, batch_size))
+    if segments is not None:
+        f.counts = {**f.counts, **{k: f.counts.get(k, 0) for k in MASK_COUNTS}}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_features(f, path)
@@ -102,7 +112,8 @@ def open_backbone(backbone, arch=None):
 
 def _common(s: FeatureSettings, cfg: ViewConfig, tr: Features, va: Features) -> dict:
     return {"backbone": str(s.backbone), "train": str(s.train), "val": str(s.val), "box_mode": cfg.mode,
-            "box_select": cfg.box_select, "boxes": str(s.boxes) if s.boxes else "shards", "size": cfg.size,
+            "box_select": cfg.box_select, "boxes": str(s.boxes) if s.boxes else "shards",
+            "masks": str(s.masks) if s.masks else None, "size": cfg.size,
             "resize": cfg.resize or round(cfg.size * 256 / 224), "n_train": len(tr.image_ids),
             "n_val": len(va.image_ids), "counts": {"train": tr.counts, "val": va.counts},
             "errors": (tr.errors + va.errors)[:20]}
@@ -114,13 +125,14 @@ def _train_val(s: FeatureSettings, n_last_blocks: int):
     model = open_backbone(s.backbone, s.arch)
     cfg = ViewConfig(mode=s.mode, size=input_size(model, s.size), patch=model.patch_size, box_select=s.box_select)
     table = BoxTable.from_manifest(s.boxes) if s.boxes else None
+    segments = SegmentTable.from_coco(s.masks) if s.masks else None
     device = pick_device(s.device)
     if n_last_blocks > model.depth:
         raise ValueError(f"--n-last-blocks {n_last_blocks}: the backbone has {model.depth} blocks")
 
     def features(spec: str, split: str) -> Features:
         f = features_for(model, str(s.backbone), spec, cfg, s.boxes, table, n_last_blocks, s.batch_size, s.workers,
-                         device, s.cache, split, s.progress)
+                         device, s.cache, split, s.progress, segments)
         return _labelled(f, split, spec)
 
     tr, va = features(s.train, "train"), features(s.val, "val")
@@ -260,7 +272,7 @@ def _cell(result: dict, name: str) -> str:
 
 
 def _label(result: dict) -> str:
-    extra = f" [{result['box_mode']}]" if "box_mode" in result else ""
+    extra = f" [{result['box_mode']}{'+segm' if result.get('masks') else ''}]" if "box_mode" in result else ""
     return Path(result.get("backbone", "?")).name + extra
 
 

@@ -45,10 +45,18 @@ class FeatureSettings:
     device: str = "auto"
     cache: str | Path | None = None  # a folder to keep extracted features in
     progress: bool = True
+    masks: str | Path | None = None  # a COCO instances JSON: OBJ masks from segmentations (mode `mask` only)
 
     def validate(self) -> "FeatureSettings":
         _one_of("--boxes-mode", self.mode, BOX_MODES)
         _one_of("--box-select", self.box_select, BOX_SELECT)
+        if self.masks is not None:
+            if self.mode != "mask":
+                raise ValueError(f"--masks needs --boxes-mode mask (the segmentation replaces the box in the OBJ "
+                                 f"token's attention mask), got --boxes-mode {self.mode}")
+            if not Path(self.masks).is_file():
+                raise ValueError(f"--masks {self.masks}: no such file (a COCO instances JSON, e.g. "
+                                 "annotations/instances_val2017.json)")
         if self.size is not None and self.size < 1:
             raise ValueError(f"--size must be >= 1, got {self.size}")
         if self.batch_size < 1 or self.workers < 0:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from odis.image_ids import coco_image_id
 from odis.importers.coco_json import coco_where, load_coco
 from odis.importers.rows import AnnotationError, Imported, Rows
 
@@ -86,7 +87,7 @@ def import_coco(images: str | os.PathLike, annotations: str | os.PathLike, from_
     for img_id in sorted(imgs):
         info = imgs[img_id]
         rel, w, h = info["file_name"], int(info["width"]), int(info["height"])
-        iid = f"{img_id:012d}"
+        iid = coco_image_id(img_id)
         if check_files and not (root / rel).is_file():
             rows.error(iid, rel, f"{rel}: file not found under {root}", missing=True, width=w, height=h)
             continue
