@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 CONNECT_TIMEOUT_S = 5.0
@@ -63,6 +65,50 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -
         raise RayAddressError(f"{name}: {host}:{port} answers, but not as a Ray head (no gRPC/HTTP-2 handshake); "
                               f"the head's port is {RAY_HEAD_PORT} (`ray start --head --port`) or "
                               f"{RAY_CLIENT_PORT} for ray://")
+    if not client:
+        refused = _token_refused(host, port, timeout)
+        if refused:
+            raise RayAddressError(f"{name}: the Ray head at {host}:{port} refused the connection: it uses token "
+                                  f"authentication and {refused}. Pass the cluster's token the way Ray reads it: "
+                                  "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> (or RAY_AUTH_TOKEN_PATH="
+                                  "<file holding it>, or the file ~/.ray/auth_token); `ray get-auth-token` on the "
+                                  "head prints it. odis never takes the token on its command line.")
+
+
+def client_token() -> tuple[str | None, str]:
+    """(the token ray.init would send, where it comes from), by Ray's precedence: none with RAY_AUTH_MODE=disabled;
+    else RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH's file, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None, "RAY_AUTH_MODE=disabled is set here"
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    try:
+        token = Path(path).read_text().strip()
+    except OSError:
+        return None, "no token is set here"
+    return (token, f"the token in {path}") if token else (None, "no token is set here")
+
+
+def _token_refused(host: str, port: int, timeout: float) -> str | None:
+    """Why the head's GCS refuses the token this process would send (one cheap RPC, GetClusterId: the first call
+    ray.init makes), or None when it accepts it, needs none, or the check itself cannot run."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub
+    except (ImportError, AttributeError):  # a Ray without this RPC has no token authentication either
+        return None
+    token, source = client_token()
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            stub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return source if token is None else f"{source} is not the cluster's"
+    return None
 
 
 # An HTTP/2 client preface and an empty SETTINGS frame (RFC 9113 3.4, 6.5): gRPC, which Ray's GCS and its client
@@ -82,18 +128,35 @@ def _answers_http2(conn: socket.socket) -> bool:
     return header[3] == 4
 
 
-def init_ray(address: str | None, **kwargs) -> bool:
-    """ray.init(address=address, **kwargs) unless Ray is already initialised in this process (then it is reused);
-    an explicit address is checked first. Returns True if this call connected or started Ray (the caller shuts it
-    down)."""
+@contextmanager
+def ray_session(address: str | None, **init_kwargs):
+    """Ray for one job: reused when this process has initialised it already; else connected to `address`, else
+    RAY_ADDRESS (checked first: an unreachable or refusing head fails within seconds, naming it), else a private
+    local instance ("local": never someone else's cluster by accident), shut down at the end. A local instance is
+    guarded by odis.pipelines.ray_watchdog, so a driver killed with SIGKILL leaves no Ray process behind."""
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        address = "local"
     check_ray_address(address)
+    if address == "local":
+        init_kwargs.setdefault("include_dashboard", False)
     try:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, **init_kwargs)
     except ConnectionError as e:  # e.g. "auto" with no running cluster
         source = _source(address)
         raise RayAddressError(f"{source[0] if source else 'ray.init'}: {e}") from None
-    return True
+    guard = None
+    try:
+        if address == "local":
+            from odis.pipelines.ray_watchdog import RayWatchdog
+
+            guard = RayWatchdog.start()
+        yield
+    finally:
+        ray.shutdown()
+        if guard is not None:
+            guard.release()

@@ -6,7 +6,6 @@ before Ray starts and before any output exists, so a mistake costs one line, not
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 import uuid
@@ -22,7 +21,7 @@ from odis.pipelines.detectors import check_detector
 from odis.pipelines.extract.job import RESULT_SCHEMA, detection_dataset
 from odis.pipelines.extract.outdir import check_out_apart, finish_out, prepare_out, staging_dir
 from odis.pipelines.extract.settings import ExtractConfig, ExtractSummary, build_metadata
-from odis.pipelines.ray_connect import check_ray_address, init_ray
+from odis.pipelines.ray_connect import check_ray_address, ray_session
 
 
 def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
@@ -42,18 +41,14 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     todo = [it for it in items if it["image_id"] not in done]
     summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out), redone=redone,
                              left_out=left_out)
-    started = _ray_init(cfg.ray_address)
     t0 = time.perf_counter()
-    try:
+    with ray_session(cfg.ray_address, log_to_driver=False, configure_logging=True, logging_level="ERROR"):
         if todo:
             try:
                 _run(cfg, todo, staging_dir(out), meta, summary)
             except ray.exceptions.RayError as e:  # e.g. the detector failed to load in its actor
                 raise _job_failed(e, staging_dir(out)) from e
         finish_out(out, meta)
-    finally:
-        if started:
-            ray.shutdown()
     summary.seconds = time.perf_counter() - t0
     summary.images_per_s = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
     summary.images = len(image_ids_in(out))
@@ -73,16 +68,6 @@ def _list(cfg: ExtractConfig) -> tuple[list[dict], int, list[dict]]:
         rels = rels[: cfg.limit]
     ids = image_ids_of(rels, cfg.id_scheme)  # two files with one id: refused before starting
     return [{"image_id": ids[rel], "path": rel} for rel in rels], len(scan.others), scan.warnings
-
-
-def _ray_init(address: str | None):
-    """Reuse an initialised Ray; else connect to `address`/RAY_ADDRESS (an unreachable one fails within seconds),
-    else start a private local instance ("local": never attach to someone else's cluster by accident). Returns
-    True if we started it."""
-    if not address and not os.environ.get("RAY_ADDRESS"):
-        address = "local"
-    return init_ray(address, include_dashboard=False if address == "local" else None, log_to_driver=False,
-                    configure_logging=True, logging_level="ERROR")
 
 
 def _quiet_ray_data_console() -> None:

@@ -10,7 +10,7 @@ from typing import Callable
 
 from odis.files import write_json
 from odis.shards import INDEX_NAME
-from odis.pipelines.ray_connect import check_ray_address, init_ray
+from odis.pipelines.ray_connect import check_ray_address, ray_session
 from odis.pipelines.shard.labels import default_coco_json
 from odis.pipelines.shard.outdir import make_index, prepare_out
 from odis.pipelines.shard.plan import Plan, build_plan
@@ -97,9 +97,7 @@ def _run_ray(s: ShardSettings, todo: dict[int, list[Item]], ray_address: str | N
     (a shared filesystem), and odis must be installed there."""
     import ray
 
-    # address None: RAY_ADDRESS if set, else a local runtime
-    started = init_ray(ray_address, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(ray_address, log_to_driver=False):
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
         refs = {task.remote(s, i, items): i for i, items in todo.items()}
         done, pending = {}, list(refs)
@@ -110,9 +108,6 @@ def _run_ray(s: ShardSettings, todo: dict[int, list[Item]], ray_address: str | N
             if progress:
                 progress(rec["count"], rec["bytes"])
         return done
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # The worker-process side of _run_local: a shared counter the parent reads for the progress bar.
