@@ -1,5 +1,6 @@
 """`odis extract-boxes --detector yolo` throughput against a bare ultralytics `predict(stream=True)` loop on the same
-images and the same cores, in the same run; 1 vs 2 Ray workers; peak memory at two image counts.
+images and the same cores, in the same run: the default one-machine path (one detector in the command's process),
+and the Ray job with 1 and 2 workers (`--use-ray`); peak memory at two image counts; where the time goes.
 
     python benchmarks/extract.py                          # 1000 images, memory also at 5000
     python benchmarks/extract.py --images 1000 --big 2000 --weights ../shared/weights/yolo11n_int8_openvino_model --imgsz 640
@@ -14,6 +15,9 @@ Figures:
   its last. The ratio odis / bare is given for both (target >= 0.95).
 - peak memory: the highest summed RSS of the command's whole process tree (driver, raylet, GCS, workers),
   sampled every 0.2 s, at --images and at --big images (it must not grow with the image count: the job streams).
+- the breakdown: each stage of one image's way timed alone, one after another, in one process (decode, BGR
+  conversion, ultralytics' letterbox, inference and NMS from its own per-image timers, odis's result rows and
+  parquet write); next to it the Ray start-up (ray.init of a local instance).
 Appends a row to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -47,6 +51,48 @@ for r in model.predict(source=src, stream=True, imgsz=imgsz, conf=conf, iou=iou,
     n += 1; boxes += len(r.boxes)
     if first is None: first = time.time()
 print(json.dumps({"n": n, "boxes": boxes, "first": first, "last": time.time()}))
+"""
+
+# Each stage alone, serially: what one image costs where (ms/img). Ultralytics' own timers split its predict.
+PROFILE = r"""
+import json, os, sys, tempfile, time
+from collections import Counter
+from pathlib import Path
+os.environ.setdefault("YOLO_OFFLINE", "1"); os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
+src, weights, imgsz, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+from odis.imageio import decode_rgb
+from odis.pipelines.detectors import DetectorConfig, YoloDetector
+from odis.pipelines.extract import RESULT_SCHEMA, results_to_manifest
+from odis.manifest import write_manifest
+import pyarrow as pa
+files = sorted(p.name for p in src.iterdir())
+det = YoloDetector(DetectorConfig("yolo", weights=weights, imgsz=imgsz))
+t = {"decode": 0.0, "bgr": 0.0, "letterbox": 0.0, "inference": 0.0, "nms": 0.0, "rows+parquet": 0.0}
+rows = {k: [] for k in RESULT_SCHEMA.names}
+for i in range(0, len(files), batch):
+    names = files[i:i + batch]
+    t0 = time.perf_counter(); rgbs = [decode_rgb(src / n)[0] for n in names]; t1 = time.perf_counter()
+    bgrs = [det.prepare(a) for a in rgbs]; t2 = time.perf_counter()
+    t["decode"] += t1 - t0; t["bgr"] += t2 - t1
+    res = det.model.predict(bgrs, imgsz=imgsz, conf=det.cfg.conf, iou=det.cfg.iou, agnostic_nms=True,
+                            max_det=det.cfg.max_boxes, verbose=False)
+    for r in res:
+        t["letterbox"] += r.speed["preprocess"] / 1e3; t["inference"] += r.speed["inference"] / 1e3
+        t["nms"] += r.speed["postprocess"] / 1e3
+    for n, a, r in zip(names, rgbs, res):
+        for k, v in (("image_id", n), ("path", n), ("width", a.shape[1]), ("height", a.shape[0]),
+                     ("boxes", r.boxes.xyxy.numpy().reshape(-1).tolist()), ("scores", r.boxes.conf.numpy().tolist()),
+                     ("error", None)):
+            rows[k].append(v)
+t0 = time.perf_counter()
+table = results_to_manifest(pa.table(rows, schema=RESULT_SCHEMA), "yolo", Counter(), Counter())
+write_manifest(table, Path(tempfile.mkdtemp()) / "part.parquet", {"source": "yolo"})
+t["rows+parquet"] = time.perf_counter() - t0
+import ray
+t0 = time.perf_counter(); ray.init(address="local", include_dashboard=False, log_to_driver=False)
+ray_start = time.perf_counter() - t0; ray.shutdown()
+print(json.dumps({"n": len(files), "ms_per_img": {k: 1e3 * v / len(files) for k, v in t.items()},
+                  "ray_start_s": ray_start}))
 """
 
 
@@ -83,12 +129,13 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
     return time.time() - t0, peak / 2**20, out
 
 
-def run_odis(images: Path, out: Path, args, workers: int, env: dict) -> dict:
+def run_odis(images: Path, out: Path, args, workers: int | None, env: dict) -> dict:
+    """workers None: the default one-machine path; else a Ray job with that many workers."""
+    ray = [] if workers is None else ["--use-ray", "--num-workers", str(workers)]
     cmd = [sys.executable, "-c", "from odis.cli import app; app()", "extract-boxes", "--detector", "yolo",
            "--weights", str(args.weights), "--imgsz", str(args.imgsz), "--conf", str(args.conf), "--iou",
            str(args.iou), "--max-boxes", str(args.max_boxes), "--images", str(images), "--out", str(out),
-           "--num-workers", str(workers), "--batch-size", str(args.batch_size), "--part-size", "100",
-           "--overwrite", "--quiet"]
+           *ray, "--batch-size", str(args.batch_size), "--part-size", "100", "--overwrite", "--quiet"]
     wall, peak, stdout = run_measured(cmd, env)
     n = len(list(images.iterdir()))
     mt = sorted(p.stat().st_mtime for p in out.glob("part-*.parquet"))
@@ -104,6 +151,12 @@ def run_bare(images: Path, args, env: dict) -> dict:
     r = json.loads(stdout.strip().splitlines()[-1])
     return {"wall": wall, "e2e": r["n"] / wall, "steady": (r["n"] - 1) / (r["last"] - r["first"]),
             "peak_mb": peak, "boxes": r["boxes"]}
+
+
+def run_profile(images: Path, args, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROFILE, str(images), str(args.weights), str(args.imgsz),
+                          str(args.batch_size)], env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -127,29 +180,39 @@ def main() -> None:
         small = make_images(SHARED / "data" / "coco_tiny", work / "small", args.images)
         bare = run_bare(small, args, env)
         print(f"bare ultralytics loop: {bare}")
+        local = run_odis(small, work / "local.parquet", args, None, env)
+        print(f"odis, one machine (in process): {local}")
         one = run_odis(small, work / "one.parquet", args, 1, env)
-        print(f"odis, 1 Ray worker: {one}")
+        print(f"odis, Ray, 1 worker: {one}")
         two = run_odis(small, work / "two.parquet", args, 2, env)
-        print(f"odis, 2 Ray workers: {two}")
+        print(f"odis, Ray, 2 workers: {two}")
+        prof = run_profile(small, args, env)
+        print(f"breakdown: {prof}")
         big = None
         if args.big:
-            shutil.rmtree(work / "one.parquet", ignore_errors=True)
+            shutil.rmtree(work / "local.parquet", ignore_errors=True)
             big = run_odis(make_images(SHARED / "data" / "coco_tiny", work / "big", args.big), work / "big.parquet",
-                           args, 1, env)
-            print(f"odis, 1 Ray worker, {args.big} images: {big}")
+                           args, None, env)
+            print(f"odis, one machine, {args.big} images: {big}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cores = os.cpu_count()
+
+    def vs(r: dict) -> str:
+        return (f"{r['e2e']:.1f} ({r['steady']:.1f} steady) = {r['e2e'] / bare['e2e']:.2f}× / "
+                f"{r['steady'] / bare['steady']:.2f}×, peak {r['peak_mb']:.0f} MB")
+
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in prof["ms_per_img"].items())
+    at_big = f", {big['peak_mb']:.0f} MB at {args.big} img" if big else ""
     figures = (f"{args.images} img, {args.weights.name} @{args.imgsz}, {cores} cores: bare predict(stream=True) "
-               f"{bare['e2e']:.1f} img/s end-to-end ({bare['steady']:.1f} steady); odis 1 worker "
-               f"{one['e2e']:.1f} ({one['steady']:.1f} steady) = **{one['e2e'] / bare['e2e']:.2f}× end-to-end, "
-               f"{one['steady'] / bare['steady']:.2f}× steady**; odis 2 workers {two['e2e']:.1f} "
-               f"({two['steady']:.1f} steady) = {two['e2e'] / bare['e2e']:.2f}× / "
-               f"{two['steady'] / bare['steady']:.2f}×; peak RSS (process tree) bare {bare['peak_mb']:.0f} MB, "
-               f"odis {one['peak_mb']:.0f} MB at {args.images} img")
-    if big:
-        figures += f", {big['peak_mb']:.0f} MB at {args.big} img ({big['steady']:.1f} img/s steady)"
-    figures += f" (both with batch {args.batch_size}; load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)"
+               f"{bare['e2e']:.1f} img/s end-to-end ({bare['steady']:.1f} steady), peak {bare['peak_mb']:.0f} MB; "
+               f"odis one machine **{local['e2e'] / bare['e2e']:.2f}× end-to-end, "
+               f"{local['steady'] / bare['steady']:.2f}× steady** ({vs(local)}"
+               f"{at_big}); "
+               f"odis Ray 1 worker {vs(one)}; Ray 2 workers {vs(two)}; "
+               f"breakdown ms/img, serial: {stages} (sum {sum(prof['ms_per_img'].values()):.2f}); "
+               f"local Ray start {prof['ray_start_s']:.1f} s")
+    figures += f" (batch {args.batch_size}; load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)"
     print(figures)
     if not args.no_record:
         machine = f"{cores}-core CPU ({platform.processor() or platform.machine()}, dev VM)"

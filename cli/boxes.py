@@ -89,13 +89,16 @@ def extract_boxes_cmd(
     imgsz: Optional[int] = typer.Option(None, "--imgsz", help="yolo: inference size (640); mavl: model input "
                                         "(default: the processor's); selective-search: longest side (500)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per detector call."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="Detector actors (default 1 on "
-                                              "CPU, one per GPU with --device cuda)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="Detectors (default 1 on CPU, "
+                                              "one per GPU with --device cuda); more than one runs as Ray actors."),
     cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", callback=positive, help="Ray CPUs "
                                                     "per actor (default: the cluster's CPUs shared out)."),
+    use_ray: bool = typer.Option(False, "--use-ray", help="Run as a Ray Data job even with one detector on this "
+                                 "machine (a local Ray unless --ray-address / RAY_ADDRESS). Default: one detector "
+                                 "in this process, at the detector's own speed."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (host:port or ray://...); "
-                                              "default RAY_ADDRESS, else a private local Ray."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (host:port or ray://...), "
+                                              "default RAY_ADDRESS; implies --use-ray."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images (sorted by path)."),
     part_size: int = typer.Option(1000, "--part-size", min=1, help="Images per parquet part (what a kill can "
                                   "lose)."),
@@ -104,7 +107,8 @@ def extract_boxes_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: delete the parts of an earlier run in --out (and its staged parts) first; nothing else."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Run a class-agnostic detector over a folder as a Ray Data job and write a box manifest.
+    """Run a class-agnostic detector over a folder and write a box manifest: in this process on one machine, as
+    a Ray Data job on a cluster (--ray-address), with several detectors (--num-workers) or with --use-ray.
 
     Unreadable images get an `error` row (a rerun redoes those the system could not read and those the detector
     failed on); images with no box get a no-box row. A killed run resumes from its finished parts: rerun the same
@@ -127,12 +131,13 @@ def extract_boxes_cmd(
         if weights is None:
             fail("--detector yolo: no --weights given, and no yolo11n_int8_openvino_model in $ODIS_SHARED/weights "
                  "or ../shared/weights")
-    # --weights and the other options are checked by extract_boxes before Ray starts (one-line errors below).
+    # --weights and the other options are checked by extract_boxes before any detector loads (one-line errors).
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "odis" / "ultralytics"))
     det = resolve_detector(detector, weights=weights if detector != "selective-search" else None, conf=conf,
                            iou=iou, max_boxes=max_boxes, min_area=min_area, imgsz=imgsz, device=device)
     cfg = ExtractConfig(detector=det, images=str(images), out=str(out), id_scheme=id_scheme, batch_size=batch_size,
                         num_workers=num_workers, cpus_per_worker=cpus_per_worker, ray_address=ray_address,
+                        use_ray=use_ray,
                         overwrite=overwrite, limit=limit, part_size=part_size, max_pixels=max_pixels,
                         progress=not quiet)
     try:

@@ -7,6 +7,7 @@ A detector is built once per Ray actor and called on a list of RGB PIL images; i
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -107,6 +108,9 @@ class YoloDetector:
         if not cfg.weights:
             raise ValueError("--detector yolo needs --weights (a local .pt file or an exported model folder)")
         self.cfg = cfg
+        from ultralytics.utils import LOGGER
+
+        LOGGER.setLevel(max(LOGGER.level, logging.WARNING))  # its "Loading ... for inference" lines: our bar's line
         self.model = YOLO(cfg.weights, task="detect")
         _undo_ultralytics_pil_patch()
         # YOLO() loads every format but .pt lazily, at the first predict: run one on a blank image now, so that

@@ -38,8 +38,12 @@ def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -
     address, "local" and "auto" start or find a local runtime (ray.init fails fast by itself there); other
     schemes are left to ray.init. Nothing is checked when this process has initialised Ray already (it is reused)."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        return
+    if ray is None or not ray.is_initialized():
+        probe_ray_address(address, timeout)
+
+
+def probe_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """check_ray_address's checks, whatever this process has initialised."""
     source = _source(address)
     if source is None or source[1] in ("local", "auto"):
         return

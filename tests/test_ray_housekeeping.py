@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from odis.pipelines.ray_connect import RayAddressError, check_ray_address
+from odis.pipelines.ray_connect import RayAddressError, probe_ray_address
 from odis.pipelines.ray_watchdog import stop_processes
 
 pytestmark = pytest.mark.slow  # real Ray instances (about 40 s in all on 2 CPU cores)
@@ -35,7 +35,7 @@ def test_sigkilled_extract_boxes_leaves_no_ray_process(coco_tiny, tmp_path):
     """Before the watchdog, Ray's DashboardAgent and RuntimeEnvAgent lived on (parent 1) after the driver's
     SIGKILL; now every process the command started is gone within seconds."""
     cmd = [sys.executable, "-m", "odis", "extract-boxes", "--detector", "selective-search", "--images",
-           str(coco_tiny / "val2017"), "--out", str(tmp_path / "m.parquet")]
+           str(coco_tiny / "val2017"), "--out", str(tmp_path / "m.parquet"), "--use-ray"]
     driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         root, procs, deadline = psutil.Process(driver.pid), {}, time.monotonic() + 120
@@ -115,23 +115,24 @@ def _no_token_here(monkeypatch, tmp_path):
 
 
 def test_token_cluster_refusal_says_how_to_pass_the_token(token_head, monkeypatch, tmp_path):
-    """ray.init retried for 18 s printing gRPC warnings, then 'Failed to connect'; now the check says why."""
+    """ray.init retried for 18 s printing gRPC warnings, then 'Failed to connect'; now the check says why.
+    (probe_ray_address: check_ray_address checks nothing in a process with Ray up, as the suite's may be.)"""
     address, token = token_head
     _no_token_here(monkeypatch, tmp_path)
     with pytest.raises(RayAddressError) as e:
-        check_ray_address(address)
+        probe_ray_address(address)
     msg = str(e.value)
     assert "token authentication" in msg and "no token is set here" in msg and "RAY_AUTH_TOKEN=<token>" in msg
     assert "ray get-auth-token" in msg
     monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong")
     with pytest.raises(RayAddressError, match="RAY_AUTH_TOKEN is not the cluster's"):
-        check_ray_address(address)
+        probe_ray_address(address)
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     (tmp_path / "token").write_text(token + "\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
-    check_ray_address(address)  # the cluster's token, from the file Ray would read: accepted
+    probe_ray_address(address)  # the cluster's token, from the file Ray would read: accepted
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-    check_ray_address(address)
+    probe_ray_address(address)
 
 
 def test_token_refusal_from_the_cli(token_head, coco_tiny, tmp_path):

@@ -1,15 +1,16 @@
-"""`odis extract-boxes`: a Ray Data job that runs a class-agnostic detector over a folder of images and writes a
-box manifest (a directory of parquet parts).
+"""`odis extract-boxes`: a class-agnostic detector over a folder of images, writing a box manifest (a directory of
+parquet parts); one detector in this process on one machine, a Ray Data job on a cluster or with several.
 
 How a run goes, and where each step lives:
-1. `run`: check the detector, the options and the output folder before Ray starts, and list the image paths (the
+1. `run`: check the detector, the options and the output folder before any detector loads, and list the image paths (the
    job's input, not `read_images`; the same listing as `odis shard`);
 2. `outdir`: decide what an earlier run left: empty, finished, resumable (its finished parts are kept, the images
    they cover skipped), or made with other settings (refused unless `overwrite=True`, which deletes only the parts
    extract-boxes wrote);
-3. `job`: `map_batches` with a callable class (`BoxExtractor`: the detector is loaded once per actor; decoding
-   happens inside the batch function, each row's failure becomes an `error` value);
-4. `run`: the driver streams the per-image results back, explodes them to one row per box and writes parquet
+3. `job`: the batch function (`BoxExtractor`: the detector is loaded once; decoding happens inside it, each row's
+   failure becomes an `error` value), run by `local` in this process or by `map_batches` in Ray actors
+   (`run.uses_ray` picks);
+4. `run`: the driver streams the per-image results in, explodes them to one row per box and writes parquet
    parts into the staging folder next to the output (`.NAME.partial/`), each part atomically; `outdir`: when
    the job succeeds the parts move into OUT and the staging folder goes.
 `settings` holds what a run is asked to do (ExtractConfig), what it reports (ExtractSummary) and the provenance a

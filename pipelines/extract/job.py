@@ -135,9 +135,13 @@ def detection_dataset(cfg: ExtractConfig, todo: list[dict]):
     n_actors, resources = _resources(cfg)
     bs = max(1, cfg.batch_size)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // bs, 10_000)))
-    settings = dict(detector=asdict(cfg.detector), images=str(Path(cfg.images).resolve()), max_pixels=cfg.max_pixels)
-    return ds.map_batches(BoxExtractor, batch_size=bs, batch_format="numpy", fn_constructor_kwargs=settings,
-                          compute=_actor_pool(n_actors), **resources)
+    return ds.map_batches(BoxExtractor, batch_size=bs, batch_format="numpy",
+                          fn_constructor_kwargs=extractor_settings(cfg), compute=_actor_pool(n_actors), **resources)
+
+
+def extractor_settings(cfg: ExtractConfig) -> dict:
+    """BoxExtractor's constructor arguments (plain values: they travel to Ray actors)."""
+    return dict(detector=asdict(cfg.detector), images=str(Path(cfg.images).resolve()), max_pixels=cfg.max_pixels)
 
 
 def _actor_pool(n: int):

@@ -6,7 +6,9 @@ before Ray starts and before any output exists, so a mistake costs one line, not
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 import uuid
 from collections import Counter
@@ -18,16 +20,32 @@ import pyarrow as pa
 from odis.image_ids import ID_SCHEMES, image_ids_of
 from odis.manifest import add_row, empty_columns, image_ids_in, manifest_files, table_from_columns, write_manifest
 from odis.pipelines.detectors import check_detector
-from odis.pipelines.extract.job import RESULT_SCHEMA, detection_dataset
+from odis.pipelines.extract.job import RESULT_SCHEMA, DetectorBatchError, DetectorLoadError, detection_dataset
+from odis.pipelines.extract.local import local_batches
 from odis.pipelines.extract.outdir import check_out_apart, finish_out, prepare_out, staging_dir
 from odis.pipelines.extract.settings import ExtractConfig, ExtractSummary, build_metadata
 from odis.pipelines.ray_connect import check_ray_address, ray_session
 
 
-def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
-    """Run the job (see pipelines/extract/__init__.py). Uses an already initialised Ray if there is one."""
-    import ray
+def uses_ray(cfg: ExtractConfig) -> bool:
+    """Whether the job runs on Ray: asked for (`use_ray`, an address, RAY_ADDRESS), more than one detector, or a
+    Ray this process has initialised already; else one detector in this process (pipelines/extract/local.py)."""
+    ray = sys.modules.get("ray")
+    if cfg.use_ray or cfg.ray_address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return True
+    if cfg.num_workers is not None:
+        return cfg.num_workers > 1
+    return cfg.detector.device.startswith("cuda") and _visible_gpus() > 1  # cuda default: one detector per GPU
 
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
+    """Run the job (see pipelines/extract/__init__.py): on Ray or in this process (`uses_ray`)."""
     out, root = Path(cfg.out), Path(cfg.images)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a folder")
@@ -42,12 +60,22 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out), redone=redone,
                              left_out=left_out)
     t0 = time.perf_counter()
-    with ray_session(cfg.ray_address, log_to_driver=False, configure_logging=True, logging_level="ERROR"):
-        if todo:
+    if not todo:
+        finish_out(out, meta)
+    elif uses_ray(cfg):
+        import ray
+
+        with ray_session(cfg.ray_address, log_to_driver=False, configure_logging=True, logging_level="ERROR"):
             try:
-                _run(cfg, todo, staging_dir(out), meta, summary)
+                _run(cfg, detection_results(cfg, todo), len(todo), staging_dir(out), meta, summary)
             except ray.exceptions.RayError as e:  # e.g. the detector failed to load in its actor
-                raise _job_failed(e, staging_dir(out)) from e
+                raise _job_failed(str(e), staging_dir(out)) from e
+        finish_out(out, meta)
+    else:
+        try:
+            _run(cfg, local_batches(cfg, todo), len(todo), staging_dir(out), meta, summary)
+        except (DetectorLoadError, DetectorBatchError) as e:
+            raise _job_failed(f"{type(e).__name__}: {e}", staging_dir(out)) from e
         finish_out(out, meta)
     summary.seconds = time.perf_counter() - t0
     summary.images_per_s = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
@@ -80,15 +108,20 @@ def _quiet_ray_data_console() -> None:
             h.setLevel(logging.CRITICAL)
 
 
-def _run(cfg: ExtractConfig, todo: list[dict], staging: Path, meta: dict, summary: ExtractSummary) -> None:
-    """Run the job over `todo`, writing its rows into parts of `cfg.part_size` images in `staging`."""
+def detection_results(cfg: ExtractConfig, todo: list[dict]):
+    """The Ray job's result tables, streamed to the driver as they come."""
     import ray
-    from tqdm import tqdm
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own bar below counts images
+    ctx.enable_progress_bars = False  # our own bar (_run) counts images
     _quiet_ray_data_console()
-    ds = detection_dataset(cfg, todo)
+    return detection_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _run(cfg: ExtractConfig, results, total: int, staging: Path, meta: dict, summary: ExtractSummary) -> None:
+    """Stream `results` (tables of RESULT_SCHEMA) into parts of `cfg.part_size` images in `staging`."""
+    from tqdm import tqdm
+
     # No staging.mkdir here: write_manifest makes it with the first part, so a job that fails before writing
     # anything leaves no empty `.NAME.partial/` behind.
     run_id, seq, pending, pending_n = uuid.uuid4().hex[:8], 0, [], 0
@@ -100,10 +133,10 @@ def _run(cfg: ExtractConfig, todo: list[dict], staging: Path, meta: dict, summar
             write_manifest(pa.concat_tables(pending), staging / f"part-{run_id}-{seq:05d}.parquet", meta)
             seq, pending, pending_n = seq + 1, [], 0
 
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract-boxes [{cfg.detector.name}]", disable=not cfg.progress,
+    bar = tqdm(total=total, unit="img", desc=f"extract-boxes [{cfg.detector.name}]", disable=not cfg.progress,
                dynamic_ncols=True, smoothing=0.1)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in results:
             pending.append(results_to_manifest(batch, cfg.detector.name, counts, summary.errors))
             pending_n += batch.num_rows
             summary.processed += batch.num_rows
@@ -138,10 +171,11 @@ def results_to_manifest(results: pa.Table, source: str, counts: Counter, errors:
     return table_from_columns(cols)
 
 
-def _job_failed(e: Exception, staging: Path) -> RuntimeError:
-    """One line for a failed Ray job: its root cause and whether rerunning can help (a detector that cannot
-    load will not load next time either; a lost worker or node, or memory, may be fine next time)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+def _job_failed(error: str, staging: Path) -> RuntimeError:
+    """One line for a failed job (the text of Ray's error, or "DetectorLoadError: ..."): its root cause and whether
+    rerunning can help (a detector that cannot load will not load next time either; a lost worker or node, or
+    memory, may be fine next time)."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
     raised = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", ln)]
     kept = (f"the {len(manifest_files(staging))} finished part(s) are kept in {staging}"
             if staging.is_dir() and manifest_files(staging) else "nothing was written")
@@ -154,6 +188,6 @@ def _job_failed(e: Exception, staging: Path) -> RuntimeError:
         cause = batches[-1].split(": ", 1)[-1]
         return RuntimeError(f"{cause}; fix the cause (--device, memory) and rerun the same command to "
                             f"resume ({kept})")
-    cause = (raised or lines or [type(e).__name__])[-1]  # the root exception is raised last
+    cause = (raised or lines or ["unknown error"])[-1]  # the root exception is raised last
     return RuntimeError(f"the Ray job failed: {cause} ({kept}; if the cause was transient, e.g. a lost worker or "
                         "node or out of memory, rerun the same command to resume)")

@@ -25,6 +25,7 @@ class ExtractConfig:
     num_workers: int | None = None  # None: 1 on CPU, one per GPU with --device cuda
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared out among the workers
     ray_address: str | None = None
+    use_ray: bool = False  # a Ray job even on one machine (implied by ray_address, RAY_ADDRESS, num_workers > 1)
     overwrite: bool = False
     limit: int | None = None  # only the first N images (sorted by path)
     part_size: int = 1000  # images per parquet part
