@@ -726,3 +726,23 @@ def test_finalize_keeps_best_boxes_inside_the_image(raw, w, h, min_area, max_box
     ok_area = np.clip(clipped[:, 2] - clipped[:, 0], 0, None) * np.clip(clipped[:, 3] - clipped[:, 1], 0, None)
     eligible = (ok_area > 0) & (ok_area >= min_area * w * h)
     assert len(s) == min(max_boxes, int(eligible.sum()))
+
+
+def test_one_machine_path_writes_the_ray_jobs_rows_without_ray(ray_local, yolo320, coco_tiny, tmp_path):
+    """The default on one machine runs the detector in the command's process: Ray is never imported, and the
+    manifest holds the rows the Ray job writes (batches of 3 over 20 images: the last one short)."""
+    images = _link_images(coco_tiny / "val2017", tmp_path / "imgs", 20)
+    common = ["--detector", "yolo", "--weights", yolo320, "--imgsz", 320, "--images", images, "--batch-size", 3,
+              "--part-size", 7, "--quiet"]
+    _cli("extract-boxes", *common, "--out", tmp_path / "ray.parquet")  # this process has Ray up: the Ray job
+    script = ("import sys; from odis.cli import app\n"
+              "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              "print('ray imported:', 'ray' in sys.modules)")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run([sys.executable, "-c", script, "extract-boxes", *map(str, common), "--out",
+                        str(tmp_path / "local.parquet")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ray imported: False" in r.stdout and "20 processed" in r.stdout, r.stdout
+    assert "Loading" not in r.stdout + r.stderr  # ultralytics' own lines stay off the console
+    assert _rows(tmp_path / "local.parquet") == _rows(tmp_path / "ray.parquet")
+    assert len(list((tmp_path / "local.parquet").glob("part-*.parquet"))) == 3  # 7 + 7 + 6 images

@@ -3,6 +3,7 @@ and the resources each actor holds, and the Ray Data map that runs it over the l
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -158,11 +159,10 @@ def _actor_pool(n: int):
 
 def _actor_cpus() -> int:
     """The CPUs Ray gave this actor (its decode threads), else the CPUs this process may run on."""
+    ray = sys.modules.get("ray")  # never imported for this: the one-machine path runs without Ray
     try:
-        import ray
-
-        n = ray.get_runtime_context().get_assigned_resources().get("CPU", 0) if ray.is_initialized() else 0
-    except Exception:  # noqa: BLE001 - outside Ray, or an older Ray without the call
+        n = ray.get_runtime_context().get_assigned_resources().get("CPU", 0) if ray and ray.is_initialized() else 0
+    except Exception:  # noqa: BLE001 - an older Ray without the call
         n = 0
     return max(1, int(n)) if n else len(os.sched_getaffinity(0))
 
