@@ -118,3 +118,32 @@ def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
     assert kept.stat().st_mtime_ns == before and (out / "runs" / "odis-gt-s1" / "result.json").is_file()
     r = CliRunner().invoke(app, ["experiment", "report", str(out)])
     assert r.exit_code == 0 and "odis-gt - ibot" in r.output
+
+
+def test_eval_sets_are_checked(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    text = (REPO / "experiments" / "obj_without_box.yaml").read_text()
+    bad.write_text(text.replace("  sets:\n    objects: {synth:", "  sets:\n    objects: {scenes:", 1))
+    with pytest.raises(SpecError, match="eval.sets maps plain names"):
+        load_spec(bad)
+    spec = load_spec(REPO / "experiments" / "obj_without_box.yaml")
+    assert spec.metrics == ["none", "mask", "objects:none", "objects:mask"]
+
+
+@pytest.mark.slow
+def test_eval_set_of_other_scenes_is_evaluated_and_compared(tmp_path):
+    """Issue 26's spec, smoke preset: every run has k-NN figures on its val split and on the single-object eval
+    set (its own bank and queries), and the report pairs them like the others."""
+    out = tmp_path / "exp"
+    spec = REPO / "experiments" / "obj_without_box.yaml"
+    r = CliRunner().invoke(app, ["experiment", "run", str(spec), "--preset", "smoke", "--out", str(out),
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    results = json.loads((out / "results.json").read_text())
+    objects = out / "data" / "sets" / "objects" / "shards"
+    n_val = json.loads((objects / "val" / "index.json").read_text())["num_samples"]
+    for x in results["runs"]:
+        assert set(x["knn"]) == {"none", "mask", "objects:none", "objects:mask"}
+        assert x["knn"]["objects:none"]["n_val"] == n_val == 16 and x["knn"]["none"]["n_val"] == 24
+    assert {p["metric"] for p in results["paired"]} >= {"knn.objects:none.top1", "knn.objects:mask.top1"}
+    assert "k-NN objects:none" in (out / "results.md").read_text()

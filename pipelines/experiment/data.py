@@ -18,13 +18,22 @@ from odis.pipelines.experiment.spec import Spec
 def prepare_data(spec: Spec, out: Path, echo=print) -> dict:
     """{"train", "val": shard sets, "boxes": {name: manifest}} (synthetic scenes are made once, then reused)."""
     if "synth" not in spec.data:
-        return {"train": spec.data["train"], "val": spec.data["val"], "boxes": dict(spec.data.get("boxes", {}))}
+        if spec.eval_sets:
+            raise ValueError("eval.sets are synthetic scenes: they go with data.synth")
+        return {"train": spec.data["train"], "val": spec.data["val"], "boxes": dict(spec.data.get("boxes", {})),
+                "sets": {}}
     root = out / "data"
     paths = {"train": root / "shards" / "train", "val": root / "shards" / "val",
-             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}}
+             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}, "sets": {}}
     if not (paths["val"] / "index.json").is_file():
         echo(f"[experiment] data: synth scenes -> {root}")
         _synth(spec.data["synth"], root)
+    for name, s in spec.eval_sets.items():  # k-NN banks and queries of other scenes
+        where = root / "sets" / name
+        paths["sets"][name] = {"train": where / "shards" / "train", "val": where / "shards" / "val"}
+        if not (where / "shards" / "val" / "index.json").is_file():
+            echo(f"[experiment] data: eval set {name} -> {where}")
+            _synth(s["synth"], where)
     return paths
 
 

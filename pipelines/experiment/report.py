@@ -15,17 +15,17 @@ from odis.stats import mean_std, paired_difference
 
 def summarise(spec, results: list[dict]) -> dict:
     by_run = {r.name: [x for x in results if x["name"] == r.name] for r in spec.runs}
-    top1 = {name: {m: {x["seed"]: x["knn"][m]["top1"] for x in rows} for m in spec.modes}
+    top1 = {name: {m: {x["seed"]: x["knn"][m]["top1"] for x in rows if m in x["knn"]} for m in spec.metrics}
             for name, rows in by_run.items()}
-    summary = {name: {m: mean_std(list(top1[name][m].values())) for m in spec.modes} for name in by_run}
+    summary = {name: {m: mean_std(list(top1[name][m].values())) for m in spec.metrics} for name in by_run}
     paired = [{"a": a, "b": b, "metric": f"knn.{m}.top1", **paired_difference(top1[a][m], top1[b][m])}
-              for a, b in spec.compare for m in spec.modes]
+              for a, b in spec.compare for m in spec.metrics]
     checks = []
     base = next((r.name for r in spec.runs if r.method == "untrained"), None)
     for r in spec.runs:
         if base is None or r.name == base:
             continue
-        for m in spec.modes:
+        for m in spec.metrics:
             d = paired_difference(top1[r.name][m], top1[base][m])
             checks.append({"run": r.name, "metric": f"knn.{m}.top1", "gain": d["mean_diff"], "ci95": d["ci95"],
                            "min_gain": spec.min_gain,
@@ -53,10 +53,11 @@ def _ci(p: dict) -> str:
 
 
 def markdown(report: dict, spec) -> str:
-    modes = list(spec.modes)
+    modes = spec.metrics
+    sets = "".join(f" `{n}:MODE`: the same on the eval set {n}." for n in spec.eval_sets)
     lines = [f"# {report['name']}" + (f" (preset {report['preset']})" if report["preset"] else ""), "",
              f"Spec `{report['spec']}`; k-NN top-1 % (k = {report['k']}), mean ± std over seeds {spec.seeds}; "
-             "`none`: the whole image, `mask`: the [OBJ] token masked to the target's box.", "",
+             "`none`: the whole image, `mask`: the [OBJ] token masked to the target's box." + sets, "",
              "| run | method | boxes | " + " | ".join(f"k-NN {m}" for m in modes) + " |",
              "|---|---|---|" + "---|" * len(modes)]
     for r in spec.runs:
@@ -88,7 +89,8 @@ def plot(report: dict, spec, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names, modes, width = [r.name for r in spec.runs], list(spec.modes), 0.8 / max(1, len(spec.modes))
+    names, modes = [r.name for r in spec.runs], spec.metrics
+    width = 0.8 / max(1, len(modes))
     for j, m in enumerate(modes):
         s = [report["summary"][n][m] for n in names]
         left.bar([i + j * width for i in range(len(names))], [x["mean"] or 0 for x in s], width,
@@ -98,7 +100,7 @@ def plot(report: dict, spec, path: Path) -> None:
     left.set_title("mean ± std over seeds")
     left.legend()
     pairs = report["paired"]
-    labels = [f"{p['a']} - {p['b']}\n{p['metric'].split('.')[1]}" for p in pairs]
+    labels = [f"{p['a']} - {p['b']}\n{p['metric'][4:-5]}" for p in pairs]
     means = [p["mean_diff"] or 0 for p in pairs]
     err = [[m - p["ci95"][0] if p["ci95"] else 0 for m, p in zip(means, pairs)],
            [p["ci95"][1] - m if p["ci95"] else 0 for m, p in zip(means, pairs)]]

@@ -36,7 +36,7 @@ def run_experiment(spec: Spec, out: str | Path, device: str = "auto", echo: Call
     for i, (seed, run) in enumerate(order, 1):
         t0 = time.perf_counter()
         res = _run_one(spec, run, seed, paths, out, device, results)
-        knn = "  ".join(f"{m} {res['knn'][m]['top1']:.1f}" for m in spec.modes)
+        knn = "  ".join(f"{m} {res['knn'][m]['top1']:.1f}" for m in spec.metrics)
         echo(f"[experiment] {i}/{len(order)} {run.name} seed {seed}: {res['steps']} steps, k-NN top-1 {knn} "
              f"({time.perf_counter() - t0:.0f} s)")
         results.append(res)
@@ -92,9 +92,11 @@ def _knn(spec: Spec, folder: Path, paths: dict, out: Path, device: str) -> dict:
     from odis.eval.settings import KnnSettings
 
     res = {}
-    for mode in spec.modes:
-        r = run_knn(KnnSettings(folder, str(paths["train"]), str(paths["val"]), mode=mode, ks=(spec.k,),
-                                batch_size=128, workers=0, device=device, progress=False))
-        top = r["results"][0]
-        res[mode] = {"top1": top["top1"], "top5": top["top5"], "n_val": r["n_val"]}
+    sets = [("", paths)] + [(f"{name}:", p) for name, p in paths.get("sets", {}).items()]
+    for prefix, where in sets:
+        for mode in spec.modes:
+            r = run_knn(KnnSettings(folder, str(where["train"]), str(where["val"]), mode=mode, ks=(spec.k,),
+                                    batch_size=128, workers=0, device=device, progress=False))
+            top = r["results"][0]
+            res[prefix + mode] = {"top1": top["top1"], "top5": top["top5"], "n_val": r["n_val"]}
     return res

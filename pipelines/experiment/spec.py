@@ -10,7 +10,8 @@ A spec (experiments/*.yaml):
     data: {train: SHARDS, val: SHARDS, boxes: {gt: MANIFEST, yolo: MANIFEST, ...}}
     train: {epochs: 12, batch_size: 64, overrides: [key=value, ...]}   # the same for every run
     seeds: [0, 1, 2]
-    eval: {k: 20, modes: [none, mask]}
+    eval: {k: 20, modes: [none, mask],
+           sets: {NAME: {synth: {...}}}}  # more k-NN sets (bank and queries of other scenes), metrics NAME:MODE
     min_gain: 2.0                    # k-NN points a trained run must gain over the untrained one
     runs: [{name, method: untrained|dino|ibot|odis, boxes: none|gt|jitter:S|random|<a name in data.boxes>,
             overrides: [...]}]
@@ -56,9 +57,15 @@ class Spec:
     min_gain: float = 2.0
     preset: str | None = None
     source: str = ""
+    eval_sets: dict = field(default_factory=dict)  # name -> {"synth": {...}}: k-NN on other scenes too
 
     def run(self, name: str) -> Run:
         return next(r for r in self.runs if r.name == name)
+
+    @property
+    def metrics(self) -> list[str]:
+        """The k-NN figures of every run: the modes on the val split, then NAME:MODE on each eval set."""
+        return list(self.modes) + [f"{n}:{m}" for n in self.eval_sets for m in self.modes]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -113,8 +120,14 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
         raise SpecError(f"{path}: seeds must be distinct integers and eval.modes a subset of {MODES}")
     if not ("synth" in data or ("train" in data and "val" in data)):
         raise SpecError(f"{path}: data needs `synth` or both `train` and `val` shard sets")
+    sets = ev.get("sets", {}) or {}
+    if not isinstance(sets, dict) or not all(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(n)) and isinstance(v, dict) and isinstance(
+                v.get("synth"), dict) for n, v in sets.items()):
+        raise SpecError(f"{path}: eval.sets maps plain names to {{synth: {{...}}}}, got {sets!r}")
     return Spec(str(raw.get("name", path.stem)), str(need("recipe", str)), data, train, seeds, runs, compare,
-                int(ev.get("k", 20)), modes, float(raw.get("min_gain", 2.0)), preset, str(path))
+                int(ev.get("k", 20)), modes, float(raw.get("min_gain", 2.0)), preset, str(path),
+                {str(n): v for n, v in sets.items()})
 
 
 def _check_run(run: Run, data: dict, path: Path, i: int) -> None:
