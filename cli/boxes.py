@@ -92,7 +92,11 @@ def extract_boxes_cmd(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="Detectors (default 1 on CPU, "
                                               "one per GPU with --device cuda); more than one runs as Ray actors."),
     cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", callback=positive, help="Ray CPUs "
-                                                    "per actor (default: the cluster's CPUs shared out)."),
+                                                    "per actor, its decode threads (default: the cluster's CPUs "
+                                                    "shared out; with cuda, a GPU's share of its node's CPUs)."),
+    gpus_per_worker: float = typer.Option(1.0, "--num-gpus-per-worker", callback=positive, help="--device cuda "
+                                          "on Ray: the share of a GPU each detector holds; 0.5 runs two per GPU "
+                                          "(default --num-workers: as many as the GPUs hold)."),
     use_ray: bool = typer.Option(False, "--use-ray", help="Run as a Ray Data job even with one detector on this "
                                  "machine (a local Ray unless --ray-address / RAY_ADDRESS). Default: one detector "
                                  "in this process, at the detector's own speed."),
@@ -137,7 +141,7 @@ def extract_boxes_cmd(
                            iou=iou, max_boxes=max_boxes, min_area=min_area, imgsz=imgsz, device=device)
     cfg = ExtractConfig(detector=det, images=str(images), out=str(out), id_scheme=id_scheme, batch_size=batch_size,
                         num_workers=num_workers, cpus_per_worker=cpus_per_worker, ray_address=ray_address,
-                        use_ray=use_ray,
+                        use_ray=use_ray, gpus_per_worker=gpus_per_worker,
                         overwrite=overwrite, limit=limit, part_size=part_size, max_pixels=max_pixels,
                         progress=not quiet)
     try:

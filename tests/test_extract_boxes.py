@@ -389,7 +389,8 @@ _SS = ["extract-boxes", "--detector", "selective-search", "--images", ".", "--ou
 
 @pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--num-workers", "0"), ("--num-workers", "-1"),
                                            ("--cpus-per-worker", "0"), ("--cpus-per-worker", "-1"), ("--limit", "0"),
-                                           ("--limit", "-1"), ("--part-size", "0"), ("--max-pixels", "0")])
+                                           ("--limit", "-1"), ("--part-size", "0"), ("--max-pixels", "0"),
+                                           ("--num-gpus-per-worker", "0"), ("--num-gpus-per-worker", "nan")])
 def test_out_of_range_options_are_usage_errors(option, value):
     """Each used to start Ray and run: --limit -1 took all images but the last, --max-pixels 0 made every image an
     error row, 0 meant the default for --num-workers and --cpus-per-worker; -1 failed inside Ray."""
@@ -746,3 +747,24 @@ def test_one_machine_path_writes_the_ray_jobs_rows_without_ray(ray_local, yolo32
     assert "Loading" not in r.stdout + r.stderr  # ultralytics' own lines stay off the console
     assert _rows(tmp_path / "local.parquet") == _rows(tmp_path / "ray.parquet")
     assert len(list((tmp_path / "local.parquet").glob("part-*.parquet"))) == 3  # 7 + 7 + 6 images
+
+
+def test_gpu_share_per_detector(monkeypatch):
+    """--num-gpus-per-worker: a fraction puts several detectors on a GPU; each gets its share of the CPUs beside
+    its GPU as decode threads (one CPU per GPU detector starved the GPU). Ray's resource view is stubbed: the
+    arithmetic is ours; the CLI refuses a share above one GPU before anything runs."""
+    import ray
+
+    from odis.pipelines.extract.job import _resources
+    from odis.pipelines.extract.settings import ExtractConfig
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 32.0, "GPU": 4.0}}, {"Alive": True, "Resources": {"CPU": 16.0}}]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 48.0, "GPU": 4.0})
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    det = DetectorConfig("selective-search", device="cuda")
+    assert _resources(ExtractConfig(det, "i", "o")) == (4, {"num_gpus": 1.0, "num_cpus": 8})
+    assert _resources(ExtractConfig(det, "i", "o", gpus_per_worker=0.5)) == (8, {"num_gpus": 0.5, "num_cpus": 4})
+    assert _resources(ExtractConfig(det, "i", "o", gpus_per_worker=0.25, cpus_per_worker=1, num_workers=3)) == (
+        3, {"num_gpus": 0.25, "num_cpus": 1})
+    r = runner.invoke(app, [*_SS, "--num-gpus-per-worker", "2"])
+    assert r.exit_code == 2 and "--num-gpus-per-worker 2: a detector runs on one GPU" in r.output, r.output

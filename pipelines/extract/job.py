@@ -168,17 +168,23 @@ def _actor_cpus() -> int:
 
 
 def _resources(cfg: ExtractConfig) -> tuple[int, dict]:
-    """(number of detector actors, Ray resources per actor): one actor per GPU with cuda; on CPU the cluster's
-    CPUs are shared out so the actors use every core without oversubscribing."""
+    """(number of detector actors, Ray resources per actor). cuda: `gpus_per_worker` of a GPU each (a fraction
+    puts several detectors on one GPU), by default as many as the cluster's GPUs hold; CPU: one actor unless told.
+    An actor's CPUs (its decode threads) default to its share of a node's: the image decoding a GPU detector
+    needs must not wait on one core."""
     import ray
 
     total = ray.cluster_resources()
+    nodes = [nd["Resources"] for nd in ray.nodes() if nd.get("Alive")]
     if cfg.detector.device.startswith("cuda"):
-        n = cfg.num_workers or max(1, int(total.get("GPU", 0)))
-        if total.get("GPU", 0) < 1:
+        if total.get("GPU", 0) <= 0:
             raise RuntimeError("--device cuda but the Ray cluster has no GPU")
-        return n, {"num_gpus": 1, "num_cpus": cfg.cpus_per_worker or 1}
+        per_gpu = cfg.gpus_per_worker
+        n = cfg.num_workers or max(1, int(total["GPU"] / per_gpu + 1e-9))
+        gpu_nodes = [nd for nd in nodes if nd.get("GPU", 0) > 0]
+        share = min(nd.get("CPU", 1) * per_gpu / nd["GPU"] for nd in gpu_nodes)  # the CPUs beside its GPU share
+        return n, {"num_gpus": per_gpu, "num_cpus": cfg.cpus_per_worker or max(1, int(share))}
     n = cfg.num_workers or 1
-    node_cpus = [nd["Resources"].get("CPU", 0) for nd in ray.nodes() if nd.get("Alive")]
+    node_cpus = [nd.get("CPU", 0) for nd in nodes]
     per = cfg.cpus_per_worker or max(1, min(max(node_cpus, default=1), int(total.get("CPU", 1) // n)))
     return n, {"num_cpus": per}

@@ -33,9 +33,10 @@ def uses_ray(cfg: ExtractConfig) -> bool:
     ray = sys.modules.get("ray")
     if cfg.use_ray or cfg.ray_address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
         return True
+    cuda = cfg.detector.device.startswith("cuda")
     if cfg.num_workers is not None:
         return cfg.num_workers > 1
-    return cfg.detector.device.startswith("cuda") and _visible_gpus() > 1  # cuda default: one detector per GPU
+    return cuda and (cfg.gpus_per_worker < 1 or _visible_gpus() > 1)  # cuda default: detectors fill the GPUs
 
 
 def _visible_gpus() -> int:
@@ -50,6 +51,9 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a folder")
     check_detector(cfg.detector)
+    if not 0 < cfg.gpus_per_worker <= 1:
+        raise ValueError(f"--num-gpus-per-worker {cfg.gpus_per_worker:g}: a detector runs on one GPU, so its share "
+                         "is in (0, 1] (0.5: two detectors per GPU)")
     check_ray_address(cfg.ray_address)  # an unreachable cluster is said before the images are listed
     check_out_apart(out, root)
     # listed before --overwrite deletes anything: a bad id scheme must not cost the output

@@ -24,6 +24,7 @@ class ExtractConfig:
     batch_size: int = 16
     num_workers: int | None = None  # None: 1 on CPU, one per GPU with --device cuda
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared out among the workers
+    gpus_per_worker: float = 1.0  # cuda: the share of a GPU each detector holds (0.5: two per GPU)
     ray_address: str | None = None
     use_ray: bool = False  # a Ray job even on one machine (implied by ray_address, RAY_ADDRESS, num_workers > 1)
     overwrite: bool = False
