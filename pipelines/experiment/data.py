@@ -18,23 +18,32 @@ from odis.pipelines.experiment.spec import Spec
 def prepare_data(spec: Spec, out: Path, echo=print) -> dict:
     """{"train", "val": shard sets, "boxes": {name: manifest}} (synthetic scenes are made once, then reused)."""
     if "synth" not in spec.data:
-        if spec.eval_sets:
-            raise ValueError("eval.sets are synthetic scenes: they go with data.synth")
         return {"train": spec.data["train"], "val": spec.data["val"], "boxes": dict(spec.data.get("boxes", {})),
-                "sets": {}}
+                "sets": _eval_sets(spec, out, echo)}
     root = out / "data"
     paths = {"train": root / "shards" / "train", "val": root / "shards" / "val",
-             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}, "sets": {}}
+             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}}
     if not (paths["val"] / "index.json").is_file():
         echo(f"[experiment] data: synth scenes -> {root}")
         _synth(spec.data["synth"], root)
-    for name, s in spec.eval_sets.items():  # k-NN banks and queries of other scenes
-        where = root / "sets" / name
-        paths["sets"][name] = {"train": where / "shards" / "train", "val": where / "shards" / "val"}
+    paths["sets"] = _eval_sets(spec, out, echo)
+    return paths
+
+
+def _eval_sets(spec: Spec, out: Path, echo) -> dict:
+    """name -> {"train", "val", "modes"}: the given shard sets, or scenes made once under OUT/data/sets/NAME."""
+    sets = {}
+    for name, s in spec.eval_sets.items():
+        modes = list(s.get("modes", spec.modes))
+        if "synth" not in s:
+            sets[name] = {"train": s["train"], "val": s["val"], "modes": modes}
+            continue
+        where = out / "data" / "sets" / name
+        sets[name] = {"train": where / "shards" / "train", "val": where / "shards" / "val", "modes": modes}
         if not (where / "shards" / "val" / "index.json").is_file():
             echo(f"[experiment] data: eval set {name} -> {where}")
             _synth(s["synth"], where)
-    return paths
+    return sets
 
 
 def _synth(s: dict, root: Path) -> None:

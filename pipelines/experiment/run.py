@@ -77,8 +77,11 @@ def _train(spec: Spec, run: Run, seed: int, paths: dict, out: Path, folder: Path
         args += ["--resume", "auto"]
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "train.log"
+    procs = int(t.get("processes", 1))  # data.batch_size is per process: the global batch is procs x it
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", "odis", *map(str, args)], stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([sys.executable, *launch, "-m", "odis", *map(str, args)], stdout=f,
+                            stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
         raise ExperimentError(f"{run.name} seed {seed}: `odis train` failed (exit {rc}); log {log}:\n{tail}")
@@ -92,9 +95,9 @@ def _knn(spec: Spec, folder: Path, paths: dict, out: Path, device: str) -> dict:
     from odis.eval.settings import KnnSettings
 
     res = {}
-    sets = [("", paths)] + [(f"{name}:", p) for name, p in paths.get("sets", {}).items()]
+    sets = [("", {**paths, "modes": spec.modes})] + [(f"{name}:", p) for name, p in paths.get("sets", {}).items()]
     for prefix, where in sets:
-        for mode in spec.modes:
+        for mode in where["modes"]:
             r = run_knn(KnnSettings(folder, str(where["train"]), str(where["val"]), mode=mode, ks=(spec.k,),
                                     batch_size=128, workers=0, device=device, progress=False))
             top = r["results"][0]

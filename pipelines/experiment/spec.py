@@ -8,10 +8,12 @@ A spec (experiments/*.yaml):
     recipe: mini_cpu                 # odis train -c ...
     data: {synth: {...}}             # scenes made by `odis synth` (and their GT boxes), or
     data: {train: SHARDS, val: SHARDS, boxes: {gt: MANIFEST, yolo: MANIFEST, ...}}
-    train: {epochs: 12, batch_size: 64, overrides: [key=value, ...]}   # the same for every run
+    train: {epochs: 12, batch_size: 64, overrides: [key=value, ...], processes: 1}   # the same for every run
+                                     # (processes > 1: each training under torchrun, batch_size per process)
     seeds: [0, 1, 2]
     eval: {k: 20, modes: [none, mask],
-           sets: {NAME: {synth: {...}}}}  # more k-NN sets (bank and queries of other scenes), metrics NAME:MODE
+           sets: {NAME: {synth: {...}} | {train: SHARDS, val: SHARDS}, [modes: [...]]}}
+                                     # more k-NN sets (their own bank and queries), metrics NAME:MODE
     min_gain: 2.0                    # k-NN points a trained run must gain over the untrained one
     runs: [{name, method: untrained|dino|ibot|odis, boxes: none|gt|jitter:S|random|<a name in data.boxes>,
             overrides: [...]}]
@@ -57,7 +59,7 @@ class Spec:
     min_gain: float = 2.0
     preset: str | None = None
     source: str = ""
-    eval_sets: dict = field(default_factory=dict)  # name -> {"synth": {...}}: k-NN on other scenes too
+    eval_sets: dict = field(default_factory=dict)  # name -> {"synth": {...}} or {"train", "val"}, ["modes"]
 
     def run(self, name: str) -> Run:
         return next(r for r in self.runs if r.name == name)
@@ -65,7 +67,7 @@ class Spec:
     @property
     def metrics(self) -> list[str]:
         """The k-NN figures of every run: the modes on the val split, then NAME:MODE on each eval set."""
-        return list(self.modes) + [f"{n}:{m}" for n in self.eval_sets for m in self.modes]
+        return list(self.modes) + [f"{n}:{m}" for n, v in self.eval_sets.items() for m in v.get("modes", self.modes)]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -114,6 +116,8 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
         runs = [r for r in runs if r.name in only]
     kept = {r.name for r in runs}
     compare = [tuple(c) for c in raw.get("compare", []) if len(c) == 2 and set(c) <= kept]
+    if not (isinstance(train.get("processes", 1), int) and train.get("processes", 1) >= 1):
+        raise SpecError(f"{path}: train.processes must be an integer >= 1, got {train.get('processes')!r}")
     seeds = [int(s) for s in need("seeds", list)]
     modes = tuple(ev.get("modes", MODES))
     if not seeds or len(set(seeds)) != len(seeds) or not set(modes) <= set(MODES):
@@ -121,13 +125,21 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
     if not ("synth" in data or ("train" in data and "val" in data)):
         raise SpecError(f"{path}: data needs `synth` or both `train` and `val` shard sets")
     sets = ev.get("sets", {}) or {}
-    if not isinstance(sets, dict) or not all(
-            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(n)) and isinstance(v, dict) and isinstance(
-                v.get("synth"), dict) for n, v in sets.items()):
-        raise SpecError(f"{path}: eval.sets maps plain names to {{synth: {{...}}}}, got {sets!r}")
+    if not isinstance(sets, dict) or not all(_eval_set_ok(n, v) for n, v in sets.items()):
+        raise SpecError(f"{path}: eval.sets maps plain names to {{synth: {{...}}}} or {{train: SHARDS, val: SHARDS}}"
+                        f" (and optional modes, a subset of {MODES}), got {sets!r}")
     return Spec(str(raw.get("name", path.stem)), str(need("recipe", str)), data, train, seeds, runs, compare,
                 int(ev.get("k", 20)), modes, float(raw.get("min_gain", 2.0)), preset, str(path),
                 {str(n): v for n, v in sets.items()})
+
+
+def _eval_set_ok(name, v) -> bool:
+    if not (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) and isinstance(v, dict)):
+        return False
+    shards = isinstance(v.get("train"), str) and isinstance(v.get("val"), str)
+    modes = v.get("modes", list(MODES))
+    made = isinstance(v.get("synth"), dict)  # scenes to make win over shard sets (as in `data`: a preset's synth)
+    return (made or shards) and isinstance(modes, list) and set(modes) <= set(MODES)
 
 
 def _check_run(run: Run, data: dict, path: Path, i: int) -> None:
