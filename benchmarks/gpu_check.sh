@@ -11,6 +11,10 @@
 #          symlinked copies of each tar (3,840 samples from the 160 real COCO images: an epoch is 30 steps of 128).
 #          The recipe compiles (model.compile=true: the first ~10 steps); TRAIN_ARGS: more overrides
 #          (model.compile=false: eager), TRAIN_STEPS (60), TRAIN_TIMEOUT_S (120 per method).
+#   extract  benchmarks/extract.py --device cuda: the one-machine path against a bare ultralytics GPU loop, GPU
+#          utilisation, 1/2/4/8 decode threads, the Ray job with 1 and 2 workers; yolo11n's architecture with random
+#          weights (the weights at hand are CPU-only int8), timing only; then --scaling 1,2,4,8,16 on the CPUs with
+#          yolov8n int8. Needs ultralytics and openvino on the device (carry their wheels in .whl) and ODIS_SHARED.
 # STEP_RUNS picks the step runs, in order: each the attention implementation, then step.py's flags, a comma for a
 # space. Default: mask compiled (the GPU recipes' setting), the same with CUDA graphs (--compile-mode
 # reduce-overhead), mask eager, split eager (~5 min in all; with check and train ~9 min). --obj-row
@@ -105,6 +109,13 @@ train() {
       cp /tmp/runs/$method/metrics.csv $AUX/train_$method.csv 2>/dev/null
     done
   fi
+}
+
+extract() {
+  timeout ${EXTRACT_TIMEOUT_S:-300} python3 benchmarks/extract.py --device cuda --random-weights yolo11n.yaml \
+    --imgsz 640 --threads 1,2,4,8 --big 0 --machine "$GPU" 2>&1 | tail -3
+  timeout ${EXTRACT_TIMEOUT_S:-300} python3 benchmarks/extract.py --scaling 1,2,4,8,16 --big 0 \
+    --machine "16-core CPU of the $GPU device machine" 2>&1 | tail -3
 }
 
 for part in ${PARTS:-check step train}; do

@@ -91,9 +91,10 @@ def extract_boxes_cmd(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per detector call."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="Detectors (default 1 on CPU, "
                                               "one per GPU with --device cuda); more than one runs as Ray actors."),
-    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", callback=positive, help="Ray CPUs "
-                                                    "per actor, its decode threads (default: the cluster's CPUs "
-                                                    "shared out; with cuda, a GPU's share of its node's CPUs)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker", callback=positive, help="Decode "
+                                                    "threads of a detector: its Ray CPUs (default: the cluster's "
+                                                    "CPUs shared out; with cuda, a GPU's share of its node's CPUs); "
+                                                    "on one machine, threads (default: one per core)."),
     gpus_per_worker: float = typer.Option(1.0, "--num-gpus-per-worker", callback=positive, help="--device cuda "
                                           "on Ray: the share of a GPU each detector holds; 0.5 runs two per GPU "
                                           "(default --num-workers: as many as the GPUs hold)."),

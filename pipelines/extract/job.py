@@ -38,7 +38,7 @@ class DetectorBatchError(RuntimeError):
 class BoxExtractor:
     """The batch function: decode each path (errors captured per row), detect, one result row per image."""
 
-    def __init__(self, detector: dict, images: str, max_pixels: int):
+    def __init__(self, detector: dict, images: str, max_pixels: int, decode_threads: int | None = None):
         # A detector that cannot load fails the first batch, not the constructor: Ray restarts an actor whose
         # constructor raised and prints each attempt's traceback (~200 lines) before the job fails.
         self.detector, self.load_error = None, None
@@ -49,10 +49,11 @@ class BoxExtractor:
             self.load_error = f"cannot load the {detector['name']} detector ({type(e).__name__}: {why})"
         self.root = Path(images)
         self.max_pixels = max_pixels
-        # Decoding runs in threads (PIL releases the GIL), one per CPU this actor holds, so that the cores the
-        # detector uses are not left idle while a batch decodes.
+        # Decoding runs in threads (PIL releases the GIL), one per CPU this actor holds (or `decode_threads`), so
+        # that the cores the detector uses are not left idle while a batch decodes.
         self.prepare = getattr(self.detector, "prepare", None)
-        self.readers = ThreadPoolExecutor(max_workers=_actor_cpus(), thread_name_prefix="odis-decode")
+        self.readers = ThreadPoolExecutor(max_workers=decode_threads or _actor_cpus(),
+                                          thread_name_prefix="odis-decode")
         # The actor runs two batches at a time (_actor_pool): one decodes while the other holds the detector, which
         # is one model and not thread-safe.
         self.detector_lock = threading.Lock()

@@ -21,7 +21,8 @@ IN_FLIGHT = 2  # batches at a time: as the actor's max_concurrent_calls_per_acto
 
 def local_batches(cfg: ExtractConfig, todo: list[dict]) -> Iterator[pa.Table]:
     """Result tables (RESULT_SCHEMA), one per batch of `cfg.batch_size` images of `todo`, in order."""
-    extractor = BoxExtractor(**extractor_settings(cfg))
+    threads = max(1, int(cfg.cpus_per_worker)) if cfg.cpus_per_worker else None  # default: one per core
+    extractor = BoxExtractor(**extractor_settings(cfg), decode_threads=threads)
     bs = max(1, cfg.batch_size)
     batches = ({"image_id": [it["image_id"] for it in todo[i:i + bs]], "path": [it["path"] for it in todo[i:i + bs]]}
                for i in range(0, len(todo), bs))
