@@ -1,4 +1,5 @@
-"""Connecting the Ray jobs (extract-boxes, shard) to a cluster without waiting forever.
+"""Connecting the Ray jobs (extract-boxes, shard) to a cluster without waiting forever, and a Ray for one job
+(`ray_session`).
 
 `ray.init(address="HOST:PORT")` has no connection timeout: with nothing listening there, or a server that is not
 Ray's, it retries for as long as it runs. So an explicit address (`--ray-address`, else `RAY_ADDRESS`) must first
@@ -33,8 +34,8 @@ def _source(address: str | None) -> tuple[str, str] | None:
 
 def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Raise RayAddressError unless the cluster address (the option, else RAY_ADDRESS) takes a TCP connection and
-    answers gRPC's HTTP/2 handshake within `timeout` seconds: "HOST:PORT" is the head's GCS port,
-    "ray://HOST[:PORT]" its Ray Client port. No
+    answers gRPC's HTTP/2 handshake within `timeout` seconds, and (a GCS port) accepts the token this shell would
+    send: "HOST:PORT" is the head's GCS port, "ray://HOST[:PORT]" its Ray Client port. No
     address, "local" and "auto" start or find a local runtime (ray.init fails fast by itself there); other
     schemes are left to ray.init. Nothing is checked when this process has initialised Ray already (it is reused)."""
     ray = sys.modules.get("ray")
