@@ -27,7 +27,7 @@ from PIL import Image
 
 from odis.augment import IMAGENET_MEAN, IMAGENET_STD
 from odis.boxes import Crop, box_area, box_to_patch_mask, clip_boxes, is_empty
-from odis.eval.segments import MASK_COUNTS, SegmentTable
+from odis.eval.segments import SegmentTable
 from odis.eval.settings import BOX_MODES, BOX_SELECT
 from odis.samples import BoxTable, read_sample, sample_boxes
 
@@ -324,12 +324,9 @@ def extract_features(model, loader, device: str = "cpu", n_last_blocks: int = 1,
             if fb:
                 counts[fb] += 1
         for src in batch.get("mask_source", ()):
-            if src:  # mode `mask` with --masks: the segmentation, or the box mask and why
-                for k in MASK_COUNTS:
-                    counts.setdefault(k, 0)
-                counts["mask_segmentation" if src == "segmentation" else "mask_fallback_box"] += 1
-                if src != "segmentation":
-                    counts[src] += 1
+            if src:  # mode `mask` with --masks: the segmentation, or the box mask and why (all keys: features_for)
+                for k in ("mask_segmentation",) if src == "segmentation" else ("mask_fallback_box", src):
+                    counts[k] = counts.get(k, 0) + 1
     if not feats:
         raise ValueError(f"no image could be read ({len(errors)} error(s); first: {errors[0]})" if errors else
                          "no image could be read: the shards hold no samples")

@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from odis.eval.features import (Features, ViewConfig, extract_features, input_size,
-                                list_shard_urls, load_features, read_classes, save_features, shard_loader)
+from odis.eval.features import (Features, ViewConfig, extract_features, input_size, list_shard_urls, load_features,
+                                read_classes, save_features, shard_loader)
 from odis.devices import pick_device
 from odis.eval.segments import MASK_COUNTS, SegmentTable
 from odis.eval.settings import DenseSettings, FeatureSettings, KnnSettings, LinearSettings
@@ -58,8 +58,9 @@ def features_for(model, backbone: str, spec: str, cfg: ViewConfig, manifest_path
     loader = shard_loader(spec, cfg, table, batch_size, workers, segments)
     f = extract_features(model, loader, device, n_last_blocks, desc=f"{split} features ({cfg.mode})",
                          progress=progress, total=_batches(spec, batch_size))
-    if segments is not None:
-        f.counts = {**f.counts, **{k: f.counts.get(k, 0) for k in MASK_COUNTS}}
+    if segments is not None:  # every mask count, in MASK_COUNTS' order, zeros included
+        f.counts = {**{k: v for k, v in f.counts.items() if k not in MASK_COUNTS},
+                    **{k: f.counts.get(k, 0) for k in MASK_COUNTS}}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_features(f, path)

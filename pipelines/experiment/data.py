@@ -23,9 +23,7 @@ def prepare_data(spec: Spec, out: Path, echo=print) -> dict:
     root = out / "data"
     paths = {"train": root / "shards" / "train", "val": root / "shards" / "val",
              "boxes": {"gt": root / "manifests" / "train-gt.parquet"}}
-    if not (paths["val"] / "index.json").is_file():
-        echo(f"[experiment] data: synth scenes -> {root}")
-        _synth(spec.data["synth"], root)
+    _synth_once(spec.data["synth"], root, echo, "synth scenes")
     paths["sets"] = _eval_sets(spec, out, echo)
     return paths
 
@@ -40,10 +38,15 @@ def _eval_sets(spec: Spec, out: Path, echo) -> dict:
             continue
         where = out / "data" / "sets" / name
         sets[name] = {"train": where / "shards" / "train", "val": where / "shards" / "val", "modes": modes}
-        if not (where / "shards" / "val" / "index.json").is_file():
-            echo(f"[experiment] data: eval set {name} -> {where}")
-            _synth(s["synth"], where)
+        _synth_once(s["synth"], where, echo, f"eval set {name}")
     return sets
+
+
+def _synth_once(s: dict, root: Path, echo, what: str) -> None:
+    """Scenes, manifests and shards under `root`, unless an earlier run made them (the val index is last)."""
+    if not (root / "shards" / "val" / "index.json").is_file():
+        echo(f"[experiment] data: {what} -> {root}")
+        _synth(s, root)
 
 
 def _synth(s: dict, root: Path) -> None:

@@ -31,6 +31,7 @@ import yaml
 
 METHODS = ("untrained", "dino", "ibot", "odis")
 MODES = ("none", "mask")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # run and eval-set names: folder and metric names
 
 
 class SpecError(ValueError):
@@ -109,7 +110,7 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
         _check_run(run, data, path, i)
         runs.append(run)
     names = [r.name for r in runs]
-    if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n) for n in names):
+    if len(set(names)) != len(names) or not all(PLAIN_NAME.fullmatch(n) for n in names):
         raise SpecError(f"{path}: run names must be unique plain names, got {names}")
     only = raw.get("runs_only")
     if only:
@@ -134,7 +135,7 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
 
 
 def _eval_set_ok(name, v) -> bool:
-    if not (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) and isinstance(v, dict)):
+    if not (PLAIN_NAME.fullmatch(str(name)) and isinstance(v, dict)):
         return False
     shards = isinstance(v.get("train"), str) and isinstance(v.get("val"), str)
     modes = v.get("modes", list(MODES))

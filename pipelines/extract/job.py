@@ -21,6 +21,7 @@ RESULT_SCHEMA = pa.schema([
     ("boxes", pa.list_(pa.float32())), ("scores", pa.list_(pa.float32())), ("error", pa.string()),
 ])
 
+BATCHES_IN_FLIGHT = 2  # per detector: one decoding while the other holds the detector (BoxExtractor's lock)
 DETECTOR_FAILED = "detector failed"  # the reason of an error row from the detector, not from the image
 
 
@@ -154,7 +155,8 @@ def _actor_pool(n: int):
     import ray
 
     if "enable_true_multi_threading" in inspect.signature(ray.data.ActorPoolStrategy).parameters:
-        return ray.data.ActorPoolStrategy(size=n, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+        return ray.data.ActorPoolStrategy(size=n, max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+                                          enable_true_multi_threading=True)
     return ray.data.ActorPoolStrategy(size=n)  # an older Ray: decode and detect take turns
 
 

@@ -13,10 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from odis.pipelines.extract.job import BoxExtractor, extractor_settings
+from odis.pipelines.extract.job import BATCHES_IN_FLIGHT, BoxExtractor, extractor_settings
 from odis.pipelines.extract.settings import ExtractConfig
-
-IN_FLIGHT = 2  # batches at a time: as the actor's max_concurrent_calls_per_actor
 
 
 def local_batches(cfg: ExtractConfig, todo: list[dict]) -> Iterator[pa.Table]:
@@ -26,12 +24,12 @@ def local_batches(cfg: ExtractConfig, todo: list[dict]) -> Iterator[pa.Table]:
     bs = max(1, cfg.batch_size)
     batches = ({"image_id": [it["image_id"] for it in todo[i:i + bs]], "path": [it["path"] for it in todo[i:i + bs]]}
                for i in range(0, len(todo), bs))
-    with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="odis-batch") as pool:
+    with ThreadPoolExecutor(BATCHES_IN_FLIGHT, thread_name_prefix="odis-batch") as pool:
         window: deque = deque()
         try:
             for batch in batches:
                 window.append(pool.submit(extractor, batch))
-                if len(window) > IN_FLIGHT:  # one more queued: a thread never waits for the driver's writes
+                if len(window) > BATCHES_IN_FLIGHT:  # one more queued: a thread never waits for the driver's writes
                     yield window.popleft().result()
             while window:
                 yield window.popleft().result()

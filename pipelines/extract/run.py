@@ -64,9 +64,7 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
     summary = ExtractSummary(skipped_done=len(items) - len(todo), not_images=not_images, out=str(out), redone=redone,
                              left_out=left_out)
     t0 = time.perf_counter()
-    if not todo:
-        finish_out(out, meta)
-    elif uses_ray(cfg):
+    if todo and uses_ray(cfg):
         import ray
 
         with ray_session(cfg.ray_address, log_to_driver=False, configure_logging=True, logging_level="ERROR"):
@@ -74,13 +72,12 @@ def extract_boxes(cfg: ExtractConfig) -> ExtractSummary:
                 _run(cfg, detection_results(cfg, todo), len(todo), staging_dir(out), meta, summary)
             except ray.exceptions.RayError as e:  # e.g. the detector failed to load in its actor
                 raise _job_failed(str(e), staging_dir(out)) from e
-        finish_out(out, meta)
-    else:
+    elif todo:
         try:
             _run(cfg, local_batches(cfg, todo), len(todo), staging_dir(out), meta, summary)
         except (DetectorLoadError, DetectorBatchError) as e:
             raise _job_failed(f"{type(e).__name__}: {e}", staging_dir(out)) from e
-        finish_out(out, meta)
+    finish_out(out, meta)
     summary.seconds = time.perf_counter() - t0
     summary.images_per_s = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
     summary.images = len(image_ids_in(out))
