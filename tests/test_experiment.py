@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
 from odis.cli import app
@@ -104,6 +105,9 @@ def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
         assert {"name", "method", "boxes", "seed", "overrides", "steps", "train_s", "knn"} <= set(x)
         assert x["steps"] > 0 or x["method"] == "untrained"
         assert 0 <= x["knn"]["mask"]["top1"] <= 100
+        assert x["method"] == "untrained" or 0 < x["diagnostics"]["teacher_entropy"] <= 1.0001
+    assert results["obj_mask"]["grid"] == "4x4" and results["obj_mask"]["images"] == 24
+    assert 0 < results["obj_mask"]["grid_share"] <= 1 and "of the grid" in (out / "results.md").read_text()
     # the paired rows are the statistics of the runs' own numbers
     top1 = {(x["name"], x["seed"]): x["knn"]["none"]["top1"] for x in results["runs"]}
     pair = next(p for p in results["paired"] if p["a"] == "odis-gt" and p["metric"] == "knn.none.top1")
@@ -190,3 +194,65 @@ def test_table1_smoke_trains_under_torchrun_and_evaluates_the_eval_set(tmp_path)
 
     ckpt = torch.load(out / "runs" / "odis-s0" / "checkpoint.pt", weights_only=True, map_location="cpu")
     assert [d["world_size"] for d in ckpt["data"]] == [2, 2]
+
+
+_box = st.tuples(st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.05, 1), st.floats(0.05, 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(w=st.integers(40, 120), h=st.integers(40, 120), rel=st.lists(_box, min_size=1, max_size=3),
+       patch=st.sampled_from([4, 8]))
+def test_mask_coverage_is_the_share_of_the_knn_mask(w, h, rel, patch):
+    """The coverage the report prints is measured on the very mask the k-NN's `mask` mode gives the [OBJ] token."""
+    import tempfile
+
+    import torch
+    from PIL import Image
+
+    from odis.eval.features import box_view
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+    from odis.pipelines.experiment.diagnostics import mask_coverage
+
+    boxes = [(x * w, y * h, min(w, x * w + bw * w), min(h, y * h + bh * h)) for x, y, bw, bh in rel]
+    cols = empty_columns()
+    for b in boxes:
+        add_row(cols, "im", "im.jpg", w, h, "coco-gt", box=b)
+    with tempfile.TemporaryDirectory() as tmp:
+        m = write_manifest(table_from_columns(cols), Path(tmp) / "gt.parquet", make_metadata("coco-gt", None, "stem"))
+        c = mask_coverage(m, 32, patch)
+    img = Image.new("RGB", (w, h))
+    areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+    target = int(np.argmax(areas))
+    masks = [box_view(img, np.array(b), "mask", 32, patch=patch).obj_mask for b in boxes]
+    t = masks[target]
+    assert c["fallbacks"] == (t is None)
+    if t is None:  # the target lies outside the centre crop: the k-NN's [OBJ] then sees the whole image
+        t = torch.ones((32 // patch,) * 2, dtype=torch.bool)
+    assert c["images"] == 1 and c["grid_share"] == pytest.approx(float(t.float().mean()), abs=1e-4)
+    shares = [float((t & d).sum() / d.sum()) for i, d in enumerate(masks)
+              if i != target and d is not None and d.any() and boxes[i] != boxes[target]]
+    assert c["distractors"] == len(shares)
+    if shares:
+        assert c["distractor_share"] == pytest.approx(np.mean(shares), abs=1e-4)
+
+
+def test_run_diagnostics_and_the_collapse_line(tmp_path):
+    from odis.pipelines.experiment.diagnostics import run_diagnostics
+    from odis.pipelines.experiment.report import markdown
+
+    folder = tmp_path / "ibot-s0"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("model: {out_dim: 64}\n")
+    (folder / "metrics.csv").write_text(f"step,t_entropy\n10,{math.log(64) * 0.3}\n20,{math.log(64) * 0.99}\n")
+    (folder / "data.json").write_text(json.dumps({"samples": 10, "crop_fallbacks": 4, "obj_invalid": 2}))
+    d = run_diagnostics(folder)
+    assert d == {"teacher_entropy": pytest.approx(0.99), "crop_fallbacks": 0.2, "obj_invalid": 0.1}
+    assert run_diagnostics(tmp_path / "missing") == {"teacher_entropy": None, "crop_fallbacks": None,
+                                                    "obj_invalid": None}
+    spec = load_spec(SPEC, "smoke")
+    results = [_fake("untrained", "untrained", 0, 10.0, 10.0), _fake("ibot", "ibot", 0, 11.0, 12.0),
+               _fake("odis-gt", "odis", 0, 20.0, 30.0)]
+    results[1]["diagnostics"] = d
+    results[2]["diagnostics"] = {**d, "teacher_entropy": 0.5}
+    text = markdown(summarise(spec, results), spec)
+    assert "**Collapsed**: ibot (" in text and "| ibot | ibot | none | 11.0 (n=1) | 12.0 (n=1) | 0.99 | 20.0% |" in text

@@ -28,6 +28,12 @@ def prepare_data(spec: Spec, out: Path, echo=print) -> dict:
     return paths
 
 
+def val_manifest(out: Path) -> Path | None:
+    """The GT boxes of the synthetic val scenes (None for an experiment on given shards)."""
+    path = Path(out) / "data" / "manifests" / "val-gt.parquet"
+    return path if path.is_file() else None
+
+
 def _eval_sets(spec: Spec, out: Path, echo) -> dict:
     """name -> {"train", "val", "modes"}: the given shard sets, or scenes made once under OUT/data/sets/NAME."""
     sets = {}

@@ -2,7 +2,9 @@
 
 Per run and k-NN mode: mean ± std over seeds. Per compared pair: the paired difference over the seeds both have,
 with its 95% t-interval (odis.stats). Before methods are compared, each trained run must beat the untrained
-network of the same seeds by the spec's `min_gain` points; the report says so when one does not.
+network of the same seeds by the spec's `min_gain` points; the report says so when one does not. Why a comparison
+says what it says (diagnostics.py): the target's [OBJ] mask coverage on synthetic scenes, and per run the
+teacher's end entropy (collapse), crop fallbacks and invalid [OBJ] views.
 """
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import json
 from pathlib import Path
 
 from odis.files import write_json
+from odis.pipelines.experiment.data import val_manifest
+from odis.pipelines.experiment.diagnostics import COLLAPSED, mask_coverage, run_diagnostics
 from odis.stats import mean_std, paired_difference
+
+DIAGNOSTICS = ("teacher_entropy", "crop_fallbacks", "obj_invalid")
 
 
 def summarise(spec, results: list[dict]) -> dict:
@@ -31,11 +37,33 @@ def summarise(spec, results: list[dict]) -> dict:
                            "min_gain": spec.min_gain,
                            "learned": d["mean_diff"] is not None and d["mean_diff"] >= spec.min_gain})
     return {"name": spec.name, "preset": spec.preset, "spec": spec.source, "k": spec.k, "runs": results,
-            "summary": summary, "paired": paired, "untrained_check": checks}
+            "summary": summary, "paired": paired, "untrained_check": checks, "diagnostics": _diagnostics(by_run)}
+
+
+def _diagnostics(by_run: dict[str, list[dict]]) -> dict:
+    """Per run, the mean over its seeds of each of run_diagnostics' shares (None where no seed has it)."""
+    out = {}
+    for name, rows in by_run.items():
+        diags = [x.get("diagnostics") or (run_diagnostics(x["folder"]) if "folder" in x else {}) for x in rows]
+        values = {k: [d[k] for d in diags if d.get(k) is not None] for k in DIAGNOSTICS}
+        out[name] = {k: (round(sum(v) / len(v), 4) if v else None) for k, v in values.items()}
+    return out
+
+
+def obj_mask_coverage(results: list[dict], out: Path) -> dict | None:
+    """The target mask's coverage (diagnostics.mask_coverage) on the val scenes at a trained backbone's size."""
+    from odis.model import load_backbone
+
+    manifest = val_manifest(out)
+    trained = next((Path(x["folder"]) for x in results if x["method"] != "untrained" and "folder" in x), None)
+    if manifest is None or trained is None or not trained.is_dir():
+        return None
+    model = load_backbone(trained)
+    return mask_coverage(manifest, model.img_size, model.patch_size)
 
 
 def write_report(spec, results: list[dict], out: Path) -> dict:
-    report = summarise(spec, results)
+    report = {**summarise(spec, results), "obj_mask": obj_mask_coverage(results, out)}
     write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report, spec), encoding="utf-8")
     plot(report, spec, out / "results.png")
@@ -48,6 +76,21 @@ def _ms(s: dict) -> str:
     return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "") + f" (n={s['n']})"
 
 
+def _share(v: float | None, percent: bool) -> str:
+    return "-" if v is None else (f"{100 * v:.1f}%" if percent else f"{v:.2f}")
+
+
+def _coverage_lines(c: dict | None) -> list[str]:
+    if not c or c["grid_share"] is None:
+        return []
+    dis = "no distractors" if c["distractor_share"] is None else \
+        f"{100 * c['distractor_share']:.1f}% of a distractor's patches ({c['distractors']} distractors)"
+    return [f"The target's [OBJ] mask in the k-NN view ({c['size']} px, {c['patch']}-px patches, a {c['grid']} "
+            f"grid), over the {c['images']} val scenes: {100 * c['grid_share']:.1f}% of the grid, {dis}"
+            + (f"; {c['fallbacks']} targets cut away by the centre crop count whole" if c.get("fallbacks") else "")
+            + ".", ""]
+
+
 def _ci(p: dict) -> str:
     return "-" if p["ci95"] is None else f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]"
 
@@ -58,11 +101,24 @@ def markdown(report: dict, spec) -> str:
     lines = [f"# {report['name']}" + (f" (preset {report['preset']})" if report["preset"] else ""), "",
              f"Spec `{report['spec']}`; k-NN top-1 % (k = {report['k']}), mean ± std over seeds {spec.seeds}; "
              "`none`: the whole image, `mask`: the [OBJ] token masked to the target's box." + sets, "",
-             "| run | method | boxes | " + " | ".join(f"k-NN {m}" for m in modes) + " |",
-             "|---|---|---|" + "---|" * len(modes)]
+             *_coverage_lines(report.get("obj_mask")),
+             "| run | method | boxes | " + " | ".join(f"k-NN {m}" for m in modes)
+             + " | teacher H / ln K | crop fallbacks | invalid [OBJ] |",
+             "|---|---|---|" + "---|" * (len(modes) + 3)]
+    diag = report.get("diagnostics", {})
     for r in spec.runs:
+        d = diag.get(r.name, {})
         lines.append(f"| {r.name} | {r.method} | {r.boxes} | "
-                     + " | ".join(_ms(report["summary"][r.name][m]) for m in modes) + " |")
+                     + " | ".join(_ms(report["summary"][r.name][m]) for m in modes) + " | "
+                     + " | ".join(_share(d.get(k), k != "teacher_entropy") for k in DIAGNOSTICS) + " |")
+    lines += ["", "teacher H / ln K: the teacher's mean entropy per image at the end of training over its "
+              f"maximum (>= {COLLAPSED}: collapsed, the same uniform output for every image); crop fallbacks and "
+              "invalid [OBJ]: shares of the global views."]
+    collapsed = [n for n, d in diag.items() if (d.get("teacher_entropy") or 0) >= COLLAPSED]
+    if collapsed:
+        lines += ["", f"**Collapsed**: {', '.join(collapsed)} (teacher entropy >= {COLLAPSED} ln K at the end): "
+                  "their teachers give every image the same uniform output: nothing was distilled, and their k-NN "
+                  "figures are no evidence about their method."]
     lines += ["", "Paired differences (a - b over the seeds both ran; 95% t-interval):", "",
               "| a - b | metric | n | mean diff | 95% CI | per seed |", "|---|---|---|---|---|---|"]
     for p in report["paired"]:

@@ -18,6 +18,7 @@ from typing import Callable
 from odis.files import write_json
 from odis.pipelines.demo import untrained_backbone
 from odis.pipelines.experiment.data import box_manifest, prepare_data
+from odis.pipelines.experiment.diagnostics import run_diagnostics
 from odis.pipelines.experiment.report import write_report
 from odis.pipelines.experiment.spec import Run, Spec
 
@@ -60,7 +61,8 @@ def _run_one(spec: Spec, run: Run, seed: int, paths: dict, out: Path, device: st
     train_s = round(time.perf_counter() - t0, 1)
     result = {"name": run.name, "method": run.method, "boxes": run.boxes, "seed": seed,
               "overrides": spec.train.get("overrides", []) + run.overrides, "steps": steps, "train_s": train_s,
-              "folder": str(folder), "knn": _knn(spec, folder, paths, out, device)}
+              "folder": str(folder), "knn": _knn(spec, folder, paths, out, device),
+              "diagnostics": run_diagnostics(folder)}
     write_json(result_path, result)
     return result
 

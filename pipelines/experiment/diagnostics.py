@@ -1,0 +1,75 @@
+"""What a reviewer asks before reading a comparison: can the box matter on these scenes, and did the runs learn?
+
+- `mask_coverage`: the share of the patch grid, and of each distractor's patches, that the target's [OBJ] mask
+  covers in the k-NN's view (Resize + CenterCrop at the backbone's size). A mask that covers most of the grid and
+  of the distractors makes masked attention nearly a no-op, and ODIS then cannot differ from iBOT.
+- `run_diagnostics`: from a training's own files, the teacher's entropy at the end as a share of ln K (1.0: the
+  teacher's output is uniform for every image, a collapse), and the shares of global views that fell back to
+  an ordinary crop (object-aware cropping found none) and whose [OBJ] was invalid (the box cropped away).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from odis.boxes import box_to_patch_mask, is_empty
+from odis.eval.features import eval_crop, select_box
+from odis.manifest import BOX_COLUMNS, read_manifest
+
+COLLAPSED = 0.98  # teacher entropy / ln K at the end of training from which a run is reported as collapsed
+
+
+def mask_coverage(manifest: str | Path, size: int, patch: int, how: str = "largest") -> dict:
+    """Mean shares (in [0, 1]) over the manifest's images of the grid, and over their distractors of the
+    distractor's patches, inside the target's patch mask; the target is the box `how` selects (the k-NN's rule).
+    A target the centre crop cuts away leaves the k-NN's [OBJ] unmasked (`fallbacks`): its whole grid counts."""
+    df = read_manifest(manifest, columns=["image_id", "width", "height", *BOX_COLUMNS]).to_pandas()
+    df = df[df["x0"].notna()]
+    grid, distractor, fallbacks = [], [], 0
+    for _, g in df.groupby("image_id", sort=False):
+        boxes = g[BOX_COLUMNS].to_numpy(np.float64)
+        crop = eval_crop(int(g["width"].iloc[0]), int(g["height"].iloc[0]), size)
+        target = select_box(boxes, how=how)
+        if target is None:
+            continue
+        vbox = crop.apply(target)
+        fallbacks += bool(is_empty(vbox))
+        t = np.ones((size // patch,) * 2, bool) if is_empty(vbox) else box_to_patch_mask(vbox, size, size, patch)
+        grid.append(t.mean())
+        for b in boxes[~np.all(boxes == target, axis=1)]:
+            d = box_to_patch_mask(crop.apply(b), size, size, patch)
+            if d.any():
+                distractor.append((t & d).sum() / d.sum())
+    return {"size": size, "patch": patch, "grid": f"{size // patch}x{size // patch}", "images": len(grid),
+            "fallbacks": fallbacks, "distractors": len(distractor), "grid_share": _mean(grid),
+            "distractor_share": _mean(distractor)}
+
+
+def _mean(x: list) -> float | None:
+    return round(float(np.mean(x)), 4) if x else None
+
+
+def run_diagnostics(folder: str | Path) -> dict:
+    """{"teacher_entropy": t_entropy / ln K at the last logged step, "crop_fallbacks", "obj_invalid": shares of
+    the global views (two a sample) of the training's last start}; None where the run's files do not hold it
+    (e.g. an untrained network)."""
+    folder = Path(folder)
+    out = {"teacher_entropy": None, "crop_fallbacks": None, "obj_invalid": None}
+    try:
+        with open(folder / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("t_entropy")]
+        k = yaml.safe_load((folder / "config.yaml").read_text())["model"]["out_dim"]
+        if rows:
+            out["teacher_entropy"] = round(float(rows[-1]["t_entropy"]) / math.log(int(k)), 4)
+        stats = json.loads((folder / "data.json").read_text())
+    except (OSError, KeyError, ValueError, TypeError, yaml.YAMLError):
+        return out
+    if stats.get("samples"):
+        for key in ("crop_fallbacks", "obj_invalid"):
+            out[key] = round(stats.get(key, 0) / (2 * stats["samples"]), 4)
+    return out
