@@ -6,6 +6,9 @@
 #   step   step time odis vs ibot (bf16, ViT-S/16, batch 64, 2x224 + 10x96) in the runs STEP_RUNS names (below);
 #          one profiled step of odis and ibot each (operator tables: where odis's extra time goes), and the SDPA
 #          backends with the OBJ mask against the unmasked floor (~1 min a run eager, a few more compiling);
+#   experiment  `odis experiment run experiments/mini_repro.yaml --preset gpu` (the miniature reproduction, 5 seeds,
+#          six runs at a time) for EXP_BUDGET_S (480) at most, then the report of the runs that finished (a rerun
+#          of the part continues them); results.md/.json into $OUT, the runs' logs and metrics into aux.tgz;
 #   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
 #   train  if .devdata/coco/base holds shards: end-to-end training img/s with 14 loader workers (ODIS and iBOT), on 24
 #          symlinked copies of each tar (3,840 samples from the 160 real COCO images: an epoch is 30 steps of 128).
@@ -19,7 +22,8 @@
 # space. Default: mask compiled (the GPU recipes' setting), the same with CUDA graphs (--compile-mode
 # reduce-overhead), mask eager, split eager (~5 min in all; with check and train ~9 min). --obj-row
 # efficient|cudnn|math adds odis variants whose split OBJ row runs on that SDPA backend only.
-# Prepare here (CPU machine), then carry .devdata/mini_repro/gpu, .devdata/coco/base and .whl:
+# Prepare here (CPU machine), then carry .devdata/exp-gpu, .devdata/mini_repro/gpu, .devdata/coco/base and .whl:
+#   odis experiment prepare experiments/mini_repro.yaml --preset gpu --out .devdata/exp-gpu
 #   python3 benchmarks/mini_repro.py prepare --preset gpu
 #   D=../shared/data/coco_tiny; for s in train val; do
 #     odis import-boxes --format coco --images $D/${s}2017 --annotations $D/annotations/instances_${s}2017.json \
@@ -31,8 +35,8 @@
 #       --platform manylinux2014_x86_64 -d .whl timm==1.0.31 webdataset==1.0.2 braceexpand==0.1.7
 # There:  OUT=/some/dir PARTS="step mini" bash benchmarks/gpu_check.sh   (MINI_BUDGET_S: mini_repro's guard, 420)
 # The device tool returns at most 8 files from $OUT: there go gpu.txt, BENCHMARKS.md, step_*.json (3), mini_repro.md
-# and .json; everything else (profiles, logs, metrics) goes into $OUT/aux.tgz, packed again after every part, so
-# that a run cut short still returns what it had.
+# and .json (or experiment_results.md and .json); everything else (profiles, logs, metrics) goes into
+# $OUT/aux.tgz, packed again after every part, so that a run cut short still returns what it had.
 set -uo pipefail
 OUT=${OUT:?set OUT}
 export PYTHONUNBUFFERED=1
@@ -76,6 +80,16 @@ mini() {
     cp /tmp/mr/BENCHMARKS-row.md $AUX/ 2>/dev/null
     (cd /tmp/mr && tar czf $AUX/mini_logs.tgz logs runs/*/metrics.csv 2>/dev/null)
   fi
+}
+
+experiment() {
+  mkdir -p /tmp/exp && [ -d .devdata/exp-gpu/data ] && cp -rn .devdata/exp-gpu/data /tmp/exp/
+  timeout ${EXP_BUDGET_S:-480} python3 -m odis experiment run experiments/mini_repro.yaml --preset gpu \
+    --out /tmp/exp --device cuda 2>&1 | tee $AUX/experiment.log | grep '^\[experiment\]'
+  python3 -m odis experiment report /tmp/exp > /dev/null 2>&1
+  cp /tmp/exp/results.md $OUT/experiment_results.md 2>/dev/null
+  cp /tmp/exp/results.json $OUT/experiment_results.json 2>/dev/null
+  (cd /tmp/exp && tar czf $AUX/experiment_runs.tgz runs/*/metrics.csv runs/*/train.log runs/*/result.json 2>/dev/null)
 }
 
 step() {

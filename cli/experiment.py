@@ -20,6 +20,8 @@ def experiment_run_cmd(
     out: Path = typer.Option(..., "--out", help="Experiment folder; rerunning continues with the runs not finished."),
     preset: Optional[str] = typer.Option(None, "--preset", help="One of the spec's presets (smoke | cpu | gpu)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs trained at once on the device (default: "
+                                       "the spec's train.jobs, else 1; several small runs fill a GPU better)."),
 ) -> None:
     """Train every run of SPEC for each seed at the same budget, evaluate each by k-NN (none and mask), and write
     OUT/results.json, results.md (mean ± std, paired differences with 95% intervals) and results.png.
@@ -31,11 +33,30 @@ def experiment_run_cmd(
 
     check_out_path(out, "--out", folder=True)
     try:
-        report = run_experiment(load_spec(spec, preset), out, device=device, echo=typer.echo)
+        report = run_experiment(load_spec(spec, preset), out, device=device, echo=typer.echo, jobs=jobs)
     except (SpecError, ExperimentError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     typer.echo((out / "results.md").read_text())
     typer.echo(f"wrote {out / 'results.json'}, results.md, results.png ({len(report['runs'])} runs)")
+
+
+@experiment_app.command("prepare")
+def experiment_prepare_cmd(
+    spec: Path = typer.Argument(..., help="The spec, e.g. experiments/mini_repro.yaml."),
+    out: Path = typer.Option(..., "--out", help="Experiment folder: its data/ is made (synthetic scenes, shards)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="One of the spec's presets (smoke | cpu | gpu)."),
+) -> None:
+    """Make the experiment's data only (e.g. on a CPU machine, to carry OUT to a GPU one): `experiment run` with
+    the same --out then trains on it without making it again."""
+    from odis.pipelines.experiment import SpecError, load_spec
+    from odis.pipelines.experiment.data import prepare_data
+
+    check_out_path(out, "--out", folder=True)
+    try:
+        prepare_data(load_spec(spec, preset), out.resolve(), typer.echo)
+    except (SpecError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"data ready under {out / 'data'}")
 
 
 @experiment_app.command("report")

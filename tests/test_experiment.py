@@ -95,8 +95,11 @@ def test_jitter_and_random_boxes_are_made_from_the_ground_truth(tmp_path):
 def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
     out = tmp_path / "exp"
     args = ["experiment", "run", str(SPEC), "--preset", "smoke", "--out", str(out), "--device", "cpu"]
-    r = CliRunner().invoke(app, args)
+    r = CliRunner().invoke(app, ["experiment", "prepare", str(SPEC), "--preset", "smoke", "--out", str(out)])
+    assert r.exit_code == 0 and (out / "data" / "shards" / "val" / "index.json").is_file(), r.output
+    r = CliRunner().invoke(app, args + ["--jobs", "2"])  # two runs at a time; the rerun below one at a time
     assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "data: synth scenes" not in r.output  # the prepared data is used as it is
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.md").is_file() and (out / "results.png").stat().st_size > 1000
     assert {(x["name"], x["seed"]) for x in results["runs"]} == {(n, s) for n in ("untrained", "ibot", "odis-gt")
@@ -122,6 +125,25 @@ def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
     assert kept.stat().st_mtime_ns == before and (out / "runs" / "odis-gt-s1" / "result.json").is_file()
     r = CliRunner().invoke(app, ["experiment", "report", str(out)])
     assert r.exit_code == 0 and "odis-gt - ibot" in r.output
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_named_and_no_other_starts(tmp_path):
+    import yaml
+
+    from odis.pipelines.experiment import ExperimentError, run_experiment
+
+    raw = yaml.safe_load(SPEC.read_text())
+    raw["runs"] = [{"name": "ibot", "method": "ibot"}, {"name": "broken", "method": "ibot",
+                                                        "overrides": ["optim.no_such_key=1"]}]
+    del raw["presets"]["smoke"]["runs_only"]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "exp"
+    with pytest.raises(ExperimentError, match=r"broken seed 0: `odis train` failed .*train.log"):
+        run_experiment(load_spec(path, "smoke"), out, device="cpu", echo=lambda _: None)
+    assert (out / "runs" / "ibot-s0" / "result.json").is_file()
+    assert not (out / "runs" / "ibot-s1").exists()  # after the failure nothing else started
 
 
 def test_eval_sets_are_checked(tmp_path):

@@ -2,8 +2,10 @@
 
 Each run trains as a subprocess of the real command (`python -m odis train ...`, its log beside it) into
 OUT/runs/NAME-sSEED/ and ends with that folder's result.json; a killed experiment continues with the runs that have
-none (a killed training resumes from its checkpoint). The untrained baseline of a seed is the architecture of that
-seed's first trained run, freshly initialised with the seed. Then OUT/results.json, .md and .png (report.py).
+none (a killed training resumes from its checkpoint). `jobs` runs train at once (small runs together fill a GPU
+better than one); the untrained baselines come after the trained runs: the untrained network of a seed is the
+architecture of that seed's first trained run, freshly initialised with the seed. Then OUT/results.json, .md and
+.png (report.py).
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import csv
 import json
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -27,21 +31,41 @@ class ExperimentError(RuntimeError):
     """A run of the experiment failed; the message names it and its log."""
 
 
-def run_experiment(spec: Spec, out: str | Path, device: str = "auto", echo: Callable[[str], None] = print) -> dict:
+def run_experiment(spec: Spec, out: str | Path, device: str = "auto", echo: Callable[[str], None] = print,
+                   jobs: int | None = None) -> dict:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "spec.json", {"source": spec.source, "preset": spec.preset, "name": spec.name})
     paths = prepare_data(spec, out, echo)
-    order = [(seed, run) for seed in spec.seeds for run in sorted(spec.runs, key=lambda r: r.method == "untrained")]
-    results = []
-    for i, (seed, run) in enumerate(order, 1):
+    jobs = jobs or int(spec.train.get("jobs", 1))
+    trained = [(s, r) for s in spec.seeds for r in spec.runs if r.method != "untrained"]
+    untrained = [(s, r) for s in spec.seeds for r in spec.runs if r.method == "untrained"]
+    total, results, lock, stop = len(trained) + len(untrained), [], threading.Lock(), threading.Event()
+
+    def one(seed: int, run: Run, done: list[dict]) -> None:
+        if stop.is_set():  # a run failed: start no other (those in flight finish and keep their results)
+            return
         t0 = time.perf_counter()
-        res = _run_one(spec, run, seed, paths, out, device, results)
+        try:
+            res = _run_one(spec, run, seed, paths, out, device, done)
+        except BaseException:
+            stop.set()
+            raise
         knn = "  ".join(f"{m} {res['knn'][m]['top1']:.1f}" for m in spec.metrics)
-        echo(f"[experiment] {i}/{len(order)} {run.name} seed {seed}: {res['steps']} steps, k-NN top-1 {knn} "
-             f"({time.perf_counter() - t0:.0f} s)")
-        results.append(res)
-    return write_report(spec, results, out)
+        with lock:
+            results.append(res)
+            echo(f"[experiment] {len(results)}/{total} {run.name} seed {seed}: {res['steps']} steps, k-NN top-1 "
+                 f"{knn} ({time.perf_counter() - t0:.0f} s)")
+
+    for phase in (trained, untrained):
+        done = list(results)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(one, seed, run, done) for seed, run in phase]
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:  # the runs that finished keep their result.json: a rerun continues with the others
+            raise failed[0]
+    order = {(s, r.name): i for i, (s, r) in enumerate(trained + untrained)}
+    return write_report(spec, sorted(results, key=lambda r: order[r["seed"], r["name"]]), out)
 
 
 def _run_one(spec: Spec, run: Run, seed: int, paths: dict, out: Path, device: str, done: list[dict]) -> dict:

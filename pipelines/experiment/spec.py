@@ -8,8 +8,9 @@ A spec (experiments/*.yaml):
     recipe: mini_cpu                 # odis train -c ...
     data: {synth: {...}}             # scenes made by `odis synth` (and their GT boxes), or
     data: {train: SHARDS, val: SHARDS, boxes: {gt: MANIFEST, yolo: MANIFEST, ...}}
-    train: {epochs: 12, batch_size: 64, overrides: [key=value, ...], processes: 1}   # the same for every run
-                                     # (processes > 1: each training under torchrun, batch_size per process)
+    train: {epochs: 12, batch_size: 64, overrides: [key=value, ...], processes: 1,   # the same for every run
+            jobs: 1}                 # (processes > 1: each training under torchrun, batch_size per process;
+                                     # jobs > 1: that many runs train at once on the device, `--jobs`)
     seeds: [0, 1, 2]
     eval: {k: 20, modes: [none, mask],
            sets: {NAME: {synth: {...}} | {train: SHARDS, val: SHARDS}, [modes: [...]]}}
@@ -117,8 +118,9 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
         runs = [r for r in runs if r.name in only]
     kept = {r.name for r in runs}
     compare = [tuple(c) for c in raw.get("compare", []) if len(c) == 2 and set(c) <= kept]
-    if not (isinstance(train.get("processes", 1), int) and train.get("processes", 1) >= 1):
-        raise SpecError(f"{path}: train.processes must be an integer >= 1, got {train.get('processes')!r}")
+    for key in ("processes", "jobs"):
+        if not (isinstance(train.get(key, 1), int) and train.get(key, 1) >= 1):
+            raise SpecError(f"{path}: train.{key} must be an integer >= 1, got {train.get(key)!r}")
     seeds = [int(s) for s in need("seeds", list)]
     modes = tuple(ev.get("modes", MODES))
     if not seeds or len(set(seeds)) != len(seeds) or not set(modes) <= set(MODES):
