@@ -112,13 +112,14 @@ def markdown(report: dict, spec) -> str:
                      + " | ".join(_ms(report["summary"][r.name][m]) for m in modes) + " | "
                      + " | ".join(_share(d.get(k), k != "teacher_entropy") for k in DIAGNOSTICS) + " |")
     lines += ["", "teacher H / ln K: the teacher's mean entropy per image at the end of training over its "
-              f"maximum (>= {COLLAPSED}: collapsed, the same uniform output for every image); crop fallbacks and "
-              "invalid [OBJ]: shares of the global views."]
+              f"maximum (>= {COLLAPSED}: collapsed, nearly the same uniform target for every image); crop "
+              "fallbacks and invalid [OBJ]: shares of the global views."]
     collapsed = [n for n, d in diag.items() if (d.get("teacher_entropy") or 0) >= COLLAPSED]
     if collapsed:
         lines += ["", f"**Collapsed**: {', '.join(collapsed)} (teacher entropy >= {COLLAPSED} ln K at the end): "
-                  "their teachers give every image the same uniform output: nothing was distilled, and their k-NN "
-                  "figures are no evidence about their method."]
+                  "their teachers' targets are nearly uniform for every image, so little was distilled; a gain over "
+                  "the untrained network comes from elsewhere (e.g. KoLeo spreading the features), and comparing "
+                  "these runs says little about their distillation objectives."]
     lines += ["", "Paired differences (a - b over the seeds both ran; 95% t-interval):", "",
               "| a - b | metric | n | mean diff | 95% CI | per seed |", "|---|---|---|---|---|---|"]
     for p in report["paired"]:
