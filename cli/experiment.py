@@ -8,6 +8,7 @@ import typer
 
 from odis.cli.common import app, check_out_path, fail
 
+PRESET_HELP = "One of the spec's presets (mini_repro.yaml: smoke | cpu | cpu_minicpu | gpu)."
 experiment_app = typer.Typer(help="The paper's comparisons as one command: a grid of runs x paired seeds at one "
                              "budget, k-NN with and without the box, paired differences with 95% intervals.",
                              no_args_is_help=True)
@@ -18,7 +19,7 @@ app.add_typer(experiment_app, name="experiment")
 def experiment_run_cmd(
     spec: Path = typer.Argument(..., help="The spec, e.g. experiments/mini_repro.yaml."),
     out: Path = typer.Option(..., "--out", help="Experiment folder; rerunning continues with the runs not finished."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="One of the spec's presets (smoke | cpu | gpu)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Runs trained at once on the device (default: "
                                        "the spec's train.jobs, else 1; several small runs fill a GPU better)."),
@@ -44,7 +45,7 @@ def experiment_run_cmd(
 def experiment_prepare_cmd(
     spec: Path = typer.Argument(..., help="The spec, e.g. experiments/mini_repro.yaml."),
     out: Path = typer.Option(..., "--out", help="Experiment folder: its data/ is made (synthetic scenes, shards)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="One of the spec's presets (smoke | cpu | gpu)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
 ) -> None:
     """Make the experiment's data only (e.g. on a CPU machine, to carry OUT to a GPU one): `experiment run` with
     the same --out then trains on it without making it again."""
