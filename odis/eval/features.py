@@ -48,6 +48,14 @@ def eval_crop(width: int, height: int, size: int = 224, resize: int | None = Non
     return Crop(top=top / sy, left=left / sx, height=size / sy, width=size / sx, out_h=size, out_w=size)
 
 
+def eval_view_box(width: int, height: int, box: np.ndarray, size: int = 224,
+                  resize: int | None = None) -> np.ndarray | None:
+    """A box of the image's pixels in the evaluation view's pixels; None when the centre crop cuts it away (the box
+    modes then fall back to `none`: `box_cropped_away`)."""
+    vbox = eval_crop(width, height, size, resize).apply(box)
+    return None if is_empty(vbox) else vbox
+
+
 def input_size(model, size: int | None) -> int:
     """The evaluation input size (`--size`; default: the backbone's training size), a multiple of its patch size
     (the patch grid must tile the view)."""
@@ -125,8 +133,8 @@ def box_view(img: Image.Image, box: np.ndarray | None, mode: str, size: int = 22
     view = _to_tensor(eval_view(img, size, resize))
     if mode == "none":
         return BoxView(normalize(view), None, fallback)
-    vbox = eval_crop(w, h, size, resize).apply(box)
-    if is_empty(vbox):
+    vbox = eval_view_box(w, h, box, size, resize)
+    if vbox is None:
         return BoxView(normalize(view), None, "box_cropped_away")
     if mode == "blackout":
         # A pixel stays when it overlaps the box: the patch rule at patch size 1.

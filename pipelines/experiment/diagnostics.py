@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from odis.boxes import box_to_patch_mask, is_empty
-from odis.eval.features import eval_crop, select_box
+from odis.boxes import box_to_patch_mask
+from odis.eval.features import eval_crop, eval_view_box, select_box
 from odis.manifest import BOX_COLUMNS, read_manifest
 
 COLLAPSED = 0.98  # teacher entropy / ln K at the end of training from which a run is reported as collapsed
@@ -33,14 +33,15 @@ def mask_coverage(manifest: str | Path, size: int, patch: int, how: str = "large
     grid, distractor, fallbacks = [], [], 0
     for _, g in df.groupby("image_id", sort=False):
         boxes = g[BOX_COLUMNS].to_numpy(np.float64)
-        crop = eval_crop(int(g["width"].iloc[0]), int(g["height"].iloc[0]), size)
+        w, h = int(g["width"].iloc[0]), int(g["height"].iloc[0])
         target = select_box(boxes, how=how)
         if target is None:
             continue
-        vbox = crop.apply(target)
-        fallbacks += bool(is_empty(vbox))
-        t = np.ones((size // patch,) * 2, bool) if is_empty(vbox) else box_to_patch_mask(vbox, size, size, patch)
+        vbox = eval_view_box(w, h, target, size)
+        fallbacks += vbox is None
+        t = np.ones((size // patch,) * 2, bool) if vbox is None else box_to_patch_mask(vbox, size, size, patch)
         grid.append(t.mean())
+        crop = eval_crop(w, h, size)
         for b in boxes[~np.all(boxes == target, axis=1)]:
             d = box_to_patch_mask(crop.apply(b), size, size, patch)
             if d.any():
