@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from odis.eval.features import box_view, eval_crop, eval_view, input_size
+from odis.eval.features import box_view, eval_view, eval_view_box, input_size
 
 
 @torch.inference_mode()
@@ -23,5 +23,5 @@ def obj_attention_maps(model, img: Image.Image, box=None, size: int | None = Non
     device = next(model.parameters()).device
     m = v.obj_mask[None].to(device) if v.obj_mask is not None else None
     att = model.eval().obj_attention(v.image[None].to(device), obj_mask=m)
-    vbox = eval_crop(img.width, img.height, size).apply(np.asarray(box, float)) if box is not None else None
+    vbox = eval_view_box(img.width, img.height, np.asarray(box, float), size) if box is not None else None
     return eval_view(img, size), att[0].float().cpu().numpy(), vbox
