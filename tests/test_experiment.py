@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from typer.testing import CliRunner
 
 from odis.cli import app
@@ -224,6 +224,7 @@ _box = st.tuples(st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.05, 1), st.fl
 @settings(max_examples=30, deadline=None)
 @given(w=st.integers(40, 120), h=st.integers(40, 120), rel=st.lists(_box, min_size=1, max_size=3),
        patch=st.sampled_from([4, 8]))
+@example(w=40, h=40, rel=[(0.0, 0.0, 1.0, 1.0), (0.0, 2.2250738585e-313, 1.0, 1.0)], patch=4)  # one box in float32
 def test_mask_coverage_is_the_share_of_the_knn_mask(w, h, rel, patch):
     """The coverage the report prints is measured on the very mask the k-NN's `mask` mode gives the [OBJ] token."""
     import tempfile
@@ -235,7 +236,9 @@ def test_mask_coverage_is_the_share_of_the_knn_mask(w, h, rel, patch):
     from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
     from odis.pipelines.experiment.diagnostics import mask_coverage
 
-    boxes = [(x * w, y * h, min(w, x * w + bw * w), min(h, y * h + bh * h)) for x, y, bw, bh in rel]
+    # as the manifest stores them (float32): boxes equal there are one box, not a target and its distractor
+    boxes = [tuple(float(np.float32(v)) for v in (x * w, y * h, min(w, x * w + bw * w), min(h, y * h + bh * h)))
+             for x, y, bw, bh in rel]
     cols = empty_columns()
     for b in boxes:
         add_row(cols, "im", "im.jpg", w, h, "coco-gt", box=b)
