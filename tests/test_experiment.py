@@ -69,6 +69,17 @@ def test_bad_specs_are_refused_naming_the_key(tmp_path, edit, match):
         load_spec(SPEC, "huge")
 
 
+def test_a_shared_override_list_is_spliced_into_a_run(tmp_path):
+    """Rows that share a teacher share one YAML anchor; `[*teacher, key=value]` is that list and one more."""
+    text = SPEC.read_text()
+    spec = load_spec(SPEC)
+    teacher = spec.run("ibot-minicpu").overrides
+    assert len(teacher) == 4 and all(isinstance(o, str) and "=" in o for o in teacher)
+    assert spec.run("odis-gt-minicpu").overrides == teacher
+    assert spec.run("odis-gt-whole30-minicpu").overrides == [*teacher, "data.whole_image_box_prob=0.3"]
+    assert "&minicpu" in text and "[*minicpu, data.whole_image_box_prob=0.3]" in text
+
+
 def test_jitter_and_random_boxes_are_made_from_the_ground_truth(tmp_path):
     from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
     from odis.manifest_boxes import read_box_rows

@@ -17,7 +17,8 @@ A spec (experiments/*.yaml):
                                      # more k-NN sets (their own bank and queries), metrics NAME:MODE
     min_gain: 2.0                    # k-NN points a trained run must gain over the untrained one
     runs: [{name, method: untrained|dino|ibot|odis, boxes: none|gt|jitter:S|random|<a name in data.boxes>,
-            overrides: [...]}]
+            overrides: [...]}]       # a list inside is spliced in: rows that share a teacher share one YAML
+                                     # anchor, `overrides: &teacher [...]`, then `[*teacher, key=value]`
     compare: [[run a, run b], ...]   # paired differences a - b
     presets: {smoke: {...}, cpu: {...}, gpu: {...}}
 """
@@ -106,8 +107,8 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
     for i, r in enumerate(need("runs", list)):
         if not isinstance(r, dict) or "name" not in r:
             raise SpecError(f"{path}: runs[{i}] needs a name")
-        run = Run(str(r["name"]), str(r.get("method", "odis")), str(r.get("boxes", "none")),
-                  [str(o) for o in r.get("overrides", [])])
+        overrides = [str(o) for item in r.get("overrides", []) for o in (item if isinstance(item, list) else [item])]
+        run = Run(str(r["name"]), str(r.get("method", "odis")), str(r.get("boxes", "none")), overrides)
         _check_run(run, data, path, i)
         runs.append(run)
     names = [r.name for r in runs]
