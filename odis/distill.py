@@ -100,77 +100,83 @@ class Distiller(nn.Module):
                 teacher_patch_temp: float | None = None) -> dict[str, torch.Tensor]:
         """Loss and its parts. The teacher temperatures come from the schedules: `teacher_temp` for the OBJ/CLS
         targets, `teacher_patch_temp` for the patch targets (None: the same)."""
-        two_b = views.globals_.shape[0]
-        b = two_b // 2
+        b = views.globals_.shape[0] // 2
+        patch_temp = teacher_temp if teacher_patch_temp is None else teacher_patch_temp
         obj_mask = views.obj_mask.flatten(0, 1) if self.method == "odis" else None
         mim = views.mim_mask.flatten(0, 1) if self.uses_patch_loss else None
+        t = self._teacher_globals(views.globals_, obj_mask)
+        s = self._student(views, obj_mask, mim)
 
-        with_img = self.img_centers is not None
-        img = {"with_img": True} if with_img else {}  # L_i: the backbones also return their image token
-        with torch.no_grad():
-            t_obj, t_patch, *t_img = self.teacher.backbone(views.globals_, obj_mask=obj_mask, **img)
-            if self.uses_patch_loss:
-                n = t_patch.shape[1]
-                t_logits = self.teacher.head(torch.cat([t_obj, t_patch.flatten(0, 1)]))
-                t_obj_logits, t_patch_logits = t_logits[:two_b], t_logits[two_b:].reshape(two_b, n, -1)
-            else:
-                t_obj_logits, t_patch_logits = self.teacher.head(t_obj), None
-
-        s_obj, s_patch, *s_img = self.student.backbone(views.globals_, obj_mask=obj_mask, patch_mask=mim, **img)
-        s_tokens = [s_obj]
-        local = _LocalViews.of(views, self.uses_patch_loss)
-        if local is not None:
-            l_obj, l_patch, *l_img = self.student.backbone(views.locals_, obj_mask=local.obj_mask,
-                                                           patch_mask=local.mim, **img)
-            s_tokens.append(l_obj)
-            s_img += l_img
-        s_tokens = torch.cat(s_tokens)
-        n_obj = s_tokens.shape[0]
-        masked = None
-        if self.uses_patch_loss:
-            masked = mim.flatten(1)  # [2B, N]
-            s_tokens = [s_tokens, s_patch[masked]]  # one head call: OBJ/CLS + masked patches only
-            if local is not None and local.mim is not None:
-                s_tokens.append(l_patch[local.mim.flatten(1)])
-            s_tokens = torch.cat(s_tokens)
-        s_logits = self.student.head(s_tokens)
-        s_obj_logits = s_logits[:n_obj].reshape(-1, b, s_logits.shape[-1])  # [2+L, B, K]
-
+        tp = self._teacher_probs(t.obj_logits, self.centers.obj, teacher_temp).reshape(2, b, -1)
         valid_t = valid_s = None
         if self.method == "odis":
             valid_t = views.obj_valid
-            n_local = s_obj_logits.shape[0] - 2  # locals always see "their object": the whole crop
+            n_local = s.obj_logits.shape[0] - 2  # locals always see "their object": the whole crop
             valid_s = torch.cat([views.obj_valid, views.obj_valid.new_ones(n_local, b)])
-        tp = self._teacher_probs(t_obj_logits, self.centers.obj, teacher_temp).reshape(2, b, -1)
-        l_obj = loss_obj(s_obj_logits, tp, self.student_temp, valid_s, valid_t)
+        l_obj = loss_obj(s.obj_logits, tp, self.student_temp, valid_s, valid_t)
         out = {"loss_obj": l_obj, **collapse_stats(tp)}
         loss = self.lambda_obj * l_obj
         if self.uses_patch_loss:
-            tpp = self._teacher_probs(t_patch_logits[masked], self.centers.patch,
-                                      teacher_temp if teacher_patch_temp is None else teacher_patch_temp)
-            patch_logits, local_logits = s_logits[n_obj:], None
-            if local is not None and local.mim is not None:
-                n_masked = int(masked.sum())
-                patch_logits, local_logits = patch_logits[:n_masked], patch_logits[n_masked:]
-            l_patch = loss_patch(patch_logits, tpp, masked.reshape(2, b, -1), self.student_temp)
-            if local_logits is not None:
-                l_patch = self._with_local_patch_loss(l_patch, views, local, local_logits, b,
-                                                      teacher_temp if teacher_patch_temp is None else
-                                                      teacher_patch_temp)
-            out["loss_patch"] = l_patch
-            loss = loss + self.lambda_patch * l_patch
+            out["loss_patch"] = self._patch_loss(t, s, views, mim, b, patch_temp)
+            loss = loss + self.lambda_patch * out["loss_patch"]
         if self.lambda_koleo:  # DINOv2: on the student's global OBJ/CLS tokens, one global view at a time
-            views_obj = s_obj.chunk(2)
+            views_obj = s.obj.chunk(2)
             if valid_t is not None:  # an OBJ token without its object (empty box) carries nothing to spread
                 views_obj = [x[v] for x, v in zip(views_obj, valid_t)]
             out["loss_koleo"] = sum(koleo(x) for x in views_obj)
             loss = loss + self.lambda_koleo * out["loss_koleo"]
-        if with_img:
-            out["loss_img"] = self._image_loss(t_img[0], torch.cat(s_img), b, teacher_temp)
+        if s.img is not None:
+            out["loss_img"] = self._image_loss(t.img, s.img, b, teacher_temp)
             loss = loss + self.lambda_img * out["loss_img"]
-        self.centers.update(t_obj_logits, t_patch_logits)
+        self.centers.update(t.obj_logits, t.patch_logits)
         out["loss"] = loss
         return out
+
+    @torch.no_grad()
+    def _teacher_globals(self, globals_: torch.Tensor, obj_mask: torch.Tensor | None) -> "_TeacherOut":
+        """The teacher on the 2 global views: its OBJ/CLS logits and, for L_PATCH, those of all its patches."""
+        img = {"with_img": True} if self.img_centers is not None else {}
+        t_obj, t_patch, *t_img = self.teacher.backbone(globals_, obj_mask=obj_mask, **img)
+        if not self.uses_patch_loss:
+            return _TeacherOut(self.teacher.head(t_obj), None, t_img[0] if t_img else None)
+        two_b, n = t_patch.shape[:2]
+        t_logits = self.teacher.head(torch.cat([t_obj, t_patch.flatten(0, 1)]))
+        return _TeacherOut(t_logits[:two_b], t_logits[two_b:].reshape(two_b, n, -1), t_img[0] if t_img else None)
+
+    def _student(self, views: Views, obj_mask: torch.Tensor | None, mim: torch.Tensor | None) -> "_StudentOut":
+        """The student on the masked global views and the local views; one head call for the OBJ/CLS tokens of
+        every view and the masked patches only."""
+        b = views.globals_.shape[0] // 2
+        img = {"with_img": True} if self.img_centers is not None else {}
+        s_obj, s_patch, *s_img = self.student.backbone(views.globals_, obj_mask=obj_mask, patch_mask=mim, **img)
+        tokens, local, l_patch = [s_obj], _LocalViews.of(views, self.uses_patch_loss), None
+        if local is not None:
+            l_obj, l_patch, *l_img = self.student.backbone(views.locals_, obj_mask=local.obj_mask,
+                                                           patch_mask=local.mim, **img)
+            tokens.append(l_obj)
+            s_img += l_img
+        n_obj = sum(x.shape[0] for x in tokens)
+        n_masked = 0
+        if self.uses_patch_loss:
+            tokens.append(s_patch[mim.flatten(1)])
+            n_masked = tokens[-1].shape[0]
+            if local is not None and local.mim is not None:
+                tokens.append(l_patch[local.mim.flatten(1)])
+        logits = self.student.head(torch.cat(tokens))
+        patch_logits = logits[n_obj:n_obj + n_masked] if self.uses_patch_loss else None
+        local_patch_logits = logits[n_obj + n_masked:] if local is not None and local.mim is not None else None
+        return _StudentOut(s_obj, logits[:n_obj].reshape(-1, b, logits.shape[-1]), patch_logits,
+                           local_patch_logits, torch.cat(s_img) if s_img else None, local)
+
+    def _patch_loss(self, t: "_TeacherOut", s: "_StudentOut", views: Views, mim: torch.Tensor, b: int,
+                    temp: float) -> torch.Tensor:
+        """L_PATCH on the masked global patches (PMLC: and on the masked local ones)."""
+        masked = mim.flatten(1)  # [2B, N]
+        tpp = self._teacher_probs(t.patch_logits[masked], self.centers.patch, temp)
+        l_patch = loss_patch(s.patch_logits, tpp, masked.reshape(2, b, -1), self.student_temp)
+        if s.local_patch_logits is None:
+            return l_patch
+        return self._with_local_patch_loss(l_patch, views, s.local, s.local_patch_logits, b, temp)
 
     def _image_loss(self, t_img: torch.Tensor, s_img: torch.Tensor, b: int, temp: float) -> torch.Tensor:
         """L_i: the image tokens distilled as iBOT's [CLS] (teacher's 2 global views -> the student's other views),
@@ -223,6 +229,23 @@ class Distiller(nn.Module):
         for name, p in self.student.head.named_parameters():
             if name.startswith("last_layer"):
                 p.grad = None
+
+
+@dataclass
+class _TeacherOut:
+    obj_logits: torch.Tensor            # [2B, K] OBJ/CLS of the global views
+    patch_logits: torch.Tensor | None   # [2B, N, K] every patch of the global views (ibot/odis)
+    img: torch.Tensor | None            # [2B, D] the image token (L_i)
+
+
+@dataclass
+class _StudentOut:
+    obj: torch.Tensor                   # [2B, D] OBJ/CLS tokens of the global views (KoLeo)
+    obj_logits: torch.Tensor            # [2+L, B, K] OBJ/CLS of every view
+    patch_logits: torch.Tensor | None   # [M, K] the masked global patches
+    local_patch_logits: torch.Tensor | None  # the masked local patches (PMLC)
+    img: torch.Tensor | None            # [(2+L)B, D] the image tokens (L_i)
+    local: "_LocalViews | None"
 
 
 @dataclass
