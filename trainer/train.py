@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,6 +75,51 @@ def to_views(batch: dict, device: torch.device, method: str, step: int, seed: in
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Run (or continue) a training run into cfg.out. Returns the final metrics of rank 0."""
+    run = _open_run(cfg, resume, overwrite)
+    proc, state, steps_per_epoch = run.proc, run.state, run.loader.steps_per_epoch
+    total = cfg.optim.epochs * steps_per_epoch
+    stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    log = MetricsLog(run.out, enabled=proc.main, start_step=state.step, total=stop, progress=progress)
+    if proc.main:
+        log.info(f"{cfg.method}: {stop - state.step} steps to go (epoch = {steps_per_epoch} steps of "
+                 f"{cfg.data.batch_size * proc.world} images), device {run.device} ({run.precision}), "
+                 f"{proc.world} process(es)" + (f", resumed from {run.checkpoint}" if run.checkpoint else ""))
+        _report_start(log, cfg, run.loader, run.out, run.device)
+    _run_steps(run, cfg, log, stop, total)
+    check_ranks_agree(run.distiller, proc)
+    if proc.main:
+        log.info(f"data: {run.loader.stats}")
+        write_json(run.out / "data.json", {"steps": [run.loader.spec.start_step, state.step], **run.loader.stats})
+        backbone = export_teacher(run.out, run.distiller)
+        log.plot()
+        log.info(f"done: {backbone} (teacher backbone, timm names)")
+    final = log.last if proc.main else None  # one summary line under torchrun, not one per rank
+    log.close()
+    finish(proc)
+    return final
+
+
+@dataclass
+class _Run:
+    """What a training run holds between its steps."""
+
+    proc: Dist
+    device: torch.device
+    out: Path
+    distiller: Distiller
+    model: torch.nn.Module  # the distiller, DDP-wrapped under torchrun
+    opt: torch.optim.Optimizer
+    state: State
+    loader: Any
+    amp: Any
+    scaler: Any
+    precision: str
+    checkpoint: Path | None
+
+
+def _open_run(cfg: Config, resume: str | None, overwrite: bool) -> _Run:
+    """The processes, the networks, the optimiser, the checkpoint and the data, each checked before the run folder
+    is written: a refused run leaves no trace."""
     from odis.trainer.data import make_train_loader
 
     proc = setup_distributed(cfg.device)
@@ -104,31 +151,29 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
     loader = make_train_loader(cfg, distiller.student.backbone.patch_size, proc.rank, proc.world,
                                start_step=state.step,
                                state=data_states[proc.rank] if len(data_states) == proc.world else None)
-    if proc.main:  # written once the checkpoint and the data have passed their checks: a refused run leaves no trace
+    if proc.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    steps_per_epoch = loader.steps_per_epoch
-    total = cfg.optim.epochs * steps_per_epoch
-    stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    return _Run(proc, device, out, distiller, model, opt, state, loader, amp, scaler, precision, ck)
+
+
+def _run_steps(run: _Run, cfg: Config, log: MetricsLog, stop: int, total: int) -> None:
+    """Steps until `stop`: a log row every `log_every`, a checkpoint every `checkpoint_every` and at the end."""
+    proc, state, steps_per_epoch = run.proc, run.state, run.loader.steps_per_epoch
     batch_total = cfg.data.batch_size * proc.world
-    log = MetricsLog(out, enabled=proc.main, start_step=state.step, total=stop, progress=progress)
-    if proc.main:
-        log.info(f"{cfg.method}: {stop - state.step} steps to go (epoch = {steps_per_epoch} steps of {batch_total} "
-                 f"images), device {device} ({precision}), {proc.world} process(es)"
-                 + (f", resumed from {ck}" if ck else ""))
-        _report_start(log, cfg, loader, out, device)
-    distiller.train()
+    run.distiller.train()
     pace = Pace()
-    it = start_batches(loader, state, cfg.seed, proc, resumed=ck is not None, stop=stop)
+    it = start_batches(run.loader, state, cfg.seed, proc, resumed=run.checkpoint is not None, stop=stop)
     while state.step < stop:
         batch = next(it)
         pace.got_batch()
-        sched = set_schedules(opt, cfg, state.step, steps_per_epoch, total, batch_total)
-        views = to_views(batch, device, cfg.method, state.step, cfg.seed, proc.rank)  # augmentation in float32
-        with amp:
-            parts = model(views, teacher_temp=sched["teacher_temp"], teacher_patch_temp=sched["teacher_patch_temp"])
-        optimise(parts["loss"], distiller, opt, cfg, state, sched["momentum"], epoch=state.step // steps_per_epoch,
-                 proc=proc, scaler=scaler)
+        sched = set_schedules(run.opt, cfg, state.step, steps_per_epoch, total, batch_total)
+        views = to_views(batch, run.device, cfg.method, state.step, cfg.seed, proc.rank)  # augmentation in float32
+        with run.amp:
+            parts = run.model(views, teacher_temp=sched["teacher_temp"],
+                              teacher_patch_temp=sched["teacher_patch_temp"])
+        optimise(parts["loss"], run.distiller, run.opt, cfg, state, sched["momentum"],
+                 epoch=state.step // steps_per_epoch, proc=proc, scaler=run.scaler)
         state.step += 1
         if state.step % cfg.log_every == 0 or state.step == stop:
             n_steps = cfg.log_every if state.step % cfg.log_every == 0 else max(1, state.step % cfg.log_every)
@@ -136,24 +181,13 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True, overwri
                               **{k: v.detach().float() for k, v in parts.items()}, **sched}, proc)
             log.write({**row, **pace.take(n_steps * batch_total), "bad_steps": state.bad_steps,
                        "fallbacks": float(batch["fallbacks"].float().mean()) if "fallbacks" in batch else 0.0,
-                       **({"loss_scale": scaler.get_scale()} if scaler else {})})
+                       **({"loss_scale": run.scaler.get_scale()} if run.scaler else {})})
         if state.step % cfg.checkpoint_every == 0 or state.step == stop:
-            per_rank = gather((loader.state_dict(), rng_state()), proc)
+            per_rank = gather((run.loader.state_dict(), rng_state()), proc)
             if proc.main:
-                save_checkpoint(out / CHECKPOINT, distiller, opt, state, cfg, [d for d, _ in per_rank],
-                                [r for _, r in per_rank], scaler)
+                save_checkpoint(run.out / CHECKPOINT, run.distiller, run.opt, state, cfg, [d for d, _ in per_rank],
+                                [r for _, r in per_rank], run.scaler)
         pace.step_done()
-    check_ranks_agree(distiller, proc)
-    if proc.main:
-        log.info(f"data: {loader.stats}")
-        write_json(out / "data.json", {"steps": [loader.spec.start_step, state.step], **loader.stats})
-        backbone = export_teacher(out, distiller)
-        log.plot()
-        log.info(f"done: {backbone} (teacher backbone, timm names)")
-    final = log.last if proc.main else None  # one summary line under torchrun, not one per rank
-    log.close()
-    finish(proc)
-    return final
 
 
 def _report_start(log: MetricsLog, cfg: Config, loader, out: Path, device: torch.device) -> None:
