@@ -1,6 +1,6 @@
 """The bad-input corpus: files others could hand odis, generated on the fly (nothing is stored in ../shared), and
-what each command does with each kind. `TABLE` is the README's "Files from others" table; test_bad_inputs.py
-asserts every line of it and checks that the README shows it as rendered here."""
+what each command does with each kind. `TABLE` is the table of docs/files-from-others.md; test_bad_inputs.py
+asserts every line of it and checks that the page shows it as rendered here."""
 from __future__ import annotations
 
 import io
