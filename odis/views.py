@@ -257,31 +257,7 @@ class ViewMaker(ViewSettings):
             raise ValueError(f"ViewMaker expects an RGB uint8 HWC image, got {image.dtype} {image.shape}")
         h, w = image.shape[:2]
         g, gh = self.global_size, self.grid
-        crops = []
-        obj_mask = np.zeros((2, gh, gh), bool)
-        obj_valid = np.zeros(2, bool)
-        obj_box = np.zeros((2, 4), np.float32)
-        fallbacks, box = 0, None
-        if self.method == "odis":
-            boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-            whole = not len(boxes) or (self.whole_image_box_prob > 0 and rng.random() < self.whole_image_box_prob)
-            box = np.array([0, 0, w, h], float) if whole else boxes[sample_box(boxes, self.box_sampling, rng)]
-            for v in range(2):
-                crop, found = object_aware_crop(h, w, box, self.global_scale, RATIO, g, self.max_crop_tries,
-                                                self.min_visible, rng)
-                fallbacks += not found
-                vb = crop.apply(box)
-                mask = box_to_patch_mask(vb, g, g, self.patch_size)
-                obj_valid[v] = found and bool(mask.any())
-                obj_mask[v] = mask if obj_valid[v] else False
-                obj_box[v] = vb
-                crops.append(crop)
-        else:
-            for v in range(2):
-                crops.append(random_resized_crop(h, w, self.global_scale, RATIO, g, rng))
-            obj_mask[:] = True  # unused by ibot/dino: the CLS row is not masked
-            obj_valid[:] = True
-            obj_box[:] = (0, 0, g, g)
+        box, crops, obj = self._global_crops(h, w, boxes, rng)
         # HWC buffers written in place; the CHW arrays handed out are transposed views (collate stacks HWC)
         ls = self.local_size
         views = out["global"] if out is not None else np.empty((2, g, g, 3), np.uint8)
@@ -295,9 +271,8 @@ class ViewMaker(ViewSettings):
             mim = np.zeros((2, gh, gh), bool)
         else:
             mim = np.stack([self.masker(rng), self.masker(rng)])
-        out = {"global": views.transpose(0, 3, 1, 2), "local": local.transpose(0, 3, 1, 2), "obj_mask": obj_mask,
-               "obj_valid": obj_valid, "mim_mask": mim, "obj_box": obj_box, "fallbacks": fallbacks, "crops": crops,
-               "local_crops": local_crops}
+        out = {"global": views.transpose(0, 3, 1, 2), "local": local.transpose(0, 3, 1, 2), **obj,
+               "mim_mask": mim, "crops": crops, "local_crops": local_crops}
         if self.local_obj_masks:
             out["local_obj_mask"], out["local_obj_hit"] = self._local_obj_masks(box, local_crops)
         if self.local_masker is not None:  # drawn last: the views above are those of a run without it
@@ -305,6 +280,33 @@ class ViewMaker(ViewSettings):
             out["local_mim_mask"] = np.stack([self.local_masker(rng) for _ in local_crops]) if local_crops \
                 else np.zeros((0, lg, lg), bool)
         return out
+
+    def _global_crops(self, h: int, w: int, boxes, rng: np.random.Generator) -> tuple:
+        """(the sampled box or None, the 2 global crops, their OBJ fields): odis samples one box and crops both
+        views around it; ibot/dino crop as iBOT does and leave the CLS row unmasked."""
+        g, gh = self.global_size, self.grid
+        obj = {"obj_mask": np.zeros((2, gh, gh), bool), "obj_valid": np.zeros(2, bool),
+               "obj_box": np.zeros((2, 4), np.float32), "fallbacks": 0}
+        if self.method != "odis":
+            obj["obj_mask"][:] = True  # unused by ibot/dino: the CLS row is not masked
+            obj["obj_valid"][:] = True
+            obj["obj_box"][:] = (0, 0, g, g)
+            return None, [random_resized_crop(h, w, self.global_scale, RATIO, g, rng) for _ in range(2)], obj
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        whole = not len(boxes) or (self.whole_image_box_prob > 0 and rng.random() < self.whole_image_box_prob)
+        box = np.array([0, 0, w, h], float) if whole else boxes[sample_box(boxes, self.box_sampling, rng)]
+        crops = []
+        for v in range(2):
+            crop, found = object_aware_crop(h, w, box, self.global_scale, RATIO, g, self.max_crop_tries,
+                                            self.min_visible, rng)
+            obj["fallbacks"] += not found
+            vb = crop.apply(box)
+            mask = box_to_patch_mask(vb, g, g, self.patch_size)
+            obj["obj_valid"][v] = found and bool(mask.any())
+            obj["obj_mask"][v] = mask if obj["obj_valid"][v] else False
+            obj["obj_box"][v] = vb
+            crops.append(crop)
+        return box, crops, obj
 
     def _local_obj_masks(self, box: np.ndarray, crops: list[Crop]) -> tuple[np.ndarray, np.ndarray]:
         """The sampled box carried into each local crop as a patch mask; a crop that misses the box keeps an
