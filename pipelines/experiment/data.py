@@ -1,5 +1,6 @@
 """An experiment's data: synthetic scenes sharded once (`odis synth` -> import-boxes -> shard), and each run's box
-source as a manifest: the ground truth, or one of the two controls odis makes from it.
+source as a manifest: the ground truth, a detector's boxes of the train scenes (`data.extract`: the real
+`odis extract-boxes`, keyed like the shards), or one of the two controls odis makes from the ground truth.
 
 - `jitter:S`: each GT box moved by up to S of its width/height and scaled by a factor in [1 - S, 1 + S] per side
   (a weak detector's boxes);
@@ -16,15 +17,18 @@ from odis.pipelines.experiment.spec import Spec
 
 
 def prepare_data(spec: Spec, out: Path, echo=print) -> dict:
-    """{"train", "val": shard sets, "boxes": {name: manifest}} (synthetic scenes are made once, then reused)."""
+    """{"train", "val": shard sets, "boxes": {name: manifest}}. Synthetic scenes, and the box sources made from
+    them, are made once, then reused; here, before runs start in parallel."""
     if "synth" not in spec.data:
         return {"train": spec.data["train"], "val": spec.data["val"], "boxes": dict(spec.data.get("boxes", {})),
                 "sets": _eval_sets(spec, out, echo)}
     root = out / "data"
     paths = {"train": root / "shards" / "train", "val": root / "shards" / "val",
-             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}}
+             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}, "extract": dict(spec.data.get("extract", {}))}
     _synth_once(spec.data["synth"], root, echo, "synth scenes")
     paths["sets"] = _eval_sets(spec, out, echo)
+    for source in dict.fromkeys(r.boxes for r in spec.runs if r.method == "odis"):
+        box_manifest(source, paths, out, echo)
     return paths
 
 
@@ -75,12 +79,14 @@ def _synth(s: dict, root: Path) -> None:
                                 labels="folder", manifest=str(m)), overwrite=True, num_workers=1)
 
 
-def box_manifest(source: str, paths: dict, out: Path) -> str | None:
+def box_manifest(source: str, paths: dict, out: Path, echo=print) -> str | None:
     """The manifest a run trains with (None: no boxes, the shards' own json)."""
     if source == "none":
         return None
     if source in paths["boxes"]:
         return str(paths["boxes"][source])
+    if source in paths.get("extract", {}):
+        return str(_extracted_manifest(source, paths["extract"][source], out, echo))
     gt = paths["boxes"].get("gt")
     if gt is None:
         raise ValueError(f"boxes {source!r} are made from the ground truth: give data.boxes.gt")
@@ -88,6 +94,29 @@ def box_manifest(source: str, paths: dict, out: Path) -> str | None:
     if not target.exists():
         _control_manifest(source, Path(gt), target)
     return str(target)
+
+
+def _extracted_manifest(name: str, opts: dict, out: Path, echo) -> Path:
+    """`odis extract-boxes` with the spec's options over the train scenes, once (a killed extraction resumes: it
+    is renamed to its place when every image has its rows)."""
+    from odis.manifest import manifest_metadata
+    from odis.pipelines.detectors import default_yolo_weights
+    from odis.pipelines.extract import ExtractConfig, extract_boxes, resolve_detector
+
+    target = out / "data" / "manifests" / f"train-{name}.parquet"
+    if target.exists():
+        return target
+    opts = dict(opts)
+    if opts["detector"] == "yolo" and not opts.get("weights"):
+        opts["weights"] = default_yolo_weights()  # the offline default of `odis extract-boxes`
+    det = resolve_detector(opts.pop("detector"), **opts)
+    scheme = manifest_metadata(out / "data" / "manifests" / "train-gt.parquet")["id_scheme"]
+    partial = target.with_name(target.name + ".partial")
+    echo(f"[experiment] data: boxes {name} by {det.name} -> {target}")
+    extract_boxes(ExtractConfig(detector=det, images=str(out / "data" / "scenes" / "train"), out=str(partial),
+                                id_scheme=scheme, progress=False))
+    partial.rename(target)
+    return target
 
 
 def _control_manifest(source: str, gt: Path, target: Path) -> None:

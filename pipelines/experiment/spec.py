@@ -6,7 +6,9 @@ A spec (experiments/*.yaml):
 
     name: text
     recipe: mini_cpu                 # odis train -c ...
-    data: {synth: {...}}             # scenes made by `odis synth` (and their GT boxes), or
+    data: {synth: {...},             # scenes made by `odis synth` (and their GT boxes), with optional
+           extract: {NAME: {detector: selective-search|yolo|mavl, max_boxes: N, ...}}}  # box sources that
+                                     # `odis extract-boxes` makes from the train scenes (its options), or
     data: {train: SHARDS, val: SHARDS, boxes: {gt: MANIFEST, yolo: MANIFEST, ...}}
     train: {epochs: 12, batch_size: 64, overrides: [key=value, ...], processes: 1,   # the same for every run
             jobs: 1}                 # (processes > 1: each training under torchrun, batch_size per process;
@@ -16,7 +18,8 @@ A spec (experiments/*.yaml):
            sets: {NAME: {synth: {...}} | {train: SHARDS, val: SHARDS}, [modes: [...]]}}
                                      # more k-NN sets (their own bank and queries), metrics NAME:MODE
     min_gain: 2.0                    # k-NN points a trained run must gain over the untrained one
-    runs: [{name, method: untrained|dino|ibot|odis, boxes: none|gt|jitter:S|random|<a name in data.boxes>,
+    runs: [{name, method: untrained|dino|ibot|odis,
+            boxes: none|gt|jitter:S|random|<a name in data.boxes or data.extract>,
             overrides: [...]}]       # a list inside is spliced in: rows that share a teacher share one YAML
                                      # anchor, `overrides: &teacher [...]`, then `[*teacher, key=value]`
     compare: [[run a, run b], ...]   # paired differences a - b
@@ -34,6 +37,7 @@ import yaml
 METHODS = ("untrained", "dino", "ibot", "odis")
 MODES = ("none", "mask")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # run and eval-set names: folder and metric names
+EXTRACT_OPTIONS = {"detector", "weights", "conf", "iou", "max_boxes", "min_area", "imgsz", "device"}
 
 
 class SpecError(ValueError):
@@ -44,7 +48,7 @@ class SpecError(ValueError):
 class Run:
     name: str
     method: str
-    boxes: str = "none"      # none | gt | jitter:S | random | a name in data.boxes
+    boxes: str = "none"      # none | gt | jitter:S | random | a name in data.boxes or data.extract
     overrides: list[str] = field(default_factory=list)
 
 
@@ -103,6 +107,7 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
         return raw[key]
 
     data, train, ev = need("data", dict), need("train", dict), raw.get("eval", {}) or {}
+    _check_extract(data, path)
     runs = []
     for i, r in enumerate(need("runs", list)):
         if not isinstance(r, dict) or "name" not in r:
@@ -146,13 +151,32 @@ def _eval_set_ok(name, v) -> bool:
     return (made or shards) and isinstance(modes, list) and set(modes) <= set(MODES)
 
 
+def _check_extract(data: dict, path: Path) -> None:
+    """data.extract: named detector settings, run over synthetic train scenes (given shards come with manifests)."""
+    from odis.pipelines.detectors import DETECTORS
+
+    extract = data.get("extract") or {}
+    if extract and "synth" not in data:
+        raise SpecError(f"{path}: data.extract runs a detector over the synthetic scenes (data.synth); for given "
+                        "shards, run `odis extract-boxes` and name the manifest in data.boxes")
+    taken = {"none", "gt", "random"} | set(data.get("boxes", {}) or {})
+    for name, opts in extract.items():
+        if name in taken:
+            raise SpecError(f"{path}: data.extract.{name}: the name of another box source")
+        if not (PLAIN_NAME.fullmatch(str(name)) and isinstance(opts, dict) and opts.get("detector") in DETECTORS
+                and set(opts) <= EXTRACT_OPTIONS):
+            raise SpecError(f"{path}: data.extract.{name} needs a detector ({', '.join(DETECTORS)}) and only "
+                            f"extract-boxes options ({', '.join(sorted(EXTRACT_OPTIONS - {'detector'}))}), "
+                            f"got {opts!r}")
+
+
 def _check_run(run: Run, data: dict, path: Path, i: int) -> None:
     if run.method not in METHODS:
         raise SpecError(f"{path}: runs[{i}] {run.name}: method must be one of {METHODS}, got {run.method!r}")
-    known = {"none", "gt", "random"} | set(data.get("boxes", {}) or {})
+    known = {"none", "gt", "random"} | set(data.get("boxes", {}) or {}) | set(data.get("extract", {}) or {})
     jitter = re.fullmatch(r"jitter:(\d*\.?\d+)", run.boxes)
     if run.boxes not in known and not jitter:
         raise SpecError(f"{path}: runs[{i}] {run.name}: boxes must be none, gt, jitter:S, random or one of "
-                        f"data.boxes, got {run.boxes!r}")
+                        f"data.boxes or data.extract, got {run.boxes!r}")
     if run.method == "odis" and run.boxes == "none" and "synth" not in data:
         raise SpecError(f"{path}: runs[{i}] {run.name}: odis needs a box source")
