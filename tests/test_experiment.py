@@ -102,6 +102,54 @@ def test_jitter_and_random_boxes_are_made_from_the_ground_truth(tmp_path):
     assert (rnd.boxes[:, :2] >= 0).all() and (rnd.boxes[:, 2] <= 100).all() and (rnd.boxes[:, 3] <= 80).all()
 
 
+@pytest.mark.parametrize("extract, match", [
+    ({"ss": {"detector": "edgeboxes"}}, "needs a detector"),
+    ({"ss": {"detector": "selective-search", "threads": 4}}, "only extract-boxes options"),
+    ({"gt": {"detector": "selective-search"}}, "the name of another box source"),
+])
+def test_extracted_box_sources_are_checked(tmp_path, extract, match):
+    import yaml
+
+    raw = yaml.safe_load(SPEC.read_text())
+    raw["data"]["extract"] = extract
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match=match):
+        load_spec(path)
+    raw["data"] = {"train": "shards/a", "val": "shards/b", "extract": {"ss": {"detector": "selective-search"}}}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match="data.extract runs a detector over the synthetic scenes"):
+        load_spec(path)
+
+
+def test_a_detector_box_source_is_extracted_from_the_train_scenes_once(tmp_path):
+    """data.extract runs the real extract-boxes over the train scenes at `prepare`, keyed like the shards (the GT
+    manifest's ids), every scene accounted for; a rerun finds it made."""
+    import yaml
+
+    from odis.manifest import manifest_metadata, read_manifest
+
+    raw = yaml.safe_load(SPEC.read_text())
+    raw["data"]["extract"] = {"ss": {"detector": "selective-search", "max_boxes": 5, "min_area": 0.04}}
+    raw["runs"] = [{"name": "odis-ss", "method": "odis", "boxes": "ss"}]
+    del raw["presets"]["smoke"]["runs_only"]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "exp"
+    args = ["experiment", "prepare", str(path), "--preset", "smoke", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "boxes ss by selective-search" in r.output, r.output
+    made = out / "data" / "manifests" / "train-ss.parquet"
+    ss, gt = (read_manifest(p).to_pandas() for p in (made, made.with_name("train-gt.parquet")))
+    assert set(ss.image_id) == set(gt.image_id) and len(set(ss.image_id)) == 48  # every train scene, GT's keys
+    boxes = ss.dropna(subset=["x0"])
+    assert len(boxes) and ss.error.isna().all() and ss.groupby("image_id").size().max() <= 5
+    area = (boxes.x1 - boxes.x0) * (boxes.y1 - boxes.y0) / (boxes.width * boxes.height)
+    assert (area >= 0.04 - 1e-6).all() and manifest_metadata(made)["detector"] == "selective-search"
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "boxes ss" not in r.output
+
+
 @pytest.mark.slow
 def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
     out = tmp_path / "exp"
