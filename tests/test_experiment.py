@@ -148,6 +148,29 @@ def test_a_detector_box_source_is_extracted_from_the_train_scenes_once(tmp_path)
     assert (area >= 0.04 - 1e-6).all() and manifest_metadata(made)["detector"] == "selective-search"
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0 and "boxes ss" not in r.output
+    from odis.pipelines.experiment.report import box_sources
+
+    quality = box_sources(load_spec(path, "smoke"), out)["ss"]
+    assert quality["images"] == 48 and 0 < quality["recall"] <= 1 and quality["boxes_per_image"] <= 5
+
+
+def test_box_quality_is_the_hand_computation(tmp_path):
+    from odis.manifest import add_row, empty_columns, make_metadata, table_from_columns, write_manifest
+    from odis.pipelines.experiment.diagnostics import box_quality
+
+    def manifest(name, rows):
+        cols = empty_columns()
+        for image, box in rows:
+            add_row(cols, image, f"{image}.jpg", 40, 40, name, box=box)
+        return write_manifest(table_from_columns(cols), tmp_path / f"{name}.parquet", make_metadata(name, None, "stem"))
+
+    gt = manifest("gt", [("a", (0, 0, 10, 10)), ("b", (0, 0, 20, 20)), ("b", (20, 20, 40, 40))])
+    # a: the object itself (IoU 1), its top half (0.5), a box beside it (0); b: nothing; c: not a GT image
+    found = manifest("det", [("a", (0, 0, 10, 10)), ("a", (0, 0, 10, 5)), ("a", (20, 20, 30, 30)),
+                             ("c", (0, 0, 5, 5))])
+    q = box_quality(found, gt)
+    assert q == {"images": 2, "boxes_per_image": 1.5, "precision": round(2 / 3, 4), "mean_best_iou": 0.5,
+                 "recall": round(1 / 3, 4)}
 
 
 @pytest.mark.slow

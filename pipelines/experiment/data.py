@@ -24,7 +24,7 @@ def prepare_data(spec: Spec, out: Path, echo=print) -> dict:
                 "sets": _eval_sets(spec, out, echo)}
     root = out / "data"
     paths = {"train": root / "shards" / "train", "val": root / "shards" / "val",
-             "boxes": {"gt": root / "manifests" / "train-gt.parquet"}, "extract": dict(spec.data.get("extract", {}))}
+             "boxes": {"gt": made_manifest("gt", out)}, "extract": dict(spec.data.get("extract", {}))}
     _synth_once(spec.data["synth"], root, echo, "synth scenes")
     paths["sets"] = _eval_sets(spec, out, echo)
     for source in dict.fromkeys(r.boxes for r in spec.runs if r.method == "odis"):
@@ -90,10 +90,15 @@ def box_manifest(source: str, paths: dict, out: Path, echo=print) -> str | None:
     gt = paths["boxes"].get("gt")
     if gt is None:
         raise ValueError(f"boxes {source!r} are made from the ground truth: give data.boxes.gt")
-    target = out / "data" / "manifests" / f"train-{source.replace(':', '-')}.parquet"
+    target = made_manifest(source, out)
     if not target.exists():
         _control_manifest(source, Path(gt), target)
     return str(target)
+
+
+def made_manifest(source: str, out: Path) -> Path:
+    """Where an experiment keeps the train manifest it made for a box source (a detector's, jitter, random)."""
+    return Path(out) / "data" / "manifests" / f"train-{source.replace(':', '-')}.parquet"
 
 
 def _extracted_manifest(name: str, opts: dict, out: Path, echo) -> Path:
@@ -103,14 +108,14 @@ def _extracted_manifest(name: str, opts: dict, out: Path, echo) -> Path:
     from odis.pipelines.detectors import default_yolo_weights
     from odis.pipelines.extract import ExtractConfig, extract_boxes, resolve_detector
 
-    target = out / "data" / "manifests" / f"train-{name}.parquet"
+    target = made_manifest(name, out)
     if target.exists():
         return target
     opts = dict(opts)
     if opts["detector"] == "yolo" and not opts.get("weights"):
         opts["weights"] = default_yolo_weights()  # the offline default of `odis extract-boxes`
     det = resolve_detector(opts.pop("detector"), **opts)
-    scheme = manifest_metadata(out / "data" / "manifests" / "train-gt.parquet")["id_scheme"]
+    scheme = manifest_metadata(made_manifest("gt", out))["id_scheme"]
     partial = target.with_name(target.name + ".partial")
     echo(f"[experiment] data: boxes {name} by {det.name} -> {target}")
     extract_boxes(ExtractConfig(detector=det, images=str(out / "data" / "scenes" / "train"), out=str(partial),

@@ -3,8 +3,9 @@
 Per run and k-NN mode: mean ± std over seeds. Per compared pair: the paired difference over the seeds both have,
 with its 95% t-interval (odis.stats). Before methods are compared, each trained run must beat the untrained
 network of the same seeds by the spec's `min_gain` points; the report says so when one does not. Why a comparison
-says what it says (diagnostics.py): the target's [OBJ] mask coverage on synthetic scenes, and per run the
-teacher's end entropy (collapse), crop fallbacks and invalid [OBJ] views.
+says what it says (diagnostics.py): the target's [OBJ] mask coverage on synthetic scenes, how close each box
+source is to the ground truth, and per run the teacher's end entropy (collapse), crop fallbacks and invalid [OBJ]
+views.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import json
 from pathlib import Path
 
 from odis.files import write_json
-from odis.pipelines.experiment.data import val_manifest
-from odis.pipelines.experiment.diagnostics import COLLAPSED, mask_coverage, run_diagnostics
+from odis.pipelines.experiment.data import made_manifest, val_manifest
+from odis.pipelines.experiment.diagnostics import COLLAPSED, box_quality, mask_coverage, run_diagnostics
 from odis.stats import mean_std, paired_difference
 
 DIAGNOSTICS = ("teacher_entropy", "crop_fallbacks", "obj_invalid")
@@ -62,8 +63,19 @@ def obj_mask_coverage(results: list[dict], out: Path) -> dict | None:
     return mask_coverage(manifest, model.img_size, model.patch_size)
 
 
+def box_sources(spec, out: Path) -> dict:
+    """box_quality of each box source the runs train with, other than the ground truth, against it."""
+    given = spec.data.get("boxes", {}) or {}
+    where = lambda s: Path(given[s]) if s in given else made_manifest(s, out)  # noqa: E731
+    used = dict.fromkeys(r.boxes for r in spec.runs if r.method == "odis" and r.boxes not in ("none", "gt"))
+    if not where("gt").exists():
+        return {}
+    return {s: box_quality(where(s), where("gt")) for s in used if where(s).exists()}
+
+
 def write_report(spec, results: list[dict], out: Path) -> dict:
-    report = {**summarise(spec, results), "obj_mask": obj_mask_coverage(results, out)}
+    report = {**summarise(spec, results), "obj_mask": obj_mask_coverage(results, out),
+              "box_sources": box_sources(spec, out)}
     write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report, spec), encoding="utf-8")
     plot(report, spec, out / "results.png")
@@ -91,6 +103,16 @@ def _coverage_lines(c: dict | None) -> list[str]:
             + ".", ""]
 
 
+def _box_source_lines(sources: dict) -> list[str]:
+    if not sources:
+        return []
+    rows = [f"| {s} | {q['boxes_per_image']:.1f} | {_share(q['precision'], True)} | {_share(q['mean_best_iou'], False)}"
+            f" | {_share(q['recall'], True)} |" for s, q in sources.items()]
+    return ["The box sources against the ground truth of the train images (a box matches a GT object at IoU >= "
+            "0.5):", "", "| boxes | per image | boxes matching an object | mean best IoU | objects found |",
+            "|---|---|---|---|---|", *rows, ""]
+
+
 def _ci(p: dict) -> str:
     return "-" if p["ci95"] is None else f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]"
 
@@ -101,7 +123,7 @@ def markdown(report: dict, spec) -> str:
     lines = [f"# {report['name']}" + (f" (preset {report['preset']})" if report["preset"] else ""), "",
              f"Spec `{report['spec']}`; k-NN top-1 % (k = {report['k']}), mean ± std over seeds {spec.seeds}; "
              "`none`: the whole image, `mask`: the [OBJ] token masked to the target's box." + sets, "",
-             *_coverage_lines(report.get("obj_mask")),
+             *_coverage_lines(report.get("obj_mask")), *_box_source_lines(report.get("box_sources")),
              "| run | method | boxes | " + " | ".join(f"k-NN {m}" for m in modes)
              + " | teacher H / ln K | crop fallbacks | invalid [OBJ] |",
              "|---|---|---|" + "---|" * (len(modes) + 3)]
