@@ -78,15 +78,21 @@ BOX_SAMPLINGS = ("uniform", "area")
 
 def sample_box(boxes: np.ndarray, mode: str, rng: np.random.Generator) -> int:
     """Index of one box: `uniform` over boxes or proportional to `area` (paper: one object per image per step)."""
-    n = len(boxes)
-    if n == 0:
+    p = box_probs(boxes, mode)
+    return int(rng.integers(len(boxes))) if p is None else int(rng.choice(len(boxes), p=p))
+
+
+def box_probs(boxes: np.ndarray, mode: str) -> np.ndarray | None:
+    """Each box's chance under `sample_box`: proportional to its area (`area`), or None for equal chances
+    (`uniform`, or `area` where every box is empty)."""
+    if len(boxes) == 0:
         raise ValueError("sample_box needs at least one box")
     if mode == "uniform":
-        return int(rng.integers(n))
+        return None
     if mode == "area":
         w = box_area(boxes)
         total = w.sum()
-        return int(rng.choice(n, p=w / total)) if total > 0 else int(rng.integers(n))
+        return w / total if total > 0 else None
     raise ValueError(f"box sampling must be 'uniform' or 'area', got {mode!r}")
 
 

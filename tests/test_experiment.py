@@ -168,9 +168,15 @@ def test_box_quality_is_the_hand_computation(tmp_path):
     # a: the object itself (IoU 1), its top half (0.5), a box beside it (0); b: nothing; c: not a GT image
     found = manifest("det", [("a", (0, 0, 10, 10)), ("a", (0, 0, 10, 5)), ("a", (20, 20, 30, 30)),
                              ("c", (0, 0, 5, 5))])
-    q = box_quality(found, gt)
+    q = box_quality(found, gt, "uniform")
+    # drawn: a, each of its 3 boxes at 1/3 (areas 100, 50, 100 of 1600; 2 match); b has none: the whole image
+    # (area 1, IoU 1/4 and 1/4: no match)
     assert q == {"images": 2, "boxes_per_image": 1.5, "precision": round(2 / 3, 4), "mean_best_iou": 0.5,
-                 "recall": round(1 / 3, 4)}
+                 "recall": round(1 / 3, 4), "sampling": "uniform",
+                 "drawn_area_share": round((250 / 3 / 1600 + 1) / 2, 4), "drawn_matches_object": round(2 / 3 / 2, 4)}
+    by_area = box_quality(found, gt, "area")  # a's boxes at 100/250, 50/250, 100/250
+    assert by_area["drawn_area_share"] == round((100 * 0.4 + 50 * 0.2 + 100 * 0.4) / 1600 / 2 + 0.5, 4)
+    assert by_area["drawn_matches_object"] == round(0.6 / 2, 4)
 
 
 @pytest.mark.slow

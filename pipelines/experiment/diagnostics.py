@@ -4,7 +4,8 @@
   covers in the k-NN's view (Resize + CenterCrop at the backbone's size). A mask that covers most of the grid and
   of the distractors makes masked attention nearly a no-op, and ODIS then cannot differ from iBOT.
 - `box_quality`: how close a box source (a detector's, jitter, random) is to the ground truth of the same scenes:
-  the share of its boxes that match a GT object (IoU >= 0.5) and the share of GT objects it finds.
+  the share of its boxes that match a GT object (IoU >= 0.5), the share of GT objects it finds, and the box a
+  training step draws from it (its size, the chance that it is an object).
 - `run_diagnostics`: from a training's own files, the teacher's entropy at the end as a share of ln K (1.0: the
   teacher's output is uniform for every image, a collapse), and the shares of global views that fell back to
   an ordinary crop (object-aware cropping found none) and whose [OBJ] was invalid (the box cropped away).
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from odis.boxes import box_iou, box_to_patch_mask
+from odis.boxes import box_area, box_iou, box_probs, box_to_patch_mask
 from odis.eval.features import eval_crop, eval_view_box, select_box
 from odis.manifest import BOX_COLUMNS, read_manifest
 
@@ -53,25 +54,35 @@ def mask_coverage(manifest: str | Path, size: int, patch: int, how: str = "large
             "distractor_share": _mean(distractor)}
 
 
-def box_quality(manifest: str | Path, gt: str | Path, iou: float = 0.5) -> dict:
+def box_quality(manifest: str | Path, gt: str | Path, sampling: str = "area", iou: float = 0.5) -> dict:
     """Over the images of `gt`: boxes per image of `manifest`, the share of them with IoU >= `iou` to a GT object
-    (`precision`), their mean best IoU, and the share of GT objects matched by one of them (`recall`)."""
-    cols = ["image_id", *BOX_COLUMNS]
-    read = lambda m: {k: g[BOX_COLUMNS].to_numpy(np.float64) for k, g in  # noqa: E731
+    (`precision`), their mean best IoU, the share of GT objects matched by one of them (`recall`), and what a
+    training step draws (`data.box_sampling`; an image without a box trains with the whole image): the box's mean
+    share of the image and the chance that it matches an object."""
+    cols = ["image_id", "width", "height", *BOX_COLUMNS]
+    read = lambda m: {k: g for k, g in  # noqa: E731
                       read_manifest(m, columns=cols).to_pandas().dropna(subset=["x0"]).groupby("image_id")}
     boxes, truth = read(manifest), read(gt)
-    best, found, n_gt = [], 0, 0
-    for image, t in truth.items():
-        b = boxes.get(image, np.zeros((0, 4)))
+    best, found, n_gt, drawn_area, drawn_match = [], 0, 0, [], []
+    for image, g in truth.items():
+        t = g[BOX_COLUMNS].to_numpy(np.float64)
+        w, h = float(g["width"].iloc[0]), float(g["height"].iloc[0])
+        b = boxes[image][BOX_COLUMNS].to_numpy(np.float64) if image in boxes else np.zeros((0, 4))
         n_gt += len(t)
         if len(b):
             m = box_iou(b, t)
             best += list(m.max(1))
             found += int((m.max(0) >= iou).sum())
+        drawn = b if len(b) else np.array([[0, 0, w, h]])
+        p = box_probs(drawn, sampling)
+        p = np.full(len(drawn), 1 / len(drawn)) if p is None else p
+        drawn_area.append(float(p @ box_area(drawn)) / (w * h))
+        drawn_match.append(float(p @ (box_iou(drawn, t).max(1) >= iou)))
     best = np.array(best)
     return {"images": len(truth), "boxes_per_image": round(len(best) / max(1, len(truth)), 2),
             "precision": _mean(list(best >= iou)), "mean_best_iou": _mean(list(best)),
-            "recall": round(found / n_gt, 4) if n_gt else None}
+            "recall": round(found / n_gt, 4) if n_gt else None, "sampling": sampling,
+            "drawn_area_share": _mean(drawn_area), "drawn_matches_object": _mean(drawn_match)}
 
 
 def _mean(x: list) -> float | None:

@@ -68,9 +68,12 @@ def box_sources(spec, out: Path) -> dict:
     given = spec.data.get("boxes", {}) or {}
     where = lambda s: Path(given[s]) if s in given else made_manifest(s, out)  # noqa: E731
     used = dict.fromkeys(r.boxes for r in spec.runs if r.method == "odis" and r.boxes not in ("none", "gt"))
-    if not where("gt").exists():
+    if not where("gt").exists() or not used:
         return {}
-    return {s: box_quality(where(s), where("gt")) for s in used if where(s).exists()}
+    from odis.trainer.recipes import find_recipe, load_config
+
+    sampling = load_config(find_recipe(spec.recipe), spec.train.get("overrides", [])).data.box_sampling
+    return {s: box_quality(where(s), where("gt"), sampling) for s in used if where(s).exists()}
 
 
 def write_report(spec, results: list[dict], out: Path) -> dict:
@@ -107,10 +110,13 @@ def _box_source_lines(sources: dict) -> list[str]:
     if not sources:
         return []
     rows = [f"| {s} | {q['boxes_per_image']:.1f} | {_share(q['precision'], True)} | {_share(q['mean_best_iou'], False)}"
-            f" | {_share(q['recall'], True)} |" for s, q in sources.items()]
-    return ["The box sources against the ground truth of the train images (a box matches a GT object at IoU >= "
-            "0.5):", "", "| boxes | per image | boxes matching an object | mean best IoU | objects found |",
-            "|---|---|---|---|---|", *rows, ""]
+            f" | {_share(q['recall'], True)} | {_share(q['drawn_area_share'], True)} | "
+            f"{_share(q['drawn_matches_object'], True)} |" for s, q in sources.items()]
+    sampling = next(iter(sources.values()))["sampling"]
+    return [f"The box sources against the ground truth of the train images (a box matches a GT object at IoU >= 0.5;"
+            f" the drawn box: the one a step samples, data.box_sampling={sampling}):", "",
+            "| boxes | per image | boxes matching an object | mean best IoU | objects found | drawn box: share of "
+            "the image | drawn box matches an object |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _ci(p: dict) -> str:
