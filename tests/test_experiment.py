@@ -124,14 +124,16 @@ def test_extracted_box_sources_are_checked(tmp_path, extract, match):
 
 def test_a_detector_box_source_is_extracted_from_the_train_scenes_once(tmp_path):
     """data.extract runs the real extract-boxes over the train scenes at `prepare`, keyed like the shards (the GT
-    manifest's ids), every scene accounted for; a rerun finds it made."""
+    manifest's ids), every scene accounted for; a rerun finds it made. Every run's box source is made there, before
+    runs start in parallel."""
     import yaml
 
     from odis.manifest import manifest_metadata, read_manifest
 
     raw = yaml.safe_load(SPEC.read_text())
     raw["data"]["extract"] = {"ss": {"detector": "selective-search", "max_boxes": 5, "min_area": 0.04}}
-    raw["runs"] = [{"name": "odis-ss", "method": "odis", "boxes": "ss"}]
+    raw["runs"] = [{"name": "odis-ss", "method": "odis", "boxes": "ss"},
+                   {"name": "odis-jitter", "method": "odis", "boxes": "jitter:0.3"}]
     del raw["presets"]["smoke"]["runs_only"]
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -140,6 +142,7 @@ def test_a_detector_box_source_is_extracted_from_the_train_scenes_once(tmp_path)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0 and "boxes ss by selective-search" in r.output, r.output
     made = out / "data" / "manifests" / "train-ss.parquet"
+    assert made.with_name("train-jitter-0.3.parquet").exists()  # every run's boxes, before any run starts
     ss, gt = (read_manifest(p).to_pandas() for p in (made, made.with_name("train-gt.parquet")))
     assert set(ss.image_id) == set(gt.image_id) and len(set(ss.image_id)) == 48  # every train scene, GT's keys
     boxes = ss.dropna(subset=["x0"])
@@ -151,6 +154,7 @@ def test_a_detector_box_source_is_extracted_from_the_train_scenes_once(tmp_path)
     from odis.pipelines.experiment.report import box_sources
 
     quality = box_sources(load_spec(path, "smoke"), out)["ss"]
+    assert set(box_sources(load_spec(path, "smoke"), out)) == {"ss", "jitter:0.3"}
     assert quality["images"] == 48 and 0 < quality["recall"] <= 1 and quality["boxes_per_image"] <= 5
 
 
