@@ -106,6 +106,7 @@ def test_jitter_and_random_boxes_are_made_from_the_ground_truth(tmp_path):
     ({"ss": {"detector": "edgeboxes"}}, "needs a detector"),
     ({"ss": {"detector": "selective-search", "threads": 4}}, "only extract-boxes options"),
     ({"gt": {"detector": "selective-search"}}, "the name of another box source"),
+    (["selective-search"], "maps names to detector settings"),
 ])
 def test_extracted_box_sources_are_checked(tmp_path, extract, match):
     import yaml

@@ -156,6 +156,8 @@ def _check_extract(data: dict, path: Path) -> None:
     from odis.pipelines.detectors import DETECTORS
 
     extract = data.get("extract") or {}
+    if not isinstance(extract, dict):
+        raise SpecError(f"{path}: data.extract maps names to detector settings, got {extract!r}")
     if extract and "synth" not in data:
         raise SpecError(f"{path}: data.extract runs a detector over the synthetic scenes (data.synth); for given "
                         "shards, run `odis extract-boxes` and name the manifest in data.boxes")
