@@ -64,15 +64,15 @@ def box_quality(manifest: str | Path, gt: str | Path, sampling: str = "area", io
     for image, (t, w, h) in truth.items():
         b = boxes[image][0] if image in boxes else np.zeros((0, 4))
         n_gt += len(t)
+        drawn = b if len(b) else np.array([[0, 0, w, h]], np.float64)
+        m = box_iou(drawn, t)
         if len(b):
-            m = box_iou(b, t)
             best += list(m.max(1))
             found += int((m.max(0) >= iou).sum())
-        drawn = b if len(b) else np.array([[0, 0, w, h]], np.float64)
         p = box_probs(drawn, sampling)
         p = np.full(len(drawn), 1 / len(drawn)) if p is None else p
         drawn_area.append(float(p @ box_area(drawn)) / (w * h))
-        drawn_match.append(float(p @ (box_iou(drawn, t).max(1) >= iou)))
+        drawn_match.append(float(p @ (m.max(1) >= iou)))
     best = np.array(best)
     return {"images": len(truth), "boxes_per_image": round(len(best) / max(1, len(truth)), 2),
             "precision": _mean(list(best >= iou)), "mean_best_iou": _mean(list(best)),

@@ -37,7 +37,7 @@ import yaml
 METHODS = ("untrained", "dino", "ibot", "odis")
 MODES = ("none", "mask")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # run and eval-set names: folder and metric names
-EXTRACT_OPTIONS = {"detector", "weights", "conf", "iou", "max_boxes", "min_area", "imgsz", "device"}
+BUILT_IN_BOXES = {"none", "gt", "random"}  # and jitter:S
 
 
 class SpecError(ValueError):
@@ -153,29 +153,32 @@ def _eval_set_ok(name, v) -> bool:
 
 def _check_extract(data: dict, path: Path) -> None:
     """data.extract: named detector settings, run over synthetic train scenes (given shards come with manifests)."""
-    from odis.pipelines.detectors import DETECTORS
+    from dataclasses import fields
 
+    from odis.pipelines.detectors import DETECTORS, DetectorConfig
+
+    options = {f.name for f in fields(DetectorConfig)} - {"name"} | {"detector"}  # extract-boxes' options
     extract = data.get("extract") or {}
     if not isinstance(extract, dict):
         raise SpecError(f"{path}: data.extract maps names to detector settings, got {extract!r}")
     if extract and "synth" not in data:
         raise SpecError(f"{path}: data.extract runs a detector over the synthetic scenes (data.synth); for given "
                         "shards, run `odis extract-boxes` and name the manifest in data.boxes")
-    taken = {"none", "gt", "random"} | set(data.get("boxes", {}) or {})
+    taken = BUILT_IN_BOXES | set(data.get("boxes", {}) or {})
     for name, opts in extract.items():
         if name in taken:
             raise SpecError(f"{path}: data.extract.{name}: the name of another box source")
         if not (PLAIN_NAME.fullmatch(str(name)) and isinstance(opts, dict) and opts.get("detector") in DETECTORS
-                and set(opts) <= EXTRACT_OPTIONS):
+                and set(opts) <= options):
             raise SpecError(f"{path}: data.extract.{name} needs a detector ({', '.join(DETECTORS)}) and only "
-                            f"extract-boxes options ({', '.join(sorted(EXTRACT_OPTIONS - {'detector'}))}), "
+                            f"extract-boxes options ({', '.join(sorted(options - {'detector'}))}), "
                             f"got {opts!r}")
 
 
 def _check_run(run: Run, data: dict, path: Path, i: int) -> None:
     if run.method not in METHODS:
         raise SpecError(f"{path}: runs[{i}] {run.name}: method must be one of {METHODS}, got {run.method!r}")
-    known = {"none", "gt", "random"} | set(data.get("boxes", {}) or {}) | set(data.get("extract", {}) or {})
+    known = BUILT_IN_BOXES | set(data.get("boxes", {}) or {}) | set(data.get("extract", {}) or {})
     jitter = re.fullmatch(r"jitter:(\d*\.?\d+)", run.boxes)
     if run.boxes not in known and not jitter:
         raise SpecError(f"{path}: runs[{i}] {run.name}: boxes must be none, gt, jitter:S, random or one of "
