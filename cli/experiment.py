@@ -48,16 +48,22 @@ def experiment_prepare_cmd(
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
 ) -> None:
     """Make the experiment's data only (e.g. on a CPU machine, to carry OUT to a GPU one): `experiment run` with
-    the same --out then trains on it without making it again."""
+    the same --out then trains on it without making it again. On synthetic scenes it also prints how much of the
+    patch grid, and of the distractors, the target's [OBJ] mask covers (measure it before training)."""
     from odis.pipelines.experiment import SpecError, load_spec
     from odis.pipelines.experiment.data import prepare_data
+    from odis.pipelines.experiment.report import coverage_lines, obj_mask_coverage
 
     check_out_path(out, "--out", folder=True)
     try:
-        prepare_data(load_spec(spec, preset), out.resolve(), typer.echo)
+        s = load_spec(spec, preset)
+        prepare_data(s, out.resolve(), typer.echo)
     except (SpecError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     typer.echo(f"data ready under {out / 'data'}")
+    coverage = coverage_lines(obj_mask_coverage(s, out.resolve()))
+    if coverage:
+        typer.echo(coverage[0])
 
 
 @experiment_app.command("report")

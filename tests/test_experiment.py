@@ -190,6 +190,7 @@ def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
     args = ["experiment", "run", str(SPEC), "--preset", "smoke", "--out", str(out), "--device", "cpu"]
     r = CliRunner().invoke(app, ["experiment", "prepare", str(SPEC), "--preset", "smoke", "--out", str(out)])
     assert r.exit_code == 0 and (out / "data" / "shards" / "val" / "index.json").is_file(), r.output
+    prepared = r.output
     r = CliRunner().invoke(app, args + ["--jobs", "2"])  # two runs at a time; the rerun below one at a time
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "data: synth scenes" not in r.output  # the prepared data is used as it is
@@ -204,6 +205,9 @@ def test_smoke_preset_writes_the_results_and_resumes(tmp_path):
         assert x["method"] == "untrained" or 0 < x["diagnostics"]["teacher_entropy"] <= 1.0001
     assert results["obj_mask"]["grid"] == "4x4" and results["obj_mask"]["images"] == 24
     assert 0 < results["obj_mask"]["grid_share"] <= 1 and "of the grid" in (out / "results.md").read_text()
+    # measured before training too: `prepare` prints the report's figure
+    assert f"a 4x4 grid), over the 24 val scenes: {100 * results['obj_mask']['grid_share']:.1f}% of the grid" \
+        in prepared
     # the paired rows are the statistics of the runs' own numbers
     top1 = {(x["name"], x["seed"]): x["knn"]["none"]["top1"] for x in results["runs"]}
     pair = next(p for p in results["paired"] if p["a"] == "odis-gt" and p["metric"] == "knn.none.top1")

@@ -244,6 +244,11 @@ def _check_model(cfg: Config) -> None:
                               key, patch_key)
 
 
+def backbone_patch_size(cfg: Config) -> int | None:
+    """The patch size the backbone is built with (odis.trainer.train): model.patch_size, else model.arch's own."""
+    return cfg.model.patch_size or _vit_patch_size(cfg.model.arch)
+
+
 @functools.lru_cache(maxsize=None)
 def _vit_patch_size(arch: str) -> int | None:
     """The patch size of timm ViT `arch`, or ConfigError when it is none that OdisViT can use (odis/model.py).

@@ -51,16 +51,16 @@ def _diagnostics(by_run: dict[str, list[dict]]) -> dict:
     return out
 
 
-def obj_mask_coverage(results: list[dict], out: Path) -> dict | None:
-    """The target mask's coverage (diagnostics.mask_coverage) on the val scenes at a trained backbone's size."""
-    from odis.model import load_backbone
+def obj_mask_coverage(spec, out: Path) -> dict | None:
+    """The target mask's coverage (diagnostics.mask_coverage) on the val scenes, at the image and patch size the
+    spec's runs train and are evaluated at (known before any run has trained)."""
+    from odis.trainer.config import backbone_patch_size
 
     manifest = val_manifest(out)
-    trained = next((Path(x["folder"]) for x in results if x["method"] != "untrained" and "folder" in x), None)
-    if manifest is None or trained is None or not trained.is_dir():
+    if manifest is None:
         return None
-    model = load_backbone(trained)
-    return mask_coverage(manifest, model.img_size, model.patch_size)
+    cfg = spec_config(spec)
+    return mask_coverage(manifest, cfg.data.global_size, backbone_patch_size(cfg))
 
 
 def box_sources(spec, out: Path) -> dict:
@@ -70,14 +70,19 @@ def box_sources(spec, out: Path) -> dict:
     used = dict.fromkeys(r.boxes for r in spec.runs if r.method == "odis" and r.boxes not in ("none", "gt"))
     if not where("gt").exists() or not used:
         return {}
-    from odis.trainer.recipes import find_recipe, load_config
-
-    sampling = load_config(find_recipe(spec.recipe), spec.train.get("overrides", [])).data.box_sampling
+    sampling = spec_config(spec).data.box_sampling
     return {s: box_quality(where(s), where("gt"), sampling) for s in used if where(s).exists()}
 
 
+def spec_config(spec):
+    """The recipe with the spec's train overrides: what every run shares (a run's own overrides aside)."""
+    from odis.trainer.recipes import find_recipe, load_config
+
+    return load_config(find_recipe(spec.recipe), spec.train.get("overrides", []))
+
+
 def write_report(spec, results: list[dict], out: Path) -> dict:
-    report = {**summarise(spec, results), "obj_mask": obj_mask_coverage(results, out),
+    report = {**summarise(spec, results), "obj_mask": obj_mask_coverage(spec, out),
               "box_sources": box_sources(spec, out)}
     write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report, spec), encoding="utf-8")
@@ -95,7 +100,7 @@ def _share(v: float | None, percent: bool) -> str:
     return "-" if v is None else (f"{100 * v:.1f}%" if percent else f"{v:.2f}")
 
 
-def _coverage_lines(c: dict | None) -> list[str]:
+def coverage_lines(c: dict | None) -> list[str]:
     if not c or c["grid_share"] is None:
         return []
     dis = "no distractors" if c["distractor_share"] is None else \
@@ -129,7 +134,7 @@ def markdown(report: dict, spec) -> str:
     lines = [f"# {report['name']}" + (f" (preset {report['preset']})" if report["preset"] else ""), "",
              f"Spec `{report['spec']}`; k-NN top-1 % (k = {report['k']}), mean ± std over seeds {spec.seeds}; "
              "`none`: the whole image, `mask`: the [OBJ] token masked to the target's box." + sets, "",
-             *_coverage_lines(report.get("obj_mask")), *_box_source_lines(report.get("box_sources")),
+             *coverage_lines(report.get("obj_mask")), *_box_source_lines(report.get("box_sources")),
              "| run | method | boxes | " + " | ".join(f"k-NN {m}" for m in modes)
              + " | teacher H / ln K | crop fallbacks | invalid [OBJ] |",
              "|---|---|---|" + "---|" * (len(modes) + 3)]
