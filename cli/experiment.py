@@ -55,13 +55,14 @@ def experiment_prepare_cmd(
     from odis.pipelines.experiment.report import coverage_lines, obj_mask_coverage
 
     check_out_path(out, "--out", folder=True)
+    root = out.resolve()
     try:
         s = load_spec(spec, preset)
-        prepare_data(s, out.resolve(), typer.echo)
+        prepare_data(s, root, typer.echo)
     except (SpecError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     typer.echo(f"data ready under {out / 'data'}")
-    coverage = coverage_lines(obj_mask_coverage(s, out.resolve()))
+    coverage = coverage_lines(obj_mask_coverage(s, root))
     if coverage:
         typer.echo(coverage[0])
 

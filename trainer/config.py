@@ -229,8 +229,8 @@ def _check_model(cfg: Config) -> None:
     """What timm knows: the arch exists and is a ViT with a [CLS] token, and the crops tile into its patches (timm's
     patch embedding asserts that at the first forward, deep inside the run)."""
     m, d = cfg.model, cfg.data
-    native = _vit_patch_size(m.arch)  # also when patch_size overrides it: this checks the arch
-    patch = m.patch_size or native
+    _vit_patch_size(m.arch)  # also when patch_size overrides it: this checks the arch
+    patch = backbone_patch_size(cfg)
     if patch is None:
         return
     patch_key, source = (("model.patch_size", "model.patch_size") if m.patch_size else

@@ -56,11 +56,11 @@ def obj_mask_coverage(spec, out: Path) -> dict | None:
     spec's runs train and are evaluated at (known before any run has trained)."""
     from odis.trainer.config import backbone_patch_size
 
-    manifest = val_manifest(out)
-    if manifest is None:
+    manifest, cfg = val_manifest(out), spec_config(spec)
+    patch = backbone_patch_size(cfg)
+    if manifest is None or patch is None:  # given shards; an arch whose patch size only the real build knows
         return None
-    cfg = spec_config(spec)
-    return mask_coverage(manifest, cfg.data.global_size, backbone_patch_size(cfg))
+    return mask_coverage(manifest, cfg.data.global_size, patch)
 
 
 def box_sources(spec, out: Path) -> dict:
