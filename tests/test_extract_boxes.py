@@ -768,3 +768,25 @@ def test_gpu_share_per_detector(monkeypatch):
         3, {"num_gpus": 0.25, "num_cpus": 1})
     r = runner.invoke(app, [*_SS, "--num-gpus-per-worker", "2"])
     assert r.exit_code == 2 and "--num-gpus-per-worker 2: a detector runs on one GPU" in r.output, r.output
+
+
+def test_quieting_ray_data_mutes_only_rays_console_handlers():
+    """The extract job mutes Ray Data's console lines (they would break the progress bar), not a handler of the
+    caller's that also listens there: pytest's own log capture sat on `ray.data` and went deaf once."""
+    import logging
+
+    from ray._private.log import PlainRayHandler
+
+    from odis.pipelines.extract.run import _quiet_ray_data_console
+
+    logger = logging.getLogger("ray.data")
+    ours, rays = logging.Handler(logging.INFO), PlainRayHandler()
+    rays.setLevel(logging.INFO)
+    logger.addHandler(ours)
+    logger.addHandler(rays)
+    try:
+        _quiet_ray_data_console()
+        assert (ours.level, rays.level) == (logging.INFO, logging.CRITICAL)
+    finally:
+        logger.removeHandler(ours)
+        logger.removeHandler(rays)

@@ -101,11 +101,12 @@ def _list(cfg: ExtractConfig) -> tuple[list[dict], int, list[dict]]:
 
 def _quiet_ray_data_console() -> None:
     """Ray Data's console lines would break our progress bar, and on a failure it prints the whole stack trace
-    that the driver then sums up in one line; everything still goes to its ray-data.log file."""
+    that the driver then sums up in one line; everything still goes to its ray-data.log file. Only Ray's own
+    console handlers: a handler of the caller's (an app's, pytest's) that also sits there is not ours to mute."""
     import logging
 
     for h in logging.getLogger("ray.data").handlers:
-        if "File" not in type(h).__name__:
+        if type(h).__module__.startswith("ray.") and "File" not in type(h).__name__:
             h.setLevel(logging.CRITICAL)
 
 
