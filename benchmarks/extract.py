@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--machine", default=None, help="the machine's name in the BENCHMARKS.md row")
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "YOLO_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "YOLO_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop("OMP_NUM_THREADS", None)  # both sides get the machine's default threading
     load_start = os.getloadavg()[0]

@@ -8,7 +8,8 @@
 #          backends with the OBJ mask against the unmasked floor (~1 min a run eager, a few more compiling);
 #   experiment  `odis experiment run experiments/mini_repro.yaml --preset gpu` (the miniature reproduction, 5 seeds,
 #          six runs at a time) for EXP_BUDGET_S (480) at most, then the report of the runs that finished (a rerun
-#          of the part continues them); results.md/.json into $OUT, the runs' logs and metrics into aux.tgz;
+#          of the part continues them); results.md/.json into $OUT, the runs' logs and metrics into aux.tgz
+#          (EXP_PRESET=smoke EXP_DEVICE=cpu: the same path on a CPU machine, in a minute, to check it before);
 #   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
 #   train  if .devdata/coco/base holds shards: end-to-end training img/s with 14 loader workers (ODIS and iBOT), on 24
 #          symlinked copies of each tar (3,840 samples from the 160 real COCO images: an epoch is 30 steps of 128).
@@ -40,13 +41,21 @@
 set -uo pipefail
 OUT=${OUT:?set OUT}
 export PYTHONUNBUFFERED=1
+# The package as pyproject.toml's package-dir lays it out, without installing: odis/ plus its subpackages that live
+# beside it (pipelines/, trainer/, cli/, configs/), linked into /tmp/src/odis. PYTHONSAFEPATH keeps the checkout's
+# bare odis/ (the current folder, or a script's) off the front of sys.path, in the subprocesses too.
+rm -rf /tmp/src && mkdir -p /tmp/src/odis
+ln -s "$PWD"/odis/* /tmp/src/odis/
+for sub in pipelines trainer cli configs; do ln -s "$PWD/$sub" /tmp/src/odis/$sub; done
+export PYTHONSAFEPATH=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/src:/tmp/site
 else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=/tmp/src${PYTHONPATH:+:$PYTHONPATH}
 fi
+python3 -c "import odis.cli, odis.trainer.train, odis.pipelines.experiment" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, timm, sys; print(sys.version.split()[0], torch.__version__, timm.__version__)" \
   | tee -a $OUT/gpu.txt
@@ -84,8 +93,8 @@ mini() {
 
 experiment() {
   mkdir -p /tmp/exp && [ -d .devdata/exp-gpu/data ] && cp -rn .devdata/exp-gpu/data /tmp/exp/
-  timeout ${EXP_BUDGET_S:-480} python3 -m odis experiment run experiments/mini_repro.yaml --preset gpu \
-    --out /tmp/exp --device cuda 2>&1 | tee $AUX/experiment.log | grep '^\[experiment\]'
+  timeout ${EXP_BUDGET_S:-480} python3 -m odis experiment run experiments/mini_repro.yaml --preset ${EXP_PRESET:-gpu} \
+    --out /tmp/exp --device ${EXP_DEVICE:-cuda} 2>&1 | tee $AUX/experiment.log | grep '^\[experiment\]'
   python3 -m odis experiment report /tmp/exp > /dev/null 2>&1
   cp /tmp/exp/results.md $OUT/experiment_results.md 2>/dev/null
   cp /tmp/exp/results.json $OUT/experiment_results.json 2>/dev/null

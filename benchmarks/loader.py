@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import sys
 import tempfile
 import time
 from datetime import date
@@ -33,7 +32,6 @@ from pathlib import Path
 for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

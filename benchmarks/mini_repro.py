@@ -47,8 +47,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 SHARED = Path(os.environ.get("ODIS_SHARED", REPO.parent / "shared"))
 TINY_IMAGENET = SHARED / "data" / "tiny-imagenet-200-subset" / "tiny-imagenet-200"
@@ -278,8 +276,7 @@ def run_jobs(args, p: Preset, jobs: list[Job], results: Path) -> float:
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
     threads = str(max(1, (os.cpu_count() or 2) // p.concurrency))  # the jobs share the cores
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               ODIS_JOB_THREADS=threads, OMP_NUM_THREADS=threads)
+    env = dict(os.environ, ODIS_JOB_THREADS=threads, OMP_NUM_THREADS=threads)
     (results / "logs").mkdir(parents=True, exist_ok=True)
     durations: dict[str, list[float]] = {}
     pending, running = list(jobs), []

@@ -30,7 +30,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from odis.imageio import list_images  # noqa: E402
 from odis.pipelines.shard import ShardSettings, run_shard  # noqa: E402
 from odis.pipelines.shard.native import NATIVE_ENV, native  # noqa: E402

@@ -13,17 +13,15 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from odis.distill import Distiller, Views  # noqa: E402
-from odis.losses import loss_obj, loss_patch, teacher_probs  # noqa: E402
-from odis.choices import ATTN_IMPLS, DEFAULT_ATTN_IMPL  # noqa: E402
+from odis.distill import Distiller, Views
+from odis.losses import loss_obj, loss_patch, teacher_probs
+from odis.choices import ATTN_IMPLS, DEFAULT_ATTN_IMPL
 
 OBJ_ROW = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}  # --obj-row choices
 

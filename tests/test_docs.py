@@ -70,3 +70,16 @@ def test_documented_command_exists(where, tokens):
             load_config(recipe, overrides)
         except ConfigError as e:
             assert "shards" in str(e), f"{where}: {e}"  # a key that exists, with a value the defaults refuse
+
+
+def test_gpu_check_lays_out_the_package_as_pyproject_does():
+    """benchmarks/gpu_check.sh runs on a machine where the repo is not installed: it links the package together
+    as pyproject.toml's package-dir maps it, so a subpackage folder added there must be added to the script too."""
+    import tomllib
+
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    subs = {folder for name, folder in package_dir.items() if name.startswith("odis.")}
+    assert all(package_dir[f"odis.{folder}"] == folder for folder in subs)  # the script links odis/<folder>
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    linked = re.search(r"^for sub in ([\w ]+); do ln -s", script, re.M)
+    assert linked and set(linked.group(1).split()) == subs
