@@ -9,7 +9,8 @@
 #   experiment  `odis experiment run experiments/mini_repro.yaml --preset gpu` (the miniature reproduction, 5 seeds,
 #          six runs at a time) for EXP_BUDGET_S (480) at most, then the report of the runs that finished (a rerun
 #          of the part continues them); results.md/.json into $OUT, the runs' logs and metrics into aux.tgz
-#          (EXP_PRESET=smoke EXP_DEVICE=cpu: the same path on a CPU machine, in a minute, to check it before);
+#          (EXP_PRESET=smoke EXP_DEVICE=cpu: the same path on a CPU machine, in a minute, to check it before;
+#          the data is .devdata/exp-$EXP_PRESET's where prepared, else made there);
 #   mini   benchmarks/mini_repro.py --preset gpu (DINO vs iBOT vs ODIS, 3 seeds, ~6 min; its own time guard);
 #   train  if .devdata/coco/base holds shards: end-to-end training img/s with 14 loader workers (ODIS and iBOT), on 24
 #          symlinked copies of each tar (3,840 samples from the 160 real COCO images: an epoch is 30 steps of 128).
@@ -92,8 +93,9 @@ mini() {
 }
 
 experiment() {
-  mkdir -p /tmp/exp && [ -d .devdata/exp-gpu/data ] && cp -rn .devdata/exp-gpu/data /tmp/exp/
-  timeout ${EXP_BUDGET_S:-480} python3 -m odis experiment run experiments/mini_repro.yaml --preset ${EXP_PRESET:-gpu} \
+  local preset=${EXP_PRESET:-gpu}
+  mkdir -p /tmp/exp && [ -d .devdata/exp-$preset/data ] && cp -rn .devdata/exp-$preset/data /tmp/exp/
+  timeout ${EXP_BUDGET_S:-480} python3 -m odis experiment run experiments/mini_repro.yaml --preset $preset \
     --out /tmp/exp --device ${EXP_DEVICE:-cuda} 2>&1 | tee $AUX/experiment.log | grep '^\[experiment\]'
   python3 -m odis experiment report /tmp/exp > /dev/null 2>&1
   cp /tmp/exp/results.md $OUT/experiment_results.md 2>/dev/null
