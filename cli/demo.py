@@ -36,6 +36,9 @@ def synth(
                                 "light objects on a dark background, the MNIST look (easier to learn)."),
     mnist: str = typer.Option(None, help="Folder with MNIST IDX files (t10k-images-idx3-ubyte.gz, "
                                          "t10k-labels-idx1-ubyte.gz): digits as objects. Default: 10 drawn shapes."),
+    backgrounds: str = typer.Option(None, help="Folder of photos (searched recursively, e.g. Tiny-ImageNet's "
+                                    "train/): each scene's background is a random crop of one (train and val "
+                                    "use disjoint photos); --clutter then adds only noise and strokes."),
     image_format: str = typer.Option("png", "--format", help="png (lossless) or jpg."),
     seed: int = typer.Option(0, min=0, help="Seed: the same settings and seed give the same files."),
     overwrite: bool = typer.Option(False, help="Replace an earlier synth output in --out."),
@@ -76,7 +79,7 @@ def synth(
     check_out_path(Path(out), "--out", folder=True)
     cfg = SynthConfig(size=size, objects=_parse_range(objects, int, "objects"),
                       scale=_parse_range(scale, float, "scale"), max_iou=max_iou, clutter=clutter,
-                      distractors=distractors, palette=palette, seed=seed)
+                      distractors=distractors, palette=palette, seed=seed, backgrounds=backgrounds)
     try:
         summary = write_dataset(Path(out), cfg, train, val, mnist=mnist, fmt=image_format,
                                 overwrite=overwrite, progress=progress)

@@ -18,6 +18,10 @@ Design (what a scene is):
   nowhere after shrinking is dropped and counted, never placed against the rule).
 - Clutter in [0, 1]: 0 is a plain uniform background; more adds low-frequency colour texture, pixel noise and
   unannotated strokes (all drawn *under* the objects so boxes stay exact).
+- Photo backgrounds (`PhotoBackgrounds`, `odis synth --backgrounds DIR`): a random crop of a photo instead of the
+  drawn background (clutter then adds only the noise and strokes), so that an untrained network already tells
+  scenes apart as it does photos, and a scene-level feature has a background to latch onto. Train and val crop
+  disjoint photos (a seed-fixed 80/20 split of the folder).
 - MNIST train and val scenes draw digits from disjoint pools (a seed-fixed 80/20 split of the MNIST file), so val
   objects are unseen instances.
 - Deterministic: scene i of a split uses `np.random.default_rng([seed, split_code, i])`, independent of order.
@@ -41,7 +45,7 @@ SPLITS = {"train": 1, "val": 2}
 ALPHA_FLOOR = 1 / 32      # alpha below this is set to 0, so every mask pixel is visibly different from background
 MIN_CONTRAST = 96         # an object's colour differs from the background's mean by this much in some channel
 SUPERSAMPLE = 4           # shapes are drawn at 4x and area-downsampled: anti-aliased edges
-MNIST_VAL_FRACTION = 0.2
+VAL_FRACTION = 0.2        # the share of MNIST digits and of background photos kept for val scenes
 IDX_DTYPES = {0x08: np.uint8}
 # "colour": every background and object a random colour (colour is a nuisance the network must learn to ignore).
 # "gray": the MNIST look - light objects on a dark background, gray clutter. Easier: shape is the main thing that
@@ -61,6 +65,7 @@ class SynthConfig:
     distractors: str = "other"                    # "other": distractor classes differ from the target's; "any"
     palette: str = "colour"                       # "colour": random colours; "gray": light objects on dark gray
     seed: int = 0
+    backgrounds: str | None = None                # a folder of photos to crop backgrounds from (None: drawn)
 
     def validate(self) -> None:
         lo, hi = self.objects
@@ -81,6 +86,8 @@ class SynthConfig:
             raise ValueError(f"distractors must be 'other' or 'any', got {self.distractors!r}")
         if self.palette not in PALETTES:
             raise ValueError(f"palette must be one of {PALETTES}, got {self.palette!r}")
+        if self.backgrounds is not None and not Path(self.backgrounds).is_dir():
+            raise ValueError(f"backgrounds folder not found: {self.backgrounds}")
 
 
 @dataclass
@@ -240,6 +247,36 @@ class ShapeSource:
         return shape_sprite(SHAPES[cls], side, rng)
 
 
+class PhotoBackgrounds:
+    """Backgrounds cropped from the photos under a folder; `split` picks the disjoint pool (seed-fixed 80/20 split
+    of the sorted file list, as MnistSource's). A photo that cannot be decoded is an error naming the file."""
+
+    def __init__(self, root: str | Path, split: str, seed: int = 0):
+        from odis.imageio import list_images
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"backgrounds folder not found: {self.root}")
+        files = list_images(self.root)[0]
+        if len(files) < 2:
+            raise ValueError(f"{self.root}: backgrounds need at least 2 images (one per split), found {len(files)}")
+        order = np.random.default_rng([seed, 4321]).permutation(len(files))
+        n_val = max(1, int(round(len(files) * VAL_FRACTION)))
+        self.files = [files[i] for i in np.sort(order[n_val:] if split == "train" else order[:n_val])]
+
+    def crop(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        """A random square crop (50-100% of the photo's shorter side), resized to `size`, maybe flipped: [H,W,3]."""
+        from odis.imageio import decode_rgb
+
+        rel = self.files[int(rng.integers(len(self.files)))]
+        photo = decode_rgb(self.root / rel, name=str(self.root / rel))[0]
+        h, w = photo.shape[:2]
+        side = max(1, int(round(min(h, w) * rng.uniform(0.5, 1.0))))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = cv2.resize(photo[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+        return (crop[:, ::-1] if rng.random() < 0.5 else crop).astype(np.float32)
+
+
 class MnistSource:
     """MNIST digits; `split` picks the disjoint pool (seed-fixed 80/20 split of the given digits)."""
 
@@ -248,7 +285,7 @@ class MnistSource:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, split: str, seed: int = 0):
         order = np.random.default_rng([seed, 1234]).permutation(len(labels))
-        n_val = int(round(len(order) * MNIST_VAL_FRACTION))
+        n_val = int(round(len(order) * VAL_FRACTION))
         pool = order[n_val:] if split == "train" else order[:n_val]
         self.images = images
         self.by_class = [np.sort(pool[labels[pool] == c]) for c in range(10)]
@@ -269,17 +306,26 @@ def _colour(rng: np.random.Generator, lo: float, hi: float, gray: bool) -> np.nd
 
 
 def make_background(size: int, clutter: float, rng: np.random.Generator, palette: str = "colour",
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Background [H,W,3] float32 in [0,255] and its base colour: plain at clutter 0, then texture/noise/strokes."""
+                    photos: PhotoBackgrounds | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Background [H,W,3] float32 in [0,255] and its base colour: plain at clutter 0, then texture/noise/strokes.
+    With `photos`, a photo crop replaces the plain colour and the texture (gray: its luminance, dimmed to 0-110,
+    so light objects keep their contrast); the base colour is then the crop's mean."""
     gray = palette == "gray"
     channels = 1 if gray else 3  # gray: one channel drawn, repeated, so every pixel stays gray
-    base = _colour(rng, *((0, 60) if gray else (40, 215)), gray)
-    bg = np.broadcast_to(base, (size, size, 3)).copy()
+    if photos is not None:
+        bg = photos.crop(size, rng)
+        if gray:
+            bg = np.repeat(bg.mean(2, keepdims=True) * (110 / 255), 3, axis=2)
+        base = bg.reshape(-1, 3).mean(0)
+    else:
+        base = _colour(rng, *((0, 60) if gray else (40, 215)), gray)
+        bg = np.broadcast_to(base, (size, size, 3)).copy()
     if clutter <= 0:
         return bg, base
-    g = int(rng.integers(2, 7))
-    low = rng.normal(0, (20 if gray else 60) * clutter, (g, g, channels)).astype(np.float32)
-    bg += cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC).reshape(size, size, channels)
+    if photos is None:
+        g = int(rng.integers(2, 7))
+        low = rng.normal(0, (20 if gray else 60) * clutter, (g, g, channels)).astype(np.float32)
+        bg += cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC).reshape(size, size, channels)
     bg += rng.normal(0, 12 * clutter, (size, size, channels)).astype(np.float32)
     thick = max(1, size // 48)
     for _ in range(int(rng.binomial(round(8 * clutter), 0.75))):  # distractor strokes: not objects, unannotated
@@ -311,8 +357,10 @@ def _place(shape: tuple[int, int], size: int, placed: list[np.ndarray], max_iou:
     return None
 
 
-def render_scene(cfg: SynthConfig, source, target_class: int, rng: np.random.Generator) -> Scene:
-    """One scene: the target of `target_class` (largest, on top) plus distractors, on a cluttered background."""
+def render_scene(cfg: SynthConfig, source, target_class: int, rng: np.random.Generator,
+                 photos: PhotoBackgrounds | None = None) -> Scene:
+    """One scene: the target of `target_class` (largest, on top) plus distractors, on a cluttered background
+    (a crop of one of `photos` if given)."""
     size = cfg.size
     n = int(rng.integers(cfg.objects[0], cfg.objects[1] + 1))
     sides = np.sort(rng.uniform(*cfg.scale, n))[::-1] * size
@@ -339,7 +387,7 @@ def render_scene(cfg: SynthConfig, source, target_class: int, rng: np.random.Gen
         boxes.append(box)
         labels.append(cls)
 
-    bg, base = make_background(size, cfg.clutter, rng, cfg.palette)
+    bg, base = make_background(size, cfg.clutter, rng, cfg.palette, photos)
     image = bg.copy()
     masks = np.zeros((len(sprites), size, size), bool)
     for i in reversed(range(len(sprites))):  # target (index 0) last, on top

@@ -24,7 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from odis.synth import MnistSource, Scene, ShapeSource, SynthConfig, load_mnist, render_scene, scene_rng
+from odis.synth import (MnistSource, PhotoBackgrounds, Scene, ShapeSource, SynthConfig, load_mnist, render_scene,
+                        scene_rng)
 
 
 @dataclass
@@ -61,8 +62,9 @@ def write_split(out: Path, split: str, count: int, first_id: int, cfg: SynthConf
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     images, anns, stats = [], [], SplitStats(next_ann_id=first_ann_id)
     k = len(source.classes)
+    photos = PhotoBackgrounds(cfg.backgrounds, split, cfg.seed) if cfg.backgrounds is not None else None
     for i in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
-        scene = render_scene(cfg, source, i % k, scene_rng(cfg.seed, split, i))
+        scene = render_scene(cfg, source, i % k, scene_rng(cfg.seed, split, i), photos)
         image_id = first_id + i
         file_name = f"{source.classes[scene.label]}/{image_id:012d}.{fmt}"
         ok, buf = cv2.imencode("." + fmt, np.ascontiguousarray(scene.image[..., ::-1]), params)

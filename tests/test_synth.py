@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from typer.testing import CliRunner
 
 from odis.cli import app
 from odis.boxes import box_area, box_iou
-from odis.synth import (DIGITS, SHAPES, MnistSource, ShapeSource, SynthConfig, load_mnist, read_idx, render_scene,
-                        scene_rng, tight_box)
+from odis.synth import (DIGITS, SHAPES, MnistSource, PhotoBackgrounds, ShapeSource, SynthConfig, load_mnist,
+                        read_idx, render_scene, scene_rng, tight_box)
 
 runner = CliRunner()
 
@@ -327,3 +328,87 @@ def test_mnist_count_mismatch_and_plain_idx(tmp_path):
         load_mnist(tmp_path)
     with pytest.raises(ValueError, match="no MNIST IDX files"):
         load_mnist(tmp_path / "..")
+
+
+# ---- photo backgrounds ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photos(tiny_imagenet, tmp_path_factory) -> Path:
+    """Two Tiny-ImageNet classes' photos (real JPEGs, with the class's boxes .txt beside them)."""
+    root = tmp_path_factory.mktemp("photos")
+    for wnid in sorted(p.name for p in (tiny_imagenet / "train").iterdir() if p.is_dir())[:2]:
+        shutil.copytree(tiny_imagenet / "train" / wnid, root / wnid)
+    return root
+
+
+def test_photo_pools_are_disjoint_and_cover_the_folder(photos):
+    from odis.imageio import list_images
+
+    train, val = PhotoBackgrounds(photos, "train"), PhotoBackgrounds(photos, "val")
+    everything = list_images(photos)[0]
+    assert len(everything) == 100 and all(f.endswith(".JPEG") for f in everything)  # not the boxes .txt
+    assert not set(train.files) & set(val.files)
+    assert sorted(train.files + val.files) == everything
+    assert len(val.files) == round(len(everything) * 0.2)
+    assert PhotoBackgrounds(photos, "val", seed=1).files != val.files
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=configs, target=st.integers(0, 9), index=st.integers(0, 10**6))
+def test_photo_scene_invariants(photos, cfg, target, index):
+    bgs = PhotoBackgrounds(photos, "train", cfg.seed)
+    scene = render_scene(cfg, ShapeSource(), target, scene_rng(cfg.seed, "train", index), bgs)
+    for box, mask in zip(scene.boxes, scene.masks):
+        np.testing.assert_array_equal(box, tight_box(mask))
+    differs = (scene.image != scene.background).any(-1)
+    assert not (differs & ~scene.masks.any(0)).any()
+    assert scene.background.std() > 2, "a photo crop is not a flat colour"
+    if cfg.palette == "gray":  # the photo's luminance, dimmed so that light objects keep their contrast
+        assert (scene.image == scene.image[..., :1]).all()
+        if cfg.clutter == 0:
+            assert scene.background.max() <= 110
+
+
+def test_each_split_draws_only_its_own_photos(tmp_path):
+    """Five flat-colour photos: at clutter 0 a scene's background is exactly one photo's colour, one of its split's."""
+    colours = {f"p{i}.png": (40 * i + 20, 200 - 30 * i, 90) for i in range(5)}
+    for name, c in colours.items():
+        cv2.imwrite(str(tmp_path / name), np.full((30, 50, 3), c[::-1], np.uint8))
+    cfg = SynthConfig(size=32, objects=(1, 2), clutter=0.0)
+    for split in ("train", "val"):
+        bgs = PhotoBackgrounds(tmp_path, split)
+        allowed = {colours[f] for f in bgs.files}
+        seen = set()
+        for i in range(12):
+            bg = render_scene(cfg, ShapeSource(), i % 10, scene_rng(0, split, i), bgs).background
+            assert (bg == bg[0, 0]).all()
+            seen.add(tuple(int(v) for v in bg[0, 0]))
+        assert seen <= allowed and (split == "val" or len(seen) > 1)
+
+
+def test_photo_backgrounds_via_cli_and_their_errors(photos, tmp_path):
+    out = tmp_path / "scenes"
+    synth("--out", str(out), "--train", "6", "--val", "4", "--size", "64", "--objects", "2-3",
+          "--backgrounds", str(photos), "--seed", "2")
+    assert json.loads((out / "synth.json").read_text())["settings"]["backgrounds"] == str(photos)
+    again = tmp_path / "again"
+    synth("--out", str(again), "--train", "6", "--val", "4", "--size", "64", "--objects", "2-3",
+          "--backgrounds", str(photos), "--seed", "2")
+    for f in sorted((out / "val").rglob("*.png")):
+        assert f.read_bytes() == (again / "val" / f.relative_to(out / "val")).read_bytes()
+    # a missing folder is refused before an earlier output is touched
+    res = runner.invoke(app, ["synth", "--no-progress", "--out", str(out), "--overwrite", "--train", "2",
+                              "--val", "1", "--backgrounds", str(tmp_path / "nope")])
+    assert res.exit_code != 0 and "backgrounds folder not found" in res.output and (out / "synth.json").exists()
+    # a photo that cannot be decoded is named; a folder with one image cannot feed two splits
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"")
+    (bad / "b.jpg").write_bytes(b"not a jpeg")
+    res = runner.invoke(app, ["synth", "--no-progress", "--out", str(tmp_path / "o1"), "--train", "3", "--val", "0",
+                              "--backgrounds", str(bad)])
+    assert res.exit_code != 0 and re.search(r"bad/[ab]\.jpg: (empty file|not an image)", res.output), res.output
+    (bad / "b.jpg").unlink()
+    res = runner.invoke(app, ["synth", "--no-progress", "--out", str(tmp_path / "o2"), "--train", "1", "--val", "1",
+                              "--backgrounds", str(bad)])
+    assert res.exit_code != 0 and "at least 2 images" in res.output, res.output
