@@ -8,7 +8,7 @@ import typer
 
 from odis.cli.common import app, check_out_path, fail
 
-PRESET_HELP = "One of the spec's presets (mini_repro.yaml: smoke | cpu | cpu_minicpu | gpu)."
+PRESET_HELP = "One of the spec's presets (mini_repro.yaml: smoke, cpu, gpu and others; its `presets:` lists them)."
 experiment_app = typer.Typer(help="The paper's comparisons as one command: a grid of runs x paired seeds at one "
                              "budget, k-NN with and without the box, paired differences with 95% intervals.",
                              no_args_is_help=True)

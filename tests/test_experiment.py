@@ -55,6 +55,8 @@ def test_the_report_compares_only_what_learned():
     ({"runs": [{"name": "a"}, {"name": "a"}]}, "unique plain names"),
     ({"runs": [{"name": "../a"}]}, "unique plain names"),
     ({"seeds": []}, "seeds"),
+    ({"data": {"synth": {"train": 8, "val": 4, "backround": "photos"}}}, r"data.synth: unknown keys \['backround'\]"),
+    ({"data": {"synth": {"train": 8, "size": 32}}}, r"data.synth: needs \['val'\]"),
 ])
 def test_bad_specs_are_refused_naming_the_key(tmp_path, edit, match):
     import yaml
@@ -248,6 +250,9 @@ def test_eval_sets_are_checked(tmp_path):
     text = (REPO / "experiments" / "obj_without_box.yaml").read_text()
     bad.write_text(text.replace("  sets:\n    objects: {synth:", "  sets:\n    objects: {scenes:", 1))
     with pytest.raises(SpecError, match="eval.sets maps plain names"):
+        load_spec(bad)
+    bad.write_text(text.replace("  sets:\n    objects: {synth: {", "  sets:\n    objects: {synth: {palete: gray, ", 1))
+    with pytest.raises(SpecError, match=r"eval.sets.objects.synth: unknown keys \['palete'\]"):
         load_spec(bad)
     spec = load_spec(REPO / "experiments" / "obj_without_box.yaml")
     assert spec.metrics == ["none", "mask", "objects:none", "objects:mask"]

@@ -38,6 +38,9 @@ METHODS = ("untrained", "dino", "ibot", "odis")
 MODES = ("none", "mask")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # run and eval-set names: folder and metric names
 BUILT_IN_BOXES = {"none", "gt", "random"}  # and jitter:S
+# data.synth's keys: `odis synth`'s options (objects and scale as ranges "2-3", "0.25-0.35"); train and val needed
+SYNTH_KEYS = {"train", "val", "size", "objects", "scale", "max_iou", "clutter", "distractors", "palette", "seed",
+              "backgrounds"}
 
 
 class SpecError(ValueError):
@@ -108,6 +111,7 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
 
     data, train, ev = need("data", dict), need("train", dict), raw.get("eval", {}) or {}
     _check_extract(data, path)
+    _check_synth(data.get("synth"), path, "data.synth")
     runs = []
     for i, r in enumerate(need("runs", list)):
         if not isinstance(r, dict) or "name" not in r:
@@ -137,9 +141,25 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
     if not isinstance(sets, dict) or not all(_eval_set_ok(n, v) for n, v in sets.items()):
         raise SpecError(f"{path}: eval.sets maps plain names to {{synth: {{...}}}} or {{train: SHARDS, val: SHARDS}}"
                         f" (and optional modes, a subset of {MODES}), got {sets!r}")
+    for name, v in sets.items():
+        _check_synth(v.get("synth"), path, f"eval.sets.{name}.synth")
     return Spec(str(raw.get("name", path.stem)), str(need("recipe", str)), data, train, seeds, runs, compare,
                 int(ev.get("k", 20)), modes, float(raw.get("min_gain", 2.0)), preset, str(path),
                 {str(n): v for n, v in sets.items()})
+
+
+def _check_synth(synth, path: Path, key: str) -> None:
+    """Scenes to make: `odis synth`'s options only (a mistyped one would be silently left at its default)."""
+    if synth is None:
+        return
+    if not isinstance(synth, dict):
+        raise SpecError(f"{path}: {key} must be a mapping of `odis synth` options, got {synth!r}")
+    unknown = sorted(set(synth) - SYNTH_KEYS)
+    missing = sorted({"train", "val"} - set(synth))
+    if unknown or missing:
+        raise SpecError(f"{path}: {key}: " + "; ".join(
+            ([f"unknown keys {unknown} (known: {sorted(SYNTH_KEYS)})"] if unknown else [])
+            + ([f"needs {missing}"] if missing else [])))
 
 
 def _eval_set_ok(name, v) -> bool:
