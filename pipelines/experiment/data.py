@@ -70,8 +70,8 @@ def _synth(s: dict, root: Path) -> None:
     cfg = SynthConfig(size=int(s.get("size", 64)), objects=rng(s.get("objects", "2-3"), int),
                       scale=rng(s.get("scale", "0.25-0.35"), float), max_iou=float(s.get("max_iou", 0.2)),
                       clutter=float(s.get("clutter", 0.3)), distractors=str(s.get("distractors", "other")),
-                      palette=str(s.get("palette", "gray")),
-                      seed=int(s.get("seed", 0)), backgrounds=s.get("backgrounds"))
+                      palette=str(s.get("palette", "gray")), seed=int(s.get("seed", 0)),
+                      backgrounds=s.get("backgrounds"))
     write_dataset(root / "scenes", cfg, int(s["train"]), int(s["val"]), fmt="jpg", overwrite=True, progress=False)
     for split in ("train", "val"):
         res = import_coco(root / "scenes" / split, root / "scenes" / "annotations" / f"instances_{split}.json")

@@ -38,9 +38,6 @@ METHODS = ("untrained", "dino", "ibot", "odis")
 MODES = ("none", "mask")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # run and eval-set names: folder and metric names
 BUILT_IN_BOXES = {"none", "gt", "random"}  # and jitter:S
-# data.synth's keys: `odis synth`'s options (objects and scale as ranges "2-3", "0.25-0.35"); train and val needed
-SYNTH_KEYS = {"train", "val", "size", "objects", "scale", "max_iou", "clutter", "distractors", "palette", "seed",
-              "backgrounds"}
 
 
 class SpecError(ValueError):
@@ -149,16 +146,22 @@ def _validate(raw: dict, path: Path, preset: str | None) -> Spec:
 
 
 def _check_synth(synth, path: Path, key: str) -> None:
-    """Scenes to make: `odis synth`'s options only (a mistyped one would be silently left at its default)."""
+    """Scenes to make: SynthConfig's fields (objects and scale as ranges "2-3", "0.25-0.35") and the train and val
+    counts, nothing else (a mistyped key would be silently left at its default)."""
+    from dataclasses import fields
+
+    from odis.synth import SynthConfig
+
     if synth is None:
         return
     if not isinstance(synth, dict):
         raise SpecError(f"{path}: {key} must be a mapping of `odis synth` options, got {synth!r}")
-    unknown = sorted(set(synth) - SYNTH_KEYS)
+    known = {f.name for f in fields(SynthConfig)} | {"train", "val"}
+    unknown = sorted(set(synth) - known)
     missing = sorted({"train", "val"} - set(synth))
     if unknown or missing:
         raise SpecError(f"{path}: {key}: " + "; ".join(
-            ([f"unknown keys {unknown} (known: {sorted(SYNTH_KEYS)})"] if unknown else [])
+            ([f"unknown keys {unknown} (known: {sorted(known)})"] if unknown else [])
             + ([f"needs {missing}"] if missing else [])))
 
 
