@@ -86,8 +86,6 @@ class SynthConfig:
             raise ValueError(f"distractors must be 'other' or 'any', got {self.distractors!r}")
         if self.palette not in PALETTES:
             raise ValueError(f"palette must be one of {PALETTES}, got {self.palette!r}")
-        if self.backgrounds is not None and not Path(self.backgrounds).is_dir():
-            raise ValueError(f"backgrounds folder not found: {self.backgrounds}")
 
 
 @dataclass
@@ -247,22 +245,36 @@ class ShapeSource:
         return shape_sprite(SHAPES[cls], side, rng)
 
 
+def split_pool(n: int, split: str, seed: int, salt: int) -> np.ndarray:
+    """The sorted indices of `split`'s pool of n items: a seed-fixed permutation, VAL_FRACTION (at least one) to val,
+    the rest to train, so the two pools are disjoint."""
+    order = np.random.default_rng([seed, salt]).permutation(n)
+    n_val = max(1, int(round(n * VAL_FRACTION)))
+    return np.sort(order[n_val:] if split == "train" else order[:n_val])
+
+
+def list_photos(root: str | Path) -> list[str]:
+    """The images under `root` (odis.imageio.list_images: relative POSIX paths), at least one per split."""
+    from odis.imageio import list_images
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"backgrounds folder not found: {root}")
+    files = list_images(root)[0]
+    if len(files) < 2:
+        raise ValueError(f"{root}: backgrounds need at least 2 images (one per split), found {len(files)}")
+    return files
+
+
 class PhotoBackgrounds:
-    """Backgrounds cropped from the photos under a folder; `split` picks the disjoint pool (seed-fixed 80/20 split
-    of the sorted file list, as MnistSource's). A photo that cannot be decoded is an error naming the file."""
+    """Backgrounds cropped from the photos under a folder; `split` picks the disjoint pool (split_pool of the sorted
+    file list; `files`: list_photos(root), when already listed). A photo that cannot be decoded is an error naming
+    the file."""
 
-    def __init__(self, root: str | Path, split: str, seed: int = 0):
-        from odis.imageio import list_images
-
+    def __init__(self, root: str | Path, split: str, seed: int = 0, files: list[str] | None = None):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise ValueError(f"backgrounds folder not found: {self.root}")
-        files = list_images(self.root)[0]
-        if len(files) < 2:
-            raise ValueError(f"{self.root}: backgrounds need at least 2 images (one per split), found {len(files)}")
-        order = np.random.default_rng([seed, 4321]).permutation(len(files))
-        n_val = max(1, int(round(len(files) * VAL_FRACTION)))
-        self.files = [files[i] for i in np.sort(order[n_val:] if split == "train" else order[:n_val])]
+        files = list_photos(self.root) if files is None else files
+        self.files = [files[i] for i in split_pool(len(files), split, seed, salt=4321)]
 
     def crop(self, size: int, rng: np.random.Generator) -> np.ndarray:
         """A random square crop (50-100% of the photo's shorter side), resized to `size`, maybe flipped: [H,W,3]."""
@@ -284,9 +296,7 @@ class MnistSource:
     classes = DIGITS
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, split: str, seed: int = 0):
-        order = np.random.default_rng([seed, 1234]).permutation(len(labels))
-        n_val = int(round(len(order) * VAL_FRACTION))
-        pool = order[n_val:] if split == "train" else order[:n_val]
+        pool = split_pool(len(labels), split, seed, salt=1234)
         self.images = images
         self.by_class = [np.sort(pool[labels[pool] == c]) for c in range(10)]
         missing = [c for c in range(10) if len(self.by_class[c]) == 0]

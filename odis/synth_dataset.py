@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from odis.synth import (MnistSource, PhotoBackgrounds, Scene, ShapeSource, SynthConfig, load_mnist, render_scene,
-                        scene_rng)
+from odis.synth import (MnistSource, PhotoBackgrounds, Scene, ShapeSource, SynthConfig, list_photos, load_mnist,
+                        render_scene, scene_rng)
 
 
 @dataclass
@@ -52,8 +52,10 @@ def _coco_annotations(scene: Scene, image_id: int, next_ann: int) -> list[dict]:
 
 
 def write_split(out: Path, split: str, count: int, first_id: int, cfg: SynthConfig, source,
-                fmt: str = "png", progress: bool = True, first_ann_id: int = 1) -> SplitStats:
-    """Render `count` scenes into OUT/<split>/<class>/<id>.<fmt> and OUT/annotations/instances_<split>.json."""
+                fmt: str = "png", progress: bool = True, first_ann_id: int = 1,
+                photos: PhotoBackgrounds | None = None) -> SplitStats:
+    """Render `count` scenes into OUT/<split>/<class>/<id>.<fmt> and OUT/annotations/instances_<split>.json
+    (backgrounds cropped from `photos`, the split's pool, if given)."""
     from tqdm import tqdm
 
     img_dir = out / split
@@ -62,7 +64,6 @@ def write_split(out: Path, split: str, count: int, first_id: int, cfg: SynthConf
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     images, anns, stats = [], [], SplitStats(next_ann_id=first_ann_id)
     k = len(source.classes)
-    photos = PhotoBackgrounds(cfg.backgrounds, split, cfg.seed) if cfg.backgrounds is not None else None
     for i in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
         scene = render_scene(cfg, source, i % k, scene_rng(cfg.seed, split, i), photos)
         image_id = first_id + i
@@ -101,6 +102,7 @@ def write_dataset(out: str | Path, cfg: SynthConfig, train: int, val: int, mnist
         raise ValueError(f"format must be png or jpg, got {fmt!r}")
     if train < 0 or val < 0:
         raise ValueError("train and val counts must be >= 0")
+    photos = list_photos(cfg.backgrounds) if cfg.backgrounds is not None else None  # listed once, before any removal
     out = Path(out)
     ours = [out / "train", out / "val", out / "annotations", out / "synth.json"]
     if any(p.exists() for p in ours):
@@ -115,7 +117,8 @@ def write_dataset(out: str | Path, cfg: SynthConfig, train: int, val: int, mnist
     for split, count in (("train", train), ("val", val)):
         source = MnistSource(*digits, split, cfg.seed) if digits is not None else ShapeSource()
         summary["settings"] = _settings(cfg, source, fmt)
-        stats = write_split(out, split, count, first_id, cfg, source, fmt, progress, first_ann)
+        pool = PhotoBackgrounds(cfg.backgrounds, split, cfg.seed, photos) if photos is not None else None
+        stats = write_split(out, split, count, first_id, cfg, source, fmt, progress, first_ann, pool)
         summary["splits"][split] = {k: v for k, v in asdict(stats).items() if k != "next_ann_id"}
         first_id, first_ann = first_id + count, stats.next_ann_id
     (out / "synth.json").write_text(json.dumps(summary, indent=2))

@@ -409,6 +409,7 @@ def test_photo_backgrounds_via_cli_and_their_errors(photos, tmp_path):
                               "--backgrounds", str(bad)])
     assert res.exit_code != 0 and re.search(r"bad/[ab]\.jpg: (empty file|not an image)", res.output), res.output
     (bad / "b.jpg").unlink()
-    res = runner.invoke(app, ["synth", "--no-progress", "--out", str(tmp_path / "o2"), "--train", "1", "--val", "1",
-                              "--backgrounds", str(bad)])
+    res = runner.invoke(app, ["synth", "--no-progress", "--out", str(out), "--overwrite", "--train", "1", "--val",
+                              "1", "--backgrounds", str(bad)])
     assert res.exit_code != 0 and "at least 2 images" in res.output, res.output
+    assert (out / "synth.json").exists(), "refused before the earlier output was removed"
